@@ -1,0 +1,305 @@
+//! Cache keys. A key names one stored response: scheme, host, path, the query as the resource
+//! type's rules normalise it, chosen request headers, and (for `Vary`) the selecting header values.
+//! Fields are joined with NUL, which cannot occur in a parsed URI or header value, so two different
+//! requests can never produce the same key.
+
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderName};
+
+const SEP: char = '\0';
+/// Marks a header absent from the request, distinct from a present-but-empty one.
+const ABSENT: char = '\u{1}';
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueryMode {
+    /// The query string as received.
+    #[default]
+    Keep,
+    /// Ignore the query string: `/a?x=1` and `/a` share one object.
+    Drop,
+    /// Sort `&`-separated parameters so their order does not split the cache.
+    Sort,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyRules {
+    pub query: QueryMode,
+    /// Request headers whose values become part of the key (lower-case names).
+    pub headers: Vec<HeaderName>,
+}
+
+/// What the cache needs to know about a request to key it.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestTarget<'a> {
+    pub scheme: &'a str,
+    /// Lower-case host, with the port only when it is not the scheme's default.
+    pub host: &'a str,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct Key(Arc<str>);
+
+impl std::borrow::Borrow<str> for Key {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Key {
+    pub fn primary(target: &RequestTarget<'_>, rules: &KeyRules) -> Key {
+        let query = normalize_query(target.query, rules.query);
+        let mut s = String::with_capacity(
+            target.scheme.len() + target.host.len() + target.path.len() + query.len() + 8,
+        );
+        s.push_str(target.scheme);
+        s.push(SEP);
+        s.push_str(target.host);
+        s.push(SEP);
+        s.push_str(target.path);
+        s.push(SEP);
+        s.push_str(&query);
+        s.push(SEP);
+        push_header_values(&mut s, target.headers, &rules.headers);
+        Key(s.into())
+    }
+
+    /// The key of one `Vary` variant under this primary key.
+    pub fn variant(&self, vary: &[HeaderName], headers: &HeaderMap) -> Key {
+        let mut s = String::with_capacity(self.0.len() + 32);
+        s.push_str(&self.0);
+        s.push(SEP);
+        s.push('v');
+        push_header_values(&mut s, headers, vary);
+        Key(s.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    fn field(&self, n: usize) -> &str {
+        self.0.split(SEP).nth(n).unwrap_or("")
+    }
+
+    pub fn host(&self) -> &str {
+        self.field(1)
+    }
+
+    pub fn path(&self) -> &str {
+        self.field(2)
+    }
+
+    /// The normalised query ("" when none).
+    pub fn query(&self) -> &str {
+        self.field(3)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let q = self.query();
+        write!(
+            f,
+            "{}://{}{}{}{}",
+            self.field(0),
+            self.host(),
+            self.path(),
+            if q.is_empty() { "" } else { "?" },
+            q
+        )
+    }
+}
+
+pub fn normalize_query(query: Option<&str>, mode: QueryMode) -> String {
+    match (query, mode) {
+        (None, _) | (_, QueryMode::Drop) => String::new(),
+        (Some(q), QueryMode::Keep) => q.to_owned(),
+        (Some(q), QueryMode::Sort) => {
+            let mut parts: Vec<&str> = q.split('&').filter(|p| !p.is_empty()).collect();
+            parts.sort_unstable();
+            parts.join("&")
+        }
+    }
+}
+
+/// Host as keyed: lower case, default port dropped, so `Example.com:80` and `example.com` share.
+pub fn normalize_host(host: &str, scheme: &str) -> String {
+    let lower = host.trim().to_ascii_lowercase();
+    let default = match scheme {
+        "https" => ":443",
+        _ => ":80",
+    };
+    match lower.strip_suffix(default) {
+        Some(h) if !h.is_empty() => h.to_owned(),
+        _ => lower,
+    }
+}
+
+/// Host without its port, as purge requests name it.
+pub fn host_without_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host
+            .split_once(']')
+            .map_or(host, |(h, _)| &host[..=h.len()]);
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
+}
+
+fn push_header_values(s: &mut String, headers: &HeaderMap, names: &[HeaderName]) {
+    for name in names {
+        s.push_str(name.as_str());
+        s.push('=');
+        let mut values = headers.get_all(name).iter().peekable();
+        if values.peek().is_none() {
+            s.push(ABSENT);
+        }
+        let mut first = true;
+        for value in values {
+            // Field lines combine with commas (RFC 9110 §5.3); whitespace around members is not
+            // significant, so `gzip, br` and `gzip,br` select the same variant.
+            for member in String::from_utf8_lossy(value.as_bytes()).split(',') {
+                if !first {
+                    s.push(',');
+                }
+                first = false;
+                s.push_str(member.trim());
+            }
+        }
+        s.push('\u{1e}');
+    }
+}
+
+/// `Vary` field names of a response, lower-cased, deduplicated and sorted so equivalent
+/// `Vary` headers share variants. `None` means `Vary: *`.
+pub fn vary_names(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
+    let mut names = Vec::new();
+    for value in headers.get_all(http::header::VARY) {
+        let text = String::from_utf8_lossy(value.as_bytes());
+        for member in text.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+            if member == "*" {
+                return None;
+            }
+            if let Ok(name) = HeaderName::from_bytes(member.to_ascii_lowercase().as_bytes()) {
+                names.push(name);
+            }
+        }
+    }
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    names.dedup();
+    Some(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn target<'a>(
+        host: &'a str,
+        path: &'a str,
+        q: Option<&'a str>,
+        h: &'a HeaderMap,
+    ) -> RequestTarget<'a> {
+        RequestTarget {
+            scheme: "http",
+            host,
+            path,
+            query: q,
+            headers: h,
+        }
+    }
+
+    #[test]
+    fn different_hosts_never_share_a_key() {
+        let h = HeaderMap::new();
+        let r = KeyRules::default();
+        assert_ne!(
+            Key::primary(&target("a.example", "/x", None, &h), &r),
+            Key::primary(&target("b.example", "/x", None, &h), &r)
+        );
+        // A path cannot smuggle a host boundary.
+        assert_ne!(
+            Key::primary(&target("a", "/b/c", None, &h), &r),
+            Key::primary(&target("a/b", "/c", None, &h), &r)
+        );
+    }
+
+    #[test]
+    fn query_modes() {
+        let h = HeaderMap::new();
+        let mut r = KeyRules {
+            query: QueryMode::Sort,
+            ..Default::default()
+        };
+        assert_eq!(
+            Key::primary(&target("a", "/", Some("b=2&a=1"), &h), &r),
+            Key::primary(&target("a", "/", Some("a=1&b=2"), &h), &r)
+        );
+        r.query = QueryMode::Drop;
+        assert_eq!(
+            Key::primary(&target("a", "/", Some("b=2"), &h), &r),
+            Key::primary(&target("a", "/", None, &h), &r)
+        );
+        r.query = QueryMode::Keep;
+        let k = Key::primary(&target("a", "/p", Some("z=1"), &h), &r);
+        assert_ne!(k, Key::primary(&target("a", "/p", None, &h), &r));
+        assert_eq!((k.host(), k.path(), k.query()), ("a", "/p", "z=1"));
+        assert_eq!(k.to_string(), "http://a/p?z=1");
+    }
+
+    #[test]
+    fn absent_header_differs_from_empty() {
+        let names = [HeaderName::from_static("accept-encoding")];
+        let k = Key::primary(
+            &target("a", "/", None, &HeaderMap::new()),
+            &KeyRules::default(),
+        );
+        let mut empty = HeaderMap::new();
+        empty.insert("accept-encoding", HeaderValue::from_static(""));
+        assert_ne!(
+            k.variant(&names, &HeaderMap::new()),
+            k.variant(&names, &empty)
+        );
+        let mut a = HeaderMap::new();
+        a.insert("accept-encoding", HeaderValue::from_static("gzip, br"));
+        let mut b = HeaderMap::new();
+        b.append("accept-encoding", HeaderValue::from_static("gzip"));
+        b.append("accept-encoding", HeaderValue::from_static("br"));
+        assert_eq!(k.variant(&names, &a), k.variant(&names, &b));
+    }
+
+    #[test]
+    fn hosts_normalise() {
+        assert_eq!(normalize_host("Example.COM:80", "http"), "example.com");
+        assert_eq!(
+            normalize_host("example.com:8080", "http"),
+            "example.com:8080"
+        );
+        assert_eq!(host_without_port("example.com:8080"), "example.com");
+        assert_eq!(host_without_port("[::1]:80"), "[::1]");
+    }
+
+    #[test]
+    fn vary_star_and_names() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "vary",
+            HeaderValue::from_static("Accept-Encoding, accept-language"),
+        );
+        assert_eq!(vary_names(&h).unwrap().len(), 2);
+        h.append("vary", HeaderValue::from_static("*"));
+        assert!(vary_names(&h).is_none());
+    }
+}

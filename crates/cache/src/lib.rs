@@ -1,0 +1,518 @@
+#![forbid(unsafe_code)]
+//! Larder's HTTP cache engine: keys, freshness, storage with per-resource-type byte budgets,
+//! request coalescing and invalidation. It knows nothing of sockets or config files: the proxy
+//! hands it request and response heads, bodies as `Bytes`, and the current time.
+
+pub mod coalesce;
+pub mod directives;
+pub mod freshness;
+pub mod key;
+pub mod status;
+pub mod store;
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{
+    AGE, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, ETAG, LAST_MODIFIED, SET_COOKIE,
+};
+use http::{HeaderMap, HeaderName, Method, StatusCode};
+use quick_cache::sync::Cache as QuickCache;
+
+pub use coalesce::{Coalescer, FillGuard, FillWaiter, Join};
+pub use directives::{RequestDirectives, request_directives, response_directives};
+pub use freshness::{Freshness, FreshnessRules};
+pub use key::{Key, KeyRules, QueryMode, RequestTarget};
+pub use status::{CacheResult, NoCacheReason};
+pub use store::{Entry, MemoryStore, Slot, StoreStats, StoredResponse};
+
+/// Decides which requests and responses belong to a resource type. The proxy implements it from
+/// its config; the engine only asks.
+pub trait ResourceMatcher: Send + Sync + Debug {
+    /// False when the request alone rules this type out (so its store need not be probed).
+    fn may_match_request(&self, path: &str) -> bool;
+    /// Whether a response to this path with this Content-Type belongs to the type.
+    fn matches_response(&self, path: &str, content_type: Option<&str>) -> bool;
+}
+
+/// Matches everything: a catch-all resource type.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MatchAll;
+
+impl ResourceMatcher for MatchAll {
+    fn may_match_request(&self, _: &str) -> bool {
+        true
+    }
+    fn matches_response(&self, _: &str, _: Option<&str>) -> bool {
+        true
+    }
+}
+
+/// One kind of resource with its own policy and memory budget.
+#[derive(Debug, Clone)]
+pub struct ResourceTypeSpec {
+    pub name: String,
+    pub matcher: Arc<dyn ResourceMatcher>,
+    pub capacity_bytes: u64,
+    pub max_object_size: u64,
+    pub freshness: FreshnessRules,
+    pub key: KeyRules,
+}
+
+struct ResourceType {
+    spec: ResourceTypeSpec,
+    store: MemoryStore,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub max_coalesced_waiters: usize,
+    /// How long a miss for a key that recently proved uncacheable skips coalescing, so
+    /// uncacheable URLs never queue behind one another.
+    pub hit_for_pass: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            max_coalesced_waiters: 1024,
+            hit_for_pass: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A stored response found for a request.
+#[derive(Clone, Debug)]
+pub struct Hit {
+    pub response: Arc<Slot>,
+    pub resource_type: usize,
+    /// Primary key (coalescing key for a refresh).
+    pub primary: Key,
+    /// The exact key the response sits under (primary or variant).
+    pub key: Key,
+}
+
+impl Hit {
+    pub fn stored(&self) -> &StoredResponse {
+        match &self.response.entry {
+            Entry::Response(r) => r,
+            Entry::Variants(_) => unreachable!("a hit always points at a response"),
+        }
+    }
+}
+
+pub enum Lookup {
+    Found(Hit),
+    /// Nothing stored; `fill_key` is the key that concurrent misses coalesce on.
+    Miss {
+        fill_key: Key,
+        resource_type: usize,
+    },
+    /// No resource type can hold this request.
+    NoResourceType,
+}
+
+/// A response accepted for storage, waiting for its body.
+#[derive(Debug)]
+pub struct Admission {
+    resource_type: usize,
+    primary: Key,
+    variant: Option<(Vec<HeaderName>, Key)>,
+    status: StatusCode,
+    headers: HeaderMap,
+    freshness: Freshness,
+    max_object_size: u64,
+}
+
+impl Admission {
+    /// Streamed bodies beyond this are abandoned (the client still gets them).
+    pub fn max_object_size(&self) -> u64 {
+        self.max_object_size
+    }
+
+    pub fn resource_type(&self) -> usize {
+        self.resource_type
+    }
+}
+
+pub struct Cache {
+    types: Vec<ResourceType>,
+    coalescer: Coalescer,
+    hit_for_pass: QuickCache<Key, SystemTime>,
+    settings: CacheSettings,
+}
+
+/// Response headers never stored: hop-by-hop fields are the proxy's business, and Age is
+/// recomputed on every hit from the stored freshness.
+fn storable_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut out = headers.clone();
+    out.remove(AGE);
+    out
+}
+
+impl Cache {
+    pub fn new(specs: Vec<ResourceTypeSpec>, settings: CacheSettings) -> Cache {
+        let types = specs
+            .into_iter()
+            .map(|spec| ResourceType {
+                store: MemoryStore::new(spec.capacity_bytes, spec.max_object_size),
+                spec,
+            })
+            .collect();
+        Cache {
+            types,
+            coalescer: Coalescer::new(settings.max_coalesced_waiters),
+            hit_for_pass: QuickCache::new(65_536),
+            settings,
+        }
+    }
+
+    pub fn resource_type_names(&self) -> impl Iterator<Item = &str> {
+        self.types.iter().map(|t| t.spec.name.as_str())
+    }
+
+    pub fn resource_type_name(&self, idx: usize) -> &str {
+        &self.types[idx].spec.name
+    }
+
+    pub fn coalescer(&self) -> &Coalescer {
+        &self.coalescer
+    }
+
+    /// Finds a stored response for the request, fresh or not; freshness is the caller's
+    /// next question (see [`Freshness::satisfies`]).
+    pub fn lookup(&self, target: &RequestTarget<'_>) -> Lookup {
+        let mut first_candidate = None;
+        for (idx, ty) in self.types.iter().enumerate() {
+            if !ty.spec.matcher.may_match_request(target.path) {
+                continue;
+            }
+            let primary = Key::primary(target, &ty.spec.key);
+            if let Some(hit) = self.find(idx, &primary, target.headers) {
+                return Lookup::Found(hit);
+            }
+            if first_candidate.is_none() {
+                first_candidate = Some((primary, idx));
+            }
+        }
+        match first_candidate {
+            Some((fill_key, resource_type)) => Lookup::Miss {
+                fill_key,
+                resource_type,
+            },
+            None => Lookup::NoResourceType,
+        }
+    }
+
+    fn find(&self, idx: usize, primary: &Key, headers: &HeaderMap) -> Option<Hit> {
+        let store = &self.types[idx].store;
+        let slot = store.get(primary)?;
+        let (key, slot) = match &slot.entry {
+            Entry::Response(_) => (primary.clone(), slot),
+            Entry::Variants(names) => {
+                let key = primary.variant(names, headers);
+                let slot = store.get(&key)?;
+                if !matches!(slot.entry, Entry::Response(_)) {
+                    return None;
+                }
+                (key, slot)
+            }
+        };
+        Some(Hit {
+            response: slot,
+            resource_type: idx,
+            primary: primary.clone(),
+            key,
+        })
+    }
+
+    /// Whether misses on this key should skip coalescing (recently uncacheable).
+    pub fn is_hit_for_pass(&self, key: &Key, now: SystemTime) -> bool {
+        self.hit_for_pass.get(key).is_some_and(|until| until > now)
+    }
+
+    pub fn mark_hit_for_pass(&self, key: &Key, now: SystemTime) {
+        self.hit_for_pass
+            .insert(key.clone(), now + self.settings.hit_for_pass);
+    }
+
+    /// Decides whether a response may be stored for this request (RFC 9111 §3) and under which
+    /// resource type and key. `headers` must already be free of hop-by-hop fields.
+    #[allow(clippy::too_many_arguments)]
+    pub fn admit(
+        &self,
+        method: &Method,
+        target: &RequestTarget<'_>,
+        status: StatusCode,
+        headers: &HeaderMap,
+        request_time: SystemTime,
+        response_time: SystemTime,
+    ) -> Result<Admission, NoCacheReason> {
+        if method != Method::GET {
+            return Err(if method == Method::HEAD {
+                NoCacheReason::HeadMiss
+            } else {
+                NoCacheReason::MethodNotCacheable
+            });
+        }
+        let req_directives = request_directives(target.headers);
+        if req_directives.no_store {
+            return Err(NoCacheReason::RequestNoStore);
+        }
+        let d = response_directives(headers);
+        if d.no_store {
+            return Err(NoCacheReason::ResponseNoStore);
+        }
+        if d.private {
+            return Err(NoCacheReason::Private);
+        }
+        // §3.5: a shared cache reuses a response to an authenticated request only when the
+        // origin says so explicitly.
+        if target.headers.contains_key(AUTHORIZATION)
+            && !(d.public || d.must_revalidate || d.s_maxage.is_some())
+        {
+            return Err(NoCacheReason::Authorization);
+        }
+        if headers.contains_key(SET_COOKIE) {
+            return Err(NoCacheReason::SetCookie);
+        }
+        let Some(vary) = key::vary_names(headers) else {
+            return Err(NoCacheReason::VaryStar);
+        };
+        let explicit = d.max_age.is_some()
+            || d.s_maxage.is_some()
+            || headers.contains_key(http::header::EXPIRES);
+        // Partial and not-modified answers never stand for the whole resource.
+        let never = status.is_informational()
+            || status == StatusCode::PARTIAL_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        if never || !(freshness::heuristically_cacheable(status) || explicit || d.public) {
+            return Err(NoCacheReason::StatusNotCacheable);
+        }
+        // Cross-check with http-cache-semantics, which encodes the RFC's storability rules.
+        if !self.policy_allows(method, target, status, headers) {
+            return Err(NoCacheReason::NotStorable);
+        }
+
+        let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        let Some(idx) = self
+            .types
+            .iter()
+            .position(|t| t.spec.matcher.matches_response(target.path, content_type))
+        else {
+            return Err(NoCacheReason::NoResourceType);
+        };
+        let spec = &self.types[idx].spec;
+        let declared_len = headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared_len.is_some_and(|len| len > spec.max_object_size) {
+            return Err(NoCacheReason::TooLarge);
+        }
+        let freshness = Freshness::compute(
+            status,
+            headers,
+            &d,
+            &spec.freshness,
+            request_time,
+            response_time,
+        );
+        if (freshness.lifetime.is_zero() || freshness.no_cache)
+            && !freshness::has_validator(headers)
+        {
+            return Err(NoCacheReason::NoFreshness);
+        }
+        let primary = Key::primary(target, &spec.key);
+        let variant = (!vary.is_empty()).then(|| {
+            let key = primary.variant(&vary, target.headers);
+            (vary, key)
+        });
+        Ok(Admission {
+            resource_type: idx,
+            primary,
+            variant,
+            status,
+            headers: storable_headers(headers),
+            freshness,
+            max_object_size: spec.max_object_size,
+        })
+    }
+
+    fn policy_allows(
+        &self,
+        method: &Method,
+        target: &RequestTarget<'_>,
+        status: StatusCode,
+        headers: &HeaderMap,
+    ) -> bool {
+        let uri = http::Uri::builder()
+            .path_and_query(match target.query {
+                Some(q) => format!("{}?{}", target.path, q),
+                None => target.path.to_owned(),
+            })
+            .build()
+            .unwrap_or_default();
+        let mut req = http::Request::builder()
+            .method(method.clone())
+            .uri(uri)
+            .body(())
+            .unwrap_or_default();
+        *req.headers_mut() = target.headers.clone();
+        let mut res = http::Response::builder()
+            .status(status)
+            .body(())
+            .unwrap_or_default();
+        *res.headers_mut() = headers.clone();
+        let opts = http_cache_semantics::CacheOptions {
+            shared: true,
+            ..Default::default()
+        };
+        http_cache_semantics::CachePolicy::new_options(&req, &res, SystemTime::now(), opts)
+            .is_storable()
+    }
+
+    /// Stores an admitted response with its complete body and returns what was stored.
+    pub fn commit(&self, admission: Admission, body: Bytes) -> Hit {
+        let Admission {
+            resource_type,
+            primary,
+            variant,
+            status,
+            headers,
+            freshness,
+            ..
+        } = admission;
+        let store = &self.types[resource_type].store;
+        // A key lives in one resource type only; drop copies a Content-Type change left elsewhere.
+        for (idx, ty) in self.types.iter().enumerate() {
+            if idx != resource_type {
+                ty.store.remove(&primary);
+            }
+        }
+        let response = Slot::new(Entry::Response(StoredResponse::new(
+            status, headers, body, freshness,
+        )));
+        let key = match variant {
+            Some((names, key)) => {
+                let marker_current = store
+                    .get(&primary)
+                    .is_some_and(|s| matches!(&s.entry, Entry::Variants(n) if *n == names));
+                if !marker_current {
+                    store.insert(primary.clone(), Slot::new(Entry::Variants(names)));
+                }
+                store.insert(key.clone(), response.clone());
+                key
+            }
+            None => {
+                store.insert(primary.clone(), response.clone());
+                primary.clone()
+            }
+        };
+        Hit {
+            response,
+            resource_type,
+            primary,
+            key,
+        }
+    }
+
+    /// Applies a 304 from revalidation to a stored response (RFC 9111 §4.3.4): its header
+    /// fields replace the stored ones, freshness restarts, the body is reused. Returns the
+    /// refreshed entry, or the reason it may no longer be stored (the old one is removed then).
+    pub fn refresh(
+        &self,
+        hit: &Hit,
+        target: &RequestTarget<'_>,
+        not_modified: &HeaderMap,
+        request_time: SystemTime,
+        response_time: SystemTime,
+    ) -> Result<Hit, NoCacheReason> {
+        let stored = hit.stored();
+        let mut headers = stored.headers.clone();
+        for name in not_modified.keys() {
+            if matches!(
+                name.as_str(),
+                "content-length" | "content-encoding" | "content-range" | "transfer-encoding"
+            ) {
+                continue;
+            }
+            headers.remove(name);
+            for value in not_modified.get_all(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        let result = self
+            .admit(
+                &Method::GET,
+                target,
+                stored.status,
+                &headers,
+                request_time,
+                response_time,
+            )
+            .map(|mut admission| {
+                admission.headers = storable_headers(&headers);
+                self.commit(admission, stored.body.clone())
+            });
+        if result.is_err() {
+            self.types[hit.resource_type].store.remove(&hit.key);
+        }
+        result
+    }
+
+    /// Removes every stored variant for a host and path (any query when `query` is None,
+    /// else only that query as each type normalises it). Returns the number of responses removed.
+    pub fn purge(&self, host: &str, path: &str, query: Option<&str>) -> usize {
+        let host = host.to_ascii_lowercase();
+        self.types
+            .iter()
+            .map(|ty| {
+                let wanted = query.map(|q| key::normalize_query(Some(q), ty.spec.key.query));
+                ty.store.purge(&host, path, |k| {
+                    wanted.as_deref().is_none_or(|q| k.query() == q)
+                })
+            })
+            .sum()
+    }
+
+    pub fn stats(&self) -> Vec<(&str, StoreStats)> {
+        self.types
+            .iter()
+            .map(|t| (t.spec.name.as_str(), t.store.stats()))
+            .collect()
+    }
+
+    pub fn indexed_keys(&self) -> usize {
+        self.types.iter().map(|t| t.store.indexed_keys()).sum()
+    }
+}
+
+/// Conditional-request evaluation against a stored response (RFC 9110 §13.2.2), so the cache can
+/// answer 304 itself.
+pub fn not_modified(request: &HeaderMap, stored: &HeaderMap) -> bool {
+    if let Some(inm) = request.get(http::header::IF_NONE_MATCH) {
+        let Some(etag) = stored.get(ETAG).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        let Ok(inm) = inm.to_str() else { return false };
+        let weak = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+        return inm.trim() == "*" || inm.split(',').any(|t| weak(t) == weak(etag));
+    }
+    if let Some(ims) = request
+        .get(http::header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+    {
+        let Some(lm) = freshness::parse_http_date(stored, LAST_MODIFIED) else {
+            return false;
+        };
+        return lm <= ims;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,150 @@
+//! Names for every decision the cache makes. The same name is the access-log field, the metric label
+//! and the `Cache-Status` detail, so an operator can follow one request across all three.
+
+/// How a request was answered with respect to the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheResult {
+    /// Served from a fresh stored response.
+    Hit,
+    /// Stored response was stale; the origin confirmed it (304) and it was served.
+    Revalidated,
+    /// Nothing usable was stored; fetched from the origin (and stored if allowed).
+    Miss,
+    /// Waited for another request's fill of the same key and served its result.
+    Coalesced,
+    /// Stored response was stale and the origin sent a new one.
+    Expired,
+    /// The cache was not used for this request; see [`NoCacheReason`].
+    Bypass,
+}
+
+impl CacheResult {
+    pub const ALL: [CacheResult; 6] = [
+        CacheResult::Hit,
+        CacheResult::Revalidated,
+        CacheResult::Miss,
+        CacheResult::Coalesced,
+        CacheResult::Expired,
+        CacheResult::Bypass,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::Revalidated => "revalidated",
+            CacheResult::Miss => "miss",
+            CacheResult::Coalesced => "coalesced",
+            CacheResult::Expired => "expired",
+            CacheResult::Bypass => "bypass",
+        }
+    }
+
+    /// Whether the body came out of the cache rather than from the origin.
+    pub fn served_from_cache(self) -> bool {
+        matches!(
+            self,
+            CacheResult::Hit | CacheResult::Revalidated | CacheResult::Coalesced
+        )
+    }
+}
+
+/// Why a request bypassed the cache or a response was not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NoCacheReason {
+    /// The route has `cache: false`.
+    RouteDisabled,
+    /// Only GET and HEAD are looked up; other methods pass through.
+    MethodNotCacheable,
+    /// No resource type matches the request.
+    NoResourceType,
+    /// A HEAD request missed: it is forwarded, and a bodiless answer is never stored.
+    HeadMiss,
+    /// A Range request missed: partial content is forwarded, never stored.
+    RangeRequest,
+    /// The request carried `Cache-Control: no-store`.
+    RequestNoStore,
+    /// The response carried `Cache-Control: no-store`.
+    ResponseNoStore,
+    /// The response carried `Cache-Control: private`.
+    Private,
+    /// The request carried `Authorization` and the response did not allow sharing it.
+    Authorization,
+    /// The response sets a cookie; storing it would hand one user's cookie to others.
+    SetCookie,
+    /// `Vary: *` can never be matched by a later request.
+    VaryStar,
+    /// The status code is not cacheable without explicit freshness.
+    StatusNotCacheable,
+    /// The response was not storable for another RFC 9111 reason.
+    NotStorable,
+    /// The response had no freshness and no validator, so it could never be reused.
+    NoFreshness,
+    /// The response (declared or streamed) exceeds the resource type's `max_object_size`.
+    TooLarge,
+    /// The upstream body ended early or failed; a truncated object is never stored.
+    BodyIncomplete,
+    /// The upstream failed before a response arrived.
+    UpstreamError,
+    /// Too many requests were already waiting on the same fill.
+    CoalesceOverflow,
+    /// Waiting on another request's fill took longer than `coalesce_timeout`.
+    CoalesceTimeout,
+    /// The request was a protocol upgrade (WebSocket etc.).
+    Upgrade,
+}
+
+impl NoCacheReason {
+    pub const ALL: [NoCacheReason; 20] = [
+        NoCacheReason::RouteDisabled,
+        NoCacheReason::MethodNotCacheable,
+        NoCacheReason::NoResourceType,
+        NoCacheReason::HeadMiss,
+        NoCacheReason::RangeRequest,
+        NoCacheReason::RequestNoStore,
+        NoCacheReason::ResponseNoStore,
+        NoCacheReason::Private,
+        NoCacheReason::Authorization,
+        NoCacheReason::SetCookie,
+        NoCacheReason::VaryStar,
+        NoCacheReason::StatusNotCacheable,
+        NoCacheReason::NotStorable,
+        NoCacheReason::NoFreshness,
+        NoCacheReason::TooLarge,
+        NoCacheReason::BodyIncomplete,
+        NoCacheReason::UpstreamError,
+        NoCacheReason::CoalesceOverflow,
+        NoCacheReason::CoalesceTimeout,
+        NoCacheReason::Upgrade,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoCacheReason::RouteDisabled => "route_disabled",
+            NoCacheReason::MethodNotCacheable => "method_not_cacheable",
+            NoCacheReason::NoResourceType => "no_resource_type",
+            NoCacheReason::HeadMiss => "head_miss",
+            NoCacheReason::RangeRequest => "range_request",
+            NoCacheReason::RequestNoStore => "request_no_store",
+            NoCacheReason::ResponseNoStore => "response_no_store",
+            NoCacheReason::Private => "private",
+            NoCacheReason::Authorization => "authorization",
+            NoCacheReason::SetCookie => "set_cookie",
+            NoCacheReason::VaryStar => "vary_star",
+            NoCacheReason::StatusNotCacheable => "status_not_cacheable",
+            NoCacheReason::NotStorable => "not_storable",
+            NoCacheReason::NoFreshness => "no_freshness",
+            NoCacheReason::TooLarge => "too_large",
+            NoCacheReason::BodyIncomplete => "body_incomplete",
+            NoCacheReason::UpstreamError => "upstream_error",
+            NoCacheReason::CoalesceOverflow => "coalesce_overflow",
+            NoCacheReason::CoalesceTimeout => "coalesce_timeout",
+            NoCacheReason::Upgrade => "upgrade",
+        }
+    }
+}
+
+impl std::fmt::Display for NoCacheReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

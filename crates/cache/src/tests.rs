@@ -1,0 +1,265 @@
+use super::*;
+use http::HeaderValue;
+
+const T0: Duration = Duration::from_secs(1_700_000_000);
+
+fn at(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + T0 + Duration::from_secs(secs)
+}
+
+fn spec(name: &str, capacity: u64) -> ResourceTypeSpec {
+    ResourceTypeSpec {
+        name: name.into(),
+        matcher: Arc::new(MatchAll),
+        capacity_bytes: capacity,
+        max_object_size: capacity / 4,
+        freshness: FreshnessRules::default(),
+        key: KeyRules::default(),
+    }
+}
+
+fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in pairs {
+        h.append(
+            HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    h
+}
+
+fn target<'a>(path: &'a str, req: &'a HeaderMap) -> RequestTarget<'a> {
+    RequestTarget {
+        scheme: "http",
+        host: "example.com",
+        path,
+        query: None,
+        headers: req,
+    }
+}
+
+fn store(
+    cache: &Cache,
+    path: &str,
+    req: &HeaderMap,
+    resp: &HeaderMap,
+    body: &'static [u8],
+) -> Result<Hit, NoCacheReason> {
+    let adm = cache.admit(
+        &Method::GET,
+        &target(path, req),
+        StatusCode::OK,
+        resp,
+        at(0),
+        at(0),
+    )?;
+    Ok(cache.commit(adm, Bytes::from_static(body)))
+}
+
+fn found(cache: &Cache, path: &str, req: &HeaderMap) -> Option<Hit> {
+    match cache.lookup(&target(path, req)) {
+        Lookup::Found(hit) => Some(hit),
+        _ => None,
+    }
+}
+
+#[test]
+fn miss_then_hit_shares_the_body() {
+    let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
+    let req = HeaderMap::new();
+    assert!(matches!(
+        cache.lookup(&target("/a", &req)),
+        Lookup::Miss { .. }
+    ));
+    store(
+        &cache,
+        "/a",
+        &req,
+        &headers(&[("cache-control", "max-age=60")]),
+        b"hello",
+    )
+    .unwrap();
+    let hit = found(&cache, "/a", &req).unwrap();
+    assert_eq!(&hit.stored().body[..], b"hello");
+    assert!(
+        hit.stored()
+            .freshness
+            .satisfies(&RequestDirectives::default(), at(59))
+    );
+    assert!(found(&cache, "/b", &req).is_none());
+}
+
+#[test]
+fn private_no_store_cookies_and_authorization_are_never_stored() {
+    let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
+    let req = HeaderMap::new();
+    let cases = [
+        (
+            headers(&[("cache-control", "private, max-age=60")]),
+            NoCacheReason::Private,
+        ),
+        (
+            headers(&[("cache-control", "no-store")]),
+            NoCacheReason::ResponseNoStore,
+        ),
+        (
+            headers(&[("cache-control", "max-age=60"), ("set-cookie", "a=b")]),
+            NoCacheReason::SetCookie,
+        ),
+        (
+            headers(&[("cache-control", "max-age=60"), ("vary", "*")]),
+            NoCacheReason::VaryStar,
+        ),
+        (headers(&[]), NoCacheReason::NoFreshness),
+    ];
+    for (resp, reason) in cases {
+        assert_eq!(store(&cache, "/p", &req, &resp, b"x").unwrap_err(), reason);
+    }
+    let auth = headers(&[("authorization", "Bearer x")]);
+    assert_eq!(
+        store(
+            &cache,
+            "/p",
+            &auth,
+            &headers(&[("cache-control", "max-age=60")]),
+            b"x"
+        )
+        .unwrap_err(),
+        NoCacheReason::Authorization
+    );
+    assert!(
+        store(
+            &cache,
+            "/p",
+            &auth,
+            &headers(&[("cache-control", "public, max-age=60")]),
+            b"x"
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn vary_selects_variants_and_purge_removes_all() {
+    let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
+    let resp = headers(&[("cache-control", "max-age=60"), ("vary", "Accept-Language")]);
+    let en = headers(&[("accept-language", "en")]);
+    let fr = headers(&[("accept-language", "fr")]);
+    store(&cache, "/v", &en, &resp, b"hello").unwrap();
+    store(&cache, "/v", &fr, &resp, b"bonjour").unwrap();
+    assert_eq!(
+        &found(&cache, "/v", &en).unwrap().stored().body[..],
+        b"hello"
+    );
+    assert_eq!(
+        &found(&cache, "/v", &fr).unwrap().stored().body[..],
+        b"bonjour"
+    );
+    assert!(found(&cache, "/v", &HeaderMap::new()).is_none());
+    assert_eq!(cache.purge("example.com", "/v", None), 2);
+    assert!(found(&cache, "/v", &en).is_none());
+    assert_eq!(cache.indexed_keys(), 0);
+    assert_eq!(cache.purge("example.com", "/v", None), 0);
+}
+
+#[test]
+fn eviction_stays_within_budget_and_unindexes() {
+    let capacity = 256 * 1024;
+    let cache = Cache::new(vec![spec("default", capacity)], CacheSettings::default());
+    let req = HeaderMap::new();
+    let resp = headers(&[("cache-control", "max-age=60")]);
+    static BODY: [u8; 4096] = [7; 4096];
+    for i in 0..500 {
+        store(&cache, &format!("/obj/{i}"), &req, &resp, &BODY).unwrap();
+    }
+    let stats = cache.stats()[0].1;
+    assert!(stats.bytes <= capacity, "{stats:?}");
+    assert!(stats.evictions > 0);
+    assert_eq!(cache.indexed_keys() as u64, stats.objects);
+}
+
+#[test]
+fn refresh_merges_304_headers_and_keeps_body() {
+    let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
+    let req = HeaderMap::new();
+    let resp = headers(&[
+        ("cache-control", "max-age=1"),
+        ("etag", "\"v1\""),
+        ("x-old", "1"),
+    ]);
+    let hit = store(&cache, "/r", &req, &resp, b"body").unwrap();
+    let nm = headers(&[
+        ("cache-control", "max-age=100"),
+        ("x-old", "2"),
+        ("content-length", "0"),
+    ]);
+    let refreshed = cache
+        .refresh(&hit, &target("/r", &req), &nm, at(10), at(10))
+        .unwrap();
+    let stored = refreshed.stored();
+    assert_eq!(&stored.body[..], b"body");
+    assert_eq!(stored.headers["x-old"], "2");
+    assert!(
+        stored
+            .freshness
+            .satisfies(&RequestDirectives::default(), at(50))
+    );
+    assert!(
+        found(&cache, "/r", &req)
+            .unwrap()
+            .stored()
+            .freshness
+            .satisfies(&RequestDirectives::default(), at(50))
+    );
+}
+
+#[test]
+fn purge_by_query_and_port() {
+    let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
+    let req = HeaderMap::new();
+    let resp = headers(&[("cache-control", "max-age=60")]);
+    for q in ["a=1", "a=2"] {
+        let t = RequestTarget {
+            scheme: "http",
+            host: "example.com:8080",
+            path: "/q",
+            query: Some(q),
+            headers: &req,
+        };
+        let adm = cache
+            .admit(&Method::GET, &t, StatusCode::OK, &resp, at(0), at(0))
+            .unwrap();
+        cache.commit(adm, Bytes::from_static(b"x"));
+    }
+    assert_eq!(cache.purge("example.com:9999", "/q", None), 0);
+    assert_eq!(cache.purge("example.com", "/q", Some("a=1")), 1);
+    assert_eq!(cache.purge("EXAMPLE.com:8080", "/q", None), 1);
+}
+
+#[test]
+fn conditional_requests() {
+    let stored = headers(&[
+        ("etag", "W/\"x\""),
+        ("last-modified", &httpdate::fmt_http_date(at(0))),
+    ]);
+    assert!(not_modified(
+        &headers(&[("if-none-match", "\"x\"")]),
+        &stored
+    ));
+    assert!(!not_modified(
+        &headers(&[("if-none-match", "\"y\"")]),
+        &stored
+    ));
+    assert!(not_modified(
+        &headers(&[("if-modified-since", &httpdate::fmt_http_date(at(5)))]),
+        &stored
+    ));
+    assert!(!not_modified(
+        &headers(&[(
+            "if-modified-since",
+            &httpdate::fmt_http_date(at(0) - Duration::from_secs(5))
+        )]),
+        &stored
+    ));
+}
