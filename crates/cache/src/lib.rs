@@ -490,6 +490,20 @@ impl Cache {
     }
 }
 
+/// The invalidation entry point the admin API talks to. A cluster-wide purge implements it by
+/// applying locally and fanning out; callers do not change.
+pub trait Invalidator: Send + Sync {
+    /// Removes every stored variant for the host and path (and query, when given); returns the
+    /// number of responses removed.
+    fn purge(&self, host: &str, path: &str, query: Option<&str>) -> usize;
+}
+
+impl Invalidator for Cache {
+    fn purge(&self, host: &str, path: &str, query: Option<&str>) -> usize {
+        Cache::purge(self, host, path, query)
+    }
+}
+
 /// Conditional-request evaluation against a stored response (RFC 9110 §13.2.2), so the cache can
 /// answer 304 itself.
 pub fn not_modified(request: &HeaderMap, stored: &HeaderMap) -> bool {

@@ -98,13 +98,16 @@ impl Weighter<Key, Arc<Slot>> for SlotWeighter {
 
 /// Keys grouped by (host without port, path), each with the id of the slot indexed, so an
 /// eviction of an old slot never unindexes a newer one stored under the same key.
+/// (host without port, path): what a purge names.
+type PurgeTarget = (Box<str>, Box<str>);
+
 #[derive(Default)]
 struct PurgeIndex {
-    by_target: Mutex<HashMap<(Box<str>, Box<str>), HashMap<Key, u64>>>,
+    by_target: Mutex<HashMap<PurgeTarget, HashMap<Key, u64>>>,
 }
 
 impl PurgeIndex {
-    fn target(key: &Key) -> (Box<str>, Box<str>) {
+    fn target(key: &Key) -> PurgeTarget {
         (host_without_port(key.host()).into(), key.path().into())
     }
 
@@ -131,7 +134,7 @@ impl PurgeIndex {
 
     fn take(&self, host: &str, path: &str, mut keep: impl FnMut(&Key) -> bool) -> Vec<Key> {
         let mut map = self.by_target.lock();
-        let target: (Box<str>, Box<str>) = (host_without_port(host).into(), path.into());
+        let target: PurgeTarget = (host_without_port(host).into(), path.into());
         let Some(keys) = map.get_mut(&target) else {
             return Vec::new();
         };

@@ -1,0 +1,523 @@
+//! The validated configuration model that the rest of Larder works with.
+//!
+//! Every value here has already been checked and normalized by the loader, so consumers can
+//! use fields directly without re-validating. All types serialize (for `/config_dump`) into
+//! a form that [`crate::load_str`] accepts again: durations as strings like `"300s"`, sizes as
+//! integers of bytes.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use regex::Regex;
+use serde::{Serialize, Serializer};
+
+use crate::units::format_duration;
+
+/// Cache budget of a resource type that sets no `cache_size` when there is no total either.
+pub const DEFAULT_TYPE_CACHE_SIZE: u64 = 256 << 20;
+
+fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_duration(*d))
+}
+
+fn ser_opt_duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => ser_duration(d, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// The whole, validated configuration.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    pub listeners: Vec<Listener>,
+    pub admin: Admin,
+    pub limits: Limits,
+    pub access_log: AccessLog,
+    pub virtual_hosts: Vec<VirtualHost>,
+    pub clusters: Vec<Cluster>,
+    pub cache: CacheSettings,
+    /// Normalized: the `resource_type:` shorthand becomes a one-element list, and a config
+    /// with neither key gets a single catch-all type named `default`. Never empty.
+    pub resource_types: Vec<ResourceType>,
+}
+
+impl Config {
+    /// JSON rendering for `/config_dump`. The model holds no secrets (the admin token is
+    /// only referenced by path), so everything is included.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("the config model always serializes to JSON")
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<&Cluster> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+
+    /// Lets the binary point the [`crate::DEMO_CLUSTER`] at its embedded origin.
+    pub fn cluster_mut(&mut self, name: &str) -> Option<&mut Cluster> {
+        self.clusters.iter_mut().find(|c| c.name == name)
+    }
+
+    pub fn resource_type(&self, name: &str) -> Option<&ResourceType> {
+        self.resource_types.iter().find(|t| t.name == name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+}
+
+impl Listener {
+    pub const DEFAULT_ADDRESS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Admin {
+    pub address: SocketAddr,
+    /// File holding the admin API bearer token; the token itself never enters the config.
+    pub token_file: Option<PathBuf>,
+}
+
+impl Admin {
+    pub const DEFAULT_ADDRESS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9901);
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            address: Self::DEFAULT_ADDRESS,
+            token_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    pub max_request_header_size: u64,
+    pub max_request_headers: usize,
+    pub max_request_body_size: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_header_size: 64 << 10,
+            max_request_headers: 100,
+            max_request_body_size: 100 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AccessLog {
+    pub enabled: bool,
+    pub output: LogOutput,
+}
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        AccessLog {
+            enabled: true,
+            output: LogOutput::Stdout,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogOutput {
+    Stdout,
+    Stderr,
+    File(PathBuf),
+}
+
+impl Serialize for LogOutput {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            LogOutput::Stdout => s.serialize_str("stdout"),
+            LogOutput::Stderr => s.serialize_str("stderr"),
+            LogOutput::File(path) => path.serialize(s),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VirtualHost {
+    pub name: String,
+    /// Lower-cased. `example.com`, `example.com:8080`, `*.example.com` (any subdomain, not
+    /// the bare domain) or `*` (any host).
+    pub domains: Vec<String>,
+    /// Tried in order; the first match wins.
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Route {
+    pub name: Option<String>,
+    pub r#match: RouteMatch,
+    pub cluster: String,
+    pub cache: bool,
+    /// Overrides the cluster's `request_timeout` for this route.
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteMatch {
+    /// Plain string prefix: `/api` also matches `/apiary`.
+    Prefix(String),
+    /// Exact path.
+    Path(String),
+    /// Searched anywhere in the path unless anchored with `^`/`$`.
+    Regex(RegexSource),
+}
+
+impl RouteMatch {
+    /// `path` is the request path without the query string.
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            RouteMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
+            RouteMatch::Path(exact) => path == exact,
+            RouteMatch::Regex(re) => re.regex().is_match(path),
+        }
+    }
+}
+
+/// A regular expression as written in the config, compiled once at load time.
+///
+/// The compiled form is private so that a `RegexSource` can only exist for a valid pattern;
+/// build one with [`RegexSource::new`].
+#[derive(Clone)]
+pub struct RegexSource(pub String, Regex);
+
+impl RegexSource {
+    pub fn new(pattern: &str) -> Result<Self, regex::Error> {
+        Ok(RegexSource(pattern.to_owned(), Regex::new(pattern)?))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The precompiled regex; borrowing it avoids even the cheap clone of [`Self::compile`].
+    pub fn regex(&self) -> &Regex {
+        &self.1
+    }
+
+    /// A handle to the precompiled regex (cloning a `Regex` shares its compiled program).
+    pub fn compile(&self) -> Regex {
+        self.1.clone()
+    }
+}
+
+impl fmt::Debug for RegexSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("RegexSource").field(&self.0).finish()
+    }
+}
+
+impl PartialEq for RegexSource {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl Eq for RegexSource {}
+
+impl Serialize for RegexSource {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Cluster {
+    pub name: String,
+    pub endpoints: Vec<Endpoint>,
+    pub lb_policy: LbPolicy,
+    #[serde(serialize_with = "ser_duration")]
+    pub connect_timeout: Duration,
+    /// Until the response headers have arrived.
+    #[serde(serialize_with = "ser_duration")]
+    pub request_timeout: Duration,
+    /// How long a pooled connection may stay idle.
+    #[serde(serialize_with = "ser_duration")]
+    pub idle_timeout: Duration,
+    pub max_idle_connections: usize,
+}
+
+impl Cluster {
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+    pub const DEFAULT_MAX_IDLE_CONNECTIONS: usize = 64;
+}
+
+/// An upstream `host:port`. `host` is a DNS name or an IP address (IPv6 without brackets).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl FromStr for Endpoint {
+    type Err = String;
+
+    /// Accepts `host:port`, `[v6]:port`, and `http://host[:port][/]`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let s = text.trim();
+        let (rest, scheme_default_port) = if let Some((scheme, rest)) = s.split_once("://") {
+            match scheme.to_ascii_lowercase().as_str() {
+                "http" => (rest, Some(80)),
+                "https" => return Err("TLS to upstreams is not supported yet; use http://".into()),
+                other => {
+                    return Err(format!(
+                        "unsupported scheme {other:?}; only http is accepted"
+                    ));
+                }
+            }
+        } else {
+            (s, None)
+        };
+        let authority = match rest.split_once('/') {
+            Some((authority, "")) => authority,
+            Some(_) => return Err("an endpoint must not contain a path".into()),
+            None => rest,
+        };
+        if authority.contains('@') || authority.contains('?') || authority.contains('#') {
+            return Err("expected host:port".into());
+        }
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (addr, after) = v6.split_once(']').ok_or("unclosed '[' in IPv6 address")?;
+            if addr.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(format!("invalid IPv6 address {addr:?}"));
+            }
+            let port = match after {
+                "" => None,
+                p => Some(
+                    p.strip_prefix(':')
+                        .ok_or("expected ':' and a port after ']'")?,
+                ),
+            };
+            (addr, port)
+        } else if authority.matches(':').count() > 1 {
+            return Err("IPv6 addresses must be in brackets, like [::1]:80".into());
+        } else {
+            match authority.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() {
+            return Err("missing host".into());
+        }
+        if !host.contains(':') && !crate::build::is_hostname(host) {
+            return Err(format!("invalid host name {host:?}"));
+        }
+        let port = match (port, scheme_default_port) {
+            (Some(p), _) => p
+                .parse::<u16>()
+                .map_err(|_| format!("invalid port {p:?}: expected 1-65535"))?,
+            (None, Some(default)) => default,
+            (None, None) => return Err("missing port; expected host:port".into()),
+        };
+        if port == 0 {
+            return Err("port 0 is not a valid upstream port".into());
+        }
+        Ok(Endpoint {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl Serialize for Endpoint {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    #[default]
+    RoundRobin,
+}
+
+impl LbPolicy {
+    pub(crate) const NAMES: &[(&str, LbPolicy)] = &[("round_robin", LbPolicy::RoundRobin)];
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CacheSettings {
+    /// Total budget over all resource types; `None` when not configured.
+    pub cache_size: Option<u64>,
+    /// How long a request waits for an identical in-flight origin fetch before going to
+    /// the origin itself.
+    #[serde(serialize_with = "ser_duration")]
+    pub coalesce_timeout: Duration,
+    /// Waiters per in-flight fetch; 0 disables request coalescing.
+    pub max_coalesced_waiters: usize,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            cache_size: None,
+            coalesce_timeout: Duration::from_secs(10),
+            max_coalesced_waiters: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ResourceType {
+    pub name: String,
+    pub r#match: ResourceMatch,
+    pub config: ResourceConfig,
+}
+
+/// Which responses a resource type applies to. Conditions that are given must all hold; a
+/// list means any of its entries. With every list empty the type matches everything.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct ResourceMatch {
+    pub path_prefix: Vec<String>,
+    pub path_suffix: Vec<String>,
+    pub path_regex: Option<RegexSource>,
+    /// Lower-cased media types without parameters: `text/html`, `image/*`, `*/*`.
+    pub content_type: Vec<String>,
+}
+
+impl ResourceMatch {
+    pub fn is_catch_all(&self) -> bool {
+        self.path_prefix.is_empty()
+            && self.path_suffix.is_empty()
+            && self.path_regex.is_none()
+            && self.content_type.is_empty()
+    }
+
+    /// Decides on the request path alone (without query string) where possible:
+    /// `Some(false)` when a path condition fails, `Some(true)` when all conditions hold,
+    /// `None` when the path conditions hold but the answer depends on the response's
+    /// content type.
+    pub fn matches_request_path(&self, path: &str) -> Option<bool> {
+        if !self.path_matches(path) {
+            return Some(false);
+        }
+        if self.content_type.is_empty() {
+            Some(true)
+        } else {
+            None
+        }
+    }
+
+    /// `content_type` is the response's `Content-Type` header value, parameters allowed.
+    /// A type with content-type conditions never matches a response without one.
+    pub fn matches(&self, path: &str, content_type: Option<&str>) -> bool {
+        if !self.path_matches(path) {
+            return false;
+        }
+        if self.content_type.is_empty() {
+            return true;
+        }
+        let Some(value) = content_type else {
+            return false;
+        };
+        let media = value.split(';').next().unwrap_or("").trim();
+        let Some((ty, sub)) = media.split_once('/') else {
+            return false;
+        };
+        let (ty, sub) = (ty.trim(), sub.trim());
+        self.content_type.iter().any(|pattern| {
+            let (pty, psub) = pattern.split_once('/').unwrap_or((pattern.as_str(), "*"));
+            (pty == "*" || pty.eq_ignore_ascii_case(ty))
+                && (psub == "*" || psub.eq_ignore_ascii_case(sub))
+        })
+    }
+
+    fn path_matches(&self, path: &str) -> bool {
+        (self.path_prefix.is_empty() || self.path_prefix.iter().any(|p| path.starts_with(p)))
+            && (self.path_suffix.is_empty() || self.path_suffix.iter().any(|s| path.ends_with(s)))
+            && self
+                .path_regex
+                .as_ref()
+                .is_none_or(|re| re.regex().is_match(path))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ResourceConfig {
+    /// Freshness lifetime for responses whose origin gives none (or for all responses when
+    /// `override_origin_ttl` is set).
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub ttl: Option<Duration>,
+    /// When set, `ttl` replaces the origin's `max-age`, `s-maxage` and `Expires`.
+    pub override_origin_ttl: bool,
+    /// This type's share of the cache, in bytes, after resolution against
+    /// `cache.cache_size` (see the crate docs).
+    pub cache_size: u64,
+    pub max_object_size: u64,
+    /// RFC 9111 §4.2.2 heuristic freshness from `Last-Modified` when the response has no
+    /// explicit freshness and no `ttl` applies.
+    pub heuristic_freshness: bool,
+    pub cache_key: CacheKeyConfig,
+}
+
+impl ResourceConfig {
+    pub const DEFAULT_MAX_OBJECT_SIZE: u64 = 8 << 20;
+}
+
+impl Default for ResourceConfig {
+    fn default() -> Self {
+        ResourceConfig {
+            ttl: None,
+            override_origin_ttl: false,
+            cache_size: DEFAULT_TYPE_CACHE_SIZE,
+            max_object_size: Self::DEFAULT_MAX_OBJECT_SIZE,
+            heuristic_freshness: true,
+            cache_key: CacheKeyConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct CacheKeyConfig {
+    pub query: QueryKeyMode,
+    /// Lower-cased request header names whose values become part of the cache key.
+    pub headers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueryKeyMode {
+    /// The query string is part of the key as sent.
+    #[default]
+    Keep,
+    /// The query string is ignored for the key.
+    Drop,
+    /// Query parameters are sorted so that their order does not matter.
+    Sort,
+}
+
+impl QueryKeyMode {
+    pub(crate) const NAMES: &[(&str, QueryKeyMode)] = &[
+        ("keep", QueryKeyMode::Keep),
+        ("drop", QueryKeyMode::Drop),
+        ("sort", QueryKeyMode::Sort),
+    ];
+}

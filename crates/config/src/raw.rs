@@ -1,0 +1,212 @@
+//! The config file's shape as serde sees it.
+//!
+//! Serde only checks structure here (unknown keys, wrong node kinds). Anything that can be
+//! wrong in more than one place at once (units, addresses, names, required keys) is kept as
+//! loosely typed as possible so that `build` can report all such problems together rather
+//! than stopping at the first one.
+
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    pub listeners: Option<Vec<RawListener>>,
+    pub admin: Option<RawAdmin>,
+    pub limits: Option<RawLimits>,
+    pub access_log: Option<RawAccessLog>,
+    pub virtual_hosts: Option<Vec<RawVirtualHost>>,
+    pub clusters: Option<Vec<RawCluster>>,
+    pub cache: Option<RawCache>,
+    pub resource_type: Option<RawResourceType>,
+    pub resource_types: Option<Vec<RawResourceType>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListener {
+    pub name: Option<String>,
+    pub address: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdmin {
+    pub address: Option<String>,
+    pub token_file: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimits {
+    pub max_request_header_size: Option<Scalar>,
+    pub max_request_headers: Option<u64>,
+    pub max_request_body_size: Option<Scalar>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAccessLog {
+    pub enabled: Option<bool>,
+    pub output: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawVirtualHost {
+    pub name: Option<String>,
+    pub domains: Option<Vec<String>>,
+    pub routes: Option<Vec<RawRoute>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRoute {
+    pub name: Option<String>,
+    pub r#match: Option<RawRouteMatch>,
+    pub cluster: Option<String>,
+    pub cache: Option<bool>,
+    pub timeout: Option<Scalar>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRouteMatch {
+    pub prefix: Option<String>,
+    pub path: Option<String>,
+    pub regex: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCluster {
+    pub name: Option<String>,
+    pub endpoints: Option<Vec<String>>,
+    pub lb_policy: Option<String>,
+    pub connect_timeout: Option<Scalar>,
+    pub request_timeout: Option<Scalar>,
+    pub idle_timeout: Option<Scalar>,
+    pub max_idle_connections: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCache {
+    pub cache_size: Option<Scalar>,
+    pub coalesce_timeout: Option<Scalar>,
+    pub max_coalesced_waiters: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawResourceType {
+    pub name: Option<String>,
+    pub r#match: Option<RawResourceMatch>,
+    pub config: Option<RawResourceConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawResourceMatch {
+    pub path_prefix: Option<StrList>,
+    pub path_suffix: Option<StrList>,
+    pub path_regex: Option<String>,
+    pub content_type: Option<StrList>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawResourceConfig {
+    pub ttl: Option<Scalar>,
+    pub override_origin_ttl: Option<bool>,
+    pub cache_size: Option<Scalar>,
+    pub max_object_size: Option<Scalar>,
+    pub heuristic_freshness: Option<bool>,
+    pub cache_key: Option<RawCacheKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCacheKey {
+    pub query: Option<String>,
+    pub headers: Option<StrList>,
+}
+
+/// A duration or size: YAML gives `300s` as a string but `300` as a number, and both are
+/// meant. Interpreting it is left to `build` so that unit errors are collected.
+#[derive(Debug, Clone)]
+pub(crate) enum Scalar {
+    Str(String),
+    Int(i128),
+    Float(f64),
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string like \"300s\" or \"64MiB\", or a number")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar::Str(v.to_owned()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar::Int(v.into()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar::Int(v.into()))
+            }
+            fn visit_i128<E: de::Error>(self, v: i128) -> Result<Scalar, E> {
+                Ok(Scalar::Int(v))
+            }
+            fn visit_u128<E: de::Error>(self, v: u128) -> Result<Scalar, E> {
+                Ok(Scalar::Int(i128::try_from(v).unwrap_or(i128::MAX)))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar, E> {
+                Ok(Scalar::Float(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One string or a list of them; `path_suffix: .css` and `path_suffix: [.css, .js]` both work.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StrList {
+    pub items: Vec<String>,
+    /// Whether the YAML had a list, which decides whether key paths get an `[i]`.
+    pub was_list: bool,
+}
+
+impl<'de> Deserialize<'de> for StrList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StrList;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<StrList, E> {
+                Ok(StrList {
+                    items: vec![v.to_owned()],
+                    was_list: false,
+                })
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<StrList, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element::<String>()? {
+                    items.push(item);
+                }
+                Ok(StrList {
+                    items,
+                    was_list: true,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

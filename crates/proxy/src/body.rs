@@ -1,0 +1,178 @@
+//! Body types of the data path.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use tokio::sync::mpsc;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    http_body_util::Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+pub fn empty() -> ProxyBody {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+pub fn boxed<B>(body: B) -> ProxyBody
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// The client's side of a fill: frames arrive from the task reading the origin, which keeps
+/// going for the cache even if this client goes away.
+pub struct ChannelBody {
+    rx: mpsc::Receiver<Result<Bytes, BoxError>>,
+    size_hint: SizeHint,
+}
+
+impl ChannelBody {
+    pub fn new(rx: mpsc::Receiver<Result<Bytes, BoxError>>, exact_len: Option<u64>) -> Self {
+        let size_hint = exact_len.map(SizeHint::with_exact).unwrap_or_default();
+        ChannelBody { rx, size_hint }
+    }
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|item| item.map(|r| r.map(Frame::data)))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.size_hint
+    }
+}
+
+/// Runs a callback once, when the body is finished with: fully sent, failed, or dropped by a
+/// client that went away. Lets the access log record bytes and the full duration.
+pub struct ObservedBody {
+    inner: ProxyBody,
+    sent: u64,
+    complete: bool,
+    on_done: Option<Box<dyn FnOnce(u64, bool) + Send>>,
+}
+
+impl ObservedBody {
+    pub fn new(inner: ProxyBody, on_done: impl FnOnce(u64, bool) + Send + 'static) -> Self {
+        ObservedBody {
+            inner,
+            sent: 0,
+            complete: false,
+            on_done: Some(Box::new(on_done)),
+        }
+    }
+}
+
+impl Body for ObservedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.sent += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) => this.complete = true,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        let complete = self.complete || self.inner.is_end_stream();
+        if let Some(f) = self.on_done.take() {
+            f(self.sent, complete);
+        }
+    }
+}
+
+/// Caps a streamed request body: past the limit the stream fails, so the upstream request is
+/// aborted rather than forwarding more than allowed.
+pub struct LimitedBody {
+    inner: ProxyBody,
+    remaining: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds the configured max_request_body_size")]
+pub struct BodyTooLarge;
+
+impl LimitedBody {
+    pub fn new(inner: ProxyBody, limit: u64) -> Self {
+        LimitedBody {
+            inner,
+            remaining: limit,
+        }
+    }
+}
+
+impl Body for LimitedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > this.remaining {
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                    }
+                    this.remaining -= len;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

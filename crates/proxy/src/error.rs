@@ -1,0 +1,76 @@
+//! Every failure of the data path, classified once and turned into an HTTP response here only.
+
+use http::{HeaderValue, Response, StatusCode, header};
+use larder_telemetry::UpstreamErrorKind;
+
+use crate::body::{ProxyBody, full};
+use crate::upstream::UpstreamError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The client sent something we will not forward.
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("no route for this host and path")]
+    NoRoute,
+    #[error("request body exceeds the configured limit")]
+    PayloadTooLarge,
+    /// `Cache-Control: only-if-cached` and nothing usable is stored (RFC 9111 §5.2.1.7).
+    #[error("only-if-cached: nothing usable is stored")]
+    OnlyIfCached,
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::OnlyIfCached => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Upstream(e) if e.body_too_large => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::Upstream(e) => match e.kind {
+                UpstreamErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+                UpstreamErrorKind::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
+                UpstreamErrorKind::Connect
+                | UpstreamErrorKind::Protocol
+                | UpstreamErrorKind::BodyAborted => StatusCode::BAD_GATEWAY,
+            },
+        }
+    }
+
+    /// A short text a human can act on; internal details stay in the logs.
+    fn body(&self) -> String {
+        match self {
+            ProxyError::BadRequest(why) => format!("bad request: {why}\n"),
+            ProxyError::NoRoute => "no route matches this host and path\n".into(),
+            ProxyError::PayloadTooLarge => "request body too large\n".into(),
+            ProxyError::OnlyIfCached => "only-if-cached: no stored response\n".into(),
+            ProxyError::Upstream(e) if e.body_too_large => "request body too large\n".into(),
+            ProxyError::Upstream(e) => match e.kind {
+                UpstreamErrorKind::Timeout => "upstream timed out\n".into(),
+                UpstreamErrorKind::NoEndpoint => "no upstream endpoint available\n".into(),
+                UpstreamErrorKind::Connect => "upstream connect error\n".into(),
+                UpstreamErrorKind::Protocol | UpstreamErrorKind::BodyAborted => {
+                    "upstream sent an invalid response\n".into()
+                }
+            },
+        }
+    }
+
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let mut response = Response::new(full(self.body()));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if matches!(self, ProxyError::BadRequest(_)) {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}

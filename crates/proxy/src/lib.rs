@@ -1,0 +1,174 @@
+#![forbid(unsafe_code)]
+//! Larder's data path: listeners, routing, the cache pipeline and upstream clusters.
+
+pub mod body;
+pub mod demo;
+pub mod error;
+pub mod headers;
+mod pipeline;
+pub mod router;
+pub mod server;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use larder_cache::{
+    Cache, CacheSettings, FreshnessRules, KeyRules, QueryMode, ResourceMatcher, ResourceTypeSpec,
+};
+use larder_config::Config;
+use larder_telemetry::{AccessLog, Metrics, StoreGauge};
+
+use crate::router::Router;
+use crate::upstream::Cluster;
+
+/// Request limits enforced before anything is forwarded.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_request_body_size: u64,
+}
+
+/// Everything derived from one version of the config. Requests hold an `Arc` to the version
+/// they started with, so a reload never changes the rules under a request in flight.
+pub struct Runtime {
+    pub config: Arc<Config>,
+    pub router: Router,
+    pub clusters: Vec<Cluster>,
+    pub cache: Arc<Cache>,
+    pub limits: Limits,
+    pub coalesce_timeout: Duration,
+}
+
+/// The config's resource-type match, as the cache engine asks it.
+#[derive(Debug)]
+struct ConfigMatcher(larder_config::ResourceMatch);
+
+impl ResourceMatcher for ConfigMatcher {
+    fn may_match_request(&self, path: &str) -> bool {
+        self.0.matches_request_path(path) != Some(false)
+    }
+
+    fn matches_response(&self, path: &str, content_type: Option<&str>) -> bool {
+        self.0.matches(path, content_type)
+    }
+}
+
+pub fn cache_from_config(config: &Config) -> Cache {
+    let specs = config
+        .resource_types
+        .iter()
+        .map(|rt| ResourceTypeSpec {
+            name: rt.name.clone(),
+            matcher: Arc::new(ConfigMatcher(rt.r#match.clone())),
+            capacity_bytes: rt.config.cache_size,
+            max_object_size: rt.config.max_object_size,
+            freshness: FreshnessRules {
+                ttl: rt.config.ttl,
+                override_origin: rt.config.override_origin_ttl,
+                heuristic: rt.config.heuristic_freshness,
+            },
+            key: KeyRules {
+                query: match rt.config.cache_key.query {
+                    larder_config::QueryKeyMode::Keep => QueryMode::Keep,
+                    larder_config::QueryKeyMode::Drop => QueryMode::Drop,
+                    larder_config::QueryKeyMode::Sort => QueryMode::Sort,
+                },
+                headers: rt
+                    .config
+                    .cache_key
+                    .headers
+                    .iter()
+                    .filter_map(|h| {
+                        http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok()
+                    })
+                    .collect(),
+            },
+        })
+        .collect();
+    Cache::new(
+        specs,
+        CacheSettings {
+            max_coalesced_waiters: config.cache.max_coalesced_waiters,
+            ..Default::default()
+        },
+    )
+}
+
+impl Runtime {
+    pub fn build(config: Arc<Config>) -> Runtime {
+        let clusters: Vec<Cluster> = config.clusters.iter().map(Cluster::new).collect();
+        let index: HashMap<&str, usize> = config
+            .clusters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name.as_str(), i))
+            .collect();
+        Runtime {
+            router: Router::new(&config, &index),
+            clusters,
+            cache: Arc::new(cache_from_config(&config)),
+            limits: Limits {
+                max_request_body_size: config.limits.max_request_body_size,
+            },
+            coalesce_timeout: config.cache.coalesce_timeout,
+            config,
+        }
+    }
+}
+
+pub struct Proxy {
+    runtime: ArcSwap<Runtime>,
+    pub metrics: Arc<Metrics>,
+    access_log: Option<Arc<AccessLog>>,
+}
+
+impl Proxy {
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        access_log: Option<AccessLog>,
+    ) -> Arc<Proxy> {
+        let proxy = Arc::new(Proxy {
+            runtime: ArcSwap::from_pointee(Runtime::build(config)),
+            metrics: metrics.clone(),
+            access_log: access_log.map(Arc::new),
+        });
+        let weak = Arc::downgrade(&proxy);
+        metrics.set_store_source(move || {
+            let Some(proxy) = weak.upgrade() else {
+                return Vec::new();
+            };
+            proxy
+                .runtime()
+                .cache
+                .stats()
+                .into_iter()
+                .map(|(name, s)| StoreGauge {
+                    resource_type: name.to_owned(),
+                    objects: s.objects,
+                    bytes: s.bytes,
+                    capacity_bytes: s.capacity_bytes,
+                    evictions: s.evictions,
+                })
+                .collect()
+        });
+        proxy
+    }
+
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.runtime.load().config.clone()
+    }
+}
+
+/// Purges go to whatever cache the current config version holds.
+impl larder_cache::Invalidator for Proxy {
+    fn purge(&self, host: &str, path: &str, query: Option<&str>) -> usize {
+        self.runtime.load().cache.purge(host, path, query)
+    }
+}

@@ -1,0 +1,109 @@
+//! Downstream listeners: HTTP/1.1 and cleartext HTTP/2 (prior knowledge) on one port, with
+//! explicit protocol limits and graceful drain.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::Proxy;
+
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    pub max_request_header_size: usize,
+    pub max_request_headers: usize,
+    /// A client must finish sending its request head within this time.
+    pub header_read_timeout: Duration,
+    pub max_concurrent_streams: u32,
+    /// How long in-flight requests get to finish once shutdown begins.
+    pub drain_timeout: Duration,
+}
+
+impl ServerLimits {
+    pub fn from_config(config: &larder_config::Config) -> ServerLimits {
+        ServerLimits {
+            max_request_header_size: config.limits.max_request_header_size as usize,
+            max_request_headers: config.limits.max_request_headers,
+            header_read_timeout: Duration::from_secs(30),
+            max_concurrent_streams: 256,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+fn builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // hyper's floor for the read buffer is 8 KiB.
+        .max_buf_size(limits.max_request_header_size.max(8192))
+        .max_headers(limits.max_request_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_request_header_size as u32)
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(256);
+    builder
+}
+
+/// Serves until `shutdown` resolves, then stops accepting and lets open requests finish
+/// (HTTP/1 connections close after their current response, HTTP/2 ones get GOAWAY).
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    limits: ServerLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let builder = builder(&limits);
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = proxy.clone();
+        let service = service_fn(move |req| {
+            let proxy = handler.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, Some(peer)).await) }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        let metrics = proxy.metrics.clone();
+        tokio::spawn(async move {
+            metrics.connection_opened();
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            metrics.connection_closed();
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout: closing remaining connections");
+    }
+}

@@ -1,0 +1,165 @@
+#![forbid(unsafe_code)]
+//! Observable events. Each event type carries everything known about one thing that happened and
+//! turns itself into both the access-log line and the metric updates, so logs and metrics always
+//! agree on names and values.
+
+pub mod access_log;
+pub mod metrics;
+
+pub use access_log::{AccessLog, LogTarget};
+pub use metrics::{Metrics, StoreGauge};
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+/// One request through the proxy, from first byte in to response head out (body bytes counted
+/// as streamed up to when the event is emitted).
+#[derive(Debug, Clone)]
+pub struct RequestEvent {
+    pub start: SystemTime,
+    pub duration: Duration,
+    pub request_id: String,
+    pub trace_id: Option<String>,
+    pub client: Option<SocketAddr>,
+    pub method: String,
+    pub http_version: &'static str,
+    pub host: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub user_agent: Option<String>,
+    pub status: u16,
+    pub response_body_bytes: Option<u64>,
+    pub route: Option<String>,
+    pub cluster: Option<String>,
+    pub upstream_address: Option<String>,
+    pub upstream_duration: Option<Duration>,
+    pub cache_result: &'static str,
+    pub cache_reason: Option<&'static str>,
+    pub resource_type: Option<String>,
+}
+
+impl RequestEvent {
+    pub fn emit(&self, metrics: &Metrics, log: Option<&AccessLog>) {
+        metrics.record_request(self);
+        if let Some(log) = log {
+            log.write(self);
+        }
+    }
+}
+
+/// Classifies upstream failures once; the same name is the metric label and the log field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UpstreamErrorKind {
+    /// No connection could be established.
+    Connect,
+    /// The upstream did not answer within the configured time.
+    Timeout,
+    /// The connection failed or the response was malformed after connecting.
+    Protocol,
+    /// The response body failed part-way.
+    BodyAborted,
+    /// No endpoint is available in the cluster.
+    NoEndpoint,
+}
+
+impl UpstreamErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Protocol => "protocol",
+            UpstreamErrorKind::BodyAborted => "body_aborted",
+            UpstreamErrorKind::NoEndpoint => "no_endpoint",
+        }
+    }
+}
+
+/// An upstream exchange finished (successfully or not).
+#[derive(Debug, Clone)]
+pub struct UpstreamEvent<'a> {
+    pub cluster: &'a str,
+    pub duration: Duration,
+    pub error: Option<UpstreamErrorKind>,
+}
+
+impl UpstreamEvent<'_> {
+    pub fn emit(&self, metrics: &Metrics) {
+        metrics.record_upstream(self);
+        if let Some(kind) = self.error {
+            tracing::debug!(
+                cluster = self.cluster,
+                error = kind.as_str(),
+                "upstream error"
+            );
+        }
+    }
+}
+
+/// A purge was applied.
+#[derive(Debug, Clone)]
+pub struct PurgeEvent<'a> {
+    pub kind: &'static str,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub removed: usize,
+    pub client: Option<SocketAddr>,
+}
+
+impl PurgeEvent<'_> {
+    pub fn emit(&self, metrics: &Metrics) {
+        metrics.record_purge(self);
+        tracing::info!(
+            target: "larder::audit",
+            kind = self.kind,
+            host = self.host,
+            path = self.path,
+            removed = self.removed,
+            client = ?self.client,
+            "purge"
+        );
+    }
+}
+
+/// A new random request id (128 bits, hex), used when the client sent none.
+pub fn new_request_id() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+/// The trace id of a W3C `traceparent` header, if well formed.
+pub fn trace_id_from_traceparent(value: &str) -> Option<String> {
+    let mut parts = value.trim().split('-');
+    let version = parts.next()?;
+    let trace_id = parts.next()?;
+    let span_id = parts.next()?;
+    let _flags = parts.next()?;
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    };
+    (hex(version, 2)
+        && version != "ff"
+        && hex(trace_id, 32)
+        && hex(span_id, 16)
+        && trace_id.bytes().any(|b| b != b'0'))
+    .then(|| trace_id.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_parsing() {
+        assert_eq!(
+            trace_id_from_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+                .as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert!(
+            trace_id_from_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01")
+                .is_none()
+        );
+        assert!(trace_id_from_traceparent("garbage").is_none());
+    }
+}

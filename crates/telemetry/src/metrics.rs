@@ -1,0 +1,422 @@
+//! The Prometheus registry. Names follow Prometheus conventions: `larder_` prefix, base units in
+//! the name, `_total` on counters; label values come from closed sets (route and cluster names are
+//! config-defined, so bounded too).
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::{PurgeEvent, RequestEvent, UpstreamEvent};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    cluster: String,
+    method: &'static str,
+    status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    resource_type: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResourceTypeLabels {
+    resource_type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterLabels {
+    cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamErrorLabels {
+    cluster: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PurgeLabels {
+    kind: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServedLabels {
+    source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: &'static str,
+}
+
+/// A snapshot of one resource type's store, read at scrape time.
+#[derive(Debug, Clone)]
+pub struct StoreGauge {
+    pub resource_type: String,
+    pub objects: u64,
+    pub bytes: u64,
+    pub capacity_bytes: u64,
+    pub evictions: u64,
+}
+
+type StoreSource = Box<dyn Fn() -> Vec<StoreGauge> + Send + Sync>;
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<ServedLabels, Histogram>,
+    cache_lookups: Family<CacheLabels, Counter>,
+    cache_not_stored: Family<ReasonLabels, Counter>,
+    served_bytes: Family<ServedLabels, Counter>,
+    store_objects: Family<ResourceTypeLabels, Gauge>,
+    store_bytes: Family<ResourceTypeLabels, Gauge>,
+    store_capacity: Family<ResourceTypeLabels, Gauge>,
+    store_evictions: Family<ResourceTypeLabels, Counter>,
+    upstream_duration: Family<ClusterLabels, Histogram>,
+    upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    purges: Family<PurgeLabels, Counter>,
+    purged_objects: Counter,
+    active_connections: Gauge<i64, std::sync::atomic::AtomicI64>,
+    config_reloads: Family<ReloadLabels, Counter>,
+    store_source: Mutex<Option<StoreSource>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    // 100µs .. ~13s: cache hits sit at the bottom, slow origins at the top.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+fn method_class(method: &str) -> &'static str {
+    // Methods are client-chosen strings; folding them keeps label cardinality bounded.
+    match method {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    }
+}
+
+impl Metrics {
+    pub fn new(version: &str) -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("larder");
+        let m = Metrics {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            cache_lookups: Family::default(),
+            cache_not_stored: Family::default(),
+            served_bytes: Family::default(),
+            store_objects: Family::default(),
+            store_bytes: Family::default(),
+            store_capacity: Family::default(),
+            store_evictions: Family::default(),
+            upstream_duration: Family::new_with_constructor(latency_histogram),
+            upstream_errors: Family::default(),
+            purges: Family::default(),
+            purged_objects: Counter::default(),
+            active_connections: Gauge::default(),
+            config_reloads: Family::default(),
+            store_source: Mutex::new(None),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Downstream requests by route, cluster, method and status class",
+            m.requests.clone(),
+        );
+        registry.register_with_unit(
+            "request_duration",
+            "Downstream request latency until the response head is sent, by where the body came from",
+            Unit::Seconds,
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "cache_lookups",
+            "Cache results by resource type (hit, miss, revalidated, coalesced, expired, bypass)",
+            m.cache_lookups.clone(),
+        );
+        registry.register(
+            "cache_not_cached",
+            "Requests not served from or stored in the cache, by reason",
+            m.cache_not_stored.clone(),
+        );
+        registry.register_with_unit(
+            "response_body",
+            "Response body bytes sent to clients, by source (cache or upstream)",
+            Unit::Bytes,
+            m.served_bytes.clone(),
+        );
+        registry.register(
+            "cache_objects",
+            "Objects stored per resource type",
+            m.store_objects.clone(),
+        );
+        registry.register_with_unit(
+            "cache_size",
+            "Bytes stored per resource type (key, headers and body)",
+            Unit::Bytes,
+            m.store_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "cache_capacity",
+            "Byte budget per resource type",
+            Unit::Bytes,
+            m.store_capacity.clone(),
+        );
+        registry.register(
+            "cache_evictions",
+            "Objects evicted to stay within the budget, per resource type",
+            m.store_evictions.clone(),
+        );
+        registry.register_with_unit(
+            "upstream_request_duration",
+            "Upstream latency until the response head arrived, per cluster",
+            Unit::Seconds,
+            m.upstream_duration.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Upstream failures per cluster and kind (connect, timeout, protocol, body_aborted, no_endpoint)",
+            m.upstream_errors.clone(),
+        );
+        registry.register(
+            "purges",
+            "Purge requests by kind and result",
+            m.purges.clone(),
+        );
+        registry.register(
+            "purged_objects",
+            "Objects removed by purges",
+            m.purged_objects.clone(),
+        );
+        registry.register(
+            "active_connections",
+            "Downstream connections currently open",
+            m.active_connections.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Configuration loads by result",
+            m.config_reloads.clone(),
+        );
+        registry.register(
+            "build",
+            "Build information",
+            Info::new(vec![("version".to_owned(), version.to_owned())]),
+        );
+        let mut m = m;
+        m.registry = registry;
+        Arc::new(m)
+    }
+
+    /// Registers the function read at scrape time for per-resource-type store gauges.
+    pub fn set_store_source(&self, source: impl Fn() -> Vec<StoreGauge> + Send + Sync + 'static) {
+        *self.store_source.lock() = Some(Box::new(source));
+    }
+
+    pub(crate) fn record_request(&self, e: &RequestEvent) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: e.route.clone().unwrap_or_default(),
+                cluster: e.cluster.clone().unwrap_or_default(),
+                method: method_class(&e.method),
+                status_class: status_class(e.status),
+            })
+            .inc();
+        let source = if matches!(e.cache_result, "hit" | "revalidated" | "coalesced") {
+            "cache"
+        } else {
+            "upstream"
+        };
+        self.request_duration
+            .get_or_create(&ServedLabels { source })
+            .observe(e.duration.as_secs_f64());
+        if let Some(bytes) = e.response_body_bytes {
+            self.served_bytes
+                .get_or_create(&ServedLabels { source })
+                .inc_by(bytes);
+        }
+        self.cache_lookups
+            .get_or_create(&CacheLabels {
+                resource_type: e.resource_type.clone().unwrap_or_default(),
+                result: e.cache_result,
+            })
+            .inc();
+        if let Some(reason) = e.cache_reason {
+            self.cache_not_stored
+                .get_or_create(&ReasonLabels { reason })
+                .inc();
+        }
+    }
+
+    pub(crate) fn record_upstream(&self, e: &UpstreamEvent<'_>) {
+        let cluster = e.cluster.to_owned();
+        match e.error {
+            None => self
+                .upstream_duration
+                .get_or_create(&ClusterLabels { cluster })
+                .observe(e.duration.as_secs_f64()),
+            Some(kind) => {
+                self.upstream_errors
+                    .get_or_create(&UpstreamErrorLabels {
+                        cluster,
+                        kind: kind.as_str(),
+                    })
+                    .inc();
+            }
+        }
+    }
+
+    pub(crate) fn record_purge(&self, e: &PurgeEvent<'_>) {
+        let result = if e.removed > 0 { "purged" } else { "not_found" };
+        self.purges
+            .get_or_create(&PurgeLabels {
+                kind: e.kind,
+                result,
+            })
+            .inc();
+        self.purged_objects.inc_by(e.removed as u64);
+    }
+
+    pub fn record_config_reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.config_reloads
+            .get_or_create(&ReloadLabels { result })
+            .inc();
+    }
+
+    pub fn connection_opened(&self) {
+        self.active_connections.inc();
+    }
+
+    pub fn connection_closed(&self) {
+        self.active_connections.dec();
+    }
+
+    fn refresh_stores(&self) {
+        let source = self.store_source.lock();
+        let Some(source) = source.as_ref() else {
+            return;
+        };
+        for s in source() {
+            let labels = ResourceTypeLabels {
+                resource_type: s.resource_type,
+            };
+            self.store_objects
+                .get_or_create(&labels)
+                .set(s.objects as i64);
+            self.store_bytes.get_or_create(&labels).set(s.bytes as i64);
+            self.store_capacity
+                .get_or_create(&labels)
+                .set(s.capacity_bytes as i64);
+            // The store counts evictions itself; catch the exported counter up (the lock above
+            // serialises concurrent scrapes, so the counter never runs ahead).
+            let counter = self.store_evictions.get_or_create(&labels);
+            let seen = counter.get();
+            if s.evictions > seen {
+                counter.inc_by(s.evictions - seen);
+            }
+        }
+    }
+
+    /// Text exposition (OpenMetrics text, which Prometheus scrapes natively).
+    pub fn encode(&self) -> String {
+        self.refresh_stores();
+        let mut out = String::with_capacity(16 * 1024);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn encodes_events_and_store_gauges() {
+        let m = Metrics::new("1.2.3");
+        let event = RequestEvent {
+            start: SystemTime::now(),
+            duration: Duration::from_millis(3),
+            request_id: "r".into(),
+            trace_id: None,
+            client: None,
+            method: "BREW".into(),
+            http_version: "1.1",
+            host: "h".into(),
+            path: "/".into(),
+            query: None,
+            user_agent: None,
+            status: 200,
+            response_body_bytes: Some(10),
+            route: Some("r0".into()),
+            cluster: Some("c".into()),
+            upstream_address: None,
+            upstream_duration: None,
+            cache_result: "hit",
+            cache_reason: None,
+            resource_type: Some("default".into()),
+        };
+        m.record_request(&event);
+        m.set_store_source(|| {
+            vec![StoreGauge {
+                resource_type: "default".into(),
+                objects: 2,
+                bytes: 300,
+                capacity_bytes: 1000,
+                evictions: 5,
+            }]
+        });
+        let text = m.encode();
+        assert!(text.contains(r#"larder_requests_total{route="r0",cluster="c",method="other",status_class="2xx"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"larder_cache_lookups_total{resource_type="default",result="hit"} 1"#)
+        );
+        assert!(text.contains(r#"larder_cache_evictions_total{resource_type="default"} 5"#));
+        assert!(text.contains(r#"larder_cache_size_bytes{resource_type="default"} 300"#));
+        assert!(text.contains(r#"larder_build_info{version="1.2.3"} 1"#));
+        // A second scrape does not double-count evictions.
+        assert!(
+            m.encode()
+                .contains(r#"larder_cache_evictions_total{resource_type="default"} 5"#)
+        );
+    }
+}

@@ -1,0 +1,218 @@
+#![forbid(unsafe_code)]
+//! Wiring: turns a loaded config into running listeners, the admin server and the demo origin.
+//! The binary (`main.rs`) only parses the command line and calls [`start`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use larder_admin::AdminState;
+use larder_config::{Config, LogOutput};
+use larder_proxy::Proxy;
+use larder_proxy::server::{ServerLimits, serve};
+use larder_telemetry::{AccessLog, LogTarget, Metrics};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Options that do not live in the config file.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// Admin bearer token (from `LARDER_ADMIN_TOKEN`); overrides `admin.token_file`.
+    pub admin_token: Option<String>,
+}
+
+pub struct Server {
+    pub proxy_addrs: Vec<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    pub proxy: Arc<Proxy>,
+    pub ready: Arc<AtomicBool>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Graceful stop: readiness drops at once, listeners stop accepting, in-flight requests
+    /// finish (bounded by the drain timeout).
+    pub async fn shutdown(self) {
+        self.ready.store(false, Ordering::SeqCst);
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+fn admin_token(config: &Config, options: &StartOptions) -> anyhow::Result<Option<String>> {
+    if let Some(token) = options
+        .admin_token
+        .as_ref()
+        .filter(|t| !t.trim().is_empty())
+    {
+        return Ok(Some(token.trim().to_owned()));
+    }
+    let Some(path) = &config.admin.token_file else {
+        return Ok(None);
+    };
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("reading admin.token_file {}", path.display()))?;
+    let token = token.trim();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "admin.token_file {} is empty",
+        path.display()
+    );
+    Ok(Some(token.to_owned()))
+}
+
+/// Binds every listener and starts serving. Binding errors name the address.
+pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Server> {
+    let config = Arc::new(config);
+    let token = admin_token(&config, &options)?;
+    let metrics = Metrics::new(VERSION);
+    metrics.record_config_reload(true);
+    let access_log = if config.access_log.enabled {
+        let target = match &config.access_log.output {
+            LogOutput::Stdout => LogTarget::Stdout,
+            LogOutput::Stderr => LogTarget::Stderr,
+            LogOutput::File(path) => LogTarget::File(path.clone()),
+        };
+        Some(AccessLog::open(&target).context("opening the access log")?)
+    } else {
+        None
+    };
+
+    let mut listeners = Vec::new();
+    for listener in &config.listeners {
+        let bound = TcpListener::bind(listener.address).await.with_context(|| {
+            format!(
+                "binding listener {:?} on {}",
+                listener.name, listener.address
+            )
+        })?;
+        listeners.push(bound);
+    }
+    let admin_listener = TcpListener::bind(config.admin.address)
+        .await
+        .with_context(|| format!("binding the admin server on {}", config.admin.address))?;
+
+    let limits = ServerLimits::from_config(&config);
+    let proxy = Proxy::new(config.clone(), metrics.clone(), access_log);
+    let ready = Arc::new(AtomicBool::new(true));
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let signal = move || {
+        let mut rx = shutdown_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+
+    let mut tasks = Vec::new();
+    let mut proxy_addrs = Vec::new();
+    for listener in listeners {
+        proxy_addrs.push(listener.local_addr()?);
+        tasks.push(tokio::spawn(serve(
+            listener,
+            proxy.clone(),
+            limits.clone(),
+            signal(),
+        )));
+    }
+    let admin_addr = admin_listener.local_addr()?;
+    let dump_proxy = Arc::downgrade(&proxy);
+    let state = Arc::new(AdminState {
+        invalidator: proxy.clone(),
+        metrics,
+        config_dump: Arc::new(move || {
+            dump_proxy
+                .upgrade()
+                .map(|p| p.config().to_json())
+                .unwrap_or_default()
+        }),
+        token,
+        ready: ready.clone(),
+    });
+    let admin_shutdown = signal();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = larder_admin::serve(admin_listener, state, admin_shutdown).await {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    }));
+    Ok(Server {
+        proxy_addrs,
+        admin_addr,
+        proxy,
+        ready,
+        shutdown,
+        tasks,
+    })
+}
+
+/// The embedded default: `EMBEDDED_DEFAULT` in front of the built-in demo origin.
+pub async fn demo_config() -> anyhow::Result<Config> {
+    let mut config = larder_config::load_str(larder_config::EMBEDDED_DEFAULT, "<embedded default>")
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let origin = larder_proxy::demo::spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .context("starting the demo origin")?;
+    let cluster = config
+        .cluster_mut(larder_config::DEMO_CLUSTER)
+        .context("embedded default has no demo cluster")?;
+    cluster.endpoints = vec![larder_config::Endpoint {
+        host: origin.ip().to_string(),
+        port: origin.port(),
+    }];
+    Ok(config)
+}
+
+/// Quick mode: one upstream, everything routed to it, RFC-driven caching with a 256 MiB budget.
+pub fn quick_config(
+    upstream: &str,
+    listen: SocketAddr,
+    admin: SocketAddr,
+) -> anyhow::Result<Config> {
+    let yaml = format!(
+        r#"listeners:
+  - name: http
+    address: "{listen}"
+admin:
+  address: "{admin}"
+virtual_hosts:
+  - name: default
+    domains: ["*"]
+    routes:
+      - match: {{ prefix: "/" }}
+        cluster: upstream
+clusters:
+  - name: upstream
+    endpoints: [{upstream:?}]
+resource_types:
+  - name: default
+    config:
+      cache_size: 256MiB
+"#
+    );
+    larder_config::load_str(&yaml, "--upstream").map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Waits for SIGTERM or Ctrl-C.
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Default drain delay is zero until Kubernetes drain lands (issue 7 makes it configurable).
+pub const DRAIN_DELAY: Duration = Duration::ZERO;

@@ -1,0 +1,125 @@
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Larder: a caching HTTP reverse proxy.
+///
+/// With no arguments it starts an embedded demo: proxy on 127.0.0.1:8080, admin on
+/// 127.0.0.1:9901, in front of a built-in demo origin.
+#[derive(Parser, Debug)]
+#[command(name = "larder", version, about, long_about)]
+struct Cli {
+    /// Config file (YAML, or JSON with a .json extension).
+    #[arg(short, long, env = "LARDER_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Quick mode: proxy and cache everything to this upstream (http://HOST:PORT).
+    #[arg(long, conflicts_with = "config")]
+    upstream: Option<String>,
+    /// Proxy listen address (quick and demo modes).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Admin listen address (quick and demo modes).
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    admin: SocketAddr,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check a config file: exit 0 if valid, else print every error and exit 1.
+    Validate,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Validate) = cli.command {
+        return validate(cli.config);
+    }
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("larder")
+        .build()
+        .expect("building the tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("larder: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn validate(path: Option<PathBuf>) -> ExitCode {
+    let Some(path) = path else {
+        eprintln!("larder validate: --config FILE (or LARDER_CONFIG) is required");
+        return ExitCode::from(2);
+    };
+    match larder_config::load_file(&path) {
+        Ok(_) => {
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors.errors {
+                eprintln!("{e}");
+            }
+            eprintln!("{}: {} error(s)", path.display(), errors.errors.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let (config, mode) = match (&cli.config, &cli.upstream) {
+        (Some(path), _) => (
+            larder_config::load_file(path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?,
+            format!("config {}", path.display()),
+        ),
+        (None, Some(upstream)) => (
+            larder::quick_config(upstream, cli.listen, cli.admin)?,
+            format!("quick mode, upstream {upstream}"),
+        ),
+        (None, None) => {
+            let mut config = larder::demo_config().await?;
+            config.listeners[0].address = cli.listen;
+            config.admin.address = cli.admin;
+            let origin = &config.clusters[0].endpoints[0];
+            (
+                config.clone(),
+                format!("embedded demo config, demo origin on {origin}"),
+            )
+        }
+    };
+    let options = larder::StartOptions {
+        admin_token: std::env::var("LARDER_ADMIN_TOKEN").ok(),
+    };
+    let server = larder::start(config, options).await?;
+    eprintln!("larder {} ({mode})", larder::VERSION);
+    for addr in &server.proxy_addrs {
+        eprintln!("  proxy listening on http://{addr}");
+    }
+    eprintln!(
+        "  admin listening on http://{}  (/stats/prometheus, /ready, POST /purge)",
+        server.admin_addr
+    );
+    larder::wait_for_signal().await;
+    eprintln!("larder: shutting down (draining in-flight requests)");
+    server
+        .ready
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(larder::DRAIN_DELAY).await;
+    server.shutdown().await;
+    Ok(())
+}
