@@ -81,6 +81,20 @@ impl AccessLog {
     }
 }
 
+/// `example.com:8080` → (`example.com`, 8080); `[::1]:80` → (`::1`, 80).
+fn split_host_port(host: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = host.strip_prefix('[') {
+        return match rest.split_once(']') {
+            Some((ip, port)) => (ip, port.strip_prefix(':').and_then(|p| p.parse().ok())),
+            None => (host, None),
+        };
+    }
+    match host.split_once(':') {
+        Some((domain, port)) if !port.contains(':') => (domain, port.parse().ok()),
+        _ => (host, None),
+    }
+}
+
 /// The ECS document for one request.
 pub fn ecs_line(e: &RequestEvent) -> Value {
     let timestamp = OffsetDateTime::from(e.start)
@@ -88,7 +102,12 @@ pub fn ecs_line(e: &RequestEvent) -> Value {
         .unwrap_or_default();
     let mut url = Map::new();
     url.insert("path".into(), json!(e.path));
-    url.insert("domain".into(), json!(e.host));
+    // ECS keeps the port apart from the domain.
+    let (domain, port) = split_host_port(&e.host);
+    url.insert("domain".into(), json!(domain));
+    if let Some(port) = port {
+        url.insert("port".into(), json!(port));
+    }
     let original = match &e.query {
         Some(q) => {
             url.insert("query".into(), json!(q));
@@ -205,5 +224,11 @@ mod tests {
         assert_eq!(v["larder"]["cache"]["status"], "miss");
         assert_eq!(v["larder"]["upstream"]["address"], "127.0.0.1:9000");
         assert_eq!(v["client"]["ip"], "127.0.0.1");
+        assert_eq!(v["url"]["domain"], "example.com");
+        assert_eq!(
+            split_host_port("example.com:8080"),
+            ("example.com", Some(8080))
+        );
+        assert_eq!(split_host_port("[::1]:80"), ("::1", Some(80)));
     }
 }

@@ -114,7 +114,7 @@ impl PurgeEvent<'_> {
             host = self.host,
             path = self.path,
             removed = self.removed,
-            client = ?self.client,
+            client = %self.client.map(|c| c.to_string()).unwrap_or_default(),
             "purge"
         );
     }

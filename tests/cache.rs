@@ -1,0 +1,699 @@
+//! The cache as a client sees it through the real proxy: RFC 9111 behaviour, coalescing, purge,
+//! budgets, and what must never be shared.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::Method;
+
+#[tokio::test]
+async fn miss_then_hit_with_age_and_cache_status() {
+    let origin = Origin::fixed(
+        200,
+        &[
+            ("cache-control", "max-age=60"),
+            ("content-type", "text/plain"),
+        ],
+        "hello",
+    )
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+
+    let first = larder.get("/a").await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.text(), "hello");
+    assert!(
+        first.cache_status().contains("fwd=uri-miss"),
+        "{}",
+        first.cache_status()
+    );
+    assert!(first.cache_status().contains("stored"));
+
+    let second = larder.get("/a").await;
+    assert_eq!(second.text(), "hello");
+    assert!(
+        second.cache_status().starts_with("larder; hit"),
+        "{}",
+        second.cache_status()
+    );
+    assert!(second.header("age").parse::<u64>().is_ok());
+    assert_eq!(second.header("content-length"), "5");
+    assert_eq!(origin.count(), 1);
+
+    // A different path, or query, is a different object.
+    larder.get("/a?x=1").await;
+    larder.get("/b").await;
+    assert_eq!(origin.count(), 3);
+}
+
+#[tokio::test]
+async fn section_4_2_ttl_expiry_refetches() {
+    let origin = Origin::fixed(200, &[("cache-control", "max-age=1")], "short-lived").await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    larder.get("/t").await;
+    assert!(larder.get("/t").await.cache_status().contains("hit"));
+    // Expiry is time passing; poll (bounded) until the stored response goes stale.
+    let mut refetched = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if larder.get("/t").await.cache_status().contains("fwd=") {
+            refetched = true;
+            break;
+        }
+    }
+    assert!(refetched, "stored response never expired");
+    assert_eq!(origin.count(), 2);
+}
+
+#[tokio::test]
+async fn section_4_2_3_upstream_age_counts_against_freshness() {
+    // Age beyond max-age: stale on arrival, so the next request goes to the origin again.
+    let origin = Origin::fixed(
+        200,
+        &[
+            ("cache-control", "max-age=60"),
+            ("age", "120"),
+            ("etag", "\"v\""),
+        ],
+        "old",
+    )
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    larder.get("/aged").await;
+    larder.get("/aged").await;
+    assert_eq!(origin.count(), 2);
+}
+
+#[tokio::test]
+async fn configured_ttl_applies_when_origin_gives_none() {
+    let origin = Origin::fixed(200, &[], "no headers").await;
+    let types =
+        "resource_types:\n  - name: default\n    config: { ttl: 300s, cache_size: 16MiB }\n";
+    let larder = Larder::start(&config_yaml(origin.addr, types)).await;
+    larder.get("/x").await;
+    let hit = larder.get("/x").await;
+    assert!(hit.cache_status().contains("hit"), "{}", hit.cache_status());
+    assert!(hit.cache_status().contains("ttl=300") || hit.cache_status().contains("ttl=299"));
+    assert_eq!(origin.count(), 1);
+}
+
+#[tokio::test]
+async fn section_4_1_vary_selects_variants() {
+    let origin = Origin::start(|seen| async move {
+        let lang = seen
+            .headers
+            .get("accept-language")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        response(
+            200,
+            &[("cache-control", "max-age=60"), ("vary", "Accept-Language")],
+            format!("lang={lang}"),
+        )
+    })
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    assert_eq!(
+        larder
+            .get_with("/v", &[("accept-language", "en")])
+            .await
+            .text(),
+        "lang=en"
+    );
+    assert_eq!(
+        larder
+            .get_with("/v", &[("accept-language", "fr")])
+            .await
+            .text(),
+        "lang=fr"
+    );
+    let en = larder.get_with("/v", &[("Accept-Language", "en")]).await;
+    assert_eq!(en.text(), "lang=en");
+    assert!(en.cache_status().contains("hit"));
+    assert_eq!(larder.get("/v").await.text(), "lang=");
+    assert_eq!(origin.count(), 3);
+}
+
+#[tokio::test]
+async fn section_4_1_vary_star_is_never_reused() {
+    let origin = Origin::fixed(200, &[("cache-control", "max-age=60"), ("vary", "*")], "x").await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    larder.get("/s").await;
+    let second = larder.get("/s").await;
+    assert!(
+        second.cache_status().contains("detail=vary_star"),
+        "{}",
+        second.cache_status()
+    );
+    assert_eq!(origin.count(), 2);
+}
+
+#[tokio::test]
+async fn section_4_3_revalidation_with_304_merges_headers() {
+    let version = Arc::new(AtomicUsize::new(0));
+    let v = version.clone();
+    let origin = Origin::start(move |seen| {
+        let n = v.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if seen
+                .headers
+                .get("if-none-match")
+                .is_some_and(|t| t == "\"etag-1\"")
+            {
+                response(
+                    304,
+                    &[
+                        ("cache-control", "max-age=0"),
+                        ("etag", "\"etag-1\""),
+                        ("x-revision", &n.to_string()),
+                    ],
+                    "",
+                )
+            } else {
+                response(
+                    200,
+                    &[
+                        ("cache-control", "max-age=0"),
+                        ("etag", "\"etag-1\""),
+                        ("x-revision", "0"),
+                    ],
+                    "payload",
+                )
+            }
+        }
+    })
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    let first = larder.get("/r").await;
+    assert_eq!(first.text(), "payload");
+    // max-age=0 with a validator: every use revalidates, and a 304 keeps the stored body.
+    let second = larder.get("/r").await;
+    assert_eq!(second.status, 200);
+    assert_eq!(second.text(), "payload");
+    assert!(
+        second.cache_status().contains("fwd=stale"),
+        "{}",
+        second.cache_status()
+    );
+    assert!(second.cache_status().contains("fwd-status=304"));
+    assert_eq!(
+        second.header("x-revision"),
+        "1",
+        "304's headers replace the stored ones"
+    );
+    assert_eq!(origin.last().headers["if-none-match"], "\"etag-1\"");
+    assert_eq!(origin.count(), 2);
+}
+
+#[tokio::test]
+async fn conditional_client_requests_get_304_from_cache() {
+    let origin = Origin::fixed(
+        200,
+        &[("cache-control", "max-age=60"), ("etag", "\"abc\"")],
+        "body",
+    )
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    // A conditional miss still fills the cache with the full response.
+    let first = larder.get_with("/c", &[("if-none-match", "\"abc\"")]).await;
+    assert_eq!(first.status, 304);
+    let hit = larder
+        .get_with("/c", &[("if-none-match", "W/\"abc\"")])
+        .await;
+    assert_eq!(hit.status, 304);
+    assert!(hit.body.is_empty());
+    assert_eq!(hit.header("etag"), "\"abc\"");
+    let full = larder.get("/c").await;
+    assert_eq!((full.status.as_u16(), full.text().as_str()), (200, "body"));
+    let other = larder.get_with("/c", &[("if-none-match", "\"zzz\"")]).await;
+    assert_eq!(other.status, 200);
+    assert_eq!(
+        origin.count(),
+        1,
+        "the origin never sees the client's conditionals"
+    );
+}
+
+#[tokio::test]
+async fn head_is_served_from_the_get_entry() {
+    let origin = Origin::fixed(200, &[("cache-control", "max-age=60")], "twelve bytes").await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    larder.get("/h").await;
+    let head = larder
+        .request(Method::HEAD, &larder.proxy_url("/h"), &[], Bytes::new())
+        .await;
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("content-length"), "12");
+    assert!(head.cache_status().contains("hit"));
+    assert_eq!(origin.count(), 1);
+}
+
+#[tokio::test]
+async fn fifty_concurrent_misses_make_one_origin_request() {
+    let origin = Origin::start(|_| async {
+        // Slow enough that all fifty arrive while the first fill is in flight.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        response(200, &[("cache-control", "max-age=60")], "coalesced body")
+    })
+    .await;
+    let larder = Arc::new(Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await);
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let larder = larder.clone();
+        tasks.push(tokio::spawn(async move { larder.get("/popular").await }));
+    }
+    let mut collapsed = 0;
+    for task in tasks {
+        let reply = task.await.unwrap();
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.text(), "coalesced body");
+        if reply.cache_status().contains("collapsed") {
+            collapsed += 1;
+        }
+    }
+    assert_eq!(origin.count(), 1);
+    assert!(collapsed > 0);
+    let metrics = larder.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"larder_cache_lookups_total{resource_type="default",result="miss"}"#
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn uncacheable_responses_do_not_queue_behind_each_other() {
+    let origin = Origin::fixed(200, &[("cache-control", "no-store")], "fresh every time").await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    larder.get("/dyn").await;
+    let second = larder.get("/dyn").await;
+    assert!(
+        second.cache_status().contains("detail=response_no_store"),
+        "{}",
+        second.cache_status()
+    );
+    assert_eq!(origin.count(), 2);
+}
+
+#[tokio::test]
+async fn purge_removes_every_variant_then_misses() {
+    let origin = Origin::start(|seen| async move {
+        let enc = seen
+            .headers
+            .get("accept-encoding")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        response(
+            200,
+            &[
+                ("cache-control", "max-age=600"),
+                ("vary", "accept-encoding"),
+            ],
+            enc,
+        )
+    })
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    for enc in ["gzip", "br"] {
+        larder
+            .get_with(
+                "/data/1",
+                &[("host", "example.com"), ("accept-encoding", enc)],
+            )
+            .await;
+    }
+    assert!(
+        larder
+            .get_with(
+                "/data/1",
+                &[("host", "example.com"), ("accept-encoding", "br")]
+            )
+            .await
+            .cache_status()
+            .contains("hit")
+    );
+
+    let purged = larder
+        .admin(
+            Method::POST,
+            "/purge?hostname=example.com&path=/data/1",
+            &[],
+        )
+        .await;
+    assert_eq!(purged.status, 200);
+    assert_eq!(purged.json()["purged"], 2);
+    let after = larder
+        .get_with(
+            "/data/1",
+            &[("host", "example.com"), ("accept-encoding", "br")],
+        )
+        .await;
+    assert!(
+        after.cache_status().contains("fwd=uri-miss"),
+        "{}",
+        after.cache_status()
+    );
+    assert_eq!(origin.count(), 3);
+
+    let again = larder
+        .admin(
+            Method::POST,
+            "/purge?hostname=example.com&path=/nothing",
+            &[],
+        )
+        .await;
+    assert_eq!(again.status, 404);
+    assert_eq!(again.json()["purged"], 0);
+    let bad = larder
+        .admin(Method::POST, "/purge?hostname=example.com", &[])
+        .await;
+    assert_eq!(bad.status, 400);
+    let metrics = larder.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"larder_purges_total{kind="url",result="purged"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(metric(&metrics, "larder_purged_objects_total"), Some(2.0));
+}
+
+#[tokio::test]
+async fn cache_key_includes_the_host() {
+    let origin = Origin::start(|seen| async move {
+        let host = seen.headers["host"].to_str().unwrap().to_owned();
+        response(200, &[("cache-control", "max-age=60")], host)
+    })
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    assert_eq!(
+        larder
+            .get_with("/same", &[("host", "a.example")])
+            .await
+            .text(),
+        "a.example"
+    );
+    assert_eq!(
+        larder
+            .get_with("/same", &[("host", "b.example")])
+            .await
+            .text(),
+        "b.example"
+    );
+    assert_eq!(
+        larder
+            .get_with("/same", &[("host", "A.EXAMPLE")])
+            .await
+            .text(),
+        "a.example"
+    );
+    assert_eq!(origin.count(), 2);
+}
+
+#[tokio::test]
+async fn budget_evicts_within_resource_type() {
+    static OBJECT: [u8; 32 * 1024] = [b'o'; 32 * 1024];
+    let origin = Origin::start(|_| async {
+        response(200, &[("cache-control", "max-age=600")], &OBJECT[..])
+    })
+    .await;
+    let types = "resource_types:\n  - name: small\n    config: { cache_size: 1MiB, max_object_size: 64KiB }\n";
+    let larder = Larder::start(&config_yaml(origin.addr, types)).await;
+    for i in 0..100 {
+        assert_eq!(
+            larder.get(&format!("/obj/{i}")).await.body.len(),
+            OBJECT.len()
+        );
+    }
+    let metrics = larder.metrics().await;
+    let bytes = metric(
+        &metrics,
+        r#"larder_cache_size_bytes{resource_type="small"}"#,
+    )
+    .unwrap();
+    let evictions = metric(
+        &metrics,
+        r#"larder_cache_evictions_total{resource_type="small"}"#,
+    )
+    .unwrap();
+    let objects = metric(&metrics, r#"larder_cache_objects{resource_type="small"}"#).unwrap();
+    assert!(bytes <= (1 << 20) as f64, "{bytes} bytes stored");
+    assert!(
+        bytes >= objects * OBJECT.len() as f64,
+        "weights count the body"
+    );
+    assert!(
+        evictions > 0.0 && objects < 100.0,
+        "{evictions} evictions, {objects} objects"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"larder_cache_capacity_bytes{resource_type="small"}"#
+        ),
+        Some((1 << 20) as f64)
+    );
+}
+
+#[tokio::test]
+async fn objects_over_max_object_size_stream_through_uncached() {
+    static BIG: [u8; 100 * 1024] = [b'b'; 100 * 1024];
+    let origin =
+        Origin::start(|_| async { response(200, &[("cache-control", "max-age=600")], &BIG[..]) })
+            .await;
+    let types = "resource_types:\n  - name: small\n    config: { cache_size: 1MiB, max_object_size: 64KiB }\n";
+    let larder = Larder::start(&config_yaml(origin.addr, types)).await;
+    assert_eq!(larder.get("/big").await.body.len(), BIG.len());
+    let second = larder.get("/big").await;
+    assert_eq!(second.body.len(), BIG.len());
+    assert!(
+        second.cache_status().contains("detail=too_large"),
+        "{}",
+        second.cache_status()
+    );
+    assert_eq!(origin.count(), 2);
+}
+
+#[tokio::test]
+async fn private_no_store_cookies_and_authorization_are_never_shared() {
+    // The origin answers with the caller's identity: any reuse would leak it to the next user.
+    let origin = Origin::start(|seen| async move {
+        let user = seen
+            .headers
+            .get("x-user")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let cc = match seen.uri.path() {
+            "/private" => "private, max-age=600",
+            "/no-store" => "no-store, max-age=600",
+            _ => "max-age=600",
+        };
+        let mut headers = vec![("cache-control", cc)];
+        if seen.uri.path() == "/cookie" {
+            headers.push(("set-cookie", "session=secret"));
+        }
+        response(200, &headers, format!("data of {user}"))
+    })
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    for path in ["/private", "/no-store", "/cookie"] {
+        assert_eq!(
+            larder.get_with(path, &[("x-user", "alice")]).await.text(),
+            "data of alice"
+        );
+        let bob = larder.get_with(path, &[("x-user", "bob")]).await;
+        assert_eq!(bob.text(), "data of bob", "{path} leaked");
+        assert!(
+            bob.cache_status().contains("fwd="),
+            "{path}: {}",
+            bob.cache_status()
+        );
+    }
+    // Authorization: a response without public/s-maxage/must-revalidate is not shared.
+    let alice = larder
+        .get_with(
+            "/account",
+            &[("x-user", "alice"), ("authorization", "Bearer alice")],
+        )
+        .await;
+    assert_eq!(alice.text(), "data of alice");
+    assert!(alice.cache_status().contains("detail=authorization"));
+    assert_eq!(
+        larder
+            .get_with("/account", &[("x-user", "bob")])
+            .await
+            .text(),
+        "data of bob"
+    );
+    assert_eq!(origin.count(), 8);
+}
+
+#[tokio::test]
+async fn truncated_upstream_body_is_never_stored() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A raw origin that promises 100 bytes, sends 10, and hangs up.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\ncontent-length: 100\r\n\r\n0123456789")
+                    .await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    let larder = Larder::start(&config_yaml(addr, DEFAULT_TYPES)).await;
+    let client = client();
+    for _ in 0..2 {
+        let response = client
+            .request(
+                http::Request::get(larder.proxy_url("/cut"))
+                    .body(http_body_util::Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        use http_body_util::BodyExt;
+        assert!(
+            response.into_body().collect().await.is_err(),
+            "a cut body must reach the client as an error"
+        );
+    }
+    assert_eq!(
+        served.load(Ordering::SeqCst),
+        2,
+        "the truncated response was stored"
+    );
+}
+
+#[tokio::test]
+async fn only_if_cached_answers_504_when_nothing_is_stored() {
+    let origin = Origin::fixed(200, &[("cache-control", "max-age=60")], "x").await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    let reply = larder
+        .get_with("/o", &[("cache-control", "only-if-cached")])
+        .await;
+    assert_eq!(reply.status, 504);
+    assert_eq!(origin.count(), 0);
+    larder.get("/o").await;
+    assert_eq!(
+        larder
+            .get_with("/o", &[("cache-control", "only-if-cached")])
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn request_no_cache_revalidates_and_unsafe_methods_invalidate() {
+    let origin = Origin::fixed(200, &[("cache-control", "max-age=600")], "v").await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    larder.get("/u").await;
+    larder
+        .get_with("/u", &[("cache-control", "no-cache")])
+        .await;
+    assert_eq!(origin.count(), 2, "request no-cache goes to the origin");
+    assert!(larder.get("/u").await.cache_status().contains("hit"));
+    let put = larder
+        .request(
+            Method::PUT,
+            &larder.proxy_url("/u"),
+            &[],
+            Bytes::from_static(b"new"),
+        )
+        .await;
+    assert_eq!(put.status, 200);
+    assert!(
+        larder
+            .get("/u")
+            .await
+            .cache_status()
+            .contains("fwd=uri-miss"),
+        "PUT must invalidate"
+    );
+}
+
+#[tokio::test]
+async fn resource_types_by_path_have_their_own_policy() {
+    let origin = Origin::fixed(200, &[], "no freshness from origin").await;
+    let types = r#"resource_types:
+  - name: images
+    match: { path_prefix: /img/ }
+    config: { ttl: 1h, cache_size: 4MiB }
+  - name: api
+    match: { path_prefix: /api/ }
+    config: { cache_size: 4MiB, cache_key: { query: sort } }
+"#;
+    let larder = Larder::start(&config_yaml(origin.addr, types)).await;
+    larder.get("/img/a.png").await;
+    assert!(
+        larder
+            .get("/img/a.png")
+            .await
+            .cache_status()
+            .contains("hit")
+    );
+    // No ttl and no validator: api responses are not stored.
+    larder.get("/api/x?b=2&a=1").await;
+    assert!(
+        larder
+            .get("/api/x?a=1&b=2")
+            .await
+            .cache_status()
+            .contains("detail=no_freshness")
+    );
+    // Nothing matches /other: not cached at all.
+    assert!(
+        larder
+            .get("/other")
+            .await
+            .cache_status()
+            .contains("detail=no_resource_type")
+    );
+    let metrics = larder.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"larder_cache_lookups_total{resource_type="images",result="hit"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&metrics, r#"larder_cache_objects{resource_type="images"}"#),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn query_sort_key_rule_shares_one_object() {
+    let origin = Origin::fixed(200, &[("cache-control", "max-age=60")], "q").await;
+    let types = "resource_types:\n  - name: default\n    config: { cache_size: 4MiB, cache_key: { query: sort } }\n";
+    let larder = Larder::start(&config_yaml(origin.addr, types)).await;
+    larder.get("/q?b=2&a=1").await;
+    assert!(
+        larder
+            .get("/q?a=1&b=2")
+            .await
+            .cache_status()
+            .contains("hit")
+    );
+    assert_eq!(origin.count(), 1);
+}

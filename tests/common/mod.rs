@@ -1,0 +1,300 @@
+//! Test harness: in-process origins on ephemeral loopback ports that count and record what they
+//! receive, a Larder instance started from YAML, and small HTTP client helpers.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::sync::Mutex;
+use tokio::net::TcpListener;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type TestBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// What the origin saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub uri: http::Uri,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+type Handler =
+    Arc<dyn Fn(Seen) -> Pin<Box<dyn Future<Output = Response<TestBody>> + Send>> + Send + Sync>;
+
+pub struct Origin {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Origin {
+    /// Starts an origin whose responses come from `handler`.
+    pub async fn start<F, Fut>(handler: F) -> Origin
+    where
+        F: Fn(Seen) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<TestBody>> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |seen| Box::pin(handler(seen)));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let recorded = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let handler = handler.clone();
+                let recorded = recorded.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let handler = handler.clone();
+                        let recorded = recorded.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let seen = Seen {
+                                method: parts.method,
+                                uri: parts.uri,
+                                headers: parts.headers,
+                                body,
+                            };
+                            recorded.lock().unwrap().push(seen.clone());
+                            Ok::<_, Infallible>(handler(seen).await)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Origin { addr, seen }
+    }
+
+    /// An origin answering every request with the same status, headers and body.
+    pub async fn fixed(status: u16, headers: &[(&str, &str)], body: &'static str) -> Origin {
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Origin::start(move |_| {
+            let headers = headers.clone();
+            async move {
+                response(
+                    status,
+                    &headers
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect::<Vec<_>>(),
+                    body,
+                )
+            }
+        })
+        .await
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("origin saw a request")
+    }
+}
+
+pub fn body_of(bytes: impl Into<Bytes>) -> TestBody {
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
+pub fn response(
+    status: u16,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Response<TestBody> {
+    let mut builder = Response::builder().status(status);
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    builder.body(body_of(body)).unwrap()
+}
+
+/// Standard test config: everything to one origin, one catch-all resource type.
+pub fn config_yaml(origin: SocketAddr, resource_types: &str) -> String {
+    format!(
+        r#"listeners: [{{ name: http, address: "127.0.0.1:0" }}]
+admin: {{ address: "127.0.0.1:0" }}
+access_log: {{ enabled: false }}
+virtual_hosts:
+  - name: all
+    domains: ["*"]
+    routes:
+      - match: {{ prefix: "/" }}
+        cluster: origin
+clusters:
+  - name: origin
+    endpoints: ["{origin}"]
+    connect_timeout: 1s
+    request_timeout: 5s
+{resource_types}"#
+    )
+}
+
+pub const DEFAULT_TYPES: &str =
+    "resource_types:\n  - name: default\n    config: { cache_size: 16MiB }\n";
+
+pub struct Larder {
+    pub server: larder::Server,
+    pub client: Client<HttpConnector, Full<Bytes>>,
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
+    }
+
+    pub fn cache_status(&self) -> &str {
+        self.header("cache-status")
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+}
+
+impl Larder {
+    pub async fn start(yaml: &str) -> Larder {
+        Self::start_with(yaml, larder::StartOptions::default()).await
+    }
+
+    pub async fn start_with(yaml: &str, options: larder::StartOptions) -> Larder {
+        let config =
+            larder_config::load_str(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        let server = larder::start(config, options).await.unwrap();
+        Larder {
+            server,
+            client: client(),
+        }
+    }
+
+    pub fn proxy_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.server.proxy_addrs[0], path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.server.admin_addr, path)
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.request(Method::GET, &self.proxy_url(path), &[], Bytes::new())
+            .await
+    }
+
+    pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        self.request(Method::GET, &self.proxy_url(path), headers, Bytes::new())
+            .await
+    }
+
+    pub async fn request(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Reply {
+        send(&self.client, method, url, headers, body).await
+    }
+
+    pub async fn admin(&self, method: Method, path: &str, headers: &[(&str, &str)]) -> Reply {
+        self.request(method, &self.admin_url(path), headers, Bytes::new())
+            .await
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.admin(Method::GET, "/metrics", &[]).await.text()
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+pub async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Reply {
+    let mut builder = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    let response = client
+        .request(builder.body(Full::new(body)).unwrap())
+        .await
+        .expect("request sent");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body read").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// Value of a sample line `name{labels} value` in a Prometheus exposition, if present.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .map(|v| v.trim().parse().expect("numeric sample"))
+}
+
+pub fn counter(count: &AtomicUsize) -> usize {
+    count.load(Ordering::SeqCst)
+}
