@@ -1,0 +1,295 @@
+//! The `larder` binary as an operator runs it.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_larder");
+
+fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("larder-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Kills the child when the test ends, however it ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the binary and reads its start-up lines until it says where the proxy listens.
+fn spawn(args: &[&str]) -> (Running, SocketAddr, SocketAddr) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("LARDER_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut proxy, mut admin) = (None, None);
+    while proxy.is_none() || admin.is_none() {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("start-up lines");
+        let addr = |prefix: &str| {
+            line.trim().strip_prefix(prefix).map(|rest| {
+                rest.split_whitespace()
+                    .next()
+                    .unwrap()
+                    .parse::<SocketAddr>()
+                    .unwrap()
+            })
+        };
+        proxy = proxy.or(addr("proxy listening on http://"));
+        admin = admin.or(addr("admin listening on http://"));
+    }
+    (Running(child), proxy.unwrap(), admin.unwrap())
+}
+
+#[test]
+fn version_and_help() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("larder {}", env!("CARGO_PKG_VERSION"))
+    );
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    for flag in ["--config", "--upstream", "--listen", "--admin", "validate"] {
+        assert!(text.contains(flag), "--help lacks {flag}:\n{text}");
+    }
+}
+
+#[test]
+fn validate_accepts_the_sample_config() {
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/larder.example.yaml");
+    let out = Command::new(BIN)
+        .args(["validate", "--config", sample])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn validate_reports_every_error_with_file_line_and_key() {
+    let path = temp_file(
+        "bad.yaml",
+        r#"virtual_hosts:
+  - name: all
+    domains: ["*"]
+    routes:
+      - match: { prefix: "/" }
+        cluster: missing
+clusters:
+  - name: origin
+    endpoints: ["127.0.0.1:9000"]
+    connect_timeout: 5 parsecs
+resource_type:
+  name: default
+  config:
+    ttl: 300s # 5 minutes
+    cache_size: 50MB
+"#,
+    );
+    let out = Command::new(BIN)
+        .args(["validate", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let file = path.display().to_string();
+    assert!(stderr.contains(&format!("{file}:6:")), "{stderr}");
+    assert!(
+        stderr.contains("virtual_hosts[0].routes[0].cluster"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&format!("{file}:10:")), "{stderr}");
+    assert!(stderr.contains("clusters[0].connect_timeout"), "{stderr}");
+
+    let unknown = temp_file(
+        "unknown.yaml",
+        "clusters: []\nvirtual_hosts: []\ncache_sise: 1GiB\n",
+    );
+    let out = Command::new(BIN)
+        .args(["validate", "--config"])
+        .arg(&unknown)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(":3:") && stderr.contains("cache_sise"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_guide_shorthand_config_runs() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let origin = rt.block_on(Origin::fixed(200, &[], "guide"));
+    let path = temp_file(
+        "guide.yaml",
+        &format!(
+            r#"listeners: [{{ address: "127.0.0.1:0" }}]
+admin: {{ address: "127.0.0.1:0" }}
+virtual_hosts:
+  - name: all
+    domains: ["*"]
+    routes:
+      - match: {{ prefix: "/" }}
+        cluster: origin
+clusters:
+  - name: origin
+    endpoints: ["{}"]
+resource_type:
+  name: default
+  config:
+    ttl: 300s # 5 minutes
+    cache_size: 50MB
+"#,
+            origin.addr
+        ),
+    );
+    let (_larder, proxy, _) = spawn(&["--config", path.to_str().unwrap()]);
+    let client = client();
+    let url = format!("http://{proxy}/guide");
+    let (first, second) = rt.block_on(async {
+        let a = send(&client, http::Method::GET, &url, &[], bytes::Bytes::new()).await;
+        let b = send(&client, http::Method::GET, &url, &[], bytes::Bytes::new()).await;
+        (a, b)
+    });
+    assert!(first.cache_status().contains("fwd=uri-miss"));
+    assert!(
+        second.cache_status().contains("hit; ttl=300") || second.cache_status().contains("ttl=299"),
+        "{}",
+        second.cache_status()
+    );
+    assert_eq!(origin.count(), 1);
+}
+
+#[test]
+fn quick_mode_caches_in_front_of_an_upstream() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let origin = rt.block_on(Origin::fixed(
+        200,
+        &[("cache-control", "max-age=60")],
+        "quick",
+    ));
+    let upstream = format!("http://{}", origin.addr);
+    let (_larder, proxy, admin) = spawn(&[
+        "--upstream",
+        &upstream,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ]);
+    let client = client();
+    rt.block_on(async {
+        for expect in ["fwd=uri-miss", "hit"] {
+            let reply = send(
+                &client,
+                http::Method::GET,
+                &format!("http://{proxy}/q"),
+                &[],
+                bytes::Bytes::new(),
+            )
+            .await;
+            assert_eq!(reply.text(), "quick");
+            assert!(
+                reply.cache_status().contains(expect),
+                "{}",
+                reply.cache_status()
+            );
+        }
+        let metrics = send(
+            &client,
+            http::Method::GET,
+            &format!("http://{admin}/metrics"),
+            &[],
+            bytes::Bytes::new(),
+        )
+        .await;
+        assert!(metrics.text().contains("larder_cache_lookups_total"));
+    });
+    assert_eq!(origin.count(), 1);
+}
+
+#[test]
+fn no_arguments_runs_the_embedded_demo_and_stops_on_sigterm() {
+    let (mut larder, proxy, _) = spawn(&["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = client();
+    rt.block_on(async {
+        let first = send(
+            &client,
+            http::Method::GET,
+            &format!("http://{proxy}/time"),
+            &[],
+            bytes::Bytes::new(),
+        )
+        .await;
+        let second = send(
+            &client,
+            http::Method::GET,
+            &format!("http://{proxy}/time"),
+            &[],
+            bytes::Bytes::new(),
+        )
+        .await;
+        assert_eq!(first.status, 200);
+        assert!(first.cache_status().contains("fwd=uri-miss"));
+        assert!(
+            second.cache_status().contains("hit"),
+            "{}",
+            second.cache_status()
+        );
+        assert_eq!(first.body, second.body, "a hit repeats the origin's clock");
+    });
+    let pid = larder.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = larder.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "larder did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+}

@@ -1,0 +1,362 @@
+//! The proxy as a client and an origin see it: forwarding rules, protocols, limits, failures,
+//! routing, streaming.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::Method;
+use http_body_util::{BodyExt, Full};
+
+#[tokio::test]
+async fn forwards_with_proxy_headers_and_without_hop_by_hop() {
+    let origin = Origin::fixed(
+        200,
+        &[
+            ("cache-control", "no-store"),
+            ("connection", "x-origin-private"),
+            ("x-origin-private", "1"),
+            ("x-kept", "yes"),
+        ],
+        "ok",
+    )
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    let reply = larder
+        .get_with(
+            "/fwd?q=1",
+            &[
+                ("host", "shop.example:8080"),
+                ("connection", "x-client-private"),
+                ("x-client-private", "secret"),
+                ("x-forwarded-for", "203.0.113.9"),
+                ("proxy-authorization", "Basic Zm9v"),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("x-kept"), "yes");
+    assert!(reply.headers.get("x-origin-private").is_none());
+    assert!(reply.header("via").contains("larder"));
+    let seen = origin.last();
+    assert_eq!(seen.uri.path_and_query().unwrap().as_str(), "/fwd?q=1");
+    assert_eq!(
+        seen.headers["host"], "shop.example:8080",
+        "Host is preserved"
+    );
+    assert_eq!(seen.headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    assert_eq!(seen.headers["x-forwarded-host"], "shop.example:8080");
+    assert!(seen.headers["via"].to_str().unwrap().contains("larder"));
+    assert!(seen.headers.get("x-client-private").is_none());
+    assert!(seen.headers.get("proxy-authorization").is_none());
+    assert!(reply.header("x-request-id").len() >= 16);
+}
+
+#[tokio::test]
+async fn every_method_is_forwarded_with_its_body() {
+    let origin = Origin::start(|seen| async move {
+        response(
+            201,
+            &[],
+            format!("{} {}", seen.method, String::from_utf8_lossy(&seen.body)),
+        )
+    })
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    for method in ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "BREW"] {
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let reply = larder
+            .request(
+                method.clone(),
+                &larder.proxy_url("/m"),
+                &[],
+                Bytes::from_static(b"payload"),
+            )
+            .await;
+        assert_eq!(reply.status, 201);
+        assert_eq!(reply.text(), format!("{method} payload"));
+        assert!(
+            reply.cache_status().contains("fwd=method"),
+            "{}",
+            reply.cache_status()
+        );
+    }
+    assert_eq!(origin.count(), 6);
+}
+
+#[tokio::test]
+async fn request_body_over_the_limit_gets_413_and_never_reaches_the_origin() {
+    let origin = Origin::fixed(200, &[], "ok").await;
+    let yaml =
+        config_yaml(origin.addr, DEFAULT_TYPES) + "limits: { max_request_body_size: 1KiB }\n";
+    let larder = Larder::start(&yaml).await;
+    let reply = larder
+        .request(
+            Method::POST,
+            &larder.proxy_url("/up"),
+            &[],
+            Bytes::from(vec![b'x'; 2048]),
+        )
+        .await;
+    assert_eq!(reply.status, 413);
+    assert_eq!(origin.count(), 0);
+    let small = larder
+        .request(
+            Method::POST,
+            &larder.proxy_url("/up"),
+            &[],
+            Bytes::from(vec![b'x'; 512]),
+        )
+        .await;
+    assert_eq!(small.status, 200);
+}
+
+#[tokio::test]
+async fn oversized_request_headers_are_rejected() {
+    let origin = Origin::fixed(200, &[], "ok").await;
+    let yaml =
+        config_yaml(origin.addr, DEFAULT_TYPES) + "limits: { max_request_header_size: 16KiB }\n";
+    let larder = Larder::start(&yaml).await;
+    let huge = "h".repeat(40 * 1024);
+    let result = larder
+        .client
+        .request(
+            http::Request::get(larder.proxy_url("/"))
+                .header("x-huge", &huge)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    // hyper answers 431 and closes, or closes outright; either way nothing reaches the origin.
+    if let Ok(response) = result {
+        assert_eq!(response.status(), 431);
+    }
+    assert_eq!(origin.count(), 0);
+}
+
+#[tokio::test]
+async fn upstream_connect_failure_is_502() {
+    // Bind then drop: a loopback port with nothing listening.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let larder = Larder::start(&config_yaml(closed, DEFAULT_TYPES)).await;
+    let reply = larder.get("/down").await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(reply.text(), "upstream connect error\n");
+    assert!(
+        reply.cache_status().contains("detail=upstream_error"),
+        "{}",
+        reply.cache_status()
+    );
+    let metrics = larder.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"larder_upstream_errors_total{cluster="origin",kind="connect"}"#
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn upstream_timeout_is_504_and_later_requests_still_work() {
+    let origin = Origin::start(|seen| async move {
+        if seen.uri.path() == "/slow" {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        response(200, &[("cache-control", "max-age=60")], "fine")
+    })
+    .await;
+    let yaml = config_yaml(origin.addr, DEFAULT_TYPES)
+        .replace("request_timeout: 5s", "request_timeout: 200ms");
+    let larder = Larder::start(&yaml).await;
+    let reply = larder.get("/slow").await;
+    assert_eq!(reply.status, 504);
+    assert_eq!(reply.header("cache-control"), "no-store");
+    assert_eq!(larder.get("/fast").await.text(), "fine");
+    let metrics = larder.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"larder_upstream_errors_total{cluster="origin",kind="timeout"}"#
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_is_served_and_cached() {
+    let origin = Origin::fixed(200, &[("cache-control", "max-age=60")], "over h2").await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    for expect in ["fwd=uri-miss", "hit"] {
+        let response = client
+            .request(
+                http::Request::get(larder.proxy_url("/h2"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        let status = response.headers()["cache-status"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(status.contains(expect), "{status}");
+        assert_eq!(
+            response.into_body().collect().await.unwrap().to_bytes(),
+            "over h2"
+        );
+    }
+    assert_eq!(origin.count(), 1);
+    // The origin got a Host header made from :authority.
+    assert_eq!(
+        origin.last().headers["host"],
+        larder.server.proxy_addrs[0].to_string()
+    );
+}
+
+#[tokio::test]
+async fn virtual_hosts_route_by_host_with_wildcards() {
+    let api = Origin::fixed(200, &[], "api").await;
+    let web = Origin::fixed(200, &[], "web").await;
+    let yaml = format!(
+        r#"listeners: [{{ address: "127.0.0.1:0" }}]
+admin: {{ address: "127.0.0.1:0" }}
+access_log: {{ enabled: false }}
+virtual_hosts:
+  - name: api
+    domains: ["api.example.com"]
+    routes:
+      - match: {{ regex: "^/v[0-9]+/" }}
+        cluster: api
+  - name: web
+    domains: ["*.example.com"]
+    routes:
+      - match: {{ path: "/exact" }}
+        cluster: api
+      - match: {{ prefix: "/" }}
+        cluster: web
+clusters:
+  - {{ name: api, endpoints: ["{}"] }}
+  - {{ name: web, endpoints: ["{}"] }}
+"#,
+        api.addr, web.addr
+    );
+    let larder = Larder::start(&yaml).await;
+    assert_eq!(
+        larder
+            .get_with("/v1/users", &[("host", "api.example.com")])
+            .await
+            .text(),
+        "api"
+    );
+    assert_eq!(
+        larder
+            .get_with("/v1/users", &[("host", "www.example.com")])
+            .await
+            .text(),
+        "web"
+    );
+    assert_eq!(
+        larder
+            .get_with("/exact", &[("host", "shop.example.com:8080")])
+            .await
+            .text(),
+        "api"
+    );
+    assert_eq!(
+        larder
+            .get_with("/other", &[("host", "api.example.com")])
+            .await
+            .status,
+        404
+    );
+    let unknown = larder.get_with("/", &[("host", "example.org")]).await;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.text(), "no route matches this host and path\n");
+}
+
+#[tokio::test]
+async fn route_with_cache_disabled_always_forwards() {
+    let origin = Origin::fixed(200, &[("cache-control", "max-age=60")], "x").await;
+    let yaml = config_yaml(origin.addr, DEFAULT_TYPES).replace(
+        "cluster: origin\n",
+        "cluster: origin\n        cache: false\n",
+    );
+    let larder = Larder::start(&yaml).await;
+    larder.get("/n").await;
+    let reply = larder.get("/n").await;
+    assert!(
+        reply.cache_status().contains("detail=route_disabled"),
+        "{}",
+        reply.cache_status()
+    );
+    assert_eq!(origin.count(), 2);
+}
+
+/// Peak resident memory of this process, from /proc.
+fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1_gib_response_streams_in_bounded_memory() {
+    const CHUNK: usize = 256 * 1024;
+    const TOTAL: u64 = 1 << 30;
+    static DATA: [u8; CHUNK] = [b'z'; CHUNK];
+    let origin = Origin::start(|_| async {
+        // Chunked with no length: the proxy cannot know the size up front and must give up
+        // buffering for the cache at max_object_size while it keeps streaming.
+        let chunks = futures_util::stream::iter(
+            (0..TOTAL / CHUNK as u64)
+                .map(|_| Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from_static(&DATA)))),
+        );
+        let body = http_body_util::StreamBody::new(chunks).boxed_unsync();
+        http::Response::builder()
+            .header("cache-control", "max-age=600")
+            .body(body)
+            .unwrap()
+    })
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    let before = peak_rss_bytes();
+    let response = larder
+        .client
+        .request(
+            http::Request::get(larder.proxy_url("/huge"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let mut received = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            received += data.len() as u64;
+        }
+    }
+    assert_eq!(received, TOTAL);
+    let growth = peak_rss_bytes().saturating_sub(before);
+    assert!(
+        growth < 128 << 20,
+        "peak RSS grew by {} MiB while streaming 1 GiB",
+        growth >> 20
+    );
+}
