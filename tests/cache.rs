@@ -697,3 +697,96 @@ async fn query_sort_key_rule_shares_one_object() {
     );
     assert_eq!(origin.count(), 1);
 }
+
+#[tokio::test]
+async fn a_client_that_never_reads_does_not_stall_the_fill_for_others() {
+    use tokio::io::AsyncWriteExt;
+    // Far more than loopback socket buffers absorb, so a blocked writer would really block.
+    let body = Bytes::from(vec![b's'; 48 << 20]);
+    let served = body.clone();
+    let origin = Origin::start(move |_| {
+        let body = served.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            response(200, &[("cache-control", "max-age=600")], body)
+        }
+    })
+    .await;
+    let types = "resource_types:\n  - name: default\n    config: { cache_size: 256MiB, max_object_size: 64MiB }\n";
+    let yaml = config_yaml(origin.addr, types) + "cache: { coalesce_timeout: 5s }\n";
+    let larder = Larder::start(&yaml).await;
+    // The first client asks and then never reads a byte of its 48 MiB answer.
+    let mut stalled = tokio::net::TcpStream::connect(larder.server.proxy_addrs[0])
+        .await
+        .unwrap();
+    stalled
+        .write_all(b"GET /big HTTP/1.1\r\nhost: example.com\r\n\r\n")
+        .await
+        .unwrap();
+    // Wait until the origin has the stalled client's request, so the next one coalesces on it.
+    for _ in 0..200 {
+        if origin.count() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let other = larder.get_with("/big", &[("host", "example.com")]).await;
+    assert_eq!(other.body.len(), body.len());
+    assert!(
+        other.cache_status().contains("hit"),
+        "the second client should be served from the first fill: {}",
+        other.cache_status()
+    );
+    assert_eq!(origin.count(), 1);
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn a_purge_during_a_fill_wins_over_the_fill() {
+    let origin = Origin::start(|_| async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        response(200, &[("cache-control", "max-age=600")], "old")
+    })
+    .await;
+    let larder = Arc::new(Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await);
+    let filling = {
+        let larder = larder.clone();
+        tokio::spawn(async move { larder.get_with("/racy", &[("host", "example.com")]).await })
+    };
+    for _ in 0..200 {
+        if origin.count() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let purge = larder
+        .admin(Method::POST, "/purge?hostname=example.com&path=/racy", &[])
+        .await;
+    assert_eq!(purge.json()["purged"], 0);
+    assert_eq!(filling.await.unwrap().text(), "old");
+    let after = larder.get_with("/racy", &[("host", "example.com")]).await;
+    assert!(
+        after.cache_status().contains("fwd=uri-miss"),
+        "purged fill was stored: {}",
+        after.cache_status()
+    );
+    assert_eq!(origin.count(), 2);
+}
+
+#[tokio::test]
+async fn a_stored_404_is_never_turned_into_304() {
+    let origin = Origin::fixed(
+        404,
+        &[("cache-control", "max-age=60"), ("etag", "\"gone\"")],
+        "not here",
+    )
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    larder.get("/missing").await;
+    let reply = larder
+        .get_with("/missing", &[("if-none-match", "\"gone\"")])
+        .await;
+    assert_eq!(reply.status, 404);
+    assert!(reply.cache_status().contains("hit"));
+    assert_eq!(reply.text(), "not here");
+}

@@ -360,3 +360,44 @@ async fn a_1_gib_response_streams_in_bounded_memory() {
         growth >> 20
     );
 }
+
+#[tokio::test]
+async fn clients_cannot_poison_the_host_the_origin_sees() {
+    let origin = Origin::start(|seen| async move {
+        let host = seen
+            .headers
+            .get("host")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let xfh = seen
+            .headers
+            .get("x-forwarded-host")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        response(
+            200,
+            &[("cache-control", "max-age=60")],
+            format!("host={host} xfh={xfh}"),
+        )
+    })
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    // `Connection: host` must not strip Host; X-Forwarded-Host/Forwarded from clients are replaced.
+    let attack = larder
+        .get_with(
+            "/page",
+            &[
+                ("host", "victim.example"),
+                ("connection", "host"),
+                ("x-forwarded-host", "evil.example"),
+                ("forwarded", "host=evil.example"),
+            ],
+        )
+        .await;
+    assert_eq!(attack.text(), "host=victim.example xfh=victim.example");
+    assert!(origin.last().headers.get("forwarded").is_none());
+    let victim = larder
+        .get_with("/page", &[("host", "victim.example")])
+        .await;
+    assert_eq!(victim.text(), "host=victim.example xfh=victim.example");
+}

@@ -59,6 +59,13 @@ pub struct FillWaiter {
     fill: Arc<Fill>,
 }
 
+/// Counted out on drop, so a waiter whose request is cancelled mid-wait frees its place.
+impl Drop for FillWaiter {
+    fn drop(&mut self) {
+        self.fill.waiters.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The wait ended without the fill finishing in time.
 #[derive(Debug)]
 pub struct WaitTimedOut;
@@ -66,7 +73,6 @@ pub struct WaitTimedOut;
 impl FillWaiter {
     pub async fn wait(mut self, timeout: Duration) -> Result<(), WaitTimedOut> {
         let result = tokio::time::timeout(timeout, self.done.wait_for(|done| *done)).await;
-        self.fill.waiters.fetch_sub(1, Ordering::Relaxed);
         match result {
             // A closed channel means the leader is gone: stop waiting either way.
             Ok(_) => Ok(()),

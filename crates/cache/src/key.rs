@@ -169,15 +169,28 @@ fn push_header_values(s: &mut String, headers: &HeaderMap, names: &[HeaderName])
         for value in values {
             // Field lines combine with commas (RFC 9110 §5.3); whitespace around members is not
             // significant, so `gzip, br` and `gzip,br` select the same variant.
-            for member in String::from_utf8_lossy(value.as_bytes()).split(',') {
+            for member in value.as_bytes().split(|b| *b == b',') {
                 if !first {
                     s.push(',');
                 }
                 first = false;
-                s.push_str(member.trim());
+                push_escaped(s, member.trim_ascii());
             }
         }
         s.push('\u{1e}');
+    }
+}
+
+/// Appends header bytes so that distinct byte strings stay distinct: visible ASCII as is,
+/// anything else (and the escape character) as `\xNN`.
+fn push_escaped(s: &mut String, bytes: &[u8]) {
+    use std::fmt::Write;
+    for &b in bytes {
+        if (0x20..0x7f).contains(&b) && b != b'\\' {
+            s.push(b as char);
+        } else {
+            let _ = write!(s, "\\x{b:02x}");
+        }
     }
 }
 
@@ -278,6 +291,20 @@ mod tests {
         b.append("accept-encoding", HeaderValue::from_static("gzip"));
         b.append("accept-encoding", HeaderValue::from_static("br"));
         assert_eq!(k.variant(&names, &a), k.variant(&names, &b));
+    }
+
+    #[test]
+    fn non_utf8_values_stay_distinct() {
+        let names = [HeaderName::from_static("x-v")];
+        let k = Key::primary(
+            &target("a", "/", None, &HeaderMap::new()),
+            &KeyRules::default(),
+        );
+        let mut a = HeaderMap::new();
+        a.insert("x-v", HeaderValue::from_bytes(b"\xe9").unwrap());
+        let mut b = HeaderMap::new();
+        b.insert("x-v", HeaderValue::from_bytes(b"\xff").unwrap());
+        assert_ne!(k.variant(&names, &a), k.variant(&names, &b));
     }
 
     #[test]

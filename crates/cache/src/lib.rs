@@ -124,6 +124,8 @@ pub struct Admission {
     headers: HeaderMap,
     freshness: Freshness,
     max_object_size: u64,
+    /// Purge generation when the origin was asked.
+    generation: u64,
 }
 
 impl Admission {
@@ -140,7 +142,13 @@ impl Admission {
 pub struct Cache {
     types: Vec<ResourceType>,
     coalescer: Coalescer,
-    hit_for_pass: QuickCache<Key, SystemTime>,
+    /// Keys are hashes, so an attacker's long unique URLs cost 16 bytes each, not their length.
+    hit_for_pass: QuickCache<u64, SystemTime>,
+    /// Serialises purges against commits: a commit checks the purge log and inserts under the
+    /// read side, a purge records and removes under the write side, so a purge always wins
+    /// over a fill that began before it.
+    gate: parking_lot::RwLock<()>,
+    purges: PurgeLog,
     settings: CacheSettings,
 }
 
@@ -165,6 +173,8 @@ impl Cache {
             types,
             coalescer: Coalescer::new(settings.max_coalesced_waiters),
             hit_for_pass: QuickCache::new(65_536),
+            gate: parking_lot::RwLock::new(()),
+            purges: PurgeLog::default(),
             settings,
         }
     }
@@ -230,12 +240,20 @@ impl Cache {
 
     /// Whether misses on this key should skip coalescing (recently uncacheable).
     pub fn is_hit_for_pass(&self, key: &Key, now: SystemTime) -> bool {
-        self.hit_for_pass.get(key).is_some_and(|until| until > now)
+        self.hit_for_pass
+            .get(&key_hash(key))
+            .is_some_and(|until| until > now)
     }
 
     pub fn mark_hit_for_pass(&self, key: &Key, now: SystemTime) {
         self.hit_for_pass
-            .insert(key.clone(), now + self.settings.hit_for_pass);
+            .insert(key_hash(key), now + self.settings.hit_for_pass);
+    }
+
+    /// The purge generation to pass to [`Cache::admit`] / [`Cache::refresh`], read just before
+    /// the origin is asked, so a purge landing during the fetch prevents the store.
+    pub fn purge_generation(&self) -> u64 {
+        self.purges.current()
     }
 
     /// Decides whether a response may be stored for this request (RFC 9111 §3) and under which
@@ -249,6 +267,7 @@ impl Cache {
         headers: &HeaderMap,
         request_time: SystemTime,
         response_time: SystemTime,
+        generation: u64,
     ) -> Result<Admission, NoCacheReason> {
         if method != Method::GET {
             return Err(if method == Method::HEAD {
@@ -338,6 +357,7 @@ impl Cache {
             headers: storable_headers(headers),
             freshness,
             max_object_size: spec.max_object_size,
+            generation,
         })
     }
 
@@ -374,8 +394,9 @@ impl Cache {
             .is_storable()
     }
 
-    /// Stores an admitted response with its complete body and returns what was stored.
-    pub fn commit(&self, admission: Admission, body: Bytes) -> Hit {
+    /// Stores an admitted response with its complete body and returns what was stored, or
+    /// `None` when a purge of its URL happened since the origin was asked (the purge wins).
+    pub fn commit(&self, admission: Admission, body: Bytes) -> Option<Hit> {
         let Admission {
             resource_type,
             primary,
@@ -383,8 +404,13 @@ impl Cache {
             status,
             headers,
             freshness,
+            generation,
             ..
         } = admission;
+        let _gate = self.gate.read();
+        if self.purges.purged_since(generation, &primary) {
+            return None;
+        }
         let store = &self.types[resource_type].store;
         // A key lives in one resource type only; drop copies a Content-Type change left elsewhere.
         for (idx, ty) in self.types.iter().enumerate() {
@@ -411,12 +437,12 @@ impl Cache {
                 primary.clone()
             }
         };
-        Hit {
+        Some(Hit {
             response,
             resource_type,
             primary,
             key,
-        }
+        })
     }
 
     /// Applies a 304 from revalidation to a stored response (RFC 9111 §4.3.4): its header
@@ -429,9 +455,19 @@ impl Cache {
         not_modified: &HeaderMap,
         request_time: SystemTime,
         response_time: SystemTime,
+        generation: u64,
     ) -> Result<Hit, NoCacheReason> {
         let stored = hit.stored();
         let mut headers = stored.headers.clone();
+        // A 304 without Date was still generated now (RFC 9110 §6.6.1); keeping the old Date
+        // would make the refreshed entry look as old as the first fetch.
+        if !not_modified.contains_key(http::header::DATE) {
+            headers.insert(
+                http::header::DATE,
+                http::HeaderValue::from_str(&httpdate::fmt_http_date(response_time))
+                    .expect("HTTP dates are valid header values"),
+            );
+        }
         for name in not_modified.keys() {
             if matches!(
                 name.as_str(),
@@ -452,21 +488,32 @@ impl Cache {
                 &headers,
                 request_time,
                 response_time,
+                generation,
             )
-            .map(|mut admission| {
+            .and_then(|mut admission| {
                 admission.headers = storable_headers(&headers);
                 self.commit(admission, stored.body.clone())
+                    .ok_or(NoCacheReason::PurgedDuringFill)
             });
         if result.is_err() {
-            self.types[hit.resource_type].store.remove(&hit.key);
+            self.remove(hit);
         }
         result
+    }
+
+    /// Removes the stored response a hit points at, unless a newer one replaced it meanwhile.
+    pub fn remove(&self, hit: &Hit) {
+        self.types[hit.resource_type]
+            .store
+            .remove_slot(&hit.key, &hit.response);
     }
 
     /// Removes every stored variant for a host and path (any query when `query` is None,
     /// else only that query as each type normalises it). Returns the number of responses removed.
     pub fn purge(&self, host: &str, path: &str, query: Option<&str>) -> usize {
-        let host = host.to_ascii_lowercase();
+        let host = key::normalize_host(host, "http");
+        let _gate = self.gate.write();
+        self.purges.record(&host, path);
         self.types
             .iter()
             .map(|ty| {
@@ -487,6 +534,59 @@ impl Cache {
 
     pub fn indexed_keys(&self) -> usize {
         self.types.iter().map(|t| t.store.indexed_keys()).sum()
+    }
+}
+
+fn key_hash(key: &Key) -> u64 {
+    use std::hash::BuildHasher;
+    static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    SEED.get_or_init(Default::default).hash_one(key)
+}
+
+/// (generation, host without port, path) of one purge.
+type PurgeRecord = (u64, Box<str>, Box<str>);
+
+/// Recent purges with their generation. A commit whose fetch began at generation `g` is
+/// dropped if a purge after `g` named its host and path.
+#[derive(Default)]
+struct PurgeLog {
+    generation: std::sync::atomic::AtomicU64,
+    recent: parking_lot::Mutex<std::collections::VecDeque<PurgeRecord>>,
+}
+
+/// Purges remembered; a fill older than all of them is dropped (rare, and always safe).
+const PURGE_LOG_LEN: usize = 4096;
+
+impl PurgeLog {
+    fn current(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn record(&self, host: &str, path: &str) {
+        let mut recent = self.recent.lock();
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+            + 1;
+        recent.push_back((generation, key::host_without_port(host).into(), path.into()));
+        if recent.len() > PURGE_LOG_LEN {
+            recent.pop_front();
+        }
+    }
+
+    fn purged_since(&self, since: u64, key: &Key) -> bool {
+        if self.current() == since {
+            return false;
+        }
+        let recent = self.recent.lock();
+        if recent.front().is_none_or(|(g, _, _)| *g > since + 1) {
+            return true;
+        }
+        let host = key::host_without_port(key.host());
+        recent
+            .iter()
+            .any(|(g, h, p)| *g > since && **h == *host && **p == *key.path())
     }
 }
 

@@ -91,10 +91,14 @@ pub enum NoCacheReason {
     CoalesceTimeout,
     /// The request was a protocol upgrade (WebSocket etc.).
     Upgrade,
+    /// A purge of this URL arrived while the response was being fetched; the purge wins.
+    PurgedDuringFill,
+    /// The origin stopped sending the body for longer than the timeout.
+    UpstreamIdle,
 }
 
 impl NoCacheReason {
-    pub const ALL: [NoCacheReason; 20] = [
+    pub const ALL: [NoCacheReason; 22] = [
         NoCacheReason::RouteDisabled,
         NoCacheReason::MethodNotCacheable,
         NoCacheReason::NoResourceType,
@@ -115,6 +119,8 @@ impl NoCacheReason {
         NoCacheReason::CoalesceOverflow,
         NoCacheReason::CoalesceTimeout,
         NoCacheReason::Upgrade,
+        NoCacheReason::PurgedDuringFill,
+        NoCacheReason::UpstreamIdle,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -139,7 +145,25 @@ impl NoCacheReason {
             NoCacheReason::CoalesceOverflow => "coalesce_overflow",
             NoCacheReason::CoalesceTimeout => "coalesce_timeout",
             NoCacheReason::Upgrade => "upgrade",
+            NoCacheReason::PurgedDuringFill => "purged_during_fill",
+            NoCacheReason::UpstreamIdle => "upstream_idle",
         }
+    }
+
+    /// Whether the reason lies in the response (so it will likely hold for the next request of
+    /// this URL too) rather than in one particular request.
+    pub fn is_response_side(self) -> bool {
+        matches!(
+            self,
+            NoCacheReason::ResponseNoStore
+                | NoCacheReason::Private
+                | NoCacheReason::SetCookie
+                | NoCacheReason::VaryStar
+                | NoCacheReason::StatusNotCacheable
+                | NoCacheReason::NotStorable
+                | NoCacheReason::NoFreshness
+                | NoCacheReason::TooLarge
+        )
     }
 }
 

@@ -240,6 +240,13 @@ impl MemoryStore {
             .count()
     }
 
+    /// Removes `key` only if it still holds `slot` (a concurrent fill may have replaced it).
+    pub(crate) fn remove_slot(&self, key: &Key, slot: &Arc<Slot>) {
+        if let Some((k, removed)) = self.cache.remove_if(key, |s| Arc::ptr_eq(s, slot)) {
+            self.index.remove(&k, removed.id);
+        }
+    }
+
     pub(crate) fn remove(&self, key: &Key) {
         if let Some((k, slot)) = self.cache.remove(key) {
             self.index.remove(&k, slot.id);

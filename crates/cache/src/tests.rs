@@ -53,8 +53,11 @@ fn store(
         resp,
         at(0),
         at(0),
+        cache.purge_generation(),
     )?;
-    Ok(cache.commit(adm, Bytes::from_static(body)))
+    cache
+        .commit(adm, Bytes::from_static(body))
+        .ok_or(NoCacheReason::PurgedDuringFill)
 }
 
 fn found(cache: &Cache, path: &str, req: &HeaderMap) -> Option<Hit> {
@@ -195,7 +198,7 @@ fn refresh_merges_304_headers_and_keeps_body() {
         ("content-length", "0"),
     ]);
     let refreshed = cache
-        .refresh(&hit, &target("/r", &req), &nm, at(10), at(10))
+        .refresh(&hit, &target("/r", &req), &nm, at(10), at(10), 0)
         .unwrap();
     let stored = refreshed.stored();
     assert_eq!(&stored.body[..], b"body");
@@ -228,9 +231,9 @@ fn purge_by_query_and_port() {
             headers: &req,
         };
         let adm = cache
-            .admit(&Method::GET, &t, StatusCode::OK, &resp, at(0), at(0))
+            .admit(&Method::GET, &t, StatusCode::OK, &resp, at(0), at(0), 0)
             .unwrap();
-        cache.commit(adm, Bytes::from_static(b"x"));
+        cache.commit(adm, Bytes::from_static(b"x")).unwrap();
     }
     assert_eq!(cache.purge("example.com:9999", "/q", None), 0);
     assert_eq!(cache.purge("example.com", "/q", Some("a=1")), 1);
@@ -262,4 +265,85 @@ fn conditional_requests() {
         )]),
         &stored
     ));
+}
+
+#[test]
+fn a_purge_during_a_fill_wins() {
+    let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
+    let req = HeaderMap::new();
+    let resp = headers(&[("cache-control", "max-age=60")]);
+    // The fetch starts, then a purge of the same URL lands before the body completes.
+    let generation = cache.purge_generation();
+    let adm = cache
+        .admit(
+            &Method::GET,
+            &target("/f", &req),
+            StatusCode::OK,
+            &resp,
+            at(0),
+            at(0),
+            generation,
+        )
+        .unwrap();
+    assert_eq!(cache.purge("example.com", "/f", None), 0);
+    assert!(cache.commit(adm, Bytes::from_static(b"old")).is_none());
+    assert!(found(&cache, "/f", &req).is_none());
+    // A purge of another URL does not cancel unrelated fills.
+    let generation = cache.purge_generation();
+    let adm = cache
+        .admit(
+            &Method::GET,
+            &target("/g", &req),
+            StatusCode::OK,
+            &resp,
+            at(0),
+            at(0),
+            generation,
+        )
+        .unwrap();
+    cache.purge("example.com", "/other", None);
+    assert!(cache.commit(adm, Bytes::from_static(b"new")).is_some());
+}
+
+#[test]
+fn refresh_without_date_restarts_freshness_now() {
+    let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
+    let req = HeaderMap::new();
+    let old_date = httpdate::fmt_http_date(at(0));
+    let resp = headers(&[
+        ("cache-control", "max-age=10"),
+        ("etag", "\"e\""),
+        ("date", &old_date),
+    ]);
+    let hit = store(&cache, "/d", &req, &resp, b"b").unwrap();
+    let refreshed = cache
+        .refresh(
+            &hit,
+            &target("/d", &req),
+            &HeaderMap::new(),
+            at(100),
+            at(100),
+            cache.purge_generation(),
+        )
+        .unwrap();
+    assert!(
+        refreshed
+            .stored()
+            .freshness
+            .satisfies(&RequestDirectives::default(), at(105))
+    );
+}
+
+#[test]
+fn purge_with_default_port_matches() {
+    let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
+    store(
+        &cache,
+        "/p",
+        &HeaderMap::new(),
+        &headers(&[("cache-control", "max-age=60")]),
+        b"x",
+    )
+    .unwrap();
+    assert_eq!(cache.purge("Example.com:80", "/p", None), 1);
 }

@@ -1,13 +1,15 @@
 //! Body types of the data path.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -32,17 +34,71 @@ where
     body.map_err(Into::into).boxed_unsync()
 }
 
-/// The client's side of a fill: frames arrive from the task reading the origin, which keeps
-/// going for the cache even if this client goes away.
-pub struct ChannelBody {
-    rx: mpsc::Receiver<Result<Bytes, BoxError>>,
-    size_hint: SizeHint,
+/// What a fill sends its client. The explicit `End` tells a complete body from a fill task
+/// that died: a channel closing without it is an error, never a silently short body.
+pub enum FeedItem {
+    Data(Bytes),
+    Error(BoxError),
+    End,
 }
 
+/// Bytes handed to a client but not yet taken by it, so the fill can pause for a slow client
+/// once it no longer buffers for the cache.
+#[derive(Default)]
+pub struct FeedFlow {
+    queued: AtomicU64,
+    drained: Notify,
+}
+
+impl FeedFlow {
+    pub fn queued(&self) -> u64 {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    pub fn add(&self, n: u64) {
+        self.queued.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// Waits until at most `limit` bytes are queued, or the client is gone.
+    pub async fn wait_below(&self, limit: u64, client_gone: impl Fn() -> bool) {
+        loop {
+            let drained = self.drained.notified();
+            if self.queued() <= limit || client_gone() {
+                return;
+            }
+            // Bounded: a client that stops reading for good is cut off by the idle timeout of
+            // its connection; re-checking periodically also notices it closing.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drained).await;
+        }
+    }
+}
+
+/// The client's side of a fill: frames arrive from the task reading the origin, which keeps
+/// going for the cache even if this client goes away or reads slowly.
+pub struct ChannelBody {
+    rx: mpsc::UnboundedReceiver<FeedItem>,
+    flow: Arc<FeedFlow>,
+    size_hint: SizeHint,
+    ended: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the origin fetch ended before the body was complete")]
+pub struct FillAborted;
+
 impl ChannelBody {
-    pub fn new(rx: mpsc::Receiver<Result<Bytes, BoxError>>, exact_len: Option<u64>) -> Self {
+    pub fn new(
+        rx: mpsc::UnboundedReceiver<FeedItem>,
+        flow: Arc<FeedFlow>,
+        exact_len: Option<u64>,
+    ) -> Self {
         let size_hint = exact_len.map(SizeHint::with_exact).unwrap_or_default();
-        ChannelBody { rx, size_hint }
+        ChannelBody {
+            rx,
+            flow,
+            size_hint,
+            ended: false,
+        }
     }
 }
 
@@ -54,9 +110,35 @@ impl Body for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.rx
-            .poll_recv(cx)
-            .map(|item| item.map(|r| r.map(Frame::data)))
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(FeedItem::Data(data))) => {
+                self.flow
+                    .queued
+                    .fetch_sub(data.len() as u64, Ordering::AcqRel);
+                self.flow.drained.notify_one();
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Poll::Ready(Some(FeedItem::Error(e))) => {
+                self.ended = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(Some(FeedItem::End)) => {
+                self.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(None) => {
+                self.ended = true;
+                Poll::Ready(Some(Err(Box::new(FillAborted))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -19,6 +19,12 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 
 pub const VIA_VALUE: &str = "1.1 larder";
 
+/// Fields a `Connection` header may not remove: dropping them would change which resource the
+/// origin serves or how the message is framed, while the cache keys on the original.
+fn end_to_end_essential(name: &HeaderName) -> bool {
+    name == http::header::HOST || name == http::header::CONTENT_LENGTH
+}
+
 /// Removes hop-by-hop fields, including any named by `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
@@ -27,6 +33,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().to_ascii_lowercase().as_bytes()).ok())
+        .filter(|n| !end_to_end_essential(n))
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
@@ -58,11 +65,13 @@ pub fn add_forwarded(
             headers.insert(XFF.clone(), v);
         }
     }
-    // Set, not appended: this hop knows the scheme it received.
+    // Set, not appended: this hop knows the scheme and host it received. A client-supplied
+    // X-Forwarded-Host or Forwarded would let one request change the links an origin writes
+    // into a page the cache then serves to everyone under the real host's key.
     headers.insert(XFP.clone(), HeaderValue::from_static(scheme));
-    if !headers.contains_key(&XFH)
-        && let Ok(v) = HeaderValue::from_str(host)
-    {
+    headers.remove(&XFH);
+    headers.remove(http::header::FORWARDED);
+    if let Ok(v) = HeaderValue::from_str(host) {
         headers.insert(XFH.clone(), v);
     }
     append_via(headers);
@@ -81,6 +90,10 @@ mod tests {
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
+        h.insert(CONNECTION, HeaderValue::from_static("host"));
+        h.insert(http::header::HOST, HeaderValue::from_static("example.com"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h[http::header::HOST], "example.com");
         assert!(h.contains_key("x-kept"));
     }
 
@@ -96,6 +109,11 @@ mod tests {
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.2");
         assert_eq!(h["x-forwarded-host"], "example.com");
+        h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
+        h.insert("forwarded", HeaderValue::from_static("host=evil.example"));
+        add_forwarded(&mut h, None, "example.com", "http");
+        assert_eq!(h["x-forwarded-host"], "example.com");
+        assert!(!h.contains_key("forwarded"));
         assert_eq!(h["via"], VIA_VALUE);
     }
 }

@@ -20,7 +20,9 @@ use larder_cache::{
 use larder_telemetry::{RequestEvent, UpstreamEvent};
 use tokio::sync::mpsc;
 
-use crate::body::{ChannelBody, LimitedBody, ObservedBody, ProxyBody, boxed, empty, full};
+use crate::body::{
+    ChannelBody, FeedFlow, FeedItem, LimitedBody, ObservedBody, ProxyBody, boxed, empty, full,
+};
 use crate::error::ProxyError;
 use crate::headers::{add_forwarded, append_via, strip_hop_by_hop};
 use crate::upstream::{Cluster, UpstreamRequest};
@@ -29,9 +31,6 @@ use crate::{Proxy, Runtime};
 static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-
-/// Frames buffered between the origin reader and a client during a fill.
-const FILL_CHANNEL_FRAMES: usize = 16;
 
 /// Everything learnt about one request on its way through; emitted once when the body ends.
 pub(crate) struct Exchange {
@@ -240,6 +239,9 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (parts, body) = req.into_parts();
         let mut headers = parts.headers;
+        let upgrade = headers.contains_key(header::UPGRADE);
+        // Before anything is added: a client's `Connection` may only name its own hop's fields.
+        strip_hop_by_hop(&mut headers);
         if headers.get_all(HOST).iter().count() > 1 {
             return Err(ProxyError::BadRequest("more than one Host header"));
         }
@@ -286,8 +288,6 @@ impl Proxy {
             timeout: route.timeout.unwrap_or(cluster.request_timeout),
         };
 
-        let upgrade = headers.contains_key(header::UPGRADE);
-        strip_hop_by_hop(&mut headers);
         add_forwarded(&mut headers, ex.client, &authority, "http");
         let request = Incoming_ {
             method: parts.method,
@@ -482,6 +482,7 @@ impl Proxy {
             }
         }
         let request_time = SystemTime::now();
+        let generation = rt.cache.purge_generation();
         let fetched = self
             .forward(
                 ex,
@@ -502,9 +503,14 @@ impl Proxy {
             && parts.status == StatusCode::NOT_MODIFIED
         {
             let target = Self::target(ex, &request);
-            let refreshed =
-                rt.cache
-                    .refresh(hit, &target, &parts.headers, request_time, response_time);
+            let refreshed = rt.cache.refresh(
+                hit,
+                &target,
+                &parts.headers,
+                request_time,
+                response_time,
+                generation,
+            );
             drop(guard);
             let served = match refreshed {
                 Ok(new_hit) => {
@@ -537,14 +543,19 @@ impl Proxy {
             &parts.headers,
             request_time,
             response_time,
+            generation,
         );
         let admission = match admitted {
             Ok(admission) => admission,
             Err(reason) => {
                 ex.reason = Some(reason);
-                if reason != NoCacheReason::Authorization {
+                if reason.is_response_side() {
                     // Requests for this key stop queueing behind each other for a while.
                     rt.cache.mark_hit_for_pass(&fill_key, response_time);
+                }
+                if let Some(stale) = &revalidate {
+                    // The origin's new answer replaces the stale one, even if it can't be stored.
+                    rt.cache.remove(stale);
                 }
                 drop(guard);
                 append_via(&mut parts.headers);
@@ -562,14 +573,19 @@ impl Proxy {
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        let (tx, rx) = mpsc::channel(FILL_CHANNEL_FRAMES);
-        tokio::spawn(fill_from_origin(
-            upstream_body,
-            tx,
-            admission,
-            rt.cache.clone(),
-            guard,
-        ));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let flow = Arc::new(FeedFlow::default());
+        tokio::spawn(
+            Fill {
+                tx,
+                flow: flow.clone(),
+                cache: rt.cache.clone(),
+                fill_key,
+                guard,
+                idle_timeout: upstream.timeout,
+            }
+            .run(upstream_body, admission),
+        );
         append_via(&mut parts.headers);
         if parts.status == StatusCode::OK && not_modified(&request.headers, &parts.headers) {
             // The client already has it; the fill goes on without this client.
@@ -578,7 +594,7 @@ impl Proxy {
         }
         Ok(Response::from_parts(
             parts,
-            boxed(ChannelBody::new(rx, exact_len)),
+            boxed(ChannelBody::new(rx, flow, exact_len)),
         ))
     }
 
@@ -647,7 +663,8 @@ impl Proxy {
         ex.result = result;
         let age = stored.freshness.current_age(now).as_secs();
         ex.ttl = Some(stored.freshness.lifetime.as_secs() as i64 - age as i64);
-        if not_modified(&request.headers, &stored.headers) {
+        // Conditions apply to a successful representation (RFC 9110 §13.2.1), never to a stored 404.
+        if stored.status.is_success() && not_modified(&request.headers, &stored.headers) {
             let mut response = not_modified_response(&stored.headers);
             response
                 .headers_mut()
@@ -691,52 +708,81 @@ fn not_modified_response(headers: &HeaderMap) -> Response<ProxyBody> {
     response
 }
 
-/// Reads the origin body, feeding the client and the cache. It outlives the client: if the
-/// client goes away the fill still completes for everyone waiting on it. Only a body that ends
-/// cleanly is stored; a failed or oversized one is dropped.
-async fn fill_from_origin(
-    mut body: Incoming,
-    tx: mpsc::Sender<Result<Bytes, crate::body::BoxError>>,
-    admission: Admission,
+/// Past this many bytes queued for a client, a fill that no longer buffers for the cache waits
+/// for the client (memory stays bounded for objects streamed through).
+const CLIENT_HIGH_WATER: u64 = 1 << 20;
+
+/// Reads one origin body, feeding the client and the cache. While the body is being buffered
+/// for the cache (at most `max_object_size`), the client's pace never slows the read, so a slow
+/// or vanished client cannot hold the key's fill and stall everyone coalesced on it. Only a body
+/// that ends cleanly is stored.
+struct Fill {
+    tx: mpsc::UnboundedSender<FeedItem>,
+    flow: Arc<FeedFlow>,
     cache: Arc<larder_cache::Cache>,
+    fill_key: Key,
     guard: Option<FillGuard>,
-) {
-    let max = admission.max_object_size();
-    let mut buffer = BytesMut::new();
-    let mut storing = true;
-    let mut client_open = true;
-    loop {
-        match body.frame().await {
-            Some(Ok(frame)) => {
-                let Ok(data) = frame.into_data() else {
-                    continue;
-                };
-                if storing {
-                    if (buffer.len() + data.len()) as u64 > max {
-                        storing = false;
-                        buffer = BytesMut::new();
-                    } else {
-                        buffer.extend_from_slice(&data);
-                    }
-                }
-                if client_open && tx.send(Ok(data)).await.is_err() {
-                    client_open = false;
-                }
-                if !client_open && !storing {
-                    return;
+    idle_timeout: Duration,
+}
+
+impl Fill {
+    async fn run(mut self, mut body: Incoming, admission: Admission) {
+        let max = admission.max_object_size();
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut buffered = 0u64;
+        let mut storing = true;
+        loop {
+            let frame = match tokio::time::timeout(self.idle_timeout, body.frame()).await {
+                Ok(Some(Ok(frame))) => frame,
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return self.fail(Box::new(e)),
+                Err(_) => return self.fail("the origin stopped sending the body".into()),
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let len = data.len() as u64;
+            if storing {
+                if buffered + len > max {
+                    // Too large to store: stop buffering and release everyone waiting on it.
+                    storing = false;
+                    chunks = Vec::new();
+                    self.cache
+                        .mark_hit_for_pass(&self.fill_key, SystemTime::now());
+                    self.guard = None;
+                } else {
+                    buffered += len;
+                    chunks.push(data.clone());
                 }
             }
-            Some(Err(e)) => {
-                if client_open {
-                    let _ = tx.send(Err(Box::new(e))).await;
+            let client_open = !self.tx.is_closed();
+            if client_open {
+                self.flow.add(len);
+                let _ = self.tx.send(FeedItem::Data(data));
+                if !storing {
+                    let tx = &self.tx;
+                    self.flow
+                        .wait_below(CLIENT_HIGH_WATER, || tx.is_closed())
+                        .await;
                 }
+            } else if !storing {
                 return;
             }
-            None => break,
         }
+        if storing {
+            // One exact-size copy: the stored body owns no slack capacity and no shared buffers.
+            let mut body = BytesMut::with_capacity(buffered as usize);
+            for chunk in &chunks {
+                body.extend_from_slice(chunk);
+            }
+            drop(chunks);
+            self.cache.commit(admission, body.freeze());
+        }
+        let _ = self.tx.send(FeedItem::End);
+        // The guard drops last, after the commit, so waiters find the stored response.
     }
-    if storing {
-        cache.commit(admission, buffer.freeze());
+
+    fn fail(self, error: crate::body::BoxError) {
+        let _ = self.tx.send(FeedItem::Error(error));
     }
-    drop(guard);
 }
