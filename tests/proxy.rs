@@ -401,3 +401,48 @@ async fn clients_cannot_poison_the_host_the_origin_sees() {
         .await;
     assert_eq!(victim.text(), "host=victim.example xfh=victim.example");
 }
+
+#[tokio::test]
+async fn chunked_request_body_over_the_limit_is_413() {
+    let origin = Origin::fixed(200, &[], "ok").await;
+    let yaml =
+        config_yaml(origin.addr, DEFAULT_TYPES) + "limits: { max_request_body_size: 1KiB }\n";
+    let larder = Larder::start(&yaml).await;
+    // No Content-Length: the limit can only be enforced while streaming.
+    let chunks = futures_util::stream::iter(
+        (0..8).map(|_| Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from(vec![b'c'; 512])))),
+    );
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::StreamBody<_>>();
+    let response = client
+        .request(
+            http::Request::post(larder.proxy_url("/upload"))
+                .body(http_body_util::StreamBody::new(chunks))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+}
+
+#[tokio::test]
+async fn connect_is_not_tunnelled() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = Origin::fixed(200, &[], "ok").await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    let mut stream = tokio::net::TcpStream::connect(larder.server.proxy_addrs[0])
+        .await
+        .unwrap();
+    stream
+        .write_all(b"CONNECT internal.example:22 HTTP/1.1\r\nhost: internal.example:22\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = stream.read(&mut buf).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 501"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    assert_eq!(origin.count(), 0);
+}

@@ -11,6 +11,8 @@ pub enum ProxyError {
     /// The client sent something we will not forward.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error("not implemented: {0}")]
+    NotImplemented(&'static str),
     #[error("no route for this host and path")]
     NoRoute,
     #[error("request body exceeds the configured limit")]
@@ -26,6 +28,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::OnlyIfCached => StatusCode::GATEWAY_TIMEOUT,
@@ -44,6 +47,7 @@ impl ProxyError {
     fn body(&self) -> String {
         match self {
             ProxyError::BadRequest(why) => format!("bad request: {why}\n"),
+            ProxyError::NotImplemented(what) => format!("{what}\n"),
             ProxyError::NoRoute => "no route matches this host and path\n".into(),
             ProxyError::PayloadTooLarge => "request body too large\n".into(),
             ProxyError::OnlyIfCached => "only-if-cached: no stored response\n".into(),

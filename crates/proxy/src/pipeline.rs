@@ -237,6 +237,11 @@ impl Proxy {
         ex: &mut Exchange,
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        if req.method() == Method::CONNECT {
+            // A reverse proxy routes to its own clusters; tunnelling to arbitrary hosts is not
+            // its job.
+            return Err(ProxyError::NotImplemented("CONNECT is not supported"));
+        }
         let (parts, body) = req.into_parts();
         let mut headers = parts.headers;
         let upgrade = headers.contains_key(header::UPGRADE);
