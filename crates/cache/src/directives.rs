@@ -1,11 +1,12 @@
-//! Cache-Control parsing (RFC 9111 §5.2) for the directives the engine acts on.
+//! Cache-Control parsing (RFC 9111 §5.2), plus the targeted fields of RFC 9213
+//! (`CDN-Cache-Control` and friends) and the stale-* extensions of RFC 5861.
 //!
 //! Parsing is strict where the RFC asks for it: a delta-seconds value must be plain digits, and a
 //! directive whose value is invalid counts as present but unusable (`max-age=1.5` gives no
 //! freshness rather than being ignored), which errs toward revalidating.
 
-use http::HeaderMap;
 use http::header::{CACHE_CONTROL, PRAGMA};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// Seconds value of a directive: `None` when absent, `Some(None)` when present but invalid.
 pub type Seconds = Option<Option<u64>>;
@@ -15,12 +16,24 @@ pub struct ResponseDirectives {
     pub max_age: Seconds,
     pub s_maxage: Seconds,
     pub no_store: bool,
+    /// Unqualified `no-cache`: every reuse needs revalidation.
     pub no_cache: bool,
+    /// `no-cache="field, …"`: those fields are not sent on a reuse without revalidation.
+    pub no_cache_fields: Vec<HeaderName>,
+    /// Unqualified `private`: not storable by a shared cache.
     pub private: bool,
+    /// `private="field, …"`: those fields are not stored by a shared cache.
+    pub private_fields: Vec<HeaderName>,
     pub public: bool,
     pub must_revalidate: bool,
     pub proxy_revalidate: bool,
     pub immutable: bool,
+    /// RFC 5861 §3.
+    pub stale_while_revalidate: Seconds,
+    /// RFC 5861 §4.
+    pub stale_if_error: Seconds,
+    /// The directives came from a targeted field (RFC 9213), so Expires is ignored too.
+    pub targeted: bool,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -32,17 +45,26 @@ pub struct RequestDirectives {
     pub no_cache: bool,
     pub no_store: bool,
     pub only_if_cached: bool,
+    pub stale_if_error: Seconds,
 }
 
 impl RequestDirectives {
     pub fn is_empty(&self) -> bool {
         *self == RequestDirectives::default()
     }
+
+    /// The client insists on the origin being asked (no-cache, or max-age=0).
+    pub fn forces_revalidation(&self) -> bool {
+        self.no_cache || matches!(self.max_age, Some(Some(0)) | Some(None))
+    }
 }
 
-/// Splits every Cache-Control field line into `(lower-case name, optional unquoted value)`.
-fn for_each_directive(headers: &HeaderMap, mut f: impl FnMut(&str, Option<&str>)) {
-    for value in headers.get_all(CACHE_CONTROL) {
+/// Splits field lines into `(lower-case name, optional unquoted value)` directives.
+fn for_each_directive<'a>(
+    values: impl Iterator<Item = &'a HeaderValue>,
+    mut f: impl FnMut(&str, Option<&str>),
+) {
+    for value in values {
         let Ok(text) = value.to_str() else { continue };
         for part in split_list(text) {
             let (name, value) = match part.split_once('=') {
@@ -104,29 +126,77 @@ fn merge_seconds(current: Seconds, new: Option<u64>) -> Seconds {
     }
 }
 
-pub fn response_directives(headers: &HeaderMap) -> ResponseDirectives {
+fn field_names(value: Option<&str>) -> Vec<HeaderName> {
+    value
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().to_ascii_lowercase().as_bytes()).ok())
+        .collect()
+}
+
+fn parse_response<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> ResponseDirectives {
     let mut d = ResponseDirectives::default();
-    for_each_directive(headers, |name, value| match name {
+    for_each_directive(values, |name, value| match name {
         "max-age" => d.max_age = merge_seconds(d.max_age, delta_seconds(value)),
         "s-maxage" => d.s_maxage = merge_seconds(d.s_maxage, delta_seconds(value)),
         "no-store" => d.no_store = true,
-        // `no-cache="field"` only forbids reusing those fields; treating it as a whole no-cache
-        // is the safe approximation until field stripping lands.
-        "no-cache" => d.no_cache = true,
-        "private" => d.private = true,
+        "no-cache" => match field_names(value) {
+            fields if fields.is_empty() => d.no_cache = true,
+            fields => d.no_cache_fields.extend(fields),
+        },
+        "private" => match field_names(value) {
+            fields if fields.is_empty() => d.private = true,
+            fields => d.private_fields.extend(fields),
+        },
         "public" => d.public = true,
         "must-revalidate" => d.must_revalidate = true,
         "proxy-revalidate" => d.proxy_revalidate = true,
         "immutable" => d.immutable = true,
+        "stale-while-revalidate" => {
+            d.stale_while_revalidate = merge_seconds(d.stale_while_revalidate, delta_seconds(value))
+        }
+        "stale-if-error" => {
+            d.stale_if_error = merge_seconds(d.stale_if_error, delta_seconds(value))
+        }
         _ => {}
     });
     d
 }
 
+/// Response directives from Cache-Control alone.
+pub fn response_directives(headers: &HeaderMap) -> ResponseDirectives {
+    parse_response(headers.get_all(CACHE_CONTROL).iter())
+}
+
+/// Response directives as a cache with these targeted fields reads them (RFC 9213 §2.1): the
+/// first targeted field present with a non-empty value is used instead of Cache-Control (and
+/// Expires); otherwise Cache-Control applies.
+pub fn effective_response_directives(
+    headers: &HeaderMap,
+    targeted: &[HeaderName],
+) -> ResponseDirectives {
+    for name in targeted {
+        let mut values = headers.get_all(name).iter().peekable();
+        if values.peek().is_none() {
+            continue;
+        }
+        let has_content = headers
+            .get_all(name)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| split_list(s).next().is_some()));
+        if has_content {
+            let mut d = parse_response(values);
+            d.targeted = true;
+            return d;
+        }
+    }
+    response_directives(headers)
+}
+
 pub fn request_directives(headers: &HeaderMap) -> RequestDirectives {
     let mut d = RequestDirectives::default();
     let mut any = false;
-    for_each_directive(headers, |name, value| {
+    for_each_directive(headers.get_all(CACHE_CONTROL).iter(), |name, value| {
         any = true;
         match name {
             "max-age" => d.max_age = merge_seconds(d.max_age, delta_seconds(value)),
@@ -140,6 +210,9 @@ pub fn request_directives(headers: &HeaderMap) -> RequestDirectives {
             "no-cache" => d.no_cache = true,
             "no-store" => d.no_store = true,
             "only-if-cached" => d.only_if_cached = true,
+            "stale-if-error" => {
+                d.stale_if_error = merge_seconds(d.stale_if_error, delta_seconds(value))
+            }
             _ => {}
         }
     });
@@ -158,7 +231,6 @@ pub fn request_directives(headers: &HeaderMap) -> RequestDirectives {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     fn headers(cc: &[&str]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -190,13 +262,50 @@ mod tests {
             response_directives(&headers(&["max-age=10, max-age=5"])).max_age,
             Some(Some(5))
         );
+        assert_eq!(
+            response_directives(&headers(&["max-age=007"])).max_age,
+            Some(Some(7))
+        );
     }
 
     #[test]
-    fn quoted_commas_do_not_split() {
-        let d = response_directives(&headers(&["no-cache=\"set-cookie, foo\", max-age=9"]));
-        assert!(d.no_cache);
+    fn qualified_no_cache_and_private_name_fields() {
+        let d = response_directives(&headers(&[
+            "no-cache=\"set-cookie, X-Foo\", private=\"x-user\", max-age=9",
+        ]));
+        assert!(!d.no_cache && !d.private);
+        assert_eq!(
+            d.no_cache_fields,
+            vec![
+                HeaderName::from_static("set-cookie"),
+                HeaderName::from_static("x-foo")
+            ]
+        );
+        assert_eq!(d.private_fields, vec![HeaderName::from_static("x-user")]);
         assert_eq!(d.max_age, Some(Some(9)));
+        assert!(response_directives(&headers(&["no-cache"])).no_cache);
+    }
+
+    #[test]
+    fn stale_extensions() {
+        let d = response_directives(&headers(&[
+            "max-age=1, stale-while-revalidate=30, stale-if-error=60",
+        ]));
+        assert_eq!(d.stale_while_revalidate, Some(Some(30)));
+        assert_eq!(d.stale_if_error, Some(Some(60)));
+    }
+
+    #[test]
+    fn targeted_field_replaces_cache_control() {
+        let cdn = HeaderName::from_static("cdn-cache-control");
+        let mut h = headers(&["private"]);
+        h.insert(&cdn, HeaderValue::from_static("max-age=600"));
+        let d = effective_response_directives(&h, std::slice::from_ref(&cdn));
+        assert!(d.targeted && !d.private);
+        assert_eq!(d.max_age, Some(Some(600)));
+        // An empty targeted field falls back to Cache-Control.
+        h.insert(&cdn, HeaderValue::from_static(""));
+        assert!(effective_response_directives(&h, &[cdn]).private);
     }
 
     #[test]

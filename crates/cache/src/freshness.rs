@@ -19,6 +19,12 @@ pub struct FreshnessRules {
     pub override_origin: bool,
     /// Derive freshness from Last-Modified (§4.2.2) when nothing else applies.
     pub heuristic: bool,
+    /// Serve a stale response at once while refreshing it in the background, for up to this long
+    /// past its freshness, when the origin does not say (`stale-while-revalidate`).
+    pub grace: Duration,
+    /// Serve a stale response when the origin fails, for up to this long past its freshness,
+    /// when the origin does not say (`stale-if-error`).
+    pub stale_if_error: Duration,
 }
 
 impl Default for FreshnessRules {
@@ -27,6 +33,8 @@ impl Default for FreshnessRules {
             ttl: None,
             override_origin: false,
             heuristic: true,
+            grace: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
         }
     }
 }
@@ -55,6 +63,10 @@ pub struct Freshness {
     pub no_cache: bool,
     /// `must-revalidate`, `proxy-revalidate` or `s-maxage`: never served stale.
     pub must_revalidate: bool,
+    /// How long past freshness it may be served while a background refresh runs (RFC 5861 §3).
+    pub stale_while_revalidate: Duration,
+    /// How long past freshness it may be served when the origin fails (RFC 5861 §4).
+    pub stale_if_error: Duration,
 }
 
 pub fn parse_http_date(headers: &HeaderMap, name: http::HeaderName) -> Option<SystemTime> {
@@ -93,7 +105,8 @@ fn explicit_lifetime(
     if let Some(v) = d.max_age {
         return Some(Duration::from_secs(v.unwrap_or(0)));
     }
-    if headers.contains_key(EXPIRES) {
+    // A targeted field replaces Cache-Control and Expires alike (RFC 9213 §2.1).
+    if !d.targeted && headers.contains_key(EXPIRES) {
         // An invalid Expires (e.g. "0") means already expired (§5.3).
         let Some(expires) = parse_http_date(headers, EXPIRES) else {
             return Some(Duration::ZERO);
@@ -132,15 +145,54 @@ impl Freshness {
             }
             (None, None) => Duration::ZERO,
         };
+        let must_revalidate = directives.must_revalidate
+            || directives.proxy_revalidate
+            || directives.s_maxage.is_some();
+        // RFC 9111 §4.2.4: no stale reuse at all when the origin forbids it.
+        let window = |directive: crate::directives::Seconds, default: Duration| {
+            if must_revalidate || directives.no_cache {
+                Duration::ZERO
+            } else {
+                match directive {
+                    Some(Some(secs)) => Duration::from_secs(secs),
+                    Some(None) => Duration::ZERO,
+                    None => default,
+                }
+            }
+        };
         Freshness {
             response_time,
             initial_age,
             lifetime,
             no_cache: directives.no_cache,
-            must_revalidate: directives.must_revalidate
-                || directives.proxy_revalidate
-                || directives.s_maxage.is_some(),
+            must_revalidate,
+            stale_while_revalidate: window(directives.stale_while_revalidate, rules.grace),
+            stale_if_error: window(directives.stale_if_error, rules.stale_if_error),
         }
+    }
+
+    /// How far past its freshness lifetime the response is (zero while fresh).
+    pub fn staleness(&self, now: SystemTime) -> Duration {
+        self.current_age(now).saturating_sub(self.lifetime)
+    }
+
+    /// Whether a stale response may be served at once while it is refreshed in the background.
+    pub fn serve_while_revalidating(&self, request: &RequestDirectives, now: SystemTime) -> bool {
+        !request.forces_revalidation()
+            && !self.stale_while_revalidate.is_zero()
+            && self.staleness(now) <= self.stale_while_revalidate
+    }
+
+    /// Whether a stale response may stand in for a failed origin (5xx, connect error, timeout).
+    pub fn serve_on_error(&self, request: &RequestDirectives, now: SystemTime) -> bool {
+        if self.must_revalidate || self.no_cache {
+            return false;
+        }
+        let allowed = match request.stale_if_error {
+            Some(Some(secs)) => self.stale_if_error.max(Duration::from_secs(secs)),
+            _ => self.stale_if_error,
+        };
+        !allowed.is_zero() && self.staleness(now) <= allowed
     }
 
     pub fn current_age(&self, now: SystemTime) -> Duration {
@@ -307,6 +359,70 @@ mod tests {
         assert!(!f.satisfies(&request_directives(&h), at(75)));
         h.insert("cache-control", HeaderValue::from_static("min-fresh=30"));
         assert!(!f.satisfies(&request_directives(&h), at(40)));
+    }
+
+    #[test]
+    fn rfc5861_stale_windows_and_must_revalidate() {
+        let f = fresh(
+            &[(
+                "cache-control",
+                "max-age=10, stale-while-revalidate=20, stale-if-error=100".into(),
+            )],
+            FreshnessRules::default(),
+        );
+        let none = RequestDirectives::default();
+        assert!(!f.satisfies(&none, at(15)));
+        assert!(f.serve_while_revalidating(&none, at(15)));
+        assert!(!f.serve_while_revalidating(&none, at(31)));
+        assert!(f.serve_on_error(&none, at(100)));
+        assert!(!f.serve_on_error(&none, at(111)));
+        let strict = fresh(
+            &[(
+                "cache-control",
+                "max-age=10, must-revalidate, stale-while-revalidate=20".into(),
+            )],
+            FreshnessRules {
+                grace: Duration::from_secs(60),
+                stale_if_error: Duration::from_secs(60),
+                ..Default::default()
+            },
+        );
+        assert!(!strict.serve_while_revalidating(&none, at(15)));
+        assert!(!strict.serve_on_error(&none, at(15)));
+        let graced = fresh(
+            &[("cache-control", "max-age=10".into())],
+            FreshnessRules {
+                grace: Duration::from_secs(60),
+                ..Default::default()
+            },
+        );
+        assert!(graced.serve_while_revalidating(&none, at(60)));
+        let mut h = HeaderMap::new();
+        h.insert("cache-control", HeaderValue::from_static("no-cache"));
+        assert!(!graced.serve_while_revalidating(&request_directives(&h), at(60)));
+    }
+
+    #[test]
+    fn targeted_fields_ignore_expires() {
+        let mut h = HeaderMap::new();
+        h.insert("expires", HeaderValue::from_str(&date(3600)).unwrap());
+        h.insert("cdn-cache-control", HeaderValue::from_static("public"));
+        let d = crate::directives::effective_response_directives(
+            &h,
+            &[http::HeaderName::from_static("cdn-cache-control")],
+        );
+        let f = Freshness::compute(
+            StatusCode::OK,
+            &h,
+            &d,
+            &FreshnessRules {
+                heuristic: false,
+                ..Default::default()
+            },
+            at(0),
+            at(0),
+        );
+        assert_eq!(f.lifetime, Duration::ZERO);
     }
 
     #[test]

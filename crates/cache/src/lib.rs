@@ -68,6 +68,12 @@ struct ResourceType {
 
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
+    /// Targeted cache-control fields in priority order (RFC 9213); the first present one
+    /// replaces Cache-Control. `CDN-Cache-Control` and `Surrogate-Control` by default.
+    pub targeted_fields: Vec<HeaderName>,
+    /// `Vary` variants kept per URL; a new one past this replaces an old one, so a header
+    /// with endless values cannot flood the cache from one URL.
+    pub max_variants: usize,
     pub max_coalesced_waiters: usize,
     /// How long a miss for a key that recently proved uncacheable skips coalescing, so
     /// uncacheable URLs never queue behind one another.
@@ -77,6 +83,11 @@ pub struct CacheSettings {
 impl Default for CacheSettings {
     fn default() -> Self {
         CacheSettings {
+            targeted_fields: vec![
+                HeaderName::from_static("cdn-cache-control"),
+                HeaderName::from_static("surrogate-control"),
+            ],
+            max_variants: 64,
             max_coalesced_waiters: 1024,
             hit_for_pass: Duration::from_secs(120),
         }
@@ -105,10 +116,12 @@ impl Hit {
 
 pub enum Lookup {
     Found(Hit),
-    /// Nothing stored; `fill_key` is the key that concurrent misses coalesce on.
+    /// Nothing stored; `fill_key` is the key that concurrent misses coalesce on. `vary_miss`
+    /// when responses for the URL exist but none for this request's `Vary` header values.
     Miss {
         fill_key: Key,
         resource_type: usize,
+        vary_miss: bool,
     },
     /// No resource type can hold this request.
     NoResourceType,
@@ -126,6 +139,7 @@ pub struct Admission {
     max_object_size: u64,
     /// Purge generation when the origin was asked.
     generation: u64,
+    no_cache_fields: Vec<HeaderName>,
 }
 
 impl Admission {
@@ -152,13 +166,21 @@ pub struct Cache {
     settings: CacheSettings,
 }
 
-/// Response headers never stored: hop-by-hop fields are the proxy's business, and Age is
-/// recomputed on every hit from the stored freshness.
-fn storable_headers(headers: &HeaderMap) -> HeaderMap {
+/// Response headers as stored: without Age (recomputed on every hit), Surrogate-Control (meant
+/// for this cache only), and the fields `private="…"` keeps out of shared caches. Hop-by-hop
+/// fields are already gone (the proxy strips them first).
+fn storable_headers(headers: &HeaderMap, private_fields: &[HeaderName]) -> HeaderMap {
     let mut out = headers.clone();
     out.remove(AGE);
+    out.remove(&SURROGATE_CONTROL);
+    for name in private_fields {
+        out.remove(name);
+    }
     out
 }
+
+/// Read by this cache, never forwarded (Edge Architecture Specification).
+pub static SURROGATE_CONTROL: HeaderName = HeaderName::from_static("surrogate-control");
 
 impl Cache {
     pub fn new(specs: Vec<ResourceTypeSpec>, settings: CacheSettings) -> Cache {
@@ -195,13 +217,15 @@ impl Cache {
     /// next question (see [`Freshness::satisfies`]).
     pub fn lookup(&self, target: &RequestTarget<'_>) -> Lookup {
         let mut first_candidate = None;
+        let mut vary_miss = false;
         for (idx, ty) in self.types.iter().enumerate() {
             if !ty.spec.matcher.may_match_request(target.path) {
                 continue;
             }
             let primary = Key::primary(target, &ty.spec.key);
-            if let Some(hit) = self.find(idx, &primary, target.headers) {
-                return Lookup::Found(hit);
+            match self.find(idx, &primary, target.headers) {
+                Ok(hit) => return Lookup::Found(hit),
+                Err(variant_missing) => vary_miss |= variant_missing,
             }
             if first_candidate.is_none() {
                 first_candidate = Some((primary, idx));
@@ -211,26 +235,28 @@ impl Cache {
             Some((fill_key, resource_type)) => Lookup::Miss {
                 fill_key,
                 resource_type,
+                vary_miss,
             },
             None => Lookup::NoResourceType,
         }
     }
 
-    fn find(&self, idx: usize, primary: &Key, headers: &HeaderMap) -> Option<Hit> {
+    /// `Err(true)` when the URL has variants but not this one.
+    fn find(&self, idx: usize, primary: &Key, headers: &HeaderMap) -> Result<Hit, bool> {
         let store = &self.types[idx].store;
-        let slot = store.get(primary)?;
+        let slot = store.get(primary).ok_or(false)?;
         let (key, slot) = match &slot.entry {
             Entry::Response(_) => (primary.clone(), slot),
             Entry::Variants(names) => {
                 let key = primary.variant(names, headers);
-                let slot = store.get(&key)?;
+                let slot = store.get(&key).ok_or(true)?;
                 if !matches!(slot.entry, Entry::Response(_)) {
-                    return None;
+                    return Err(true);
                 }
                 (key, slot)
             }
         };
-        Some(Hit {
+        Ok(Hit {
             response: slot,
             resource_type: idx,
             primary: primary.clone(),
@@ -280,7 +306,7 @@ impl Cache {
         if req_directives.no_store {
             return Err(NoCacheReason::RequestNoStore);
         }
-        let d = response_directives(headers);
+        let d = directives::effective_response_directives(headers, &self.settings.targeted_fields);
         if d.no_store {
             return Err(NoCacheReason::ResponseNoStore);
         }
@@ -294,7 +320,7 @@ impl Cache {
         {
             return Err(NoCacheReason::Authorization);
         }
-        if headers.contains_key(SET_COOKIE) {
+        if headers.contains_key(SET_COOKIE) && !d.private_fields.contains(&SET_COOKIE) {
             return Err(NoCacheReason::SetCookie);
         }
         let Some(vary) = key::vary_names(headers) else {
@@ -302,17 +328,15 @@ impl Cache {
         };
         let explicit = d.max_age.is_some()
             || d.s_maxage.is_some()
-            || headers.contains_key(http::header::EXPIRES);
-        // Partial and not-modified answers never stand for the whole resource.
+            || (!d.targeted && headers.contains_key(http::header::EXPIRES));
+        // §3: any final status may be stored with explicit freshness or `public`; without them
+        // only the heuristically cacheable ones. Partial and not-modified answers never stand
+        // for the whole resource.
         let never = status.is_informational()
             || status == StatusCode::PARTIAL_CONTENT
             || status == StatusCode::NOT_MODIFIED;
         if never || !(freshness::heuristically_cacheable(status) || explicit || d.public) {
             return Err(NoCacheReason::StatusNotCacheable);
-        }
-        // Cross-check with http-cache-semantics, which encodes the RFC's storability rules.
-        if !self.policy_allows(method, target, status, headers) {
-            return Err(NoCacheReason::NotStorable);
         }
 
         let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
@@ -354,44 +378,12 @@ impl Cache {
             primary,
             variant,
             status,
-            headers: storable_headers(headers),
+            headers: storable_headers(headers, &d.private_fields),
             freshness,
+            no_cache_fields: d.no_cache_fields,
             max_object_size: spec.max_object_size,
             generation,
         })
-    }
-
-    fn policy_allows(
-        &self,
-        method: &Method,
-        target: &RequestTarget<'_>,
-        status: StatusCode,
-        headers: &HeaderMap,
-    ) -> bool {
-        let uri = http::Uri::builder()
-            .path_and_query(match target.query {
-                Some(q) => format!("{}?{}", target.path, q),
-                None => target.path.to_owned(),
-            })
-            .build()
-            .unwrap_or_default();
-        let mut req = http::Request::builder()
-            .method(method.clone())
-            .uri(uri)
-            .body(())
-            .unwrap_or_default();
-        *req.headers_mut() = target.headers.clone();
-        let mut res = http::Response::builder()
-            .status(status)
-            .body(())
-            .unwrap_or_default();
-        *res.headers_mut() = headers.clone();
-        let opts = http_cache_semantics::CacheOptions {
-            shared: true,
-            ..Default::default()
-        };
-        http_cache_semantics::CachePolicy::new_options(&req, &res, SystemTime::now(), opts)
-            .is_storable()
     }
 
     /// Stores an admitted response with its complete body and returns what was stored, or
@@ -405,6 +397,7 @@ impl Cache {
             headers,
             freshness,
             generation,
+            no_cache_fields,
             ..
         } = admission;
         let _gate = self.gate.read();
@@ -418,9 +411,9 @@ impl Cache {
                 ty.store.remove(&primary);
             }
         }
-        let response = Slot::new(Entry::Response(StoredResponse::new(
-            status, headers, body, freshness,
-        )));
+        let mut stored = StoredResponse::new(status, headers, body, freshness);
+        stored.no_cache_fields = no_cache_fields;
+        let response = Slot::new(Entry::Response(stored));
         let key = match variant {
             Some((names, key)) => {
                 let marker_current = store
@@ -429,6 +422,7 @@ impl Cache {
                 if !marker_current {
                     store.insert(primary.clone(), Slot::new(Entry::Variants(names)));
                 }
+                store.cap_variants(&primary, self.settings.max_variants);
                 store.insert(key.clone(), response.clone());
                 key
             }
@@ -490,8 +484,7 @@ impl Cache {
                 response_time,
                 generation,
             )
-            .and_then(|mut admission| {
-                admission.headers = storable_headers(&headers);
+            .and_then(|admission| {
                 self.commit(admission, stored.body.clone())
                     .ok_or(NoCacheReason::PurgedDuringFill)
             });

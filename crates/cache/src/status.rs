@@ -14,17 +14,21 @@ pub enum CacheResult {
     Coalesced,
     /// Stored response was stale and the origin sent a new one.
     Expired,
+    /// A stale stored response was served: while refreshing it in the background
+    /// (stale-while-revalidate) or because the origin failed (stale-if-error).
+    Stale,
     /// The cache was not used for this request; see [`NoCacheReason`].
     Bypass,
 }
 
 impl CacheResult {
-    pub const ALL: [CacheResult; 6] = [
+    pub const ALL: [CacheResult; 7] = [
         CacheResult::Hit,
         CacheResult::Revalidated,
         CacheResult::Miss,
         CacheResult::Coalesced,
         CacheResult::Expired,
+        CacheResult::Stale,
         CacheResult::Bypass,
     ];
 
@@ -35,6 +39,7 @@ impl CacheResult {
             CacheResult::Miss => "miss",
             CacheResult::Coalesced => "coalesced",
             CacheResult::Expired => "expired",
+            CacheResult::Stale => "stale",
             CacheResult::Bypass => "bypass",
         }
     }
@@ -43,7 +48,10 @@ impl CacheResult {
     pub fn served_from_cache(self) -> bool {
         matches!(
             self,
-            CacheResult::Hit | CacheResult::Revalidated | CacheResult::Coalesced
+            CacheResult::Hit
+                | CacheResult::Revalidated
+                | CacheResult::Coalesced
+                | CacheResult::Stale
         )
     }
 }

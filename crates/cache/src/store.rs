@@ -28,6 +28,8 @@ pub struct StoredResponse {
     /// Shared with every hit: serving never copies the body.
     pub body: Bytes,
     pub freshness: Freshness,
+    /// Fields named by `no-cache="…"`: left out of responses served without revalidation.
+    pub no_cache_fields: Vec<HeaderName>,
     id: u64,
     weight: u64,
 }
@@ -44,6 +46,7 @@ impl StoredResponse {
             headers,
             body,
             freshness,
+            no_cache_fields: Vec::new(),
             id: next_id(),
             weight,
         }
@@ -156,6 +159,21 @@ impl PurgeIndex {
     fn len(&self) -> usize {
         self.by_target.lock().values().map(HashMap::len).sum()
     }
+
+    /// Keys stored as `Vary` variants of `primary`.
+    fn variants_of(&self, primary: &Key) -> Vec<Key> {
+        let prefix = format!("{}\0v", primary.as_str());
+        self.by_target
+            .lock()
+            .get(&Self::target(primary))
+            .map(|keys| {
+                keys.keys()
+                    .filter(|k| k.as_str().starts_with(&prefix))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 #[derive(Clone)]
@@ -259,6 +277,14 @@ impl MemoryStore {
             bytes: self.cache.weight(),
             capacity_bytes: self.cache.capacity(),
             evictions: self.evictions.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Makes room for one more `Vary` variant of `primary`, dropping an old one past `max`.
+    pub(crate) fn cap_variants(&self, primary: &Key, max: usize) {
+        let variants = self.index.variants_of(primary);
+        for key in variants.iter().skip(max.saturating_sub(1)) {
+            self.remove(key);
         }
     }
 

@@ -347,3 +347,121 @@ fn purge_with_default_port_matches() {
     .unwrap();
     assert_eq!(cache.purge("Example.com:80", "/p", None), 1);
 }
+
+#[test]
+fn private_and_no_cache_field_forms_store_the_rest() {
+    let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
+    let req = HeaderMap::new();
+    let resp = headers(&[
+        (
+            "cache-control",
+            "max-age=60, private=\"set-cookie, x-user\", no-cache=\"x-debug\"",
+        ),
+        ("set-cookie", "session=secret"),
+        ("x-user", "alice"),
+        ("x-debug", "1"),
+    ]);
+    let hit = store(&cache, "/pf", &req, &resp, b"shared").unwrap();
+    let stored = hit.stored();
+    assert!(!stored.headers.contains_key("set-cookie"));
+    assert!(!stored.headers.contains_key("x-user"));
+    assert!(stored.headers.contains_key("x-debug"));
+    assert_eq!(
+        stored.no_cache_fields,
+        vec![HeaderName::from_static("x-debug")]
+    );
+}
+
+#[test]
+fn any_final_status_with_explicit_freshness_is_stored() {
+    let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
+    let empty = HeaderMap::new();
+    let t = target("/s", &empty);
+    let fresh = headers(&[("cache-control", "max-age=60")]);
+    for status in [500u16, 302, 429, 599] {
+        let status = StatusCode::from_u16(status).unwrap();
+        assert!(
+            cache
+                .admit(&Method::GET, &t, status, &fresh, at(0), at(0), 0)
+                .is_ok(),
+            "{status}"
+        );
+    }
+    // Without explicit freshness only heuristically cacheable statuses qualify.
+    let bare = headers(&[("last-modified", &httpdate::fmt_http_date(at(0)))]);
+    assert_eq!(
+        cache
+            .admit(
+                &Method::GET,
+                &t,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &bare,
+                at(0),
+                at(0),
+                0
+            )
+            .unwrap_err(),
+        NoCacheReason::StatusNotCacheable
+    );
+    for never in [206u16, 304] {
+        let status = StatusCode::from_u16(never).unwrap();
+        assert!(
+            cache
+                .admit(&Method::GET, &t, status, &fresh, at(0), at(0), 0)
+                .is_err()
+        );
+    }
+}
+
+#[test]
+fn rfc9213_cdn_cache_control_takes_precedence() {
+    let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
+    let req = HeaderMap::new();
+    let resp = headers(&[
+        ("cache-control", "private, no-store"),
+        ("cdn-cache-control", "max-age=120"),
+    ]);
+    let hit = store(&cache, "/cdn", &req, &resp, b"x").unwrap();
+    assert_eq!(hit.stored().freshness.lifetime, Duration::from_secs(120));
+    let resp = headers(&[
+        ("cache-control", "max-age=600"),
+        ("cdn-cache-control", "no-store"),
+    ]);
+    assert_eq!(
+        store(&cache, "/cdn2", &req, &resp, b"x").unwrap_err(),
+        NoCacheReason::ResponseNoStore
+    );
+    // Surrogate-Control is read and never stored for clients.
+    let resp = headers(&[
+        ("surrogate-control", "max-age=30"),
+        ("cache-control", "no-cache"),
+    ]);
+    let hit = store(&cache, "/sc", &req, &resp, b"x").unwrap();
+    assert_eq!(hit.stored().freshness.lifetime, Duration::from_secs(30));
+    assert!(!hit.stored().headers.contains_key("surrogate-control"));
+}
+
+#[test]
+fn variants_per_url_are_bounded() {
+    let settings = CacheSettings {
+        max_variants: 4,
+        ..Default::default()
+    };
+    let cache = Cache::new(vec![spec("default", 1 << 20)], settings);
+    let resp = headers(&[("cache-control", "max-age=60"), ("vary", "x-v")]);
+    for i in 0..20 {
+        let req = headers(&[("x-v", &i.to_string())]);
+        store(&cache, "/many", &req, &resp, b"v").unwrap();
+    }
+    // Four variants plus the Vary marker.
+    assert_eq!(cache.indexed_keys(), 5);
+    let last = headers(&[("x-v", "19")]);
+    assert!(found(&cache, "/many", &last).is_some());
+    assert!(matches!(
+        cache.lookup(&target("/many", &headers(&[("x-v", "0")]))),
+        Lookup::Miss {
+            vary_miss: true,
+            ..
+        }
+    ));
+}

@@ -738,6 +738,26 @@ fn build_cache(raw: Option<RawCache>, cx: &mut Ctx) -> CacheSettings {
             d.max_coalesced_waiters,
             0,
         ),
+        targeted_cache_control: raw.targeted_cache_control.and_then(|name| {
+            let lower = name.trim().to_ascii_lowercase();
+            if is_token(&lower) {
+                Some(lower)
+            } else {
+                cx.error(
+                    "cache.targeted_cache_control",
+                    format!("invalid header name {name:?}"),
+                );
+                None
+            }
+        }),
+        max_variants: usize_or(
+            cx,
+            "cache.max_variants",
+            raw.max_variants,
+            d.max_variants,
+            1,
+        ),
+        cache_status_key: raw.cache_status_key.unwrap_or(d.cache_status_key),
     }
 }
 
@@ -867,6 +887,16 @@ fn build_pending_type(cx: &mut Ctx, path: &str, raw: &RawResourceType) -> Pendin
                 cache_size: d.cache_size,
                 max_object_size,
                 heuristic_freshness: c.heuristic_freshness.unwrap_or(d.heuristic_freshness),
+                grace: c
+                    .grace
+                    .as_ref()
+                    .and_then(|g| duration(cx, &key(&c_path, "grace"), g))
+                    .unwrap_or(d.grace),
+                stale_if_error: c
+                    .stale_if_error
+                    .as_ref()
+                    .and_then(|g| duration(cx, &key(&c_path, "stale_if_error"), g))
+                    .unwrap_or(d.stale_if_error),
                 cache_key,
             }
         }

@@ -373,6 +373,15 @@ pub struct CacheSettings {
     pub coalesce_timeout: Duration,
     /// Waiters per in-flight fetch; 0 disables request coalescing.
     pub max_coalesced_waiters: usize,
+    /// Larder's own targeted cache-control field (RFC 9213), lower-cased; it takes precedence
+    /// over `CDN-Cache-Control`, which takes precedence over `Surrogate-Control` and then
+    /// `Cache-Control`.
+    pub targeted_cache_control: Option<String>,
+    /// `Vary` variants kept per URL.
+    pub max_variants: usize,
+    /// Add the cache key to `Cache-Status` (a debugging aid: it reveals request headers that
+    /// are part of the key).
+    pub cache_status_key: bool,
 }
 
 impl Default for CacheSettings {
@@ -381,6 +390,9 @@ impl Default for CacheSettings {
             cache_size: None,
             coalesce_timeout: Duration::from_secs(10),
             max_coalesced_waiters: 1024,
+            targeted_cache_control: None,
+            max_variants: 64,
+            cache_status_key: false,
         }
     }
 }
@@ -475,6 +487,14 @@ pub struct ResourceConfig {
     /// RFC 9111 §4.2.2 heuristic freshness from `Last-Modified` when the response has no
     /// explicit freshness and no `ttl` applies.
     pub heuristic_freshness: bool,
+    /// Serve a stale response at once while it is refreshed in the background, up to this
+    /// long past its freshness, when the origin gives no `stale-while-revalidate`.
+    #[serde(serialize_with = "ser_duration")]
+    pub grace: Duration,
+    /// Serve a stale response when the origin fails, up to this long past its freshness,
+    /// when the origin gives no `stale-if-error`.
+    #[serde(serialize_with = "ser_duration")]
+    pub stale_if_error: Duration,
     pub cache_key: CacheKeyConfig,
 }
 
@@ -490,6 +510,8 @@ impl Default for ResourceConfig {
             cache_size: DEFAULT_TYPE_CACHE_SIZE,
             max_object_size: Self::DEFAULT_MAX_OBJECT_SIZE,
             heuristic_freshness: true,
+            grace: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
             cache_key: CacheKeyConfig::default(),
         }
     }

@@ -97,6 +97,9 @@ pub(crate) struct RawCache {
     pub cache_size: Option<Scalar>,
     pub coalesce_timeout: Option<Scalar>,
     pub max_coalesced_waiters: Option<u64>,
+    pub targeted_cache_control: Option<String>,
+    pub max_variants: Option<u64>,
+    pub cache_status_key: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,6 +127,8 @@ pub(crate) struct RawResourceConfig {
     pub cache_size: Option<Scalar>,
     pub max_object_size: Option<Scalar>,
     pub heuristic_freshness: Option<bool>,
+    pub grace: Option<Scalar>,
+    pub stale_if_error: Option<Scalar>,
     pub cache_key: Option<RawCacheKey>,
 }
 

@@ -22,6 +22,9 @@ pub enum ProxyError {
     OnlyIfCached,
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// The origin failed and the stored response may not be used without it.
+    #[error("origin unavailable and the stored response must be revalidated: {0}")]
+    MustRevalidate(Box<ProxyError>),
 }
 
 impl ProxyError {
@@ -31,7 +34,7 @@ impl ProxyError {
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::OnlyIfCached => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::OnlyIfCached | ProxyError::MustRevalidate(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream(e) if e.body_too_large => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Upstream(e) => match e.kind {
                 UpstreamErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -51,6 +54,9 @@ impl ProxyError {
             ProxyError::NoRoute => "no route matches this host and path\n".into(),
             ProxyError::PayloadTooLarge => "request body too large\n".into(),
             ProxyError::OnlyIfCached => "only-if-cached: no stored response\n".into(),
+            ProxyError::MustRevalidate(_) => {
+                "upstream unavailable; the cached response must be revalidated\n".into()
+            }
             ProxyError::Upstream(e) if e.body_too_large => "request body too large\n".into(),
             ProxyError::Upstream(e) => match e.kind {
                 UpstreamErrorKind::Timeout => "upstream timed out\n".into(),

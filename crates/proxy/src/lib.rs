@@ -68,6 +68,8 @@ pub fn cache_from_config(config: &Config) -> Cache {
                 ttl: rt.config.ttl,
                 override_origin: rt.config.override_origin_ttl,
                 heuristic: rt.config.heuristic_freshness,
+                grace: rt.config.grace,
+                stale_if_error: rt.config.stale_if_error,
             },
             key: KeyRules {
                 query: match rt.config.cache_key.query {
@@ -87,11 +89,22 @@ pub fn cache_from_config(config: &Config) -> Cache {
             },
         })
         .collect();
+    let defaults = CacheSettings::default();
+    let own_field = config
+        .cache
+        .targeted_cache_control
+        .as_deref()
+        .and_then(|name| http::HeaderName::from_bytes(name.as_bytes()).ok());
     Cache::new(
         specs,
         CacheSettings {
+            targeted_fields: own_field
+                .into_iter()
+                .chain(defaults.targeted_fields.iter().cloned())
+                .collect(),
+            max_variants: config.cache.max_variants,
             max_coalesced_waiters: config.cache.max_coalesced_waiters,
-            ..Default::default()
+            ..defaults
         },
     )
 }
@@ -119,6 +132,8 @@ impl Runtime {
 }
 
 pub struct Proxy {
+    /// Lets the pipeline start work that outlives a request (background refresh).
+    me: std::sync::Weak<Proxy>,
     runtime: ArcSwap<Runtime>,
     pub metrics: Arc<Metrics>,
     access_log: Option<Arc<AccessLog>>,
@@ -130,7 +145,8 @@ impl Proxy {
         metrics: Arc<Metrics>,
         access_log: Option<AccessLog>,
     ) -> Arc<Proxy> {
-        let proxy = Arc::new(Proxy {
+        let proxy = Arc::new_cyclic(|me| Proxy {
+            me: me.clone(),
             runtime: ArcSwap::from_pointee(Runtime::build(config)),
             metrics: metrics.clone(),
             access_log: access_log.map(Arc::new),

@@ -259,7 +259,10 @@ impl Metrics {
                 status_class: status_class(e.status),
             })
             .inc();
-        let source = if matches!(e.cache_result, "hit" | "revalidated" | "coalesced") {
+        let source = if matches!(
+            e.cache_result,
+            "hit" | "revalidated" | "coalesced" | "stale"
+        ) {
             "cache"
         } else {
             "upstream"

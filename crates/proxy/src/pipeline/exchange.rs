@@ -1,0 +1,198 @@
+//! What is learnt about one request on its way through, and the one place it turns into the
+//! `Cache-Status` header and the request event.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http::{HeaderName, Method, Request, Version, header};
+use larder_cache::{CacheResult, NoCacheReason};
+use larder_telemetry::RequestEvent;
+
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// RFC 9211 `fwd` values: why the request went forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Forward {
+    Bypass,
+    Method,
+    UriMiss,
+    VaryMiss,
+    /// The client's directives (no-cache, max-age=0…) required it.
+    Request,
+    Stale,
+}
+
+impl Forward {
+    fn as_str(self) -> &'static str {
+        match self {
+            Forward::Bypass => "bypass",
+            Forward::Method => "method",
+            Forward::UriMiss => "uri-miss",
+            Forward::VaryMiss => "vary-miss",
+            Forward::Request => "request",
+            Forward::Stale => "stale",
+        }
+    }
+}
+
+pub(crate) struct Exchange {
+    pub start: SystemTime,
+    pub started: Instant,
+    pub request_id: String,
+    pub trace_id: Option<String>,
+    pub client: Option<SocketAddr>,
+    pub method: Method,
+    pub version: Version,
+    pub host: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub user_agent: Option<String>,
+    pub route: Option<Arc<str>>,
+    pub cluster: Option<Arc<str>>,
+    pub upstream_address: Option<Arc<str>>,
+    pub upstream_duration: Option<Duration>,
+    pub result: CacheResult,
+    pub reason: Option<NoCacheReason>,
+    pub resource_type: Option<String>,
+    pub fwd: Option<Forward>,
+    /// Status the origin answered with, when it was asked.
+    pub fwd_status: Option<u16>,
+    pub stored: bool,
+    pub collapsed: bool,
+    pub ttl: Option<i64>,
+    /// Why a stale response was served (`stale-while-revalidate`, `stale-if-error`).
+    pub stale_reason: Option<&'static str>,
+    /// The cache key, shown in Cache-Status when `cache.cache_status_key` is on.
+    pub key: Option<String>,
+}
+
+impl Exchange {
+    pub fn new<B>(req: &Request<B>, client: Option<SocketAddr>) -> Exchange {
+        let headers = req.headers();
+        let header_str = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+        let request_id = header_str(&REQUEST_ID)
+            .filter(|id| !id.is_empty() && id.len() <= 128)
+            .map(str::to_owned)
+            .unwrap_or_else(larder_telemetry::new_request_id);
+        Exchange {
+            start: SystemTime::now(),
+            started: Instant::now(),
+            request_id,
+            trace_id: header_str(&TRACEPARENT)
+                .and_then(larder_telemetry::trace_id_from_traceparent),
+            client,
+            method: req.method().clone(),
+            version: req.version(),
+            host: String::new(),
+            path: req.uri().path().to_owned(),
+            query: req.uri().query().map(str::to_owned),
+            user_agent: header_str(&header::USER_AGENT).map(str::to_owned),
+            route: None,
+            cluster: None,
+            upstream_address: None,
+            upstream_duration: None,
+            result: CacheResult::Bypass,
+            reason: None,
+            resource_type: None,
+            fwd: None,
+            fwd_status: None,
+            stored: false,
+            collapsed: false,
+            ttl: None,
+            stale_reason: None,
+            key: None,
+        }
+    }
+
+    /// An exchange for work the proxy starts itself (background refresh): never logged.
+    pub fn background(host: String, path: String, query: Option<String>) -> Exchange {
+        let req = Request::new(());
+        let mut ex = Exchange::new(&req, None);
+        ex.host = host;
+        ex.path = path;
+        ex.query = query;
+        ex
+    }
+
+    pub fn bypass(&mut self, reason: NoCacheReason) {
+        self.result = CacheResult::Bypass;
+        self.reason = Some(reason);
+        self.fwd = Some(match reason {
+            NoCacheReason::MethodNotCacheable => Forward::Method,
+            NoCacheReason::RequestNoStore => Forward::Request,
+            _ => Forward::Bypass,
+        });
+    }
+
+    pub fn header_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// RFC 9211 Cache-Status value.
+    pub fn cache_status(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::from("larder");
+        // `hit` only when the origin was not asked (RFC 9211 §2.1); a revalidated or
+        // stale-if-error answer reports its `fwd` instead.
+        let hit = matches!(self.result, CacheResult::Hit | CacheResult::Coalesced)
+            || (self.result == CacheResult::Stale && self.fwd.is_none());
+        if hit {
+            s.push_str("; hit");
+        } else if let Some(fwd) = self.fwd {
+            let _ = write!(s, "; fwd={}", fwd.as_str());
+        }
+        if let Some(status) = self.fwd_status {
+            let _ = write!(s, "; fwd-status={status}");
+        }
+        if self.stored {
+            s.push_str("; stored");
+        }
+        if self.collapsed {
+            s.push_str("; collapsed");
+        }
+        if let Some(ttl) = self.ttl {
+            let _ = write!(s, "; ttl={ttl}");
+        }
+        if let Some(key) = &self.key {
+            let _ = write!(s, "; key=\"{}\"", key.replace(['"', '\\'], "_"));
+        }
+        if let Some(detail) = self.stale_reason.or(self.reason.map(NoCacheReason::as_str)) {
+            s.push_str("; detail=");
+            s.push_str(detail);
+        }
+        s
+    }
+
+    pub fn into_event(self, status: u16, body_bytes: u64) -> RequestEvent {
+        RequestEvent {
+            start: self.start,
+            duration: self.started.elapsed(),
+            request_id: self.request_id,
+            trace_id: self.trace_id,
+            client: self.client,
+            method: self.method.as_str().to_owned(),
+            http_version: match self.version {
+                Version::HTTP_09 => "0.9",
+                Version::HTTP_10 => "1.0",
+                Version::HTTP_2 => "2",
+                Version::HTTP_3 => "3",
+                _ => "1.1",
+            },
+            host: self.host,
+            path: self.path,
+            query: self.query,
+            user_agent: self.user_agent,
+            status,
+            response_body_bytes: Some(body_bytes),
+            route: self.route.map(|r| r.to_string()),
+            cluster: self.cluster.map(|c| c.to_string()),
+            upstream_address: self.upstream_address.map(|a| a.to_string()),
+            upstream_duration: self.upstream_duration,
+            cache_result: self.result.as_str(),
+            cache_reason: self.reason.map(NoCacheReason::as_str),
+            resource_type: self.resource_type,
+        }
+    }
+}

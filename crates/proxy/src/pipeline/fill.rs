@@ -1,0 +1,90 @@
+//! The task that reads one origin body for the cache and the first client.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use larder_cache::{Admission, FillGuard, Key};
+use tokio::sync::mpsc;
+
+use crate::body::{BoxError, FeedFlow, FeedItem};
+
+/// Past this many bytes queued for a client, a fill that no longer buffers for the cache waits
+/// for the client (memory stays bounded for objects streamed through).
+const CLIENT_HIGH_WATER: u64 = 1 << 20;
+
+/// Reads one origin body, feeding the client and the cache. While the body is being buffered
+/// for the cache (at most `max_object_size`), the client's pace never slows the read, so a slow
+/// or vanished client cannot hold the key's fill and stall everyone coalesced on it. Only a body
+/// that ends cleanly is stored.
+pub(crate) struct Fill {
+    pub tx: mpsc::UnboundedSender<FeedItem>,
+    pub flow: Arc<FeedFlow>,
+    pub cache: Arc<larder_cache::Cache>,
+    pub fill_key: Key,
+    pub guard: Option<FillGuard>,
+    pub idle_timeout: Duration,
+}
+
+impl Fill {
+    pub async fn run(mut self, mut body: Incoming, admission: Admission) {
+        let max = admission.max_object_size();
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut buffered = 0u64;
+        let mut storing = true;
+        loop {
+            let frame = match tokio::time::timeout(self.idle_timeout, body.frame()).await {
+                Ok(Some(Ok(frame))) => frame,
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return self.fail(Box::new(e)),
+                Err(_) => return self.fail("the origin stopped sending the body".into()),
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let len = data.len() as u64;
+            if storing {
+                if buffered + len > max {
+                    // Too large to store: stop buffering and release everyone waiting on it.
+                    storing = false;
+                    chunks = Vec::new();
+                    self.cache
+                        .mark_hit_for_pass(&self.fill_key, SystemTime::now());
+                    self.guard = None;
+                } else {
+                    buffered += len;
+                    chunks.push(data.clone());
+                }
+            }
+            if !self.tx.is_closed() {
+                self.flow.add(len);
+                let _ = self.tx.send(FeedItem::Data(data));
+                if !storing {
+                    let tx = &self.tx;
+                    self.flow
+                        .wait_below(CLIENT_HIGH_WATER, || tx.is_closed())
+                        .await;
+                }
+            } else if !storing {
+                return;
+            }
+        }
+        if storing {
+            // One exact-size copy: the stored body owns no slack capacity and no shared buffers.
+            let mut body = BytesMut::with_capacity(buffered as usize);
+            for chunk in &chunks {
+                body.extend_from_slice(chunk);
+            }
+            drop(chunks);
+            self.cache.commit(admission, body.freeze());
+        }
+        let _ = self.tx.send(FeedItem::End);
+        // The guard drops last, after the commit, so waiters find the stored response.
+    }
+
+    fn fail(self, error: BoxError) {
+        let _ = self.tx.send(FeedItem::Error(error));
+    }
+}

@@ -1,0 +1,752 @@
+//! The request pipeline: route → cache → upstream, as one explicit sequence per request. Every
+//! branch records its cache decision by name on the [`Exchange`], which becomes the
+//! `Cache-Status` header, the access-log line and the metric labels in one place
+//! ([`Proxy::finish`]).
+
+mod exchange;
+mod fill;
+mod serve;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::header::{
+    self, CONTENT_LENGTH, ETAG, HOST, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, RANGE,
+};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use larder_cache::{
+    CacheResult, FillGuard, Hit, Join, Key, Lookup, NoCacheReason, RequestDirectives,
+    RequestTarget, SURROGATE_CONTROL, freshness::has_validator, key::normalize_host, not_modified,
+    request_directives,
+};
+use larder_telemetry::UpstreamEvent;
+use tokio::sync::mpsc;
+
+use crate::body::{ChannelBody, FeedFlow, LimitedBody, ObservedBody, ProxyBody, boxed, empty};
+use crate::error::ProxyError;
+use crate::headers::{add_forwarded, append_via, strip_hop_by_hop};
+use crate::upstream::UpstreamRequest;
+use crate::{Proxy, Runtime};
+use exchange::{Exchange, Forward};
+use fill::Fill;
+use serve::{ServeOptions, from_store, not_modified_response};
+
+static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The client's request once its body has been split off. Cheap to clone for a background
+/// refresh (no body).
+#[derive(Clone)]
+struct ClientRequest {
+    method: Method,
+    path_and_query: http::uri::PathAndQuery,
+    headers: HeaderMap,
+    directives: RequestDirectives,
+}
+
+impl ClientRequest {
+    fn path(&self) -> &str {
+        self.path_and_query.path()
+    }
+
+    fn query(&self) -> Option<&str> {
+        self.path_and_query.query()
+    }
+
+    fn target<'a>(&'a self, host: &'a str) -> RequestTarget<'a> {
+        RequestTarget {
+            scheme: "http",
+            host,
+            path: self.path(),
+            query: self.query(),
+            headers: &self.headers,
+        }
+    }
+}
+
+/// Where a request goes upstream: the cluster (by index into the runtime) and its timeout.
+#[derive(Clone, Copy)]
+struct Upstream {
+    cluster: usize,
+    timeout: Duration,
+}
+
+/// What a fetch for the cache is about.
+struct FillPlan {
+    /// The key concurrent requests coalesce on.
+    fill_key: Key,
+    /// A stale stored response: revalidated (if it has validators) and kept as a stand-in
+    /// should the origin fail (stale-if-error).
+    stale: Option<Hit>,
+}
+
+impl Proxy {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        client: Option<SocketAddr>,
+    ) -> Response<ProxyBody> {
+        let runtime = self.runtime.load_full();
+        let mut ex = Exchange::new(&req, client);
+        let response = match self.process(&runtime, &mut ex, req).await {
+            Ok(response) => response,
+            Err(error) => {
+                if let ProxyError::Upstream(e) = &error {
+                    ex.upstream_address = e.endpoint.clone();
+                    ex.reason.get_or_insert(NoCacheReason::UpstreamError);
+                    tracing::debug!(request_id = %ex.header_id(), error = %e, "upstream failed");
+                }
+                error.into_response()
+            }
+        };
+        self.finish(ex, response)
+    }
+
+    /// Stamps the response with the request's identity and cache status, and arranges for the
+    /// event to be emitted when the body is done.
+    fn finish(&self, ex: Exchange, mut response: Response<ProxyBody>) -> Response<ProxyBody> {
+        let headers = response.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&ex.cache_status()) {
+            headers.insert(CACHE_STATUS.clone(), v);
+        }
+        if let Ok(v) = HeaderValue::from_str(ex.header_id()) {
+            headers.insert(REQUEST_ID.clone(), v);
+        }
+        let status = response.status().as_u16();
+        let metrics = self.metrics.clone();
+        let log = self.access_log.clone();
+        let (parts, body) = response.into_parts();
+        let body = ObservedBody::new(body, move |bytes, _complete| {
+            ex.into_event(status, bytes).emit(&metrics, log.as_deref());
+        });
+        Response::from_parts(parts, boxed(body))
+    }
+
+    async fn process(
+        &self,
+        rt: &Arc<Runtime>,
+        ex: &mut Exchange,
+        req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        if req.method() == Method::CONNECT {
+            // A reverse proxy routes to its own clusters; tunnelling to arbitrary hosts is not
+            // its job.
+            return Err(ProxyError::NotImplemented("CONNECT is not supported"));
+        }
+        let (parts, body) = req.into_parts();
+        let mut headers = parts.headers;
+        let upgrade = headers.contains_key(header::UPGRADE);
+        // Before anything is added: a client's `Connection` may only name its own hop's fields.
+        strip_hop_by_hop(&mut headers);
+        if headers.get_all(HOST).iter().count() > 1 {
+            return Err(ProxyError::BadRequest("more than one Host header"));
+        }
+        // The target's authority wins over Host (RFC 9112 §3.2.2); HTTP/2 has only :authority.
+        let authority = match parts.uri.authority() {
+            Some(a) => a.as_str().to_owned(),
+            None => headers
+                .get(HOST)
+                .and_then(|v| v.to_str().ok())
+                .filter(|h| !h.is_empty())
+                .ok_or(ProxyError::BadRequest("missing Host header"))?
+                .to_owned(),
+        };
+        let host_value = HeaderValue::from_str(&authority)
+            .map_err(|_| ProxyError::BadRequest("invalid Host"))?;
+        headers.insert(HOST, host_value);
+        ex.host = normalize_host(&authority, "http");
+
+        let declared = headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > rt.limits.max_request_body_size) {
+            return Err(ProxyError::PayloadTooLarge);
+        }
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        if !path_and_query.path().starts_with('/') {
+            // `OPTIONS *` and similar have no resource to route.
+            return Err(ProxyError::BadRequest("request target must be a path"));
+        }
+        let route = rt
+            .router
+            .route(&ex.host, path_and_query.path())
+            .ok_or(ProxyError::NoRoute)?;
+        let cluster = &rt.clusters[route.cluster];
+        ex.route = Some(route.name.clone());
+        ex.cluster = Some(cluster.name.clone());
+        let upstream = Upstream {
+            cluster: route.cluster,
+            timeout: route.timeout.unwrap_or(cluster.request_timeout),
+        };
+
+        add_forwarded(&mut headers, ex.client, &authority, "http");
+        let directives = request_directives(&headers);
+        let request = ClientRequest {
+            method: parts.method,
+            path_and_query,
+            headers,
+            directives,
+        };
+        let body = boxed(LimitedBody::new(
+            boxed(body),
+            rt.limits.max_request_body_size,
+        ));
+
+        if !route.cache {
+            return self
+                .pass(
+                    rt,
+                    ex,
+                    upstream,
+                    request,
+                    body,
+                    NoCacheReason::RouteDisabled,
+                )
+                .await;
+        }
+        if upgrade {
+            return self
+                .pass(rt, ex, upstream, request, body, NoCacheReason::Upgrade)
+                .await;
+        }
+        if request.method != Method::GET && request.method != Method::HEAD {
+            return self
+                .unsafe_or_uncacheable(rt, ex, upstream, request, body)
+                .await;
+        }
+        self.cached(rt, ex, upstream, request, body).await
+    }
+
+    /// Forwards a request the cache does not answer; a successful unsafe one invalidates what
+    /// is stored for its URI and for same-host Location / Content-Location (RFC 9111 §4.4).
+    async fn unsafe_or_uncacheable(
+        &self,
+        rt: &Arc<Runtime>,
+        ex: &mut Exchange,
+        upstream: Upstream,
+        request: ClientRequest,
+        body: ProxyBody,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let unsafe_method = !matches!(request.method.as_str(), "OPTIONS" | "TRACE");
+        let path = request.path().to_owned();
+        let query = request.query().map(str::to_owned);
+        let response = self
+            .pass(
+                rt,
+                ex,
+                upstream,
+                request,
+                body,
+                NoCacheReason::MethodNotCacheable,
+            )
+            .await?;
+        let status = response.status();
+        if unsafe_method && (status.is_success() || status.is_redirection()) {
+            rt.cache.purge(&ex.host, &path, query.as_deref());
+            for name in [header::LOCATION, header::CONTENT_LOCATION] {
+                let Some(target) = response.headers().get(&name).and_then(|v| v.to_str().ok())
+                else {
+                    continue;
+                };
+                if let Some((path, query)) = same_host_target(target, &ex.host) {
+                    rt.cache.purge(&ex.host, path, query);
+                }
+            }
+        }
+        Ok(response)
+    }
+
+    async fn cached(
+        &self,
+        rt: &Arc<Runtime>,
+        ex: &mut Exchange,
+        upstream: Upstream,
+        request: ClientRequest,
+        body: ProxyBody,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let now = SystemTime::now();
+        let head = request.method == Method::HEAD;
+        let lookup = rt.cache.lookup(&request.target(&ex.host));
+        match lookup {
+            Lookup::NoResourceType => {
+                self.pass(
+                    rt,
+                    ex,
+                    upstream,
+                    request,
+                    body,
+                    NoCacheReason::NoResourceType,
+                )
+                .await
+            }
+            Lookup::Found(hit) => {
+                ex.resource_type = Some(rt.cache.resource_type_name(hit.resource_type).to_owned());
+                self.note_key(rt, ex, &hit.key);
+                let freshness = &hit.stored().freshness;
+                if freshness.satisfies(&request.directives, now) {
+                    return Ok(self.serve_hit(ex, &request, &hit, CacheResult::Hit, now));
+                }
+                if request.directives.only_if_cached {
+                    return Err(ProxyError::OnlyIfCached);
+                }
+                if !head && freshness.serve_while_revalidating(&request.directives, now) {
+                    ex.stale_reason = Some("stale-while-revalidate");
+                    let response = self.serve_hit(ex, &request, &hit, CacheResult::Stale, now);
+                    self.refresh_in_background(rt, ex, upstream, &request, hit);
+                    return Ok(response);
+                }
+                ex.fwd = Some(if freshness.lifetime > freshness.current_age(now) {
+                    Forward::Request
+                } else {
+                    Forward::Stale
+                });
+                if head {
+                    return self
+                        .pass(rt, ex, upstream, request, body, NoCacheReason::HeadMiss)
+                        .await;
+                }
+                let plan = FillPlan {
+                    fill_key: hit.primary.clone(),
+                    stale: Some(hit),
+                };
+                self.fill(rt, ex, upstream, request, body, plan).await
+            }
+            Lookup::Miss {
+                fill_key,
+                resource_type,
+                vary_miss,
+            } => {
+                ex.resource_type = Some(rt.cache.resource_type_name(resource_type).to_owned());
+                self.note_key(rt, ex, &fill_key);
+                if request.directives.only_if_cached {
+                    return Err(ProxyError::OnlyIfCached);
+                }
+                ex.fwd = Some(if vary_miss {
+                    Forward::VaryMiss
+                } else {
+                    Forward::UriMiss
+                });
+                let reason = if head {
+                    Some(NoCacheReason::HeadMiss)
+                } else if request.headers.contains_key(RANGE) {
+                    Some(NoCacheReason::RangeRequest)
+                } else if request.directives.no_store {
+                    Some(NoCacheReason::RequestNoStore)
+                } else {
+                    None
+                };
+                match reason {
+                    Some(reason) => {
+                        let fwd = ex.fwd;
+                        let response = self.pass(rt, ex, upstream, request, body, reason).await;
+                        ex.fwd = fwd;
+                        response
+                    }
+                    None => {
+                        let plan = FillPlan {
+                            fill_key,
+                            stale: None,
+                        };
+                        self.fill(rt, ex, upstream, request, body, plan).await
+                    }
+                }
+            }
+        }
+    }
+
+    fn note_key(&self, rt: &Runtime, ex: &mut Exchange, key: &Key) {
+        if rt.config.cache.cache_status_key {
+            ex.key = Some(key.to_string());
+        }
+    }
+
+    /// Fetches for the cache, coalescing with concurrent requests for the same key.
+    async fn fill(
+        &self,
+        rt: &Arc<Runtime>,
+        ex: &mut Exchange,
+        upstream: Upstream,
+        request: ClientRequest,
+        body: ProxyBody,
+        plan: FillPlan,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let guard = if rt.cache.is_hit_for_pass(&plan.fill_key, SystemTime::now()) {
+            None
+        } else {
+            match rt.cache.coalescer().join(&plan.fill_key) {
+                Join::Leader(guard) => Some(guard),
+                Join::Follower(waiter) => {
+                    match waiter.wait(rt.coalesce_timeout).await {
+                        Ok(()) => {
+                            let now = SystemTime::now();
+                            if let Lookup::Found(hit) = rt.cache.lookup(&request.target(&ex.host))
+                                && hit.stored().freshness.satisfies(&request.directives, now)
+                            {
+                                ex.collapsed = true;
+                                ex.fwd = None;
+                                return Ok(self.serve_hit(
+                                    ex,
+                                    &request,
+                                    &hit,
+                                    CacheResult::Coalesced,
+                                    now,
+                                ));
+                            }
+                        }
+                        Err(_) => ex.reason = Some(NoCacheReason::CoalesceTimeout),
+                    }
+                    None
+                }
+                Join::Overflow => {
+                    ex.reason = Some(NoCacheReason::CoalesceOverflow);
+                    None
+                }
+            }
+        };
+        self.fetch_for_cache(rt, ex, upstream, request, body, plan, guard)
+            .await
+    }
+
+    /// Serves the stale response now and refreshes it without a client, unless another
+    /// request is already fetching this key (one refresh per key).
+    fn refresh_in_background(
+        &self,
+        rt: &Arc<Runtime>,
+        ex: &Exchange,
+        upstream: Upstream,
+        request: &ClientRequest,
+        stale: Hit,
+    ) {
+        let Join::Leader(guard) = rt.cache.coalescer().join(&stale.primary) else {
+            return;
+        };
+        let Some(proxy) = self.me.upgrade() else {
+            return;
+        };
+        let rt = rt.clone();
+        let mut request = request.clone();
+        request.directives = RequestDirectives::default();
+        let mut background =
+            Exchange::background(ex.host.clone(), ex.path.clone(), ex.query.clone());
+        tokio::spawn(async move {
+            let plan = FillPlan {
+                fill_key: stale.primary.clone(),
+                stale: Some(stale),
+            };
+            // The response only matters for what it stores; its body (if any) is filled by the
+            // fill task whether or not anyone reads it.
+            let _ = proxy
+                .fetch_for_cache(
+                    &rt,
+                    &mut background,
+                    upstream,
+                    request,
+                    empty(),
+                    plan,
+                    Some(guard),
+                )
+                .await;
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_for_cache(
+        &self,
+        rt: &Arc<Runtime>,
+        ex: &mut Exchange,
+        upstream: Upstream,
+        request: ClientRequest,
+        body: ProxyBody,
+        plan: FillPlan,
+        guard: Option<FillGuard>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        // The cache wants the full response; the client's own conditions are answered from it.
+        let mut headers = request.headers.clone();
+        headers.remove(IF_NONE_MATCH);
+        headers.remove(IF_MODIFIED_SINCE);
+        let revalidating = plan
+            .stale
+            .as_ref()
+            .filter(|hit| has_validator(&hit.stored().headers));
+        if let Some(hit) = revalidating {
+            let stored = &hit.stored().headers;
+            if let Some(etag) = stored.get(ETAG) {
+                headers.insert(IF_NONE_MATCH, etag.clone());
+            }
+            if let Some(lm) = stored.get(LAST_MODIFIED) {
+                headers.insert(IF_MODIFIED_SINCE, lm.clone());
+            }
+        }
+        let request_time = SystemTime::now();
+        let generation = rt.cache.purge_generation();
+        let upstream_request = UpstreamRequest {
+            method: request.method.clone(),
+            path_and_query: request.path_and_query.clone(),
+            headers,
+        };
+        let fetched = match self.forward(rt, ex, upstream, upstream_request, body).await {
+            Ok(response) => response,
+            Err(error) => {
+                drop(guard);
+                return match &plan.stale {
+                    Some(stale) => self.stale_on_error(ex, &request, stale, error),
+                    None => Err(error),
+                };
+            }
+        };
+        let response_time = SystemTime::now();
+        let (mut parts, upstream_body) = fetched.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+
+        if let Some(stale) = &plan.stale
+            && parts.status.is_server_error()
+            && stale
+                .stored()
+                .freshness
+                .serve_on_error(&request.directives, response_time)
+        {
+            drop(guard);
+            ex.stale_reason = Some("stale-if-error");
+            return Ok(self.serve_hit(ex, &request, stale, CacheResult::Stale, response_time));
+        }
+
+        if let Some(hit) = revalidating
+            && parts.status == StatusCode::NOT_MODIFIED
+        {
+            let target = request.target(&ex.host);
+            let refreshed = rt.cache.refresh(
+                hit,
+                &target,
+                &parts.headers,
+                request_time,
+                response_time,
+                generation,
+            );
+            drop(guard);
+            let served = match refreshed {
+                Ok(new_hit) => {
+                    ex.stored = true;
+                    new_hit
+                }
+                Err(reason) => {
+                    ex.reason = Some(reason);
+                    hit.clone()
+                }
+            };
+            return Ok(self.serve_hit(
+                ex,
+                &request,
+                &served,
+                CacheResult::Revalidated,
+                response_time,
+            ));
+        }
+
+        ex.result = if plan.stale.is_some() {
+            CacheResult::Expired
+        } else {
+            CacheResult::Miss
+        };
+        parts.headers.remove(&SURROGATE_CONTROL);
+        let admitted = rt.cache.admit(
+            &request.method,
+            &request.target(&ex.host),
+            parts.status,
+            &parts.headers,
+            request_time,
+            response_time,
+            generation,
+        );
+        let admission = match admitted {
+            Ok(admission) => admission,
+            Err(reason) => {
+                ex.reason = Some(reason);
+                if reason.is_response_side() {
+                    // Requests for this key stop queueing behind each other for a while.
+                    rt.cache.mark_hit_for_pass(&plan.fill_key, response_time);
+                }
+                if let Some(stale) = &plan.stale {
+                    // The origin's new answer replaces the stale one, even if it can't be stored.
+                    rt.cache.remove(stale);
+                }
+                drop(guard);
+                append_via(&mut parts.headers);
+                return Ok(Response::from_parts(parts, boxed(upstream_body)));
+            }
+        };
+        ex.stored = true;
+        ex.resource_type = Some(
+            rt.cache
+                .resource_type_name(admission.resource_type())
+                .to_owned(),
+        );
+        let exact_len = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let flow = Arc::new(FeedFlow::default());
+        tokio::spawn(
+            Fill {
+                tx,
+                flow: flow.clone(),
+                cache: rt.cache.clone(),
+                fill_key: plan.fill_key,
+                guard,
+                idle_timeout: upstream.timeout,
+            }
+            .run(upstream_body, admission),
+        );
+        append_via(&mut parts.headers);
+        if parts.status == StatusCode::OK && not_modified(&request.headers, &parts.headers) {
+            // The client already has it; the fill goes on without this client.
+            drop(rx);
+            return Ok(not_modified_response(&parts.headers));
+        }
+        Ok(Response::from_parts(
+            parts,
+            boxed(ChannelBody::new(rx, flow, exact_len)),
+        ))
+    }
+
+    /// The origin failed while a stale response is stored: serve it if stale-if-error allows,
+    /// else fail — with 504 when the response demands revalidation (RFC 9111 §5.2.2.2).
+    fn stale_on_error(
+        &self,
+        ex: &mut Exchange,
+        request: &ClientRequest,
+        stale: &Hit,
+        error: ProxyError,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let now = SystemTime::now();
+        let freshness = &stale.stored().freshness;
+        if freshness.serve_on_error(&request.directives, now) {
+            ex.stale_reason = Some("stale-if-error");
+            ex.reason = Some(NoCacheReason::UpstreamError);
+            return Ok(self.serve_hit(ex, request, stale, CacheResult::Stale, now));
+        }
+        if freshness.must_revalidate {
+            return Err(ProxyError::MustRevalidate(Box::new(error)));
+        }
+        Err(error)
+    }
+
+    /// Forwards without storing.
+    async fn pass(
+        &self,
+        rt: &Runtime,
+        ex: &mut Exchange,
+        upstream: Upstream,
+        request: ClientRequest,
+        body: ProxyBody,
+        reason: NoCacheReason,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        ex.bypass(reason);
+        let upstream_request = UpstreamRequest {
+            method: request.method,
+            path_and_query: request.path_and_query,
+            headers: request.headers,
+        };
+        let response = self
+            .forward(rt, ex, upstream, upstream_request, body)
+            .await?;
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(&SURROGATE_CONTROL);
+        append_via(&mut parts.headers);
+        Ok(Response::from_parts(parts, boxed(body)))
+    }
+
+    async fn forward(
+        &self,
+        rt: &Runtime,
+        ex: &mut Exchange,
+        upstream: Upstream,
+        request: UpstreamRequest,
+        body: ProxyBody,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let cluster = &rt.clusters[upstream.cluster];
+        let result = cluster.send(request, body, upstream.timeout).await;
+        let (duration, error) = match &result {
+            Ok(r) => (r.duration, None),
+            Err(e) => (e.duration, (!e.body_too_large).then_some(e.kind)),
+        };
+        UpstreamEvent {
+            cluster: &cluster.name,
+            duration,
+            error,
+        }
+        .emit(&self.metrics);
+        ex.upstream_duration = Some(duration);
+        let response = result?;
+        ex.upstream_address = Some(response.endpoint);
+        ex.fwd_status = Some(response.response.status().as_u16());
+        Ok(response.response)
+    }
+
+    fn serve_hit(
+        &self,
+        ex: &mut Exchange,
+        request: &ClientRequest,
+        hit: &Hit,
+        result: CacheResult,
+        now: SystemTime,
+    ) -> Response<ProxyBody> {
+        let stored = hit.stored();
+        ex.result = result;
+        let age = stored.freshness.current_age(now).as_secs();
+        ex.ttl = Some(stored.freshness.lifetime.as_secs() as i64 - age as i64);
+        let options = ServeOptions {
+            without_revalidation: result != CacheResult::Revalidated,
+            age_secs: age,
+        };
+        from_store(&request.method, &request.headers, stored, options)
+    }
+}
+
+/// The path and query of a Location / Content-Location value, if it names this host.
+fn same_host_target<'a>(target: &'a str, host: &str) -> Option<(&'a str, Option<&'a str>)> {
+    let path_and_query = if target.starts_with('/') && !target.starts_with("//") {
+        target
+    } else {
+        let rest = target.strip_prefix("http://")?;
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        if normalize_host(authority, "http") != host || path.is_empty() {
+            return None;
+        }
+        path
+    };
+    let path_and_query = path_and_query.split('#').next().unwrap_or(path_and_query);
+    Some(match path_and_query.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path_and_query, None),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn location_targets() {
+        assert_eq!(
+            same_host_target("/a?b=1", "example.com"),
+            Some(("/a", Some("b=1")))
+        );
+        assert_eq!(
+            same_host_target("http://Example.com:80/x", "example.com"),
+            Some(("/x", None))
+        );
+        assert_eq!(same_host_target("http://other.com/x", "example.com"), None);
+        assert_eq!(same_host_target("//example.com/x", "example.com"), None);
+        assert_eq!(same_host_target("relative", "example.com"), None);
+    }
+}
