@@ -117,10 +117,10 @@ enum RangeAnswer {
 
 /// Evaluates Range (and If-Range) against a complete representation of `len` bytes.
 fn ranges(request: &HeaderMap, stored: &HeaderMap, len: u64) -> RangeAnswer {
-    if let Some(if_range) = request.get(IF_RANGE) {
-        if !if_range_matches(if_range, stored) {
-            return RangeAnswer::Full;
-        }
+    if let Some(if_range) = request.get(IF_RANGE)
+        && !if_range_matches(if_range, stored)
+    {
+        return RangeAnswer::Full;
     }
     let mut values = request.get_all(RANGE).iter();
     let (Some(value), None) = (values.next(), values.next()) else {
