@@ -554,7 +554,6 @@ impl Proxy {
         } else {
             CacheResult::Miss
         };
-        parts.headers.remove(&SURROGATE_CONTROL);
         let admitted = rt.cache.admit(
             &request.method,
             &request.target(&ex.host),
@@ -564,6 +563,8 @@ impl Proxy {
             response_time,
             generation,
         );
+        // Read by the admission above; meant for this cache only.
+        parts.headers.remove(&SURROGATE_CONTROL);
         let admission = match admitted {
             Ok(admission) => admission,
             Err(reason) => {
