@@ -449,3 +449,187 @@ async fn rfc9211_cache_status_forward_reasons_and_key() {
     let plain = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
     assert!(!plain.get("/k").await.cache_status().contains("key="));
 }
+
+#[tokio::test]
+async fn section_5_2_1_request_directives() {
+    // Stored response: max-age=100 but already 50 s old (Age), so current_age ≈ 50.
+    let origin = Origin::fixed(200, &[("cache-control", "max-age=100"), ("age", "50")], "r").await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    larder.get("/d").await;
+    let hit = |cc: &'static str| {
+        let larder = &larder;
+        async move {
+            larder
+                .get_with("/d", &[("cache-control", cc)])
+                .await
+                .cache_status()
+                .contains("hit")
+        }
+    };
+    assert!(hit("max-age=60").await, "age 50 ≤ max-age 60");
+    assert!(!hit("max-age=10").await, "age 50 > max-age 10");
+    assert!(hit("min-fresh=20").await, "50 s of freshness left ≥ 20");
+    assert!(!hit("min-fresh=80").await, "50 s left < 80");
+    assert!(!hit("no-cache").await);
+    let pragma = larder.get_with("/d", &[("pragma", "no-cache")]).await;
+    assert!(
+        pragma.cache_status().contains("fwd=request"),
+        "{}",
+        pragma.cache_status()
+    );
+}
+
+#[tokio::test]
+async fn section_5_2_1_4_max_stale_accepts_stale_responses() {
+    let origin = Origin::fixed(
+        200,
+        &[("cache-control", "max-age=10"), ("age", "30")],
+        "stale",
+    )
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    larder.get("/ms").await;
+    assert!(
+        larder
+            .get_with("/ms", &[("cache-control", "max-stale=60")])
+            .await
+            .cache_status()
+            .contains("hit")
+    );
+    assert!(
+        larder
+            .get_with("/ms", &[("cache-control", "max-stale")])
+            .await
+            .cache_status()
+            .contains("hit")
+    );
+    assert!(
+        !larder
+            .get_with("/ms", &[("cache-control", "max-stale=5")])
+            .await
+            .cache_status()
+            .contains("hit")
+    );
+}
+
+#[tokio::test]
+async fn section_4_3_2_if_none_match_takes_precedence_over_if_modified_since() {
+    let last_modified = "Mon, 01 Jan 2024 00:00:00 GMT";
+    let origin = Origin::fixed(
+        200,
+        &[
+            ("cache-control", "max-age=600"),
+            ("etag", "\"e\""),
+            ("last-modified", last_modified),
+        ],
+        "x",
+    )
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    larder.get("/p").await;
+    // The date alone would say "not modified", but the entity tag does not match.
+    let reply = larder
+        .get_with(
+            "/p",
+            &[
+                ("if-none-match", "\"other\""),
+                ("if-modified-since", "Tue, 02 Jan 2024 00:00:00 GMT"),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    let ims = larder
+        .get_with(
+            "/p",
+            &[("if-modified-since", "Tue, 02 Jan 2024 00:00:00 GMT")],
+        )
+        .await;
+    assert_eq!(ims.status, 304);
+    assert_eq!(ims.header("last-modified"), last_modified);
+}
+
+#[tokio::test]
+async fn section_4_1_vary_that_changes_between_responses() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let origin = Origin::start(move |_| {
+        let i = n.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let vary = if i == 0 {
+                "accept-language"
+            } else {
+                "accept-encoding"
+            };
+            response(
+                200,
+                &[("cache-control", "max-age=600"), ("vary", vary)],
+                format!("r{i}"),
+            )
+        }
+    })
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    let headers = [("accept-language", "en"), ("accept-encoding", "gzip")];
+    assert_eq!(larder.get_with("/vc", &headers).await.text(), "r0");
+    // A request the old rule would match differently is forwarded; the new Vary rule wins after.
+    assert_eq!(
+        larder
+            .get_with(
+                "/vc",
+                &[("accept-language", "de"), ("accept-encoding", "gzip")]
+            )
+            .await
+            .text(),
+        "r1"
+    );
+    let again = larder
+        .get_with(
+            "/vc",
+            &[("accept-language", "fr"), ("accept-encoding", "gzip")],
+        )
+        .await;
+    assert_eq!(again.text(), "r1", "selected by accept-encoding only now");
+    assert!(again.cache_status().contains("hit"));
+}
+
+#[tokio::test]
+async fn section_3_1_stored_fields_keep_repeats_and_drop_hop_by_hop() {
+    let origin = Origin::fixed(
+        200,
+        &[
+            ("cache-control", "max-age=600"),
+            ("x-multi", "one"),
+            ("x-multi", "two"),
+            ("connection", "x-hop"),
+            ("x-hop", "gone"),
+            ("keep-alive", "timeout=5"),
+        ],
+        "f",
+    )
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    larder.get("/h").await;
+    let hit = larder.get("/h").await;
+    let multi: Vec<_> = hit
+        .headers
+        .get_all("x-multi")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(multi, ["one", "two"]);
+    assert!(hit.headers.get("x-hop").is_none());
+    assert!(hit.headers.get("keep-alive").is_none());
+}
+
+#[tokio::test]
+async fn section_4_2_4_a_stale_response_of_any_status_is_not_reused_unvalidated() {
+    let origin = Origin::fixed(
+        404,
+        &[("cache-control", "max-age=10"), ("age", "60")],
+        "gone",
+    )
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    larder.get("/404").await;
+    larder.get("/404").await;
+    assert_eq!(origin.count(), 2);
+}
