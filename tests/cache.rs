@@ -495,6 +495,8 @@ async fn private_no_store_cookies_and_authorization_are_never_shared() {
         let cc = match seen.uri.path() {
             "/private" => "private, max-age=600",
             "/no-store" => "no-store, max-age=600",
+            // A cookie without explicit freshness from the origin: a default ttl never applies.
+            "/cookie" => "",
             _ => "max-age=600",
         };
         let mut headers = vec![("cache-control", cc)];
@@ -504,7 +506,8 @@ async fn private_no_store_cookies_and_authorization_are_never_shared() {
         response(200, &headers, format!("data of {user}"))
     })
     .await;
-    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    let types = "resource_types:\n  - name: default\n    config: { cache_size: 16MiB, ttl: 1h }\n";
+    let larder = Larder::start(&config_yaml(origin.addr, types)).await;
     for path in ["/private", "/no-store", "/cookie"] {
         assert_eq!(
             larder.get_with(path, &[("x-user", "alice")]).await.text(),
@@ -789,4 +792,57 @@ async fn a_stored_404_is_never_turned_into_304() {
     assert_eq!(reply.status, 404);
     assert!(reply.cache_status().contains("hit"));
     assert_eq!(reply.text(), "not here");
+}
+
+#[tokio::test]
+async fn set_cookie_policy_per_resource_type() {
+    let origin = Origin::start(|seen| async move {
+        let user = seen
+            .headers
+            .get("x-user")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let cookie = format!("session={user}");
+        response(
+            200,
+            &[
+                ("cache-control", "max-age=600"),
+                ("set-cookie", cookie.as_str()),
+            ],
+            format!("page for {user}"),
+        )
+    })
+    .await;
+    let types = r#"resource_types:
+  - name: strict
+    match: { path_prefix: /strict/ }
+    config: { cache_size: 4MiB, set_cookie: bypass }
+  - name: stripped
+    match: { path_prefix: /strip/ }
+    config: { cache_size: 4MiB, set_cookie: strip }
+  - name: rfc
+    config: { cache_size: 4MiB }
+"#;
+    let larder = Larder::start(&config_yaml(origin.addr, types)).await;
+    // bypass: never stored.
+    larder.get_with("/strict/a", &[("x-user", "alice")]).await;
+    let bob = larder.get_with("/strict/a", &[("x-user", "bob")]).await;
+    assert_eq!(bob.header("set-cookie"), "session=bob");
+    assert!(bob.cache_status().contains("detail=set_cookie"));
+    // strip: the shared body is stored, the cookie never reaches another user.
+    assert_eq!(
+        larder
+            .get_with("/strip/a", &[("x-user", "alice")])
+            .await
+            .header("set-cookie"),
+        "session=alice"
+    );
+    let bob = larder.get_with("/strip/a", &[("x-user", "bob")]).await;
+    assert!(bob.cache_status().contains("hit"));
+    assert!(bob.headers.get("set-cookie").is_none());
+    // store (default, RFC 9111 §3.1): explicit freshness from the origin makes it shareable.
+    larder.get_with("/page", &[("x-user", "alice")]).await;
+    let bob = larder.get_with("/page", &[("x-user", "bob")]).await;
+    assert!(bob.cache_status().contains("hit"));
+    assert_eq!(bob.header("set-cookie"), "session=alice");
 }

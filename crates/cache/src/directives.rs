@@ -28,6 +28,8 @@ pub struct ResponseDirectives {
     pub must_revalidate: bool,
     pub proxy_revalidate: bool,
     pub immutable: bool,
+    /// RFC 9111 §5.2.2.3: no-store yields to this for status codes the cache understands.
+    pub must_understand: bool,
     /// RFC 5861 §3.
     pub stale_while_revalidate: Seconds,
     /// RFC 5861 §4.
@@ -152,6 +154,7 @@ fn parse_response<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Response
         "must-revalidate" => d.must_revalidate = true,
         "proxy-revalidate" => d.proxy_revalidate = true,
         "immutable" => d.immutable = true,
+        "must-understand" => d.must_understand = true,
         "stale-while-revalidate" => {
             d.stale_while_revalidate = merge_seconds(d.stale_while_revalidate, delta_seconds(value))
         }
@@ -184,13 +187,167 @@ pub fn effective_response_directives(
             .get_all(name)
             .iter()
             .any(|v| v.to_str().is_ok_and(|s| split_list(s).next().is_some()));
-        if has_content {
-            let mut d = parse_response(values);
+        // An invalid Structured Field is ignored as a whole (RFC 9213 §2.1).
+        if has_content && let Some(mut d) = parse_targeted(values) {
             d.targeted = true;
             return d;
         }
     }
     response_directives(headers)
+}
+
+/// Parses a targeted field as an RFC 8941 Dictionary: `None` when it is not one. Directives
+/// whose value has the wrong type (`max-age="60"`) are ignored, as if absent.
+fn parse_targeted<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Option<ResponseDirectives> {
+    let mut d = ResponseDirectives::default();
+    for value in values {
+        let text = value.to_str().ok()?;
+        for member in split_list(text) {
+            let (key_and_value, params) = member.split_once(';').unwrap_or((member, ""));
+            let (key, item) = match key_and_value.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (key_and_value, None),
+            };
+            if !sf::is_key(key)
+                || item.is_some_and(|v| !sf::is_bare_item(v))
+                || !sf::are_params(params)
+            {
+                return None;
+            }
+            let integer = |item: Option<&str>| item.and_then(sf::non_negative_integer);
+            match key {
+                "max-age" => {
+                    if let Some(n) = integer(item) {
+                        d.max_age = Some(Some(n))
+                    }
+                }
+                "s-maxage" => {
+                    if let Some(n) = integer(item) {
+                        d.s_maxage = Some(Some(n))
+                    }
+                }
+                "stale-while-revalidate" => {
+                    if let Some(n) = integer(item) {
+                        d.stale_while_revalidate = Some(Some(n))
+                    }
+                }
+                "stale-if-error" => {
+                    if let Some(n) = integer(item) {
+                        d.stale_if_error = Some(Some(n))
+                    }
+                }
+                flag => {
+                    // Flags are Booleans: bare (true) or ?1 / ?0.
+                    let on = match item {
+                        None | Some("?1") => true,
+                        Some("?0") => false,
+                        Some(other) if flag == "no-cache" || flag == "private" => {
+                            let fields = field_names(Some(unquote(other)));
+                            if flag == "no-cache" {
+                                d.no_cache_fields.extend(fields);
+                            } else {
+                                d.private_fields.extend(fields);
+                            }
+                            continue;
+                        }
+                        Some(_) => continue,
+                    };
+                    match flag {
+                        "no-store" => d.no_store |= on,
+                        "no-cache" => d.no_cache |= on,
+                        "private" => d.private |= on,
+                        "public" => d.public |= on,
+                        "must-revalidate" => d.must_revalidate |= on,
+                        "proxy-revalidate" => d.proxy_revalidate |= on,
+                        "immutable" => d.immutable |= on,
+                        "must-understand" => d.must_understand |= on,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    Some(d)
+}
+
+/// Just enough of RFC 8941 to tell a valid Dictionary member from an invalid one.
+mod sf {
+    pub fn is_key(key: &str) -> bool {
+        let mut bytes = key.bytes();
+        matches!(bytes.next(), Some(b'a'..=b'z' | b'*'))
+            && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'.' | b'*'))
+    }
+
+    pub fn is_bare_item(item: &str) -> bool {
+        let b = item.as_bytes();
+        match b.first() {
+            Some(b'-' | b'0'..=b'9') => is_number(item),
+            Some(b'"') => is_string(item),
+            Some(b':') => {
+                item.len() >= 2
+                    && item.ends_with(':')
+                    && item[1..item.len() - 1]
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'='))
+            }
+            Some(b'?') => item == "?0" || item == "?1",
+            Some(c) if c.is_ascii_alphabetic() || *c == b'*' => b[1..]
+                .iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(c)),
+            _ => false,
+        }
+    }
+
+    fn is_number(item: &str) -> bool {
+        let digits = item.strip_prefix('-').unwrap_or(item);
+        match digits.split_once('.') {
+            None => (1..=15).contains(&digits.len()) && digits.bytes().all(|c| c.is_ascii_digit()),
+            Some((int, frac)) => {
+                (1..=12).contains(&int.len())
+                    && (1..=3).contains(&frac.len())
+                    && int.bytes().chain(frac.bytes()).all(|c| c.is_ascii_digit())
+            }
+        }
+    }
+
+    fn is_string(item: &str) -> bool {
+        let Some(inner) = item.strip_prefix('"').and_then(|s| s.strip_suffix('"')) else {
+            return false;
+        };
+        let mut escaped = false;
+        for c in inner.bytes() {
+            match c {
+                _ if escaped => {
+                    if c != b'"' && c != b'\\' {
+                        return false;
+                    }
+                    escaped = false;
+                }
+                b'\\' => escaped = true,
+                b'"' => return false,
+                0x20..=0x7e => {}
+                _ => return false,
+            }
+        }
+        !escaped
+    }
+
+    pub fn are_params(params: &str) -> bool {
+        params.is_empty()
+            || params.split(';').all(|p| {
+                let p = p.trim_start();
+                match p.split_once('=') {
+                    Some((k, v)) => is_key(k) && is_bare_item(v),
+                    None => is_key(p),
+                }
+            })
+    }
+
+    pub fn non_negative_integer(item: &str) -> Option<u64> {
+        (!item.is_empty() && item.len() <= 15 && item.bytes().all(|c| c.is_ascii_digit()))
+            .then(|| item.parse().ok())
+            .flatten()
+    }
 }
 
 pub fn request_directives(headers: &HeaderMap) -> RequestDirectives {
@@ -306,6 +463,32 @@ mod tests {
         // An empty targeted field falls back to Cache-Control.
         h.insert(&cdn, HeaderValue::from_static(""));
         assert!(effective_response_directives(&h, &[cdn]).private);
+    }
+
+    #[test]
+    fn invalid_targeted_fields_are_ignored() {
+        let cdn = HeaderName::from_static("cdn-cache-control");
+        for bad in [
+            "max-age=10000, &&&&&",
+            "max-age =10",
+            "max-age= 10",
+            "Max-Age=10",
+        ] {
+            let mut h = headers(&["no-store"]);
+            h.insert(&cdn, HeaderValue::from_str(bad).unwrap());
+            let d = effective_response_directives(&h, std::slice::from_ref(&cdn));
+            assert!(!d.targeted && d.no_store, "{bad}");
+        }
+        // Valid Structured Field, wrong type: the directive is ignored, the field still applies.
+        let mut h = headers(&["max-age=600"]);
+        h.insert(&cdn, HeaderValue::from_static("max-age=\"10000\""));
+        let d = effective_response_directives(&h, std::slice::from_ref(&cdn));
+        assert!(d.targeted);
+        assert_eq!(d.max_age, None);
+        h.insert(&cdn, HeaderValue::from_static("no-store=?0, max-age=5;x=1"));
+        let d = effective_response_directives(&h, &[cdn]);
+        assert!(!d.no_store);
+        assert_eq!(d.max_age, Some(Some(5)));
     }
 
     #[test]

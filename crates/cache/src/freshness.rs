@@ -25,6 +25,10 @@ pub struct FreshnessRules {
     /// Serve a stale response when the origin fails, for up to this long past its freshness,
     /// when the origin does not say (`stale-if-error`).
     pub stale_if_error: Duration,
+    /// Serve a stale response when the origin cannot be reached at all (connect error, closed
+    /// connection, timeout), up to this long past its freshness: RFC 9111 §4.2.4 allows a
+    /// disconnected cache to do so without the origin's say-so.
+    pub stale_if_unreachable: Duration,
 }
 
 impl Default for FreshnessRules {
@@ -35,6 +39,7 @@ impl Default for FreshnessRules {
             heuristic: true,
             grace: Duration::ZERO,
             stale_if_error: Duration::ZERO,
+            stale_if_unreachable: Duration::ZERO,
         }
     }
 }
@@ -67,6 +72,8 @@ pub struct Freshness {
     pub stale_while_revalidate: Duration,
     /// How long past freshness it may be served when the origin fails (RFC 5861 §4).
     pub stale_if_error: Duration,
+    /// How long past freshness it may be served when the origin is unreachable (§4.2.4).
+    pub stale_if_unreachable: Duration,
 }
 
 pub fn parse_http_date(headers: &HeaderMap, name: http::HeaderName) -> Option<SystemTime> {
@@ -76,7 +83,81 @@ pub fn parse_http_date(headers: &HeaderMap, name: http::HeaderName) -> Option<Sy
         // Conflicting dates are no date at all.
         return None;
     }
-    httpdate::parse_http_date(first.to_str().ok()?.trim()).ok()
+    parse_date(first.to_str().ok()?.trim())
+}
+
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+/// An HTTP-date (RFC 9110 §5.6.7) in any of its three formats. Recipients are lenient the way
+/// the RFC allows: day, month and zone names in any case, and an asctime() weekday that does
+/// not match its date. Anything else malformed is no date.
+pub fn parse_date(text: &str) -> Option<SystemTime> {
+    if let Ok(t) = httpdate::parse_http_date(text) {
+        return Some(t);
+    }
+    let fixed_case: String = text
+        .split(' ')
+        .map(|word| {
+            let lower = word.to_ascii_lowercase();
+            if lower == "gmt" || lower == "gmt," {
+                word.to_ascii_uppercase()
+            } else {
+                let mut chars = lower.chars();
+                match chars.next() {
+                    Some(c) if c.is_ascii_alphabetic() => {
+                        c.to_ascii_uppercase().to_string() + chars.as_str()
+                    }
+                    _ => word.to_owned(),
+                }
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    if let Ok(t) = httpdate::parse_http_date(&fixed_case) {
+        return Some(t);
+    }
+    parse_asctime(&fixed_case)
+}
+
+/// `Sun Nov  6 08:49:37 1994`, trusting the date over the weekday.
+fn parse_asctime(text: &str) -> Option<SystemTime> {
+    let b = text.as_bytes();
+    if b.len() != 24 || b[3] != b' ' || b[7] != b' ' || b[10] != b' ' || b[19] != b' ' {
+        return None;
+    }
+    let month = MONTHS.iter().position(|m| *m == &text[4..7])? as u32 + 1;
+    let day: u32 = text[8..10].trim_start().parse().ok()?;
+    let (h, m, s) = (
+        text[11..13].parse::<u64>().ok()?,
+        text[14..16].parse::<u64>().ok()?,
+        text[17..19].parse::<u64>().ok()?,
+    );
+    if &text[13..14] != ":"
+        || &text[16..17] != ":"
+        || h > 23
+        || m > 59
+        || s > 60
+        || !(1..=31).contains(&day)
+    {
+        return None;
+    }
+    let year: i64 = text[20..24].parse().ok()?;
+    let days = days_from_civil(year, month, day);
+    let secs = u64::try_from(days).ok()? * 86_400 + h * 3600 + m * 60 + s;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (i64::from(month) + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 fn age_value(headers: &HeaderMap) -> Duration {
@@ -140,7 +221,10 @@ impl Freshness {
             (_, Some(ttl)) if rules.override_origin => ttl,
             (Some(explicit), _) => explicit,
             (None, Some(ttl)) => ttl,
-            (None, None) if rules.heuristic && heuristically_cacheable(status) => {
+            // `public` opens heuristics to any status (RFC 9111 §4.2.2).
+            (None, None)
+                if rules.heuristic && (heuristically_cacheable(status) || directives.public) =>
+            {
                 heuristic_lifetime(headers, date.unwrap_or(response_time))
             }
             (None, None) => Duration::ZERO,
@@ -168,6 +252,7 @@ impl Freshness {
             must_revalidate,
             stale_while_revalidate: window(directives.stale_while_revalidate, rules.grace),
             stale_if_error: window(directives.stale_if_error, rules.stale_if_error),
+            stale_if_unreachable: window(None, rules.stale_if_unreachable),
         }
     }
 
@@ -183,15 +268,24 @@ impl Freshness {
             && self.staleness(now) <= self.stale_while_revalidate
     }
 
-    /// Whether a stale response may stand in for a failed origin (5xx, connect error, timeout).
-    pub fn serve_on_error(&self, request: &RequestDirectives, now: SystemTime) -> bool {
+    /// Whether a stale response may stand in for a failed origin: an error status, or (when
+    /// `unreachable`) no answer at all.
+    pub fn serve_on_error(
+        &self,
+        request: &RequestDirectives,
+        now: SystemTime,
+        unreachable: bool,
+    ) -> bool {
         if self.must_revalidate || self.no_cache {
             return false;
         }
-        let allowed = match request.stale_if_error {
+        let mut allowed = match request.stale_if_error {
             Some(Some(secs)) => self.stale_if_error.max(Duration::from_secs(secs)),
             _ => self.stale_if_error,
         };
+        if unreachable {
+            allowed = allowed.max(self.stale_if_unreachable);
+        }
         !allowed.is_zero() && self.staleness(now) <= allowed
     }
 
@@ -374,8 +468,8 @@ mod tests {
         assert!(!f.satisfies(&none, at(15)));
         assert!(f.serve_while_revalidating(&none, at(15)));
         assert!(!f.serve_while_revalidating(&none, at(31)));
-        assert!(f.serve_on_error(&none, at(100)));
-        assert!(!f.serve_on_error(&none, at(111)));
+        assert!(f.serve_on_error(&none, at(100), false));
+        assert!(!f.serve_on_error(&none, at(111), false));
         let strict = fresh(
             &[(
                 "cache-control",
@@ -388,7 +482,7 @@ mod tests {
             },
         );
         assert!(!strict.serve_while_revalidating(&none, at(15)));
-        assert!(!strict.serve_on_error(&none, at(15)));
+        assert!(!strict.serve_on_error(&none, at(15), true));
         let graced = fresh(
             &[("cache-control", "max-age=10".into())],
             FreshnessRules {
@@ -423,6 +517,27 @@ mod tests {
             at(0),
         );
         assert_eq!(f.lifetime, Duration::ZERO);
+    }
+
+    #[test]
+    fn lenient_dates() {
+        let want = httpdate::parse_http_date("Thu, 18 Aug 2050 02:01:18 GMT").unwrap();
+        assert_eq!(parse_date("THU, 18 Aug 2050 02:01:18 GMT"), Some(want));
+        assert_eq!(parse_date("Thu, 18 AUG 2050 02:01:18 GMT"), Some(want));
+        assert_eq!(parse_date("Thu, 18 Aug 2050 02:01:18 gMT"), Some(want));
+        assert_eq!(parse_date("Thu Aug 18 02:01:18 2050"), Some(want));
+        assert_eq!(
+            parse_date("Mon Aug  8 02:01:18 2050"),
+            parse_date("Mon, 08 Aug 2050 02:01:18 GMT")
+        );
+        for bad in [
+            "Thu, 18 Aug 2050 02:01:18 UTC",
+            "Thu, 18 Aug 50 02:01:18 GMT",
+            "Thu 18 Aug 2050 02:01:18 GMT",
+            "0",
+        ] {
+            assert_eq!(parse_date(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -50,6 +50,18 @@ impl ResourceMatcher for MatchAll {
     }
 }
 
+/// What to do with a response that sets a cookie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SetCookiePolicy {
+    /// Store it, Set-Cookie included, when the origin gave explicit freshness (RFC 9111 §3.1).
+    #[default]
+    Store,
+    /// Store it without its Set-Cookie header.
+    Strip,
+    /// Never store it.
+    Bypass,
+}
+
 /// One kind of resource with its own policy and memory budget.
 #[derive(Debug, Clone)]
 pub struct ResourceTypeSpec {
@@ -59,6 +71,7 @@ pub struct ResourceTypeSpec {
     pub max_object_size: u64,
     pub freshness: FreshnessRules,
     pub key: KeyRules,
+    pub set_cookie: SetCookiePolicy,
 }
 
 struct ResourceType {
@@ -306,9 +319,15 @@ impl Cache {
         if req_directives.no_store {
             return Err(NoCacheReason::RequestNoStore);
         }
-        let d = directives::effective_response_directives(headers, &self.settings.targeted_fields);
-        if d.no_store {
+        let mut d =
+            directives::effective_response_directives(headers, &self.settings.targeted_fields);
+        // §5.2.2.3: must-understand overrides no-store for a status this cache implements.
+        let understood = status.canonical_reason().is_some();
+        if d.no_store && !(d.must_understand && understood) {
             return Err(NoCacheReason::ResponseNoStore);
+        }
+        if d.must_understand && !understood {
+            return Err(NoCacheReason::StatusNotCacheable);
         }
         if d.private {
             return Err(NoCacheReason::Private);
@@ -319,9 +338,6 @@ impl Cache {
             && !(d.public || d.must_revalidate || d.s_maxage.is_some())
         {
             return Err(NoCacheReason::Authorization);
-        }
-        if headers.contains_key(SET_COOKIE) && !d.private_fields.contains(&SET_COOKIE) {
-            return Err(NoCacheReason::SetCookie);
         }
         let Some(vary) = key::vary_names(headers) else {
             return Err(NoCacheReason::VaryStar);
@@ -348,6 +364,18 @@ impl Cache {
             return Err(NoCacheReason::NoResourceType);
         };
         let spec = &self.types[idx].spec;
+        if headers.contains_key(SET_COOKIE) && !d.private_fields.contains(&SET_COOKIE) {
+            match spec.set_cookie {
+                SetCookiePolicy::Bypass => return Err(NoCacheReason::SetCookie),
+                SetCookiePolicy::Strip => d.private_fields.push(SET_COOKIE),
+                // The RFC stores Set-Cookie like any field; Larder still wants the origin to have
+                // said "shareable" explicitly, never a default ttl or a heuristic.
+                SetCookiePolicy::Store if !(explicit || d.public) => {
+                    return Err(NoCacheReason::SetCookie);
+                }
+                SetCookiePolicy::Store => {}
+            }
+        }
         let declared_len = headers
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -613,7 +641,10 @@ pub fn not_modified(request: &HeaderMap, stored: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| httpdate::parse_http_date(v).ok())
     {
-        let Some(lm) = freshness::parse_http_date(stored, LAST_MODIFIED) else {
+        // Without Last-Modified, the stored response's Date is the best known modification time.
+        let Some(lm) = freshness::parse_http_date(stored, LAST_MODIFIED)
+            .or_else(|| freshness::parse_http_date(stored, http::header::DATE))
+        else {
             return false;
         };
         return lm <= ims;

@@ -15,6 +15,7 @@ fn spec(name: &str, capacity: u64) -> ResourceTypeSpec {
         max_object_size: capacity / 4,
         freshness: FreshnessRules::default(),
         key: KeyRules::default(),
+        set_cookie: SetCookiePolicy::default(),
     }
 }
 
@@ -107,7 +108,10 @@ fn private_no_store_cookies_and_authorization_are_never_stored() {
             NoCacheReason::ResponseNoStore,
         ),
         (
-            headers(&[("cache-control", "max-age=60"), ("set-cookie", "a=b")]),
+            headers(&[
+                ("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT"),
+                ("set-cookie", "a=b"),
+            ]),
             NoCacheReason::SetCookie,
         ),
         (

@@ -897,6 +897,24 @@ fn build_pending_type(cx: &mut Ctx, path: &str, raw: &RawResourceType) -> Pendin
                     .as_ref()
                     .and_then(|g| duration(cx, &key(&c_path, "stale_if_error"), g))
                     .unwrap_or(d.stale_if_error),
+                stale_if_unreachable: c
+                    .stale_if_unreachable
+                    .as_ref()
+                    .and_then(|g| duration(cx, &key(&c_path, "stale_if_unreachable"), g))
+                    .unwrap_or(d.stale_if_unreachable),
+                set_cookie: c
+                    .set_cookie
+                    .as_deref()
+                    .and_then(|v| {
+                        choice(
+                            cx,
+                            &key(&c_path, "set_cookie"),
+                            "set_cookie policy",
+                            v,
+                            SetCookiePolicy::NAMES,
+                        )
+                    })
+                    .unwrap_or(d.set_cookie),
                 cache_key,
             }
         }

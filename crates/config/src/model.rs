@@ -495,7 +495,33 @@ pub struct ResourceConfig {
     /// when the origin gives no `stale-if-error`.
     #[serde(serialize_with = "ser_duration")]
     pub stale_if_error: Duration,
+    /// Serve a stale response when the origin cannot be reached at all (connect error,
+    /// closed connection, timeout), up to this long past its freshness (RFC 9111 §4.2.4).
+    #[serde(serialize_with = "ser_duration")]
+    pub stale_if_unreachable: Duration,
+    /// What to do with responses that set a cookie.
+    pub set_cookie: SetCookiePolicy,
     pub cache_key: CacheKeyConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SetCookiePolicy {
+    /// Stored with its Set-Cookie when the origin gave explicit freshness (RFC 9111 §3.1).
+    #[default]
+    Store,
+    /// Stored without the Set-Cookie header.
+    Strip,
+    /// Never stored.
+    Bypass,
+}
+
+impl SetCookiePolicy {
+    pub(crate) const NAMES: &[(&str, SetCookiePolicy)] = &[
+        ("store", SetCookiePolicy::Store),
+        ("strip", SetCookiePolicy::Strip),
+        ("bypass", SetCookiePolicy::Bypass),
+    ];
 }
 
 impl ResourceConfig {
@@ -512,6 +538,8 @@ impl Default for ResourceConfig {
             heuristic_freshness: true,
             grace: Duration::ZERO,
             stale_if_error: Duration::ZERO,
+            stale_if_unreachable: Duration::from_secs(30),
+            set_cookie: SetCookiePolicy::Store,
             cache_key: CacheKeyConfig::default(),
         }
     }

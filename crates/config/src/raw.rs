@@ -129,6 +129,8 @@ pub(crate) struct RawResourceConfig {
     pub heuristic_freshness: Option<bool>,
     pub grace: Option<Scalar>,
     pub stale_if_error: Option<Scalar>,
+    pub stale_if_unreachable: Option<Scalar>,
+    pub set_cookie: Option<String>,
     pub cache_key: Option<RawCacheKey>,
 }
 

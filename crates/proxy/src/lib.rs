@@ -70,6 +70,12 @@ pub fn cache_from_config(config: &Config) -> Cache {
                 heuristic: rt.config.heuristic_freshness,
                 grace: rt.config.grace,
                 stale_if_error: rt.config.stale_if_error,
+                stale_if_unreachable: rt.config.stale_if_unreachable,
+            },
+            set_cookie: match rt.config.set_cookie {
+                larder_config::SetCookiePolicy::Store => larder_cache::SetCookiePolicy::Store,
+                larder_config::SetCookiePolicy::Strip => larder_cache::SetCookiePolicy::Strip,
+                larder_config::SetCookiePolicy::Bypass => larder_cache::SetCookiePolicy::Bypass,
             },
             key: KeyRules {
                 query: match rt.config.cache_key.query {

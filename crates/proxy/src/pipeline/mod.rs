@@ -510,7 +510,7 @@ impl Proxy {
             && stale
                 .stored()
                 .freshness
-                .serve_on_error(&request.directives, response_time)
+                .serve_on_error(&request.directives, response_time, false)
         {
             drop(guard);
             ex.stale_reason = Some("stale-if-error");
@@ -629,7 +629,9 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let now = SystemTime::now();
         let freshness = &stale.stored().freshness;
-        if freshness.serve_on_error(&request.directives, now) {
+        // No answer at all (connect error, closed connection, timeout) counts as unreachable.
+        let unreachable = matches!(&error, ProxyError::Upstream(e) if !e.body_too_large);
+        if freshness.serve_on_error(&request.directives, now, unreachable) {
             ex.stale_reason = Some("stale-if-error");
             ex.reason = Some(NoCacheReason::UpstreamError);
             return Ok(self.serve_hit(ex, request, stale, CacheResult::Stale, now));
