@@ -187,13 +187,38 @@ pub fn effective_response_directives(
             .get_all(name)
             .iter()
             .any(|v| v.to_str().is_ok_and(|s| split_list(s).next().is_some()));
+        if !has_content {
+            continue;
+        }
+        // Surrogate-Control predates Structured Fields: `max-age=30;target` in its own syntax.
+        if name == "surrogate-control" {
+            let mut d = parse_surrogate(values);
+            d.targeted = true;
+            return d;
+        }
         // An invalid Structured Field is ignored as a whole (RFC 9213 §2.1).
-        if has_content && let Some(mut d) = parse_targeted(values) {
+        if let Some(mut d) = parse_targeted(values) {
             d.targeted = true;
             return d;
         }
     }
     response_directives(headers)
+}
+
+/// Edge Architecture `Surrogate-Control`: Cache-Control syntax, each directive optionally
+/// followed by `;device-token` (Larder applies every directive, whichever device it names).
+fn parse_surrogate<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> ResponseDirectives {
+    let stripped: Vec<HeaderValue> = values
+        .filter_map(|v| v.to_str().ok())
+        .map(|text| {
+            split_list(text)
+                .map(|member| member.split(';').next().unwrap_or("").trim())
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .filter_map(|text| HeaderValue::from_str(&text).ok())
+        .collect();
+    parse_response(stripped.iter())
 }
 
 /// Parses a targeted field as an RFC 8941 Dictionary: `None` when it is not one. Directives
@@ -489,6 +514,18 @@ mod tests {
         let d = effective_response_directives(&h, &[cdn]);
         assert!(!d.no_store);
         assert_eq!(d.max_age, Some(Some(5)));
+    }
+
+    #[test]
+    fn surrogate_control_accepts_device_targets() {
+        let mut h = headers(&["no-store"]);
+        h.insert(
+            "surrogate-control",
+            HeaderValue::from_static("max-age=10000;larder, no-store-remote"),
+        );
+        let d = effective_response_directives(&h, &[HeaderName::from_static("surrogate-control")]);
+        assert!(d.targeted && !d.no_store);
+        assert_eq!(d.max_age, Some(Some(10000)));
     }
 
     #[test]

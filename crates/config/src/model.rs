@@ -254,7 +254,9 @@ pub struct Cluster {
 impl Cluster {
     pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
     pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+    /// Below the 5 s keep-alive timeout of Node.js and many app servers, so a pooled
+    /// connection is not reused just as the origin closes it.
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
     pub const DEFAULT_MAX_IDLE_CONNECTIONS: usize = 64;
 }
 

@@ -55,6 +55,9 @@ pub struct UpstreamError {
     pub duration: Duration,
     /// The request body was over the limit (the client's fault, not the upstream's).
     pub body_too_large: bool,
+    /// The connection closed before any response arrived (typically a pooled connection the
+    /// origin had just timed out).
+    pub stale_connection: bool,
 }
 
 /// What to send upstream; the body is separate so a bodiless request can be replayed on
@@ -118,7 +121,7 @@ impl Cluster {
         let start = Instant::now();
         let replayable = body.is_end_stream();
         let attempts = if replayable {
-            self.endpoints.len().clamp(1, 3)
+            self.endpoints.len().clamp(2, 3)
         } else {
             1
         };
@@ -153,9 +156,13 @@ impl Cluster {
                     message: format!("no response within {timeout:?}"),
                     duration: start.elapsed(),
                     body_too_large: false,
+                    stale_connection: false,
                 },
             };
-            let retry = error.kind == UpstreamErrorKind::Connect;
+            // Safe to resend: nothing reached an origin (connect failure), or a pooled connection
+            // was closed under an idempotent bodiless request before any response byte came.
+            let retry = error.kind == UpstreamErrorKind::Connect
+                || (error.stale_connection && request.method.is_idempotent());
             last_error = Some(error);
             if !retry {
                 break;
@@ -167,6 +174,7 @@ impl Cluster {
             message: format!("cluster {} has no endpoints", self.name),
             duration: start.elapsed(),
             body_too_large: false,
+            stale_connection: false,
         }))
     }
 }
@@ -177,6 +185,9 @@ fn classify(
     start: Instant,
 ) -> UpstreamError {
     let body_too_large = source_chain(&e).any(|s| s.is::<crate::body::BodyTooLarge>());
+    let stale_connection = source_chain(&e)
+        .filter_map(|s| s.downcast_ref::<hyper::Error>())
+        .any(|h| h.is_incomplete_message() || h.is_canceled());
     let kind = if e.is_connect() {
         if source_chain(&e).any(|s| s.to_string().contains("timed out")) {
             UpstreamErrorKind::Timeout
@@ -196,6 +207,7 @@ fn classify(
         message,
         duration: start.elapsed(),
         body_too_large,
+        stale_connection,
     }
 }
 
