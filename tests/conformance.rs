@@ -633,3 +633,82 @@ async fn section_4_2_4_a_stale_response_of_any_status_is_not_reused_unvalidated(
     larder.get("/404").await;
     assert_eq!(origin.count(), 2);
 }
+
+/// A raw origin that answers every request with a 103 Early Hints, then a cacheable 200.
+async fn early_hints_origin() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                loop {
+                    let Ok(n) = stream.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let reply = b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload; as=style\r\n\r\n\
+                        HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\ncontent-length: 5\r\n\r\nhello";
+                    if stream.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, served)
+}
+
+/// Sends one HTTP/1.1 request on a fresh connection and returns everything read until the body.
+async fn raw_exchange(proxy: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    while !received.ends_with(b"hello") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n > 0,
+            "connection closed early: {}",
+            String::from_utf8_lossy(&received)
+        );
+        received.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8(received).unwrap()
+}
+
+#[tokio::test]
+async fn rfc9110_15_2_interim_responses_are_forwarded_and_never_cached() {
+    let (origin, served) = early_hints_origin().await;
+    let larder = Larder::start(&config_yaml(origin, DEFAULT_TYPES)).await;
+    let proxy = larder.server.proxy_addrs[0];
+    let first = raw_exchange(proxy, "GET /hints HTTP/1.1\r\nhost: example.com\r\n\r\n").await;
+    assert!(
+        first.starts_with("HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload; as=style\r\n\r\nHTTP/1.1 200 OK\r\n"),
+        "{first}"
+    );
+    // From cache: the final response alone.
+    let second = raw_exchange(proxy, "GET /hints HTTP/1.1\r\nhost: example.com\r\n\r\n").await;
+    assert!(second.starts_with("HTTP/1.1 200 OK\r\n"), "{second}");
+    assert!(second.contains("cache-status: larder; hit"), "{second}");
+    assert!(!second.contains("103"));
+    assert_eq!(served.load(Ordering::SeqCst), 1);
+    // HTTP/1.0 clients never get 1xx responses (RFC 9110 §15.2).
+    let old = raw_exchange(proxy, "GET /other HTTP/1.0\r\nhost: example.com\r\n\r\n").await;
+    assert!(
+        old.starts_with("HTTP/1.0 200 OK\r\n") || old.starts_with("HTTP/1.1 200 OK\r\n"),
+        "{old}"
+    );
+}

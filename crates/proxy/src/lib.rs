@@ -5,6 +5,7 @@ pub mod body;
 pub mod demo;
 pub mod error;
 pub mod headers;
+pub mod interim;
 mod pipeline;
 pub mod router;
 pub mod server;

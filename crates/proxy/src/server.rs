@@ -12,7 +12,12 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+
 use crate::Proxy;
+use crate::body::{ObservedBody, boxed};
+use crate::interim::{InterimIo, InterimSink};
 
 #[derive(Debug, Clone)]
 pub struct ServerLimits {
@@ -82,13 +87,30 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let handler = proxy.clone();
-        let service = service_fn(move |req| {
+        let interim = InterimSink::default();
+        let io = TokioIo::new(InterimIo::new(stream, interim.clone()));
+        let service = service_fn(move |mut req: Request<Incoming>| {
             let proxy = handler.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, Some(peer)).await) }
+            let interim = interim.clone();
+            async move {
+                // 1xx can only be relayed to HTTP/1.1 clients (never to 1.0; HTTP/2 would need
+                // hyper support).
+                let relay = req.version() == Version::HTTP_11;
+                if relay {
+                    interim.request_started();
+                    req.extensions_mut().insert(interim.clone());
+                }
+                let response = proxy.handle(req, Some(peer)).await;
+                if !relay {
+                    return Ok::<_, Infallible>(response);
+                }
+                interim.response_returned();
+                let (parts, body) = response.into_parts();
+                let body = ObservedBody::new(body, move |_, _| interim.body_finished());
+                Ok(Response::from_parts(parts, boxed(body)))
+            }
         });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
+        let connection = builder.serve_connection(io, service).into_owned();
         let connection = graceful.watch(connection);
         let metrics = proxy.metrics.clone();
         tokio::spawn(async move {

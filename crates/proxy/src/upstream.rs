@@ -117,6 +117,7 @@ impl Cluster {
         request: UpstreamRequest,
         body: ProxyBody,
         timeout: Duration,
+        interim: Option<&crate::interim::InterimSink>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let start = Instant::now();
         let replayable = body.is_end_stream();
@@ -140,6 +141,12 @@ impl Cluster {
             *req.uri_mut() = uri;
             *req.version_mut() = Version::HTTP_11;
             *req.headers_mut() = request.headers.clone();
+            if let Some(sink) = interim {
+                let sink = sink.clone();
+                hyper::ext::on_informational(&mut req, move |res| {
+                    sink.send(res.status(), res.headers())
+                });
+            }
             let remaining = timeout.saturating_sub(start.elapsed());
             let error = match tokio::time::timeout(remaining, self.client.request(req)).await {
                 Ok(Ok(response)) => {

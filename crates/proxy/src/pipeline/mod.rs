@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 use crate::body::{ChannelBody, FeedFlow, LimitedBody, ObservedBody, ProxyBody, boxed, empty};
 use crate::error::ProxyError;
 use crate::headers::{add_forwarded, append_via, strip_hop_by_hop};
+use crate::interim::InterimSink;
 use crate::upstream::UpstreamRequest;
 use crate::{Proxy, Runtime};
 use exchange::{Exchange, Forward};
@@ -44,6 +45,8 @@ struct ClientRequest {
     path_and_query: http::uri::PathAndQuery,
     headers: HeaderMap,
     directives: RequestDirectives,
+    /// Where the origin's 1xx responses go (HTTP/1.1 clients only).
+    interim: Option<InterimSink>,
 }
 
 impl ClientRequest {
@@ -188,11 +191,13 @@ impl Proxy {
 
         add_forwarded(&mut headers, ex.client, &authority, "http");
         let directives = request_directives(&headers);
+        let interim = parts.extensions.get::<InterimSink>().cloned();
         let request = ClientRequest {
             method: parts.method,
             path_and_query,
             headers,
             directives,
+            interim,
         };
         let body = boxed(LimitedBody::new(
             boxed(body),
@@ -433,6 +438,7 @@ impl Proxy {
         let rt = rt.clone();
         let mut request = request.clone();
         request.directives = RequestDirectives::default();
+        request.interim = None;
         let mut background =
             Exchange::background(ex.host.clone(), ex.path.clone(), ex.query.clone());
         tokio::spawn(async move {
@@ -491,7 +497,17 @@ impl Proxy {
             path_and_query: request.path_and_query.clone(),
             headers,
         };
-        let fetched = match self.forward(rt, ex, upstream, upstream_request, body).await {
+        let fetched = match self
+            .forward(
+                rt,
+                ex,
+                upstream,
+                upstream_request,
+                body,
+                request.interim.as_ref(),
+            )
+            .await
+        {
             Ok(response) => response,
             Err(error) => {
                 drop(guard);
@@ -653,13 +669,14 @@ impl Proxy {
         reason: NoCacheReason,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         ex.bypass(reason);
+        let interim = request.interim;
         let upstream_request = UpstreamRequest {
             method: request.method,
             path_and_query: request.path_and_query,
             headers: request.headers,
         };
         let response = self
-            .forward(rt, ex, upstream, upstream_request, body)
+            .forward(rt, ex, upstream, upstream_request, body, interim.as_ref())
             .await?;
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -668,6 +685,7 @@ impl Proxy {
         Ok(Response::from_parts(parts, boxed(body)))
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         rt: &Runtime,
@@ -675,9 +693,16 @@ impl Proxy {
         upstream: Upstream,
         request: UpstreamRequest,
         body: ProxyBody,
+        interim: Option<&InterimSink>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let cluster = &rt.clusters[upstream.cluster];
-        let result = cluster.send(request, body, upstream.timeout).await;
+        let result = cluster.send(request, body, upstream.timeout, interim).await;
+        if let Some(sink) = interim
+            && sink.has_pending()
+        {
+            // One turn for the connection to write the 1xx before this final response.
+            tokio::task::yield_now().await;
+        }
         let (duration, error) = match &result {
             Ok(r) => (r.duration, None),
             Err(e) => (e.duration, (!e.body_too_large).then_some(e.kind)),
