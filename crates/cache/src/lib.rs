@@ -491,9 +491,20 @@ impl Cache {
             );
         }
         for name in not_modified.keys() {
+            // Fields that describe the stored body itself stay as stored (RFC 9111 §3.2: fields
+            // the stored response depends upon): framing, coding, and the body's validator and
+            // digests, which a 304 cannot change without sending a new body.
             if matches!(
                 name.as_str(),
-                "content-length" | "content-encoding" | "content-range" | "transfer-encoding"
+                "content-length"
+                    | "content-encoding"
+                    | "content-range"
+                    | "transfer-encoding"
+                    | "etag"
+                    | "content-md5"
+                    | "digest"
+                    | "content-digest"
+                    | "repr-digest"
             ) {
                 continue;
             }

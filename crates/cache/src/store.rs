@@ -163,19 +163,22 @@ impl PurgeIndex {
         self.by_target.lock().values().map(HashMap::len).sum()
     }
 
-    /// Keys stored as `Vary` variants of `primary`.
+    /// Keys stored as `Vary` variants of `primary`, oldest first (ids grow with time).
     fn variants_of(&self, primary: &Key) -> Vec<Key> {
         let prefix = format!("{}\0v", primary.as_str());
-        self.by_target
+        let mut variants: Vec<(u64, Key)> = self
+            .by_target
             .lock()
             .get(&Self::target(primary))
             .map(|keys| {
-                keys.keys()
-                    .filter(|k| k.as_str().starts_with(&prefix))
-                    .cloned()
+                keys.iter()
+                    .filter(|(k, _)| k.as_str().starts_with(&prefix))
+                    .map(|(k, id)| (*id, k.clone()))
                     .collect()
             })
-            .unwrap_or_default()
+            .unwrap_or_default();
+        variants.sort_unstable_by_key(|(id, _)| *id);
+        variants.into_iter().map(|(_, k)| k).collect()
     }
 }
 
@@ -283,10 +286,11 @@ impl MemoryStore {
         }
     }
 
-    /// Makes room for one more `Vary` variant of `primary`, dropping an old one past `max`.
+    /// Makes room for one more `Vary` variant of `primary`, dropping the oldest past `max`.
     pub(crate) fn cap_variants(&self, primary: &Key, max: usize) {
         let variants = self.index.variants_of(primary);
-        for key in variants.iter().skip(max.saturating_sub(1)) {
+        let excess = (variants.len() + 1).saturating_sub(max);
+        for key in variants.iter().take(excess) {
             self.remove(key);
         }
     }
