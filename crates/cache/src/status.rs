@@ -83,14 +83,10 @@ pub enum NoCacheReason {
     VaryStar,
     /// The status code is not cacheable without explicit freshness.
     StatusNotCacheable,
-    /// The response was not storable for another RFC 9111 reason.
-    NotStorable,
     /// The response had no freshness and no validator, so it could never be reused.
     NoFreshness,
     /// The response (declared or streamed) exceeds the resource type's `max_object_size`.
     TooLarge,
-    /// The upstream body ended early or failed; a truncated object is never stored.
-    BodyIncomplete,
     /// The upstream failed before a response arrived.
     UpstreamError,
     /// Too many requests were already waiting on the same fill.
@@ -101,12 +97,10 @@ pub enum NoCacheReason {
     Upgrade,
     /// A purge of this URL arrived while the response was being fetched; the purge wins.
     PurgedDuringFill,
-    /// The origin stopped sending the body for longer than the timeout.
-    UpstreamIdle,
 }
 
 impl NoCacheReason {
-    pub const ALL: [NoCacheReason; 22] = [
+    pub const ALL: [NoCacheReason; 19] = [
         NoCacheReason::RouteDisabled,
         NoCacheReason::MethodNotCacheable,
         NoCacheReason::NoResourceType,
@@ -119,16 +113,13 @@ impl NoCacheReason {
         NoCacheReason::SetCookie,
         NoCacheReason::VaryStar,
         NoCacheReason::StatusNotCacheable,
-        NoCacheReason::NotStorable,
         NoCacheReason::NoFreshness,
         NoCacheReason::TooLarge,
-        NoCacheReason::BodyIncomplete,
         NoCacheReason::UpstreamError,
         NoCacheReason::CoalesceOverflow,
         NoCacheReason::CoalesceTimeout,
         NoCacheReason::Upgrade,
         NoCacheReason::PurgedDuringFill,
-        NoCacheReason::UpstreamIdle,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -145,16 +136,13 @@ impl NoCacheReason {
             NoCacheReason::SetCookie => "set_cookie",
             NoCacheReason::VaryStar => "vary_star",
             NoCacheReason::StatusNotCacheable => "status_not_cacheable",
-            NoCacheReason::NotStorable => "not_storable",
             NoCacheReason::NoFreshness => "no_freshness",
             NoCacheReason::TooLarge => "too_large",
-            NoCacheReason::BodyIncomplete => "body_incomplete",
             NoCacheReason::UpstreamError => "upstream_error",
             NoCacheReason::CoalesceOverflow => "coalesce_overflow",
             NoCacheReason::CoalesceTimeout => "coalesce_timeout",
             NoCacheReason::Upgrade => "upgrade",
             NoCacheReason::PurgedDuringFill => "purged_during_fill",
-            NoCacheReason::UpstreamIdle => "upstream_idle",
         }
     }
 
@@ -168,7 +156,6 @@ impl NoCacheReason {
                 | NoCacheReason::SetCookie
                 | NoCacheReason::VaryStar
                 | NoCacheReason::StatusNotCacheable
-                | NoCacheReason::NotStorable
                 | NoCacheReason::NoFreshness
                 | NoCacheReason::TooLarge
         )

@@ -481,9 +481,17 @@ fn section_5_2_2_3_must_understand_overrides_no_store_for_known_statuses() {
     let empty = HeaderMap::new();
     let t = target("/mu", &empty);
     let resp = headers(&[("cache-control", "max-age=60, no-store, must-understand")]);
-    assert!(cache.admit(&Method::GET, &t, StatusCode::OK, &resp, at(0), at(0), 0).is_ok());
+    assert!(
+        cache
+            .admit(&Method::GET, &t, StatusCode::OK, &resp, at(0), at(0), 0)
+            .is_ok()
+    );
     let unknown = StatusCode::from_u16(599).unwrap();
-    assert!(cache.admit(&Method::GET, &t, unknown, &resp, at(0), at(0), 0).is_err());
+    assert!(
+        cache
+            .admit(&Method::GET, &t, unknown, &resp, at(0), at(0), 0)
+            .is_err()
+    );
 }
 
 #[test]
@@ -491,7 +499,14 @@ fn section_5_2_1_5_request_no_store_is_never_stored() {
     let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
     let req = headers(&[("cache-control", "no-store")]);
     assert_eq!(
-        store(&cache, "/rns", &req, &headers(&[("cache-control", "max-age=60")]), b"x").unwrap_err(),
+        store(
+            &cache,
+            "/rns",
+            &req,
+            &headers(&[("cache-control", "max-age=60")]),
+            b"x"
+        )
+        .unwrap_err(),
         NoCacheReason::RequestNoStore
     );
 }
