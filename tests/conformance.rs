@@ -712,3 +712,33 @@ async fn rfc9110_15_2_interim_responses_are_forwarded_and_never_cached() {
         "{old}"
     );
 }
+
+#[tokio::test]
+async fn keep_drops_objects_too_stale_to_revalidate() {
+    // 90 s stale on arrival; keep 10 s (+ the 30 s stale_if_unreachable window) is exceeded.
+    let origin = Origin::fixed(
+        200,
+        &[
+            ("cache-control", "max-age=10"),
+            ("age", "100"),
+            ("etag", "\"k\""),
+        ],
+        "k",
+    )
+    .await;
+    let kept = "resource_types:\n  - name: default\n    config: { cache_size: 16MiB, keep: 10s }\n";
+    let larder = Larder::start(&config_yaml(origin.addr, kept)).await;
+    larder.get("/keep").await;
+    let reply = larder.get("/keep").await;
+    assert!(
+        reply.cache_status().contains("fwd=uri-miss"),
+        "{}",
+        reply.cache_status()
+    );
+    assert!(origin.last().headers.get("if-none-match").is_none());
+    // Without keep, the same object is revalidated.
+    let unbounded = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    unbounded.get("/keep2").await;
+    unbounded.get("/keep2").await;
+    assert_eq!(origin.last().headers["if-none-match"], "\"k\"");
+}

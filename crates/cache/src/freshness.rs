@@ -29,6 +29,9 @@ pub struct FreshnessRules {
     /// connection, timeout), up to this long past its freshness: RFC 9111 §4.2.4 allows a
     /// disconnected cache to do so without the origin's say-so.
     pub stale_if_unreachable: Duration,
+    /// How long an object past all its stale windows is kept for conditional revalidation
+    /// (Varnish's keep); `None` keeps it until evicted.
+    pub keep: Option<Duration>,
 }
 
 impl Default for FreshnessRules {
@@ -40,6 +43,7 @@ impl Default for FreshnessRules {
             grace: Duration::ZERO,
             stale_if_error: Duration::ZERO,
             stale_if_unreachable: Duration::ZERO,
+            keep: None,
         }
     }
 }
@@ -74,6 +78,8 @@ pub struct Freshness {
     pub stale_if_error: Duration,
     /// How long past freshness it may be served when the origin is unreachable (§4.2.4).
     pub stale_if_unreachable: Duration,
+    /// Staleness past which the object is dropped rather than revalidated.
+    pub keep_until_staleness: Option<Duration>,
 }
 
 pub fn parse_http_date(headers: &HeaderMap, name: http::HeaderName) -> Option<SystemTime> {
@@ -253,7 +259,25 @@ impl Freshness {
             stale_while_revalidate: window(directives.stale_while_revalidate, rules.grace),
             stale_if_error: window(directives.stale_if_error, rules.stale_if_error),
             stale_if_unreachable: window(None, rules.stale_if_unreachable),
+            keep_until_staleness: None,
         }
+        .with_keep(rules.keep)
+    }
+
+    fn with_keep(mut self, keep: Option<Duration>) -> Self {
+        self.keep_until_staleness = keep.map(|keep| {
+            keep + self
+                .stale_while_revalidate
+                .max(self.stale_if_error)
+                .max(self.stale_if_unreachable)
+        });
+        self
+    }
+
+    /// Past every stale window and the keep time: no longer worth revalidating.
+    pub fn beyond_keep(&self, now: SystemTime) -> bool {
+        self.keep_until_staleness
+            .is_some_and(|limit| self.staleness(now) > limit)
     }
 
     /// How far past its freshness lifetime the response is (zero while fresh).
@@ -494,6 +518,25 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("cache-control", HeaderValue::from_static("no-cache"));
         assert!(!graced.serve_while_revalidating(&request_directives(&h), at(60)));
+    }
+
+    #[test]
+    fn keep_bounds_how_long_a_stale_object_is_kept() {
+        let rules = FreshnessRules {
+            grace: Duration::from_secs(10),
+            keep: Some(Duration::from_secs(60)),
+            ..Default::default()
+        };
+        let f = fresh(&[("cache-control", "max-age=10".into())], rules);
+        assert!(!f.beyond_keep(at(80)));
+        assert!(f.beyond_keep(at(81)));
+        assert!(
+            !fresh(
+                &[("cache-control", "max-age=10".into())],
+                FreshnessRules::default()
+            )
+            .beyond_keep(at(100_000))
+        );
     }
 
     #[test]

@@ -902,6 +902,10 @@ fn build_pending_type(cx: &mut Ctx, path: &str, raw: &RawResourceType) -> Pendin
                     .as_ref()
                     .and_then(|g| duration(cx, &key(&c_path, "stale_if_unreachable"), g))
                     .unwrap_or(d.stale_if_unreachable),
+                keep: c
+                    .keep
+                    .as_ref()
+                    .and_then(|g| duration(cx, &key(&c_path, "keep"), g)),
                 set_cookie: c
                     .set_cookie
                     .as_deref()

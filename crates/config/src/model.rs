@@ -501,6 +501,10 @@ pub struct ResourceConfig {
     /// closed connection, timeout), up to this long past its freshness (RFC 9111 §4.2.4).
     #[serde(serialize_with = "ser_duration")]
     pub stale_if_unreachable: Duration,
+    /// How long an object past all its stale windows is kept for revalidation; `None` keeps
+    /// it until evicted.
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub keep: Option<Duration>,
     /// What to do with responses that set a cookie.
     pub set_cookie: SetCookiePolicy,
     pub cache_key: CacheKeyConfig,
@@ -541,6 +545,7 @@ impl Default for ResourceConfig {
             grace: Duration::ZERO,
             stale_if_error: Duration::ZERO,
             stale_if_unreachable: Duration::from_secs(30),
+            keep: None,
             set_cookie: SetCookiePolicy::Store,
             cache_key: CacheKeyConfig::default(),
         }

@@ -130,6 +130,7 @@ pub(crate) struct RawResourceConfig {
     pub grace: Option<Scalar>,
     pub stale_if_error: Option<Scalar>,
     pub stale_if_unreachable: Option<Scalar>,
+    pub keep: Option<Scalar>,
     pub set_cookie: Option<String>,
     pub cache_key: Option<RawCacheKey>,
 }

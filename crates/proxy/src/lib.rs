@@ -72,6 +72,7 @@ pub fn cache_from_config(config: &Config) -> Cache {
                 grace: rt.config.grace,
                 stale_if_error: rt.config.stale_if_error,
                 stale_if_unreachable: rt.config.stale_if_unreachable,
+                keep: rt.config.keep,
             },
             set_cookie: match rt.config.set_cookie {
                 larder_config::SetCookiePolicy::Store => larder_cache::SetCookiePolicy::Store,

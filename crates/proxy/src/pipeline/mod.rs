@@ -278,7 +278,18 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let now = SystemTime::now();
         let head = request.method == Method::HEAD;
-        let lookup = rt.cache.lookup(&request.target(&ex.host));
+        let mut lookup = rt.cache.lookup(&request.target(&ex.host));
+        if let Lookup::Found(hit) = &lookup
+            && hit.stored().freshness.beyond_keep(now)
+        {
+            // Kept past its keep time: dropped, and the request is a plain miss.
+            rt.cache.remove(hit);
+            lookup = Lookup::Miss {
+                fill_key: hit.primary.clone(),
+                resource_type: hit.resource_type,
+                vary_miss: false,
+            };
+        }
         match lookup {
             Lookup::NoResourceType => {
                 self.pass(
