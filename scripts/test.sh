@@ -2,7 +2,8 @@
 # Larder's full test run: formatting, lints, and every test of the workspace.
 # Works on a fresh machine with only the Rust toolchain; later suites that need outside programs
 # (Prometheus, Redis, wrk, varnishtest) install and start them here, and under CI=true a missing
-# program fails the run instead of being skipped.
+# program fails the run instead of being skipped. The conformance gate (scripts/cache-tests.sh)
+# needs node and npm, and installs the public HTTP caching suite from the npm registry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,3 +18,13 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== cargo test"
 cargo test --workspace --all-targets --locked
+
+echo "== cache-tests (public HTTP caching conformance suite, http-cache-tests@0.4.5, via npm)"
+if command -v node >/dev/null && command -v npm >/dev/null; then
+  ./scripts/cache-tests.sh target/debug/larder
+elif [ "${CI:-}" = "true" ]; then
+  echo "cache-tests: node and npm are required under CI=true (the conformance gate cannot be skipped)" >&2
+  exit 1
+else
+  echo "== cache-tests skipped: node not installed (needs node and npm; required under CI=true)"
+fi
