@@ -62,7 +62,7 @@ fn minimal_config_gets_defaults() {
     assert_eq!(cluster.lb_policy, LbPolicy::RoundRobin);
     assert_eq!(cluster.connect_timeout, Duration::from_secs(5));
     assert_eq!(cluster.request_timeout, Duration::from_secs(30));
-    assert_eq!(cluster.idle_timeout, Duration::from_secs(90));
+    assert_eq!(cluster.idle_timeout, Duration::from_secs(4));
     assert_eq!(cluster.max_idle_connections, 64);
     assert_eq!(
         cluster.endpoints,
