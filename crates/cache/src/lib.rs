@@ -76,6 +76,8 @@ pub struct ResourceTypeSpec {
 
 struct ResourceType {
     spec: ResourceTypeSpec,
+    /// The name as a shared string: logs and metric labels take it per request.
+    label: Arc<str>,
     store: MemoryStore,
 }
 
@@ -201,6 +203,7 @@ impl Cache {
             .into_iter()
             .map(|spec| ResourceType {
                 store: MemoryStore::new(spec.capacity_bytes, spec.max_object_size),
+                label: spec.name.as_str().into(),
                 spec,
             })
             .collect();
@@ -220,6 +223,10 @@ impl Cache {
 
     pub fn resource_type_name(&self, idx: usize) -> &str {
         &self.types[idx].spec.name
+    }
+
+    pub fn resource_type_label(&self, idx: usize) -> Arc<str> {
+        self.types[idx].label.clone()
     }
 
     pub fn coalescer(&self) -> &Coalescer {

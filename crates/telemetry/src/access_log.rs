@@ -99,6 +99,12 @@ fn split_host_port(host: &str) -> (&str, Option<u16>) {
 /// Appends `s` as a JSON string literal.
 fn json_str(out: &mut String, s: &str) {
     out.push('"');
+    // Almost every value needs no escaping: copy it whole.
+    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),

@@ -10,6 +10,7 @@ pub use access_log::{AccessLog, LogTarget};
 pub use metrics::{Metrics, StoreGauge};
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// One request through the proxy, from first byte in to response head out (body bytes counted
@@ -29,13 +30,13 @@ pub struct RequestEvent {
     pub user_agent: Option<String>,
     pub status: u16,
     pub response_body_bytes: Option<u64>,
-    pub route: Option<String>,
-    pub cluster: Option<String>,
+    pub route: Option<Arc<str>>,
+    pub cluster: Option<Arc<str>>,
     pub upstream_address: Option<String>,
     pub upstream_duration: Option<Duration>,
     pub cache_result: &'static str,
     pub cache_reason: Option<&'static str>,
-    pub resource_type: Option<String>,
+    pub resource_type: Option<Arc<str>>,
 }
 
 impl RequestEvent {
@@ -77,7 +78,7 @@ impl UpstreamErrorKind {
 /// An upstream exchange finished (successfully or not).
 #[derive(Debug, Clone)]
 pub struct UpstreamEvent<'a> {
-    pub cluster: &'a str,
+    pub cluster: &'a Arc<str>,
     pub duration: Duration,
     pub error: Option<UpstreamErrorKind>,
 }
@@ -87,7 +88,7 @@ impl UpstreamEvent<'_> {
         metrics.record_upstream(self);
         if let Some(kind) = self.error {
             tracing::debug!(
-                cluster = self.cluster,
+                cluster = %self.cluster,
                 error = kind.as_str(),
                 "upstream error"
             );
@@ -122,7 +123,14 @@ impl PurgeEvent<'_> {
 
 /// A new random request id (128 bits, hex), used when the client sent none.
 pub fn new_request_id() -> String {
-    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(32);
+    for word in [fastrand::u64(..), fastrand::u64(..)] {
+        for shift in (0..16).rev() {
+            id.push(HEX[((word >> (shift * 4)) & 0xf) as usize] as char);
+        }
+    }
+    id
 }
 
 /// The trace id of a W3C `traceparent` header, if well formed.
@@ -148,6 +156,17 @@ pub fn trace_id_from_traceparent(value: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_are_32_hex_digits() {
+        let id = new_request_id();
+        assert_eq!(id.len(), 32);
+        assert!(
+            id.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        assert_ne!(id, new_request_id());
+    }
 
     #[test]
     fn traceparent_parsing() {

@@ -17,15 +17,15 @@ use crate::{PurgeEvent, RequestEvent, UpstreamEvent};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    route: String,
-    cluster: String,
+    route: Arc<str>,
+    cluster: Arc<str>,
     method: &'static str,
     status_class: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CacheLabels {
-    resource_type: String,
+    resource_type: Arc<str>,
     result: &'static str,
 }
 
@@ -41,12 +41,12 @@ struct ResourceTypeLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClusterLabels {
-    cluster: String,
+    cluster: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamErrorLabels {
-    cluster: String,
+    cluster: Arc<str>,
     kind: &'static str,
 }
 
@@ -102,6 +102,13 @@ impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
     }
+}
+
+/// The label value for "none" (a request that never reached a route, say), shared so that
+/// recording it allocates nothing.
+fn empty() -> Arc<str> {
+    static EMPTY: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(|| Arc::from("")).clone()
 }
 
 fn latency_histogram() -> Histogram {
@@ -253,8 +260,8 @@ impl Metrics {
     pub(crate) fn record_request(&self, e: &RequestEvent) {
         self.requests
             .get_or_create(&RequestLabels {
-                route: e.route.clone().unwrap_or_default(),
-                cluster: e.cluster.clone().unwrap_or_default(),
+                route: e.route.clone().unwrap_or_else(empty),
+                cluster: e.cluster.clone().unwrap_or_else(empty),
                 method: method_class(&e.method),
                 status_class: status_class(e.status),
             })
@@ -277,7 +284,7 @@ impl Metrics {
         }
         self.cache_lookups
             .get_or_create(&CacheLabels {
-                resource_type: e.resource_type.clone().unwrap_or_default(),
+                resource_type: e.resource_type.clone().unwrap_or_else(empty),
                 result: e.cache_result,
             })
             .inc();
@@ -289,7 +296,7 @@ impl Metrics {
     }
 
     pub(crate) fn record_upstream(&self, e: &UpstreamEvent<'_>) {
-        let cluster = e.cluster.to_owned();
+        let cluster = e.cluster.clone();
         match e.error {
             None => self
                 .upstream_duration

@@ -303,7 +303,7 @@ impl Proxy {
                 .await
             }
             Lookup::Found(hit) => {
-                ex.resource_type = Some(rt.cache.resource_type_name(hit.resource_type).to_owned());
+                ex.resource_type = Some(rt.cache.resource_type_label(hit.resource_type));
                 self.note_key(rt, ex, &hit.key);
                 let freshness = &hit.stored().freshness;
                 if freshness.satisfies(&request.directives, now) {
@@ -339,7 +339,7 @@ impl Proxy {
                 resource_type,
                 vary_miss,
             } => {
-                ex.resource_type = Some(rt.cache.resource_type_name(resource_type).to_owned());
+                ex.resource_type = Some(rt.cache.resource_type_label(resource_type));
                 self.note_key(rt, ex, &fill_key);
                 if request.directives.only_if_cached {
                     return Err(ProxyError::OnlyIfCached);
@@ -610,11 +610,7 @@ impl Proxy {
             }
         };
         ex.stored = true;
-        ex.resource_type = Some(
-            rt.cache
-                .resource_type_name(admission.resource_type())
-                .to_owned(),
-        );
+        ex.resource_type = Some(rt.cache.resource_type_label(admission.resource_type()));
         let exact_len = parts
             .headers
             .get(CONTENT_LENGTH)
