@@ -1,0 +1,181 @@
+//! Micro-benchmarks of the cache engine's hot paths, through its public API only:
+//! a lookup that finds a fresh entry, admit + commit of a 1 KiB response, and a lookup that
+//! has to pick a `Vary` variant. Run with `cargo bench -p larder-cache` (see BENCHMARKS.md).
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use larder_cache::{
+    Cache, CacheSettings, FreshnessRules, KeyRules, Lookup, MatchAll, RequestDirectives,
+    RequestTarget, ResourceTypeSpec, SetCookiePolicy,
+};
+
+const MIB: u64 = 1024 * 1024;
+/// Distinct paths the insert benchmark cycles through.
+const PATHS: usize = 4096;
+
+fn cache(capacity: u64) -> Cache {
+    let spec = ResourceTypeSpec {
+        name: "default".into(),
+        matcher: Arc::new(MatchAll),
+        capacity_bytes: capacity,
+        max_object_size: capacity / 4,
+        freshness: FreshnessRules::default(),
+        key: KeyRules::default(),
+        set_cookie: SetCookiePolicy::default(),
+    };
+    Cache::new(vec![spec], CacheSettings::default())
+}
+
+fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in pairs {
+        h.append(
+            HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    h
+}
+
+/// What a typical origin sends with a cacheable 1 KiB object.
+fn response_headers(extra: &[(&str, &str)]) -> HeaderMap {
+    let mut h = headers(&[
+        ("cache-control", "max-age=3600"),
+        ("content-type", "application/octet-stream"),
+        ("content-length", "1024"),
+        ("etag", "\"5f3a-400\""),
+        ("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT"),
+        ("date", &httpdate::fmt_http_date(SystemTime::now())),
+    ]);
+    for (k, v) in extra {
+        h.append(
+            HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    h
+}
+
+fn target<'a>(path: &'a str, req: &'a HeaderMap) -> RequestTarget<'a> {
+    RequestTarget {
+        scheme: "http",
+        host: "bench.example",
+        path,
+        query: None,
+        headers: req,
+    }
+}
+
+/// Admits and commits one response; panics if the engine declines it.
+fn store(cache: &Cache, path: &str, req: &HeaderMap, resp: &HeaderMap, body: &Bytes) {
+    let now = SystemTime::now();
+    let admission = cache
+        .admit(
+            &Method::GET,
+            &target(path, req),
+            StatusCode::OK,
+            resp,
+            now,
+            now,
+            cache.purge_generation(),
+        )
+        .expect("the benchmark response is cacheable");
+    cache
+        .commit(admission, body.clone())
+        .expect("no purge happened");
+}
+
+fn assert_fresh_hit(cache: &Cache, path: &str, req: &HeaderMap) {
+    match cache.lookup(&target(path, req)) {
+        Lookup::Found(hit) => assert!(
+            hit.stored()
+                .freshness
+                .satisfies(&RequestDirectives::default(), SystemTime::now()),
+            "entry for {path} is not fresh"
+        ),
+        _ => panic!("no stored entry for {path}"),
+    }
+}
+
+fn lookup(c: &mut Criterion) {
+    let cache = cache(64 * MIB);
+    let body = Bytes::from(vec![b'x'; 1024]);
+    let req = headers(&[("user-agent", "bench"), ("accept", "*/*")]);
+    let resp = response_headers(&[]);
+    // A populated store, so the probe is not into a nearly empty table.
+    let paths: Vec<String> = (0..PATHS).map(|i| format!("/obj/{i}")).collect();
+    for path in &paths {
+        store(&cache, path, &req, &resp, &body);
+    }
+    assert_fresh_hit(&cache, "/obj/42", &req);
+
+    // Vary: two variants of one URL, chosen by Accept-Encoding.
+    let vary_resp = response_headers(&[("vary", "Accept-Encoding")]);
+    let gzip = headers(&[("user-agent", "bench"), ("accept-encoding", "gzip")]);
+    let br = headers(&[("user-agent", "bench"), ("accept-encoding", "br")]);
+    store(&cache, "/vary", &gzip, &vary_resp, &body);
+    store(&cache, "/vary", &br, &vary_resp, &body);
+    assert_fresh_hit(&cache, "/vary", &gzip);
+
+    let mut group = c.benchmark_group("lookup");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("hit_fresh", |b| {
+        b.iter(|| {
+            let found = cache.lookup(black_box(&target("/obj/42", &req)));
+            assert!(matches!(found, Lookup::Found(_)));
+            black_box(found)
+        })
+    });
+    group.bench_function("vary_hit", |b| {
+        b.iter(|| {
+            let found = cache.lookup(black_box(&target("/vary", &gzip)));
+            assert!(matches!(found, Lookup::Found(_)));
+            black_box(found)
+        })
+    });
+    group.bench_function("miss", |b| {
+        b.iter(|| {
+            let found = cache.lookup(black_box(&target("/absent", &req)));
+            assert!(matches!(found, Lookup::Miss { .. }));
+            black_box(found)
+        })
+    });
+    group.finish();
+}
+
+fn insert(c: &mut Criterion) {
+    let body = Bytes::from(vec![b'x'; 1024]);
+    let req = headers(&[("user-agent", "bench"), ("accept", "*/*")]);
+    let resp = response_headers(&[]);
+    let paths: Vec<String> = (0..PATHS).map(|i| format!("/obj/{i}")).collect();
+
+    let mut group = c.benchmark_group("insert_1k");
+    group.throughput(Throughput::Elements(1));
+    // Room for every path: each insert replaces an older copy of the same key.
+    let roomy = cache(64 * MIB);
+    let mut i = 0usize;
+    group.bench_function("admit_commit", |b| {
+        b.iter(|| {
+            i = (i + 1) % PATHS;
+            store(&roomy, black_box(&paths[i]), &req, &resp, &body);
+        })
+    });
+    // A 1 MiB budget holds well under PATHS objects: most inserts also evict.
+    let tight = cache(MIB);
+    let mut j = 0usize;
+    group.bench_function("admit_commit_evicting", |b| {
+        b.iter(|| {
+            j = (j + 1) % PATHS;
+            store(&tight, black_box(&paths[j]), &req, &resp, &body);
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, lookup, insert);
+criterion_main!(benches);
