@@ -184,12 +184,24 @@ pub struct Cache {
 /// Response headers as stored: without Age (recomputed on every hit), Surrogate-Control (meant
 /// for this cache only), and the fields `private="…"` keeps out of shared caches. Hop-by-hop
 /// fields are already gone (the proxy strips them first).
+///
+/// Every name and value is copied: as parsed, they are slices of the connection's read buffer,
+/// and storing them would keep a whole buffer alive per object, far beyond what the budget
+/// counts.
 fn storable_headers(headers: &HeaderMap, private_fields: &[HeaderName]) -> HeaderMap {
-    let mut out = headers.clone();
-    out.remove(AGE);
-    out.remove(&SURROGATE_CONTROL);
-    for name in private_fields {
-        out.remove(name);
+    let mut out = HeaderMap::with_capacity(headers.keys_len());
+    for (name, value) in headers {
+        if name == AGE || *name == SURROGATE_CONTROL || private_fields.contains(name) {
+            continue;
+        }
+        let (Ok(name), Ok(mut owned)) = (
+            HeaderName::from_bytes(name.as_str().as_bytes()),
+            http::HeaderValue::from_bytes(value.as_bytes()),
+        ) else {
+            continue;
+        };
+        owned.set_sensitive(value.is_sensitive());
+        out.append(name, owned);
     }
     out
 }
