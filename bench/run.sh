@@ -536,7 +536,12 @@ measure() {
 }
 
 nginx_cache_kib() {
-  if [[ -n $NGINX_CACHE_DIR && -d $NGINX_CACHE_DIR ]]; then du -sk "$NGINX_CACHE_DIR" | cut -f1; else echo 0; fi
+  # nginx's cache manager deletes files while du walks the tree: ignore those vanishing entries.
+  if [[ -n $NGINX_CACHE_DIR && -d $NGINX_CACHE_DIR ]]; then
+    { du -sk "$NGINX_CACHE_DIR" 2>/dev/null || true; } | cut -f1 | grep . || echo 0
+  else
+    echo 0
+  fi
 }
 
 throughput_round() {
