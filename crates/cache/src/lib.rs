@@ -595,49 +595,55 @@ fn key_hash(key: &Key) -> u64 {
     SEED.get_or_init(Default::default).hash_one(key)
 }
 
-/// (generation, host without port, path) of one purge.
-type PurgeRecord = (u64, Box<str>, Box<str>);
-
-/// Recent purges with their generation. A commit whose fetch began at generation `g` is
-/// dropped if a purge after `g` named its host and path.
-#[derive(Default)]
+/// The generation of the latest purge per (host, path), in a fixed table of slots indexed by
+/// hash: a commit whose fetch began at generation `g` is dropped if its slot has moved past `g`.
+/// Constant memory and no history to overflow, however many purges (or POSTs, which invalidate
+/// too) arrive during a slow fill; a slot shared by two paths can only drop a fill needlessly,
+/// never keep a purged one.
 struct PurgeLog {
     generation: std::sync::atomic::AtomicU64,
-    recent: parking_lot::Mutex<std::collections::VecDeque<PurgeRecord>>,
+    slots: Box<[std::sync::atomic::AtomicU64]>,
+    hasher: std::collections::hash_map::RandomState,
 }
 
-/// Purges remembered; a fill older than all of them is dropped (rare, and always safe).
-const PURGE_LOG_LEN: usize = 4096;
+/// 512 KiB of slots: even a thousand invalidations during one fill collide with its slot
+/// only about 1.5% of the time.
+const PURGE_SLOTS: usize = 65_536;
+
+impl Default for PurgeLog {
+    fn default() -> Self {
+        PurgeLog {
+            generation: Default::default(),
+            slots: (0..PURGE_SLOTS).map(|_| Default::default()).collect(),
+            hasher: Default::default(),
+        }
+    }
+}
 
 impl PurgeLog {
     fn current(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    fn slot(&self, host: &str, path: &str) -> &std::sync::atomic::AtomicU64 {
+        use std::hash::BuildHasher;
+        let hash = self.hasher.hash_one((key::host_without_port(host), path));
+        &self.slots[(hash as usize) % PURGE_SLOTS]
+    }
+
     fn record(&self, host: &str, path: &str) {
-        let mut recent = self.recent.lock();
-        let generation = self
-            .generation
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
-            + 1;
-        recent.push_back((generation, key::host_without_port(host).into(), path.into()));
-        if recent.len() > PURGE_LOG_LEN {
-            recent.pop_front();
-        }
+        use std::sync::atomic::Ordering;
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.slot(host, path)
+            .fetch_max(generation, Ordering::AcqRel);
     }
 
     fn purged_since(&self, since: u64, key: &Key) -> bool {
-        if self.current() == since {
-            return false;
-        }
-        let recent = self.recent.lock();
-        if recent.front().is_none_or(|(g, _, _)| *g > since + 1) {
-            return true;
-        }
-        let host = key::host_without_port(key.host());
-        recent
-            .iter()
-            .any(|(g, h, p)| *g > since && **h == *host && **p == *key.path())
+        self.current() != since
+            && self
+                .slot(key.host(), key.path())
+                .load(std::sync::atomic::Ordering::Acquire)
+                > since
     }
 }
 

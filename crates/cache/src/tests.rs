@@ -510,3 +510,33 @@ fn section_5_2_1_5_request_no_store_is_never_stored() {
         NoCacheReason::RequestNoStore
     );
 }
+
+#[test]
+fn many_unrelated_purges_during_a_fill_do_not_cancel_it() {
+    let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
+    let req = HeaderMap::new();
+    let resp = headers(&[("cache-control", "max-age=60")]);
+    let generation = cache.purge_generation();
+    let adm = cache
+        .admit(
+            &Method::GET,
+            &target("/slow", &req),
+            StatusCode::OK,
+            &resp,
+            at(0),
+            at(0),
+            generation,
+        )
+        .unwrap();
+    // A busy API invalidating other URLs (every successful POST does) while this fill runs;
+    // paths sharing this fill's slot are left out, since those may cancel it by design.
+    let own_slot = cache.purges.slot("example.com", "/slow") as *const _;
+    for i in 0..20_000 {
+        let path = format!("/api/{i}");
+        if !std::ptr::eq(cache.purges.slot("example.com", &path), own_slot) {
+            cache.purge("example.com", &path, None);
+        }
+    }
+    assert!(cache.commit(adm, Bytes::from_static(b"x")).is_some());
+    assert_eq!(cache.purge("example.com", "/slow", None), 1);
+}
