@@ -51,10 +51,6 @@ pub struct RequestDirectives {
 }
 
 impl RequestDirectives {
-    pub fn is_empty(&self) -> bool {
-        *self == RequestDirectives::default()
-    }
-
     /// The client insists on the origin being asked (no-cache, or max-age=0).
     pub fn forces_revalidation(&self) -> bool {
         self.no_cache || matches!(self.max_age, Some(Some(0)) | Some(None))

@@ -229,10 +229,6 @@ impl Cache {
         }
     }
 
-    pub fn resource_type_names(&self) -> impl Iterator<Item = &str> {
-        self.types.iter().map(|t| t.spec.name.as_str())
-    }
-
     pub fn resource_type_name(&self, idx: usize) -> &str {
         &self.types[idx].spec.name
     }

@@ -39,9 +39,7 @@ impl ProxyError {
             ProxyError::Upstream(e) => match e.kind {
                 UpstreamErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
                 UpstreamErrorKind::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
-                UpstreamErrorKind::Connect
-                | UpstreamErrorKind::Protocol
-                | UpstreamErrorKind::BodyAborted => StatusCode::BAD_GATEWAY,
+                UpstreamErrorKind::Connect | UpstreamErrorKind::Protocol => StatusCode::BAD_GATEWAY,
             },
         }
     }
@@ -62,9 +60,7 @@ impl ProxyError {
                 UpstreamErrorKind::Timeout => "upstream timed out\n".into(),
                 UpstreamErrorKind::NoEndpoint => "no upstream endpoint available\n".into(),
                 UpstreamErrorKind::Connect => "upstream connect error\n".into(),
-                UpstreamErrorKind::Protocol | UpstreamErrorKind::BodyAborted => {
-                    "upstream sent an invalid response\n".into()
-                }
+                UpstreamErrorKind::Protocol => "upstream sent an invalid response\n".into(),
             },
         }
     }

@@ -12,11 +12,10 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use http::{Request, Response, Version};
+use http::{Request, Version};
 use hyper::body::Incoming;
 
 use crate::Proxy;
-use crate::body::{ObservedBody, boxed};
 use crate::interim::{InterimIo, InterimSink};
 
 #[derive(Debug, Clone)]
@@ -100,14 +99,8 @@ pub async fn serve(
                     interim.request_started();
                     req.extensions_mut().insert(interim.clone());
                 }
-                let response = proxy.handle(req, Some(peer)).await;
-                if !relay {
-                    return Ok::<_, Infallible>(response);
-                }
-                interim.response_returned();
-                let (parts, body) = response.into_parts();
-                let body = ObservedBody::new(body, move |_, _| interim.body_finished());
-                Ok(Response::from_parts(parts, boxed(body)))
+                // The pipeline tells the sink when the final response and its body are done.
+                Ok::<_, Infallible>(proxy.handle(req, Some(peer)).await)
             }
         });
         let connection = builder.serve_connection(io, service).into_owned();

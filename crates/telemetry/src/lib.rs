@@ -57,8 +57,6 @@ pub enum UpstreamErrorKind {
     Timeout,
     /// The connection failed or the response was malformed after connecting.
     Protocol,
-    /// The response body failed part-way.
-    BodyAborted,
     /// No endpoint is available in the cluster.
     NoEndpoint,
 }
@@ -69,7 +67,6 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::Connect => "connect",
             UpstreamErrorKind::Timeout => "timeout",
             UpstreamErrorKind::Protocol => "protocol",
-            UpstreamErrorKind::BodyAborted => "body_aborted",
             UpstreamErrorKind::NoEndpoint => "no_endpoint",
         }
     }

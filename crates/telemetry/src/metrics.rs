@@ -169,7 +169,7 @@ impl Metrics {
         );
         registry.register_with_unit(
             "request_duration",
-            "Downstream request latency until the response head is sent, by where the body came from",
+            "Downstream request latency until the last body byte was sent, by where the body came from",
             Unit::Seconds,
             m.request_duration.clone(),
         );
@@ -219,7 +219,7 @@ impl Metrics {
         );
         registry.register(
             "upstream_errors",
-            "Upstream failures per cluster and kind (connect, timeout, protocol, body_aborted, no_endpoint)",
+            "Upstream failures per cluster and kind (connect, timeout, protocol, no_endpoint)",
             m.upstream_errors.clone(),
         );
         registry.register(

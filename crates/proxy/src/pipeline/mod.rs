@@ -92,6 +92,7 @@ impl Proxy {
         client: Option<SocketAddr>,
     ) -> Response<ProxyBody> {
         let runtime = self.runtime.load_full();
+        let interim = req.extensions().get::<InterimSink>().cloned();
         let mut ex = Exchange::new(&req, client);
         let response = match self.process(&runtime, &mut ex, req).await {
             Ok(response) => response,
@@ -104,12 +105,21 @@ impl Proxy {
                 error.into_response()
             }
         };
-        self.finish(ex, response)
+        self.finish(ex, response, interim)
     }
 
     /// Stamps the response with the request's identity and cache status, and arranges for the
-    /// event to be emitted when the body is done.
-    fn finish(&self, ex: Exchange, mut response: Response<ProxyBody>) -> Response<ProxyBody> {
+    /// event to be emitted (and the connection's interim relay told) when the body is done, in
+    /// one body wrapper per response.
+    fn finish(
+        &self,
+        ex: Exchange,
+        mut response: Response<ProxyBody>,
+        interim: Option<InterimSink>,
+    ) -> Response<ProxyBody> {
+        if let Some(sink) = &interim {
+            sink.response_returned();
+        }
         let headers = response.headers_mut();
         if let Ok(v) = HeaderValue::from_str(&ex.cache_status()) {
             headers.insert(CACHE_STATUS.clone(), v);
@@ -122,6 +132,9 @@ impl Proxy {
         let log = self.access_log.clone();
         let (parts, body) = response.into_parts();
         let body = ObservedBody::new(body, move |bytes, _complete| {
+            if let Some(sink) = interim {
+                sink.body_finished();
+            }
             ex.into_event(status, bytes).emit(&metrics, log.as_deref());
         });
         Response::from_parts(parts, boxed(body))
