@@ -105,11 +105,7 @@ async fn configured_ttl_applies_when_origin_gives_none() {
 #[tokio::test]
 async fn section_4_1_vary_selects_variants() {
     let origin = Origin::start(|seen| async move {
-        let lang = seen
-            .headers
-            .get("accept-language")
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default();
+        let lang = seen.header("accept-language");
         response(
             200,
             &[("cache-control", "max-age=60"), ("vary", "Accept-Language")],
@@ -306,11 +302,7 @@ async fn uncacheable_responses_do_not_queue_behind_each_other() {
 #[tokio::test]
 async fn purge_removes_every_variant_then_misses() {
     let origin = Origin::start(|seen| async move {
-        let enc = seen
-            .headers
-            .get("accept-encoding")
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default();
+        let enc = seen.header("accept-encoding");
         response(
             200,
             &[
@@ -487,11 +479,7 @@ async fn objects_over_max_object_size_stream_through_uncached() {
 async fn private_no_store_cookies_and_authorization_are_never_shared() {
     // The origin answers with the caller's identity: any reuse would leak it to the next user.
     let origin = Origin::start(|seen| async move {
-        let user = seen
-            .headers
-            .get("x-user")
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default();
+        let user = seen.header("x-user");
         let cc = match seen.uri.path() {
             "/private" => "private, max-age=600",
             "/no-store" => "no-store, max-age=600",
@@ -797,11 +785,7 @@ async fn a_stored_404_is_never_turned_into_304() {
 #[tokio::test]
 async fn set_cookie_policy_per_resource_type() {
     let origin = Origin::start(|seen| async move {
-        let user = seen
-            .headers
-            .get("x-user")
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default();
+        let user = seen.header("x-user");
         let cookie = format!("session={user}");
         response(
             200,

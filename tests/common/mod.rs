@@ -32,6 +32,16 @@ pub struct Seen {
     pub body: Bytes,
 }
 
+impl Seen {
+    /// A request header as text ("" when absent).
+    pub fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    }
+}
+
 type Handler =
     Arc<dyn Fn(Seen) -> Pin<Box<dyn Future<Output = Response<TestBody>> + Send>> + Send + Sync>;
 
