@@ -121,6 +121,8 @@ impl Proxy {
             sink.response_returned();
         }
         let headers = response.headers_mut();
+        // Meant for this cache only (read at admission): never forwarded, whatever the path.
+        headers.remove(&SURROGATE_CONTROL);
         if let Ok(v) = HeaderValue::from_str(&ex.cache_status()) {
             headers.insert(CACHE_STATUS.clone(), v);
         }
@@ -603,8 +605,6 @@ impl Proxy {
             response_time,
             generation,
         );
-        // Read by the admission above; meant for this cache only.
-        parts.headers.remove(&SURROGATE_CONTROL);
         let admission = match admitted {
             Ok(admission) => admission,
             Err(reason) => {
@@ -700,7 +700,6 @@ impl Proxy {
             .await?;
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(&SURROGATE_CONTROL);
         append_via(&mut parts.headers);
         Ok(Response::from_parts(parts, boxed(body)))
     }
