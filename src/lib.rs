@@ -199,19 +199,26 @@ resource_types:
     larder_config::load_str(&yaml, "--upstream").map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-/// Waits for SIGTERM or Ctrl-C.
-pub async fn wait_for_signal() {
+/// Registers the SIGTERM and SIGINT handlers now and returns a future that resolves on the
+/// first of them. Register before announcing readiness: a signal that arrives between the
+/// announcement and the registration would otherwise kill the process without a drain.
+pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        })
     }
     #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 /// Default drain delay is zero until Kubernetes drain lands (issue 7 makes it configurable).

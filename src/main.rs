@@ -112,6 +112,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         admin_token: std::env::var("LARDER_ADMIN_TOKEN").ok(),
     };
     let server = larder::start(config, options).await?;
+    let shutdown = larder::shutdown_signal()?;
     eprintln!("larder {} ({mode})", larder::VERSION);
     for addr in &server.proxy_addrs {
         eprintln!("  proxy listening on http://{addr}");
@@ -120,7 +121,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "  admin listening on http://{}  (/stats/prometheus, /ready, POST /purge)",
         server.admin_addr
     );
-    larder::wait_for_signal().await;
+    shutdown.await;
     eprintln!("larder: shutting down (draining in-flight requests)");
     server
         .ready
