@@ -30,6 +30,7 @@ pub struct Server {
     pub proxy_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub proxy: Arc<Proxy>,
+    pub purger: Arc<larder_purge::Purger>,
     pub ready: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -123,9 +124,14 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Serv
         )));
     }
     let admin_addr = admin_listener.local_addr()?;
+    let purger =
+        larder_purge::Purger::new(proxy.clone(), &config.purge, token.clone(), metrics.clone())
+            .map_err(|e| anyhow::anyhow!(e))?;
+    proxy.set_purger(&purger);
+    tasks.push(tokio::spawn(purger.clone().run(signal())));
     let dump_proxy = Arc::downgrade(&proxy);
     let state = Arc::new(AdminState {
-        invalidator: proxy.clone(),
+        purger: purger.clone(),
         metrics,
         config_dump: Arc::new(move || {
             dump_proxy
@@ -146,6 +152,7 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Serv
         proxy_addrs,
         admin_addr,
         proxy,
+        purger,
         ready,
         shutdown,
         tasks,

@@ -376,7 +376,10 @@ async fn purge_removes_every_variant_then_misses() {
         ),
         Some(1.0)
     );
-    assert_eq!(metric(&metrics, "larder_purged_objects_total"), Some(2.0));
+    assert_eq!(
+        metric(&metrics, r#"larder_purged_objects_total{kind="url"}"#),
+        Some(2.0)
+    );
 }
 
 #[tokio::test]

@@ -1,27 +1,27 @@
 #![forbid(unsafe_code)]
 //! The admin API (default 127.0.0.1:9901): purge, Prometheus metrics, readiness, config dump.
-//! It talks to the cache only through [`Invalidator`], so cluster-wide purge can wrap it later
-//! without changing this API.
+//! Purges go through the [`Purger`], which applies them here and relays them to the other
+//! replicas; this module only authenticates, parses and answers.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Query, State};
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use larder_cache::Invalidator;
-use larder_telemetry::{Metrics, PurgeEvent};
-use serde::Deserialize;
+use larder_purge::{PURGE_ID_HEADER, PurgeBody, Purger, RELAYED_BY_HEADER, Refusal, Source};
+use larder_telemetry::Metrics;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
 pub type ConfigDump = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 pub struct AdminState {
-    pub invalidator: Arc<dyn Invalidator>,
+    pub purger: Arc<Purger>,
     pub metrics: Arc<Metrics>,
     pub config_dump: ConfigDump,
     /// Bearer token required on mutating endpoints, when set. Never logged.
@@ -79,56 +79,68 @@ fn unauthorized(state: &AdminState, headers: &HeaderMap) -> Option<Response> {
     Some(response)
 }
 
-#[derive(Deserialize)]
-struct PurgeParams {
-    hostname: Option<String>,
-    path: Option<String>,
-}
-
+/// `POST /purge`: the query form (`hostname` + `path`/`prefix`, `tag`, `soft`) or a JSON body
+/// (`urls`, `prefixes`, `tags`, `hostname` + `paths`, `soft`). Answers with what was purged
+/// here and on each peer.
 async fn purge(
     State(state): State<Arc<AdminState>>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    params: Result<Query<PurgeParams>, axum::extract::rejection::QueryRejection>,
+    RawQuery(query): RawQuery,
+    body: Bytes,
 ) -> Response {
+    let header_text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let source = match header_text(RELAYED_BY_HEADER) {
+        Some(instance) => Source::Peer { instance },
+        None => Source::Admin(client),
+    };
     if let Some(denied) = unauthorized(&state, &headers) {
+        state.purger.refused(&source, "unauthorized");
         return denied;
     }
-    let Ok(Query(params)) = params else {
-        return json_error(StatusCode::BAD_REQUEST, "invalid query string");
-    };
-    let Some(hostname) = params.hostname.filter(|h| !h.is_empty()) else {
-        return json_error(StatusCode::BAD_REQUEST, "missing query parameter: hostname");
-    };
-    let Some(target) = params.path.filter(|p| p.starts_with('/')) else {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            "missing or invalid query parameter: path (must start with /)",
+    if let Err(Refusal::RateLimited { retry_after }) = state.purger.admit(&source) {
+        state.purger.refused(&source, "rate_limited");
+        let mut response = json_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            &format!(
+                "too many purge requests; retry in {} ms",
+                retry_after.as_millis().max(1)
+            ),
         );
-    };
-    let (path, query) = match target.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (target.as_str(), None),
-    };
-    let removed = state.invalidator.purge(&hostname, path, query);
-    PurgeEvent {
-        kind: "url",
-        host: &hostname,
-        path: &target,
-        removed,
-        client: Some(client),
+        let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return response;
     }
-    .emit(&state.metrics);
-    let status = if removed > 0 {
-        StatusCode::OK
+    let query = query.unwrap_or_default();
+    let order = if body.iter().all(u8::is_ascii_whitespace) {
+        larder_purge::order_from_query(&query)
+    } else if !query.is_empty() {
+        Err("give the purge either as query parameters or as a JSON body, not both".into())
     } else {
-        StatusCode::NOT_FOUND
+        serde_json::from_slice::<PurgeBody>(&body)
+            .map_err(|e| format!("invalid JSON body: {e}"))
+            .and_then(PurgeBody::into_order)
     };
-    (
-        status,
-        axum::Json(json!({ "hostname": hostname, "path": target, "purged": removed })),
-    )
-        .into_response()
+    let order = match order {
+        Ok(order) => order,
+        Err(message) => {
+            state.purger.refused(&source, "invalid");
+            return json_error(StatusCode::BAD_REQUEST, &message);
+        }
+    };
+    let id = match &source {
+        Source::Peer { .. } => header_text(PURGE_ID_HEADER),
+        _ => None,
+    };
+    let report = state.purger.purge(&order, source, id).await;
+    (report.status(), axum::Json(report)).into_response()
 }
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {

@@ -274,6 +274,14 @@ impl Freshness {
         self
     }
 
+    /// The same freshness, stale from `now` on (a soft purge): the stale-serving windows count
+    /// from `now`.
+    pub fn expired_at(&self, now: SystemTime) -> Freshness {
+        let mut expired = self.clone();
+        expired.lifetime = self.lifetime.min(self.current_age(now));
+        expired
+    }
+
     /// Past every stale window and the keep time: no longer worth revalidating.
     pub fn beyond_keep(&self, now: SystemTime) -> bool {
         self.keep_until_staleness

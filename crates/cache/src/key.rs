@@ -89,6 +89,24 @@ impl Key {
         self.field(1)
     }
 
+    /// Host without port and path in one pass: what purges and the invalidation index order by.
+    pub fn purge_target(&self) -> (&str, &str) {
+        let mut fields = self.0.split(SEP).skip(1);
+        let host = fields.next().unwrap_or("");
+        (host_without_port(host), fields.next().unwrap_or(""))
+    }
+
+    /// A key that orders before every stored key with this host and path (its scheme is
+    /// empty), so an ordered index can start a range scan at it. Never stored.
+    pub fn probe(host: &str, path: &str) -> Key {
+        let mut s = String::with_capacity(host.len() + path.len() + 2);
+        s.push(SEP);
+        s.push_str(host);
+        s.push(SEP);
+        s.push_str(path);
+        Key(s.into())
+    }
+
     pub fn path(&self) -> &str {
         self.field(2)
     }

@@ -6,6 +6,7 @@
 pub mod coalesce;
 pub mod directives;
 pub mod freshness;
+pub mod invalidate;
 pub mod key;
 pub mod status;
 pub mod store;
@@ -24,6 +25,8 @@ use quick_cache::sync::Cache as QuickCache;
 pub use coalesce::{Coalescer, FillGuard, FillWaiter, Join};
 pub use directives::{RequestDirectives, request_directives, response_directives};
 pub use freshness::{Freshness, FreshnessRules};
+use invalidate::PurgeLog;
+pub use invalidate::{Selector, response_tags};
 pub use key::{Key, KeyRules, QueryMode, RequestTarget};
 pub use status::{CacheResult, NoCacheReason};
 pub use store::{Entry, MemoryStore, Slot, StoreStats, StoredResponse};
@@ -93,6 +96,11 @@ pub struct CacheSettings {
     /// How long a miss for a key that recently proved uncacheable skips coalescing, so
     /// uncacheable URLs never queue behind one another.
     pub hit_for_pass: Duration,
+    /// Response headers carrying tags for tag purges.
+    pub tag_headers: Vec<HeaderName>,
+    /// Store responses without their tag headers (the proxy strips them from every response
+    /// too): tags are for this cache, not for clients.
+    pub strip_tag_headers: bool,
 }
 
 impl Default for CacheSettings {
@@ -105,6 +113,11 @@ impl Default for CacheSettings {
             max_variants: 64,
             max_coalesced_waiters: 1024,
             hit_for_pass: Duration::from_secs(120),
+            tag_headers: vec![
+                HeaderName::from_static("surrogate-key"),
+                HeaderName::from_static("cache-tag"),
+            ],
+            strip_tag_headers: true,
         }
     }
 }
@@ -155,6 +168,7 @@ pub struct Admission {
     /// Purge generation when the origin was asked.
     generation: u64,
     no_cache_fields: Vec<HeaderName>,
+    tags: Box<[Arc<str>]>,
 }
 
 impl Admission {
@@ -188,10 +202,18 @@ pub struct Cache {
 /// Every name and value is copied: as parsed, they are slices of the connection's read buffer,
 /// and storing them would keep a whole buffer alive per object, far beyond what the budget
 /// counts.
-fn storable_headers(headers: &HeaderMap, private_fields: &[HeaderName]) -> HeaderMap {
+fn storable_headers(
+    headers: &HeaderMap,
+    private_fields: &[HeaderName],
+    stripped: &[HeaderName],
+) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(headers.keys_len());
     for (name, value) in headers {
-        if name == AGE || *name == SURROGATE_CONTROL || private_fields.contains(name) {
+        if name == AGE
+            || *name == SURROGATE_CONTROL
+            || private_fields.contains(name)
+            || stripped.contains(name)
+        {
             continue;
         }
         let (Ok(name), Ok(mut owned)) = (
@@ -416,12 +438,18 @@ impl Cache {
             let key = primary.variant(&vary, target.headers);
             (vary, key)
         });
+        let stripped: &[HeaderName] = if self.settings.strip_tag_headers {
+            &self.settings.tag_headers
+        } else {
+            &[]
+        };
         Ok(Admission {
             resource_type: idx,
             primary,
             variant,
             status,
-            headers: storable_headers(headers, &d.private_fields),
+            tags: response_tags(headers, &self.settings.tag_headers),
+            headers: storable_headers(headers, &d.private_fields, stripped),
             freshness,
             no_cache_fields: d.no_cache_fields,
             max_object_size: spec.max_object_size,
@@ -441,10 +469,11 @@ impl Cache {
             freshness,
             generation,
             no_cache_fields,
+            tags,
             ..
         } = admission;
         let _gate = self.gate.read();
-        if self.purges.purged_since(generation, &primary) {
+        if self.purges.purged_since(generation, &primary, &tags) {
             return None;
         }
         let store = &self.types[resource_type].store;
@@ -454,7 +483,7 @@ impl Cache {
                 ty.store.remove(&primary);
             }
         }
-        let mut stored = StoredResponse::new(status, headers, body, freshness);
+        let mut stored = StoredResponse::new(status, headers, body, freshness, tags);
         stored.no_cache_fields = no_cache_fields;
         let response = Slot::new(Entry::Response(stored));
         let key = match variant {
@@ -538,7 +567,12 @@ impl Cache {
                 response_time,
                 generation,
             )
-            .and_then(|admission| {
+            .and_then(|mut admission| {
+                // Stored headers may have lost their tag fields (stripped); a 304 that does not
+                // repeat them leaves the tags as they were.
+                if admission.tags.is_empty() {
+                    admission.tags = stored.tags.clone();
+                }
                 self.commit(admission, stored.body.clone())
                     .ok_or(NoCacheReason::PurgedDuringFill)
             });
@@ -558,18 +592,65 @@ impl Cache {
     /// Removes every stored variant for a host and path (any query when `query` is None,
     /// else only that query as each type normalises it). Returns the number of responses removed.
     pub fn purge(&self, host: &str, path: &str, query: Option<&str>) -> usize {
-        let host = key::normalize_host(host, "http");
+        let selector = Selector::Url {
+            host: host.into(),
+            path: path.into(),
+            query: query.map(Into::into),
+        };
+        self.invalidate(&selector, false, SystemTime::now())
+    }
+
+    /// Applies one invalidation: removes what `selector` names, or with `soft` marks it stale
+    /// as of `now` (kept, so the next request revalidates it and grace or stale-while-revalidate
+    /// can still serve it meanwhile). Returns how many responses it applied to.
+    pub fn invalidate(&self, selector: &Selector, soft: bool, now: SystemTime) -> usize {
+        let selector = match selector {
+            Selector::Url { host, path, query } => Selector::Url {
+                host: key::normalize_host(host, "http"),
+                path: path.clone(),
+                query: query.clone(),
+            },
+            Selector::Prefix { host, prefix } => Selector::Prefix {
+                host: key::host_without_port(&key::normalize_host(host, "http")).to_owned(),
+                prefix: prefix.clone(),
+            },
+            Selector::Tag(tag) => Selector::Tag(tag.clone()),
+        };
         let _gate = self.gate.write();
-        self.purges.record(&host, path);
-        self.types
-            .iter()
-            .map(|ty| {
-                let wanted = query.map(|q| key::normalize_query(Some(q), ty.spec.key.query));
-                ty.store.purge(&host, path, |k| {
-                    wanted.as_deref().is_none_or(|q| k.query() == q)
+        self.purges.record(&selector);
+        let mut applied = 0;
+        for ty in &self.types {
+            let selected = match &selector {
+                Selector::Url { host, path, query } => {
+                    let bare = key::host_without_port(host);
+                    let host_has_port = host.as_str() != bare;
+                    let wanted = query
+                        .as_deref()
+                        .map(|q| key::normalize_query(Some(q), ty.spec.key.query));
+                    let select = |k: &Key| {
+                        (!host_has_port || k.host() == host)
+                            && wanted.as_deref().is_none_or(|q| k.query() == q)
+                    };
+                    ty.store.select(&store::Selection::Url {
+                        host: bare,
+                        path,
+                        select: &select,
+                    })
+                }
+                Selector::Prefix { host, prefix } => {
+                    ty.store.select(&store::Selection::Prefix { host, prefix })
+                }
+                Selector::Tag(tag) => ty.store.select(&store::Selection::Tag(tag)),
+            };
+            applied += if soft {
+                ty.store.replace_selected(&selected, |stored| {
+                    stored.with_freshness(stored.freshness.expired_at(now))
                 })
-            })
-            .sum()
+            } else {
+                ty.store.remove_selected(&selected)
+            };
+        }
+        applied
     }
 
     pub fn stats(&self) -> Vec<(&str, StoreStats)> {
@@ -582,6 +663,11 @@ impl Cache {
     pub fn indexed_keys(&self) -> usize {
         self.types.iter().map(|t| t.store.indexed_keys()).sum()
     }
+
+    /// (tag, key) pairs in the tag indexes (for leak checks).
+    pub fn indexed_tags(&self) -> usize {
+        self.types.iter().map(|t| t.store.indexed_tags()).sum()
+    }
 }
 
 fn key_hash(key: &Key) -> u64 {
@@ -591,69 +677,17 @@ fn key_hash(key: &Key) -> u64 {
     SEED.get_or_init(Default::default).hash_one(key)
 }
 
-/// The generation of the latest purge per (host, path), in a fixed table of slots indexed by
-/// hash: a commit whose fetch began at generation `g` is dropped if its slot has moved past `g`.
-/// Constant memory and no history to overflow, however many purges (or POSTs, which invalidate
-/// too) arrive during a slow fill; a slot shared by two paths can only drop a fill needlessly,
-/// never keep a purged one.
-struct PurgeLog {
-    generation: std::sync::atomic::AtomicU64,
-    slots: Box<[std::sync::atomic::AtomicU64]>,
-    hasher: std::collections::hash_map::RandomState,
-}
-
-/// 512 KiB of slots: even a thousand invalidations during one fill collide with its slot
-/// only about 1.5% of the time.
-const PURGE_SLOTS: usize = 65_536;
-
-impl Default for PurgeLog {
-    fn default() -> Self {
-        PurgeLog {
-            generation: Default::default(),
-            slots: (0..PURGE_SLOTS).map(|_| Default::default()).collect(),
-            hasher: Default::default(),
-        }
-    }
-}
-
-impl PurgeLog {
-    fn current(&self) -> u64 {
-        self.generation.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    fn slot(&self, host: &str, path: &str) -> &std::sync::atomic::AtomicU64 {
-        use std::hash::BuildHasher;
-        let hash = self.hasher.hash_one((key::host_without_port(host), path));
-        &self.slots[(hash as usize) % PURGE_SLOTS]
-    }
-
-    fn record(&self, host: &str, path: &str) {
-        use std::sync::atomic::Ordering;
-        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        self.slot(host, path)
-            .fetch_max(generation, Ordering::AcqRel);
-    }
-
-    fn purged_since(&self, since: u64, key: &Key) -> bool {
-        self.current() != since
-            && self
-                .slot(key.host(), key.path())
-                .load(std::sync::atomic::Ordering::Acquire)
-                > since
-    }
-}
-
 /// The invalidation entry point the admin API talks to. A cluster-wide purge implements it by
 /// applying locally and fanning out; callers do not change.
 pub trait Invalidator: Send + Sync {
-    /// Removes every stored variant for the host and path (and query, when given); returns the
-    /// number of responses removed.
-    fn purge(&self, host: &str, path: &str, query: Option<&str>) -> usize;
+    /// Applies one invalidation (see [`Cache::invalidate`]); returns how many stored responses
+    /// it applied to.
+    fn invalidate(&self, selector: &Selector, soft: bool) -> usize;
 }
 
 impl Invalidator for Cache {
-    fn purge(&self, host: &str, path: &str, query: Option<&str>) -> usize {
-        Cache::purge(self, host, path, query)
+    fn invalidate(&self, selector: &Selector, soft: bool) -> usize {
+        Cache::invalidate(self, selector, soft, SystemTime::now())
     }
 }
 

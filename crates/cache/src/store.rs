@@ -1,10 +1,10 @@
 //! The memory store of one resource type: a byte-budgeted S3-FIFO cache (quick_cache) plus the
 //! invalidation index that lets a purge find every variant of a host and path.
 //!
-//! Lock order is always cache shard → index: eviction callbacks run under a shard lock and take
-//! the index lock, so nothing here calls into the cache while holding the index lock.
+//! Lock order is always index → cache shard: evictions are collected under the shard lock and
+//! unindexed after it is released.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -15,7 +15,7 @@ use quick_cache::sync::Cache as QuickCache;
 use quick_cache::{Lifecycle, OptionsBuilder, Weighter};
 
 use crate::freshness::Freshness;
-use crate::key::{Key, host_without_port};
+use crate::key::Key;
 
 /// Bytes charged per object beyond key, header and body bytes: the entry and its `Arc`s, the
 /// `HeaderMap` structure, the purge-index entry, the cache slot, and allocator rounding.
@@ -25,6 +25,8 @@ const ENTRY_OVERHEAD: u64 = 1536;
 /// Per header line: the map entry, the separately allocated name (when not a standard one) and
 /// value buffers.
 const HEADER_OVERHEAD: usize = 64;
+/// Per tag: its string and the tag index's entry for the object.
+const TAG_OVERHEAD: usize = 96;
 
 #[derive(Debug)]
 pub struct StoredResponse {
@@ -36,25 +38,49 @@ pub struct StoredResponse {
     pub freshness: Freshness,
     /// Fields named by `no-cache="…"`: left out of responses served without revalidation.
     pub no_cache_fields: Vec<HeaderName>,
+    /// Surrogate keys (`Surrogate-Key`, `Cache-Tag`): what tag purges name.
+    pub tags: Box<[Arc<str>]>,
     id: u64,
     weight: u64,
 }
 
 impl StoredResponse {
-    pub fn new(status: StatusCode, headers: HeaderMap, body: Bytes, freshness: Freshness) -> Self {
+    pub fn new(
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        freshness: Freshness,
+        tags: Box<[Arc<str>]>,
+    ) -> Self {
         let header_bytes: usize = headers
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len() + HEADER_OVERHEAD)
             .sum();
-        let weight = ENTRY_OVERHEAD + header_bytes as u64 + body.len() as u64;
+        let tag_bytes: usize = tags.iter().map(|t| t.len() + TAG_OVERHEAD).sum();
+        let weight = ENTRY_OVERHEAD + (header_bytes + tag_bytes) as u64 + body.len() as u64;
         StoredResponse {
             status,
             headers,
             body,
             freshness,
             no_cache_fields: Vec::new(),
+            tags,
             id: next_id(),
             weight,
+        }
+    }
+
+    /// The same response (body shared), under a new identity: what a soft purge stores.
+    pub fn with_freshness(&self, freshness: Freshness) -> StoredResponse {
+        StoredResponse {
+            status: self.status,
+            headers: self.headers.clone(),
+            body: self.body.clone(),
+            freshness,
+            no_cache_fields: self.no_cache_fields.clone(),
+            tags: self.tags.clone(),
+            id: next_id(),
+            weight: self.weight,
         }
     }
 
@@ -90,6 +116,16 @@ impl Slot {
     }
 }
 
+impl Slot {
+    /// The tags purges can find this slot by (none for `Vary` markers).
+    pub(crate) fn tags(&self) -> &[Arc<str>] {
+        match &self.entry {
+            Entry::Response(r) => &r.tags,
+            Entry::Variants(_) => &[],
+        }
+    }
+}
+
 fn next_id() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
@@ -108,108 +144,147 @@ impl Weighter<Key, Arc<Slot>> for SlotWeighter {
     }
 }
 
-/// Keys grouped by (host without port, path), each with the id of the slot indexed, so an
-/// eviction of an old slot never unindexes a newer one stored under the same key.
-/// (host without port, path): what a purge names.
-type PurgeTarget = (Box<str>, Box<str>);
+/// A key ordered by what purges name: host without port, then path, then the whole key. All
+/// keys of one URL, and all URLs under one path prefix, are neighbours.
+#[derive(Clone, PartialEq, Eq)]
+struct ByUrl(Key);
 
-#[derive(Default)]
-struct PurgeIndex {
-    by_target: Mutex<HashMap<PurgeTarget, HashMap<Key, u64>>>,
+impl Ord for ByUrl {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        let (host, path) = self.0.purge_target();
+        let (other_host, other_path) = other.0.purge_target();
+        (host, path, self.0.as_str()).cmp(&(other_host, other_path, other.0.as_str()))
+    }
 }
 
-impl PurgeIndex {
-    fn target(key: &Key) -> PurgeTarget {
-        (host_without_port(key.host()).into(), key.path().into())
+impl PartialOrd for ByUrl {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Which stored objects a purge names, within one store.
+pub enum Selection<'a> {
+    /// One host and path; `keep` spares keys (another port, another query).
+    Url {
+        host: &'a str,
+        path: &'a str,
+        select: &'a dyn Fn(&Key) -> bool,
+    },
+    /// Every path of the host starting with `prefix`.
+    Prefix { host: &'a str, prefix: &'a str },
+    /// Every object whose response carried this tag.
+    Tag(&'a str),
+}
+
+/// Where each stored key can be found by a purge: by URL (ordered, so prefixes are ranges) and
+/// by tag. Every entry carries the id of the slot it indexes, so removing the entry of an old
+/// slot never unindexes a newer one stored under the same key, and a purge never removes an
+/// object stored after it looked.
+#[derive(Default)]
+struct Index {
+    urls: BTreeMap<ByUrl, u64>,
+    tags: HashMap<Arc<str>, HashMap<Key, u64>>,
+}
+
+impl Index {
+    fn add(&mut self, key: &Key, slot: &Slot) {
+        self.urls.insert(ByUrl(key.clone()), slot.id);
+        for tag in slot.tags() {
+            self.tags
+                .entry(tag.clone())
+                .or_default()
+                .insert(key.clone(), slot.id);
+        }
     }
 
-    fn add(&self, key: &Key, id: u64) {
-        self.by_target
-            .lock()
-            .entry(Self::target(key))
-            .or_default()
-            .insert(key.clone(), id);
-    }
-
-    fn remove(&self, key: &Key, id: u64) {
-        let mut map = self.by_target.lock();
-        let target = Self::target(key);
-        if let Some(keys) = map.get_mut(&target) {
-            if keys.get(key) == Some(&id) {
-                keys.remove(key);
-            }
-            if keys.is_empty() {
-                map.remove(&target);
+    fn remove(&mut self, key: &Key, slot: &Slot) {
+        let by_url = ByUrl(key.clone());
+        if self.urls.get(&by_url) == Some(&slot.id) {
+            self.urls.remove(&by_url);
+        }
+        for tag in slot.tags() {
+            if let Some(keys) = self.tags.get_mut(tag) {
+                if keys.get(key) == Some(&slot.id) {
+                    keys.remove(key);
+                }
+                if keys.is_empty() {
+                    self.tags.remove(tag);
+                }
             }
         }
     }
 
-    fn take(&self, host: &str, path: &str, mut keep: impl FnMut(&Key) -> bool) -> Vec<Key> {
-        let mut map = self.by_target.lock();
-        let target: PurgeTarget = (host_without_port(host).into(), path.into());
-        let Some(keys) = map.get_mut(&target) else {
-            return Vec::new();
-        };
-        let mut taken = Vec::new();
-        keys.retain(|k, _| {
-            if keep(k) {
-                true
-            } else {
-                taken.push(k.clone());
-                false
-            }
-        });
-        if keys.is_empty() {
-            map.remove(&target);
+    /// Keys (with slot ids) under exactly this host and path.
+    fn url(&self, host: &str, path: &str) -> impl Iterator<Item = (&Key, u64)> {
+        self.urls
+            .range(ByUrl(Key::probe(host, path))..)
+            .map(|(k, id)| (&k.0, *id))
+            .take_while(move |(k, _)| k.purge_target() == (host, path))
+    }
+
+    fn select(&self, selection: &Selection<'_>) -> Vec<(Key, u64)> {
+        match selection {
+            Selection::Url { host, path, select } => self
+                .url(host, path)
+                .filter(|(k, _)| select(k))
+                .map(|(k, id)| (k.clone(), id))
+                .collect(),
+            Selection::Prefix { host, prefix } => self
+                .urls
+                .range(ByUrl(Key::probe(host, prefix))..)
+                .take_while(|(k, _)| {
+                    let (h, p) = k.0.purge_target();
+                    h == *host && p.starts_with(prefix)
+                })
+                .map(|(k, id)| (k.0.clone(), *id))
+                .collect(),
+            Selection::Tag(tag) => self
+                .tags
+                .get(*tag)
+                .map(|keys| keys.iter().map(|(k, id)| (k.clone(), *id)).collect())
+                .unwrap_or_default(),
         }
-        taken
     }
 
     fn len(&self) -> usize {
-        self.by_target.lock().values().map(HashMap::len).sum()
+        self.urls.len()
     }
 
     /// Keys stored as `Vary` variants of `primary`, oldest first (ids grow with time).
     fn variants_of(&self, primary: &Key) -> Vec<Key> {
         let prefix = format!("{}\0v", primary.as_str());
+        let (host, path) = primary.purge_target();
         let mut variants: Vec<(u64, Key)> = self
-            .by_target
-            .lock()
-            .get(&Self::target(primary))
-            .map(|keys| {
-                keys.iter()
-                    .filter(|(k, _)| k.as_str().starts_with(&prefix))
-                    .map(|(k, id)| (*id, k.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
+            .url(host, path)
+            .filter(|(k, _)| k.as_str().starts_with(&prefix))
+            .map(|(k, id)| (id, k.clone()))
+            .collect();
         variants.sort_unstable_by_key(|(id, _)| *id);
         variants.into_iter().map(|(_, k)| k).collect()
     }
 }
 
+/// Collects what an insert evicted, so the index is updated after the cache shard's lock is
+/// released (and the evicted bodies are freed outside it).
 #[derive(Clone)]
-struct IndexLifecycle {
-    index: Arc<PurgeIndex>,
-    evictions: Arc<AtomicU64>,
-}
+struct DeferEvictions;
 
-impl Lifecycle<Key, Arc<Slot>> for IndexLifecycle {
-    type RequestState = ();
+impl Lifecycle<Key, Arc<Slot>> for DeferEvictions {
+    type RequestState = Vec<(Key, Arc<Slot>)>;
 
-    fn on_evict(&self, _state: &mut (), key: Key, slot: Arc<Slot>) {
-        self.index.remove(&key, slot.id);
-        if matches!(slot.entry, Entry::Response(_)) {
-            self.evictions.fetch_add(1, Ordering::Relaxed);
-        }
+    fn on_evict(&self, evicted: &mut Self::RequestState, key: Key, slot: Arc<Slot>) {
+        evicted.push((key, slot));
     }
 }
 
 pub struct MemoryStore {
     cache:
-        QuickCache<Key, Arc<Slot>, SlotWeighter, quick_cache::DefaultHashBuilder, IndexLifecycle>,
-    index: Arc<PurgeIndex>,
-    evictions: Arc<AtomicU64>,
+        QuickCache<Key, Arc<Slot>, SlotWeighter, quick_cache::DefaultHashBuilder, DeferEvictions>,
+    /// Held across every insert, so the index always matches what the cache holds. Lookups
+    /// never take it; lock order is index → cache shard.
+    index: Mutex<Index>,
+    evictions: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,16 +308,15 @@ impl MemoryStore {
             .shards(shards)
             .build()
             .expect("valid quick_cache options");
-        let index = Arc::new(PurgeIndex::default());
-        let evictions = Arc::new(AtomicU64::new(0));
-        let lifecycle = IndexLifecycle {
-            index: index.clone(),
-            evictions: evictions.clone(),
-        };
         MemoryStore {
-            cache: QuickCache::with_options(options, SlotWeighter, Default::default(), lifecycle),
-            index,
-            evictions,
+            cache: QuickCache::with_options(
+                options,
+                SlotWeighter,
+                Default::default(),
+                DeferEvictions,
+            ),
+            index: Mutex::default(),
+            evictions: AtomicU64::new(0),
         }
     }
 
@@ -251,35 +325,78 @@ impl MemoryStore {
     }
 
     pub(crate) fn insert(&self, key: Key, slot: Arc<Slot>) {
-        // Index first: if the insert is rejected or evicts at once, the callback unindexes it.
-        self.index.add(&key, slot.id);
-        self.cache.insert(key, slot);
+        let mut evicted = Vec::new();
+        {
+            let mut index = self.index.lock();
+            // Replacing a value is not an eviction to quick_cache: unindex the old one here.
+            if let Some(old) = self.cache.peek(&key) {
+                index.remove(&key, &old);
+            }
+            self.cache
+                .insert_with_lifecycle(key.clone(), slot.clone(), &mut evicted);
+            // Indexed even if rejected at once (too heavy): it is then among `evicted` too.
+            index.add(&key, &slot);
+            for (key, slot) in &evicted {
+                index.remove(key, slot);
+            }
+        }
+        let responses = evicted
+            .iter()
+            .filter(|(_, s)| matches!(s.entry, Entry::Response(_)))
+            .count();
+        self.evictions
+            .fetch_add(responses as u64, Ordering::Relaxed);
     }
 
-    /// Removes keys under (host, path) for which `select` holds; returns how many responses
-    /// (not `Vary` markers) were removed.
-    pub fn purge(&self, host: &str, path: &str, mut select: impl FnMut(&Key) -> bool) -> usize {
-        let host_has_port = host != host_without_port(host);
-        let keys = self.index.take(host, path, |k| {
-            let host_matches = !host_has_port || k.host() == host;
-            !(host_matches && select(k))
-        });
-        keys.iter()
-            .filter_map(|k| self.cache.remove(k))
-            .filter(|(_, slot)| matches!(slot.entry, Entry::Response(_)))
-            .count()
+    /// The keys a purge names, with the ids of the slots they hold now.
+    pub fn select(&self, selection: &Selection<'_>) -> Vec<(Key, u64)> {
+        self.index.lock().select(selection)
+    }
+
+    /// Removes each key that still holds the slot it held when selected; returns how many
+    /// responses (not `Vary` markers) were removed.
+    pub fn remove_selected(&self, selected: &[(Key, u64)]) -> usize {
+        let mut removed = 0;
+        for (key, id) in selected {
+            if let Some((key, slot)) = self.cache.remove_if(key, |s| s.id == *id) {
+                self.index.lock().remove(&key, &slot);
+                removed += usize::from(matches!(slot.entry, Entry::Response(_)));
+            }
+        }
+        removed
+    }
+
+    /// Replaces each selected response that still holds its selected slot with what `change`
+    /// makes of it (a soft purge: same body, expired freshness). Returns how many were changed.
+    pub fn replace_selected(
+        &self,
+        selected: &[(Key, u64)],
+        change: impl Fn(&StoredResponse) -> StoredResponse,
+    ) -> usize {
+        let mut changed = 0;
+        for (key, id) in selected {
+            let Some(slot) = self.cache.peek(key).filter(|s| s.id == *id) else {
+                continue;
+            };
+            let Entry::Response(stored) = &slot.entry else {
+                continue;
+            };
+            self.insert(key.clone(), Slot::new(Entry::Response(change(stored))));
+            changed += 1;
+        }
+        changed
     }
 
     /// Removes `key` only if it still holds `slot` (a concurrent fill may have replaced it).
     pub(crate) fn remove_slot(&self, key: &Key, slot: &Arc<Slot>) {
         if let Some((k, removed)) = self.cache.remove_if(key, |s| Arc::ptr_eq(s, slot)) {
-            self.index.remove(&k, removed.id);
+            self.index.lock().remove(&k, &removed);
         }
     }
 
     pub(crate) fn remove(&self, key: &Key) {
         if let Some((k, slot)) = self.cache.remove(key) {
-            self.index.remove(&k, slot.id);
+            self.index.lock().remove(&k, &slot);
         }
     }
 
@@ -294,7 +411,7 @@ impl MemoryStore {
 
     /// Makes room for one more `Vary` variant of `primary`, dropping the oldest past `max`.
     pub(crate) fn cap_variants(&self, primary: &Key, max: usize) {
-        let variants = self.index.variants_of(primary);
+        let variants = self.index.lock().variants_of(primary);
         let excess = (variants.len() + 1).saturating_sub(max);
         for key in variants.iter().take(excess) {
             self.remove(key);
@@ -303,6 +420,11 @@ impl MemoryStore {
 
     /// Number of keys in the invalidation index (for leak checks).
     pub fn indexed_keys(&self) -> usize {
-        self.index.len()
+        self.index.lock().len()
+    }
+
+    /// Number of (tag, key) pairs in the tag index (for leak checks).
+    pub fn indexed_tags(&self) -> usize {
+        self.index.lock().tags.values().map(HashMap::len).sum()
     }
 }

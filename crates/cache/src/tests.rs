@@ -530,13 +530,248 @@ fn many_unrelated_purges_during_a_fill_do_not_cancel_it() {
         .unwrap();
     // A busy API invalidating other URLs (every successful POST does) while this fill runs;
     // paths sharing this fill's slot are left out, since those may cancel it by design.
-    let own_slot = cache.purges.slot("example.com", "/slow") as *const _;
+    let own_slot = cache.purges.url_slot("example.com", "/slow") as *const _;
     for i in 0..20_000 {
         let path = format!("/api/{i}");
-        if !std::ptr::eq(cache.purges.slot("example.com", &path), own_slot) {
+        if !std::ptr::eq(cache.purges.url_slot("example.com", &path), own_slot) {
             cache.purge("example.com", &path, None);
         }
     }
     assert!(cache.commit(adm, Bytes::from_static(b"x")).is_some());
     assert_eq!(cache.purge("example.com", "/slow", None), 1);
+}
+
+fn tag(t: &str) -> Selector {
+    Selector::Tag(t.into())
+}
+
+fn prefix(host: &str, p: &str) -> Selector {
+    Selector::Prefix {
+        host: host.into(),
+        prefix: p.into(),
+    }
+}
+
+#[test]
+fn tags_from_both_headers_are_purgeable_and_stripped() {
+    let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
+    let req = HeaderMap::new();
+    let tagged = |keys: &str, tags: &str| {
+        headers(&[
+            ("cache-control", "max-age=60"),
+            ("surrogate-key", keys),
+            ("cache-tag", tags),
+        ])
+    };
+    let hit = store(&cache, "/a", &req, &tagged("product-1  all", "all,x"), b"a").unwrap();
+    assert_eq!(
+        hit.stored().tags.iter().map(|t| &**t).collect::<Vec<_>>(),
+        ["product-1", "all", "x"]
+    );
+    assert!(!hit.stored().headers.contains_key("surrogate-key"));
+    assert!(!hit.stored().headers.contains_key("cache-tag"));
+    store(&cache, "/b", &req, &tagged("product-2 all", ""), b"b").unwrap();
+    store(
+        &cache,
+        "/c",
+        &req,
+        &headers(&[("cache-control", "max-age=60")]),
+        b"c",
+    )
+    .unwrap();
+    assert_eq!(cache.indexed_tags(), 5);
+
+    assert_eq!(cache.invalidate(&tag("product-1"), false, at(1)), 1);
+    assert!(found(&cache, "/a", &req).is_none());
+    assert!(found(&cache, "/b", &req).is_some());
+    assert_eq!(cache.invalidate(&tag("all"), false, at(1)), 1);
+    assert!(found(&cache, "/b", &req).is_none());
+    assert!(found(&cache, "/c", &req).is_some());
+    assert_eq!(cache.invalidate(&tag("nothing"), false, at(1)), 0);
+    // Nothing left behind for the removed objects.
+    assert_eq!(cache.indexed_tags(), 0);
+    assert_eq!(cache.indexed_keys(), 1);
+}
+
+#[test]
+fn a_replaced_object_loses_its_old_tags() {
+    let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
+    let req = HeaderMap::new();
+    let with = |t: &str| headers(&[("cache-control", "max-age=60"), ("surrogate-key", t)]);
+    store(&cache, "/r", &req, &with("old"), b"1").unwrap();
+    store(&cache, "/r", &req, &with("new"), b"2").unwrap();
+    assert_eq!(cache.indexed_tags(), 1);
+    // The old tag no longer names the new object.
+    assert_eq!(cache.invalidate(&tag("old"), false, at(1)), 0);
+    assert_eq!(&found(&cache, "/r", &req).unwrap().stored().body[..], b"2");
+    assert_eq!(cache.invalidate(&tag("new"), false, at(1)), 1);
+}
+
+#[test]
+fn the_tag_index_follows_evictions() {
+    // Room for a few objects only: most inserts evict.
+    let cache = Cache::new(vec![spec("default", 64 << 10)], CacheSettings::default());
+    let req = HeaderMap::new();
+    let body: &'static [u8] = &[b'x'; 4096];
+    for i in 0..500 {
+        let resp = headers(&[
+            ("cache-control", "max-age=60"),
+            ("surrogate-key", &format!("t{i} shared")),
+        ]);
+        store(&cache, &format!("/e/{i}"), &req, &resp, body).unwrap();
+    }
+    let objects: u64 = cache.stats().iter().map(|(_, s)| s.objects).sum();
+    assert!(objects < 20, "{objects} objects stored");
+    // Exactly one `shared` entry and one own tag per object still stored, no more.
+    assert_eq!(cache.indexed_tags() as u64, objects * 2);
+    assert_eq!(cache.indexed_keys() as u64, objects);
+    assert_eq!(
+        cache.invalidate(&tag("shared"), false, at(1)) as u64,
+        objects
+    );
+    assert_eq!(cache.indexed_tags(), 0);
+}
+
+#[test]
+fn prefix_purge_takes_the_subtree_of_one_host_only() {
+    let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
+    let req = HeaderMap::new();
+    let resp = headers(&[("cache-control", "max-age=60")]);
+    for path in ["/img/a.png", "/img/b/c.png", "/imgx", "/im", "/other"] {
+        store(&cache, path, &req, &resp, b"x").unwrap();
+    }
+    let other_host = cache
+        .admit(
+            &Method::GET,
+            &RequestTarget {
+                host: "other.example",
+                ..target("/img/a.png", &req)
+            },
+            StatusCode::OK,
+            &resp,
+            at(0),
+            at(0),
+            cache.purge_generation(),
+        )
+        .unwrap();
+    cache.commit(other_host, Bytes::from_static(b"o")).unwrap();
+
+    assert_eq!(
+        cache.invalidate(&prefix("example.com", "/img/"), false, at(1)),
+        2
+    );
+    assert!(found(&cache, "/img/a.png", &req).is_none());
+    assert!(found(&cache, "/img/b/c.png", &req).is_none());
+    assert!(found(&cache, "/imgx", &req).is_some());
+    assert_eq!(
+        cache.invalidate(&prefix("EXAMPLE.com:8080", "/im"), false, at(1)),
+        2
+    );
+    assert!(found(&cache, "/other", &req).is_some());
+    assert_eq!(cache.indexed_keys(), 2);
+}
+
+#[test]
+fn soft_purge_keeps_the_object_but_makes_it_stale_now() {
+    let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
+    let req = HeaderMap::new();
+    let resp = headers(&[
+        ("cache-control", "max-age=600, stale-while-revalidate=30"),
+        ("etag", "\"v1\""),
+        ("surrogate-key", "s"),
+    ]);
+    store(&cache, "/s", &req, &resp, b"body").unwrap();
+    assert_eq!(cache.invalidate(&tag("s"), true, at(100)), 1);
+    let hit = found(&cache, "/s", &req).expect("a soft purge keeps the object");
+    let f = &hit.stored().freshness;
+    let any = RequestDirectives::default();
+    assert!(!f.satisfies(&any, at(100)));
+    // Stale-serving windows now count from the purge, not from the original expiry.
+    assert!(f.serve_while_revalidating(&any, at(129)));
+    assert!(!f.serve_while_revalidating(&any, at(131)));
+    assert_eq!(&hit.stored().body[..], b"body");
+    // Still tagged, still purgeable, once.
+    assert_eq!(cache.indexed_tags(), 1);
+    assert_eq!(cache.invalidate(&tag("s"), false, at(101)), 1);
+    assert!(found(&cache, "/s", &req).is_none());
+}
+
+#[test]
+fn tag_and_prefix_purges_during_a_fill_win() {
+    let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
+    let req = HeaderMap::new();
+    let resp = headers(&[("cache-control", "max-age=60"), ("cache-tag", "t1,t2")]);
+    let admit = |path: &str| {
+        cache
+            .admit(
+                &Method::GET,
+                &target(path, &req),
+                StatusCode::OK,
+                &resp,
+                at(0),
+                at(0),
+                cache.purge_generation(),
+            )
+            .unwrap()
+    };
+    for purge in [tag("t2"), prefix("example.com", "/fi"), tag("t1")] {
+        let adm = admit("/fill");
+        assert_eq!(cache.invalidate(&purge, false, at(1)), 0);
+        assert!(
+            cache.commit(adm, Bytes::from_static(b"old")).is_none(),
+            "{purge}"
+        );
+    }
+    // Unrelated tags and prefixes do not cancel it.
+    let adm = admit("/fill");
+    cache.invalidate(&tag("t3"), false, at(1));
+    cache.invalidate(&prefix("example.com", "/other"), true, at(1));
+    cache.invalidate(&prefix("other.example", "/"), false, at(1));
+    assert!(cache.commit(adm, Bytes::from_static(b"new")).is_some());
+}
+
+#[test]
+fn a_fill_older_than_the_remembered_prefix_purges_is_dropped() {
+    let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
+    let req = HeaderMap::new();
+    let resp = headers(&[("cache-control", "max-age=60")]);
+    let adm = cache
+        .admit(
+            &Method::GET,
+            &target("/slow", &req),
+            StatusCode::OK,
+            &resp,
+            at(0),
+            at(0),
+            cache.purge_generation(),
+        )
+        .unwrap();
+    for i in 0..1000 {
+        cache.invalidate(&prefix("example.com", &format!("/p{i}/")), false, at(1));
+    }
+    // None of them named /slow, but the log no longer remembers them all: dropping is safe.
+    assert!(cache.commit(adm, Bytes::from_static(b"x")).is_none());
+}
+
+#[test]
+fn refresh_keeps_tags_the_304_does_not_repeat() {
+    let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
+    let req = HeaderMap::new();
+    let resp = headers(&[
+        ("cache-control", "max-age=10"),
+        ("etag", "\"e\""),
+        ("surrogate-key", "keep-me"),
+    ]);
+    let hit = store(&cache, "/t", &req, &resp, b"b").unwrap();
+    cache
+        .refresh(
+            &hit,
+            &target("/t", &req),
+            &headers(&[("cache-control", "max-age=100")]),
+            at(20),
+            at(20),
+            cache.purge_generation(),
+        )
+        .unwrap();
+    assert_eq!(cache.invalidate(&tag("keep-me"), false, at(21)), 1);
 }

@@ -64,6 +64,7 @@ pub(crate) fn build(raw: RawConfig, cx: &mut Ctx) -> Config {
     let virtual_hosts = build_virtual_hosts(raw.virtual_hosts, &clusters, cx);
     let cache = build_cache(raw.cache, cx);
     let resource_types = build_resource_types(raw.resource_type, raw.resource_types, &cache, cx);
+    let purge = build_purge(raw.purge, cx);
     Config {
         listeners,
         admin,
@@ -73,6 +74,7 @@ pub(crate) fn build(raw: RawConfig, cx: &mut Ctx) -> Config {
         clusters,
         cache,
         resource_types,
+        purge,
     }
 }
 
@@ -1173,4 +1175,182 @@ fn display_name(t: &PendingType) -> String {
 
 fn format_u128_size(n: u128) -> String {
     u64::try_from(n).map_or_else(|_| format!("{n}B"), format_size)
+}
+
+fn build_purge(raw: Option<RawPurge>, cx: &mut Ctx) -> Purge {
+    let d = Purge::default();
+    let Some(raw) = raw else {
+        return d;
+    };
+    let mut tag_headers = Vec::new();
+    if let Some(list) = &raw.tag_headers {
+        for (i, h) in list.items.iter().enumerate() {
+            let name = h.trim().to_ascii_lowercase();
+            if !is_token(&name) {
+                cx.error(
+                    &list_item("purge.tag_headers", list, i),
+                    format!("invalid header name {h:?}"),
+                );
+            } else if !tag_headers.contains(&name) {
+                tag_headers.push(name);
+            }
+        }
+    } else {
+        tag_headers = d.tag_headers.clone();
+    }
+    let max_requests_per_second = match raw.max_requests_per_second {
+        Some(n) => u32::try_from(n).unwrap_or_else(|_| {
+            cx.error(
+                "purge.max_requests_per_second",
+                "must be at most 4294967295",
+            );
+            d.max_requests_per_second
+        }),
+        None => d.max_requests_per_second,
+    };
+    let purge_method = match raw.purge_method {
+        None => d.purge_method.clone(),
+        Some(m) => {
+            let allowed_cidrs = match &m.allowed_cidrs {
+                None => d.purge_method.allowed_cidrs.clone(),
+                Some(list) => list
+                    .items
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, text)| {
+                        let t = text.trim();
+                        let parsed = t
+                            .parse::<ipnet::IpNet>()
+                            .or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+                        match parsed {
+                            Ok(net) => Some(net),
+                            Err(_) => {
+                                cx.error(
+                                    &list_item("purge.purge_method.allowed_cidrs", list, i),
+                                    format!(
+                                        "invalid CIDR {t:?}: expected an address with a prefix \
+                                         length, like 10.0.0.0/8 or fd00::/8"
+                                    ),
+                                );
+                                None
+                            }
+                        }
+                    })
+                    .collect(),
+            };
+            PurgeMethod {
+                enabled: m.enabled.unwrap_or(false),
+                allowed_cidrs,
+            }
+        }
+    };
+    let peers = match raw.peers {
+        None => d.peers.clone(),
+        Some(p) => build_peers(p, cx),
+    };
+    let fanout_timeout = timeout(
+        cx,
+        "purge.fanout_timeout",
+        raw.fanout_timeout.as_ref(),
+        d.fanout_timeout,
+    );
+    let fanout_retries = match raw.fanout_retries {
+        Some(n) if n > 10 => {
+            cx.error("purge.fanout_retries", "must be at most 10");
+            d.fanout_retries
+        }
+        Some(n) => n as u32,
+        None => d.fanout_retries,
+    };
+    let redis = raw.redis.map(|r| {
+        let url = r.url.unwrap_or_default();
+        if !(url.starts_with("redis://") || url.starts_with("unix://")) {
+            cx.error(
+                "purge.redis.url",
+                format!("expected a redis:// or unix:// URL, got {url:?}"),
+            );
+        }
+        let channel = r.channel.unwrap_or_else(|| "larder-purge".into());
+        if channel.trim().is_empty() {
+            cx.error("purge.redis.channel", "must not be empty");
+        }
+        Redis { url, channel }
+    });
+    Purge {
+        tag_headers,
+        strip_tag_headers: raw.strip_tag_headers.unwrap_or(d.strip_tag_headers),
+        max_requests_per_second,
+        purge_method,
+        peers,
+        fanout_timeout,
+        fanout_retries,
+        redis,
+    }
+}
+
+fn build_peers(raw: RawPeers, cx: &mut Ctx) -> Peers {
+    let d = Peers::default();
+    let dns = raw.dns.and_then(|name| {
+        let name = name.trim().trim_end_matches('.').to_ascii_lowercase();
+        if is_hostname(&name) {
+            Some(name)
+        } else {
+            cx.error("purge.peers.dns", format!("invalid DNS name {name:?}"));
+            None
+        }
+    });
+    let port = match raw.port {
+        Some(p) if (1..=65535).contains(&p) => p as u16,
+        Some(p) => {
+            cx.error(
+                "purge.peers.port",
+                format!("invalid port {p}: expected 1 to 65535"),
+            );
+            d.port
+        }
+        None => d.port,
+    };
+    let refresh_interval = timeout(
+        cx,
+        "purge.peers.refresh_interval",
+        raw.refresh_interval.as_ref(),
+        d.refresh_interval,
+    );
+    let nameserver = raw.nameserver.and_then(|text| {
+        let t = text.trim();
+        t.parse::<SocketAddr>()
+            .or_else(|_| {
+                t.parse::<std::net::IpAddr>()
+                    .map(|ip| SocketAddr::new(ip, 53))
+            })
+            .map_err(|_| {
+                cx.error(
+                    "purge.peers.nameserver",
+                    format!("invalid address {t:?}: expected IP or IP:port, like 10.96.0.10:53"),
+                );
+            })
+            .ok()
+    });
+    let mut r#static = Vec::new();
+    if let Some(list) = &raw.r#static {
+        for (i, text) in list.items.iter().enumerate() {
+            match text.trim().parse::<SocketAddr>() {
+                Ok(addr) if addr.port() != 0 && !addr.ip().is_unspecified() => r#static.push(addr),
+                _ => cx.error(
+                    &list_item("purge.peers.static", list, i),
+                    format!(
+                        "invalid peer {text:?}: expected the admin address of a replica as \
+                         IP:port, like 10.0.0.5:9901"
+                    ),
+                ),
+            }
+        }
+    }
+    Peers {
+        dns,
+        port,
+        refresh_interval,
+        nameserver,
+        r#static,
+    }
 }

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use regex::Regex;
 use serde::{Serialize, Serializer};
 
@@ -43,6 +44,7 @@ pub struct Config {
     /// Normalized: the `resource_type:` shorthand becomes a one-element list, and a config
     /// with neither key gets a single catch-all type named `default`. Never empty.
     pub resource_types: Vec<ResourceType>,
+    pub purge: Purge,
 }
 
 impl Config {
@@ -577,4 +579,99 @@ impl QueryKeyMode {
         ("drop", QueryKeyMode::Drop),
         ("sort", QueryKeyMode::Sort),
     ];
+}
+
+/// Invalidation: tags, the PURGE method, rate limit, and how purges reach the other replicas.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Purge {
+    /// Response headers whose values are tags (lower-case names).
+    pub tag_headers: Vec<String>,
+    /// Remove the tag headers from responses to clients (and from stored responses).
+    pub strip_tag_headers: bool,
+    /// Purge requests from clients accepted per second, with a burst of as many again;
+    /// 0 disables the limit. Purges relayed by peers are not counted.
+    pub max_requests_per_second: u32,
+    pub purge_method: PurgeMethod,
+    pub peers: Peers,
+    /// Deadline for relaying one purge to every peer, retries included.
+    #[serde(serialize_with = "ser_duration")]
+    pub fanout_timeout: Duration,
+    /// Attempts per peer after the first one fails.
+    pub fanout_retries: u32,
+    /// Relay purges over a Redis Pub/Sub channel (needs the `redis` cargo feature).
+    pub redis: Option<Redis>,
+}
+
+impl Default for Purge {
+    fn default() -> Self {
+        Purge {
+            tag_headers: vec!["surrogate-key".into(), "cache-tag".into()],
+            strip_tag_headers: true,
+            max_requests_per_second: 100,
+            purge_method: PurgeMethod::default(),
+            peers: Peers::default(),
+            fanout_timeout: Duration::from_secs(5),
+            fanout_retries: 2,
+            redis: None,
+        }
+    }
+}
+
+/// `PURGE <path>` on the proxy listeners.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PurgeMethod {
+    pub enabled: bool,
+    /// Client addresses allowed to send it.
+    pub allowed_cidrs: Vec<IpNet>,
+}
+
+impl Default for PurgeMethod {
+    fn default() -> Self {
+        PurgeMethod {
+            enabled: false,
+            allowed_cidrs: vec![
+                "127.0.0.0/8".parse().expect("valid CIDR"),
+                "::1/128".parse().expect("valid CIDR"),
+            ],
+        }
+    }
+}
+
+/// The other replicas a purge is relayed to: a DNS name (a Kubernetes headless Service),
+/// re-resolved periodically, and/or a static list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Peers {
+    pub dns: Option<String>,
+    /// Admin port of the replicas found by `dns`.
+    pub port: u16,
+    #[serde(serialize_with = "ser_duration")]
+    pub refresh_interval: Duration,
+    /// A DNS server to ask instead of the system's resolver.
+    pub nameserver: Option<SocketAddr>,
+    /// Admin addresses of replicas, `IP:port`.
+    pub r#static: Vec<SocketAddr>,
+}
+
+impl Peers {
+    pub fn is_empty(&self) -> bool {
+        self.dns.is_none() && self.r#static.is_empty()
+    }
+}
+
+impl Default for Peers {
+    fn default() -> Self {
+        Peers {
+            dns: None,
+            port: Admin::DEFAULT_ADDRESS.port(),
+            refresh_interval: Duration::from_secs(10),
+            nameserver: None,
+            r#static: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Redis {
+    pub url: String,
+    pub channel: String,
 }

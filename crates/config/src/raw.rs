@@ -22,6 +22,44 @@ pub(crate) struct RawConfig {
     pub cache: Option<RawCache>,
     pub resource_type: Option<RawResourceType>,
     pub resource_types: Option<Vec<RawResourceType>>,
+    pub purge: Option<RawPurge>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPurge {
+    pub tag_headers: Option<StrList>,
+    pub strip_tag_headers: Option<bool>,
+    pub max_requests_per_second: Option<u64>,
+    pub purge_method: Option<RawPurgeMethod>,
+    pub peers: Option<RawPeers>,
+    pub fanout_timeout: Option<Scalar>,
+    pub fanout_retries: Option<u64>,
+    pub redis: Option<RawRedis>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPurgeMethod {
+    pub enabled: Option<bool>,
+    pub allowed_cidrs: Option<StrList>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPeers {
+    pub dns: Option<String>,
+    pub port: Option<u64>,
+    pub refresh_interval: Option<Scalar>,
+    pub nameserver: Option<String>,
+    pub r#static: Option<StrList>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRedis {
+    pub url: Option<String>,
+    pub channel: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -15,6 +15,9 @@ pub enum ProxyError {
     NotImplemented(&'static str),
     #[error("no route for this host and path")]
     NoRoute,
+    /// The client may not do this (a `PURGE` from outside the allowed networks).
+    #[error("forbidden: {0}")]
+    Forbidden(&'static str),
     #[error("request body exceeds the configured limit")]
     PayloadTooLarge,
     /// `Cache-Control: only-if-cached` and nothing usable is stored (RFC 9111 §5.2.1.7).
@@ -33,6 +36,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::OnlyIfCached | ProxyError::MustRevalidate(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream(e) if e.body_too_large => StatusCode::PAYLOAD_TOO_LARGE,
@@ -50,6 +54,7 @@ impl ProxyError {
             ProxyError::BadRequest(why) => format!("bad request: {why}\n"),
             ProxyError::NotImplemented(what) => format!("{what}\n"),
             ProxyError::NoRoute => "no route matches this host and path\n".into(),
+            ProxyError::Forbidden(why) => format!("forbidden: {why}\n"),
             ProxyError::PayloadTooLarge => "request body too large\n".into(),
             ProxyError::OnlyIfCached => "only-if-cached: no stored response\n".into(),
             ProxyError::MustRevalidate(_) => {

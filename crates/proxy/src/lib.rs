@@ -40,6 +40,8 @@ pub struct Runtime {
     pub cache: Arc<Cache>,
     pub limits: Limits,
     pub coalesce_timeout: Duration,
+    /// Response fields no client sees (tag headers, when stripping is on).
+    pub hidden_response_headers: Vec<http::HeaderName>,
 }
 
 /// The config's resource-type match, as the cache engine asks it.
@@ -112,9 +114,20 @@ pub fn cache_from_config(config: &Config) -> Cache {
                 .collect(),
             max_variants: config.cache.max_variants,
             max_coalesced_waiters: config.cache.max_coalesced_waiters,
+            tag_headers: tag_headers(config),
+            strip_tag_headers: config.purge.strip_tag_headers,
             ..defaults
         },
     )
+}
+
+fn tag_headers(config: &Config) -> Vec<http::HeaderName> {
+    config
+        .purge
+        .tag_headers
+        .iter()
+        .filter_map(|name| http::HeaderName::from_bytes(name.as_bytes()).ok())
+        .collect()
 }
 
 impl Runtime {
@@ -134,6 +147,11 @@ impl Runtime {
                 max_request_body_size: config.limits.max_request_body_size,
             },
             coalesce_timeout: config.cache.coalesce_timeout,
+            hidden_response_headers: if config.purge.strip_tag_headers {
+                tag_headers(&config)
+            } else {
+                Vec::new()
+            },
             config,
         }
     }
@@ -145,6 +163,9 @@ pub struct Proxy {
     runtime: ArcSwap<Runtime>,
     pub metrics: Arc<Metrics>,
     access_log: Option<Arc<AccessLog>>,
+    /// Where `PURGE` requests go (cluster-wide); set once the purger exists, as it holds the
+    /// proxy itself as its local cache. Without one, `PURGE` applies to this replica only.
+    purger: std::sync::OnceLock<std::sync::Weak<larder_purge::Purger>>,
 }
 
 impl Proxy {
@@ -158,6 +179,7 @@ impl Proxy {
             runtime: ArcSwap::from_pointee(Runtime::build(config)),
             metrics: metrics.clone(),
             access_log: access_log.map(Arc::new),
+            purger: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&proxy);
         metrics.set_store_source(move || {
@@ -188,11 +210,19 @@ impl Proxy {
     pub fn config(&self) -> Arc<Config> {
         self.runtime.load().config.clone()
     }
+
+    /// Sends `PURGE` requests through this purger from now on.
+    pub fn set_purger(&self, purger: &Arc<larder_purge::Purger>) {
+        let _ = self.purger.set(Arc::downgrade(purger));
+    }
 }
 
 /// Purges go to whatever cache the current config version holds.
 impl larder_cache::Invalidator for Proxy {
-    fn purge(&self, host: &str, path: &str, query: Option<&str>) -> usize {
-        self.runtime.load().cache.purge(host, path, query)
+    fn invalidate(&self, selector: &larder_cache::Selector, soft: bool) -> usize {
+        self.runtime
+            .load()
+            .cache
+            .invalidate(selector, soft, std::time::SystemTime::now())
     }
 }

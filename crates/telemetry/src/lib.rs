@@ -96,25 +96,86 @@ impl UpstreamEvent<'_> {
 /// A purge was applied.
 #[derive(Debug, Clone)]
 pub struct PurgeEvent<'a> {
+    /// Idempotency id, the same on every replica the purge reaches.
+    pub id: &'a str,
+    /// `admin`, `purge_method`, `peer` or `redis`.
+    pub source: &'static str,
+    /// Who asked: the client's address, or the relaying replica's instance id.
+    pub who: &'a str,
+    pub soft: bool,
+    /// `ok`, `partial` (some peer did not confirm), `unauthorized`, `rate_limited`, `invalid`.
+    pub result: &'static str,
+    pub targets: &'a [PurgeTargetResult],
+    /// Peers relayed to, and how many confirmed.
+    pub peers: usize,
+    pub peers_confirmed: usize,
+}
+
+/// One selector of a purge and how many stored responses it applied to here.
+#[derive(Debug, Clone)]
+pub struct PurgeTargetResult {
+    /// `url`, `prefix` or `tag`.
     pub kind: &'static str,
-    pub host: &'a str,
-    pub path: &'a str,
-    pub removed: usize,
-    pub client: Option<SocketAddr>,
+    pub target: String,
+    pub applied: usize,
 }
 
 impl PurgeEvent<'_> {
+    /// Counts it, and writes the audit line: one per purge request, accepted or not.
     pub fn emit(&self, metrics: &Metrics) {
         metrics.record_purge(self);
+        let applied: usize = self.targets.iter().map(|t| t.applied).sum();
+        let targets = self
+            .targets
+            .iter()
+            .map(|t| format!("{}={}", t.kind, t.target))
+            .collect::<Vec<_>>()
+            .join(" ");
         tracing::info!(
             target: "larder::audit",
-            kind = self.kind,
-            host = self.host,
-            path = self.path,
-            removed = self.removed,
-            client = %self.client.map(|c| c.to_string()).unwrap_or_default(),
+            purge_id = self.id,
+            source = self.source,
+            who = self.who,
+            soft = self.soft,
+            result = self.result,
+            targets = %targets,
+            applied,
+            peers = self.peers,
+            peers_confirmed = self.peers_confirmed,
             "purge"
         );
+    }
+}
+
+/// One relay of a purge to one peer, finished (confirmed or given up).
+pub struct FanoutEvent<'a> {
+    pub purge_id: &'a str,
+    pub peer: &'a str,
+    pub attempts: u32,
+    pub duration: std::time::Duration,
+    pub error: Option<&'a str>,
+}
+
+impl FanoutEvent<'_> {
+    pub fn emit(&self, metrics: &Metrics) {
+        metrics.record_fanout(self);
+        match self.error {
+            None => tracing::debug!(
+                target: "larder::audit",
+                purge_id = self.purge_id,
+                peer = self.peer,
+                attempts = self.attempts,
+                "purge relayed"
+            ),
+            Some(error) => tracing::warn!(
+                target: "larder::audit",
+                purge_id = self.purge_id,
+                peer = self.peer,
+                attempts = self.attempts,
+                error,
+                "purge not confirmed by peer"
+            ),
+        }
     }
 }
 

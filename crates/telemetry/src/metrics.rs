@@ -13,7 +13,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::{PurgeEvent, RequestEvent, UpstreamEvent};
+use crate::{FanoutEvent, PurgeEvent, RequestEvent, UpstreamEvent};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -57,6 +57,22 @@ struct PurgeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PurgeKindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PurgeRequestLabels {
+    source: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServedLabels {
     source: &'static str,
 }
@@ -92,7 +108,11 @@ pub struct Metrics {
     upstream_duration: Family<ClusterLabels, Histogram>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
     purges: Family<PurgeLabels, Counter>,
-    purged_objects: Counter,
+    purged_objects: Family<PurgeKindLabels, Counter>,
+    purge_requests: Family<PurgeRequestLabels, Counter>,
+    fanout_duration: Family<PeerLabels, Histogram>,
+    fanout_failures: Family<PeerLabels, Counter>,
+    purge_peers: Gauge,
     active_connections: Gauge<i64, std::sync::atomic::AtomicI64>,
     config_reloads: Family<ReloadLabels, Counter>,
     store_source: Mutex<Option<StoreSource>>,
@@ -156,7 +176,11 @@ impl Metrics {
             upstream_duration: Family::new_with_constructor(latency_histogram),
             upstream_errors: Family::default(),
             purges: Family::default(),
-            purged_objects: Counter::default(),
+            purged_objects: Family::default(),
+            purge_requests: Family::default(),
+            fanout_duration: Family::new_with_constructor(latency_histogram),
+            fanout_failures: Family::default(),
+            purge_peers: Gauge::default(),
             active_connections: Gauge::default(),
             config_reloads: Family::default(),
             store_source: Mutex::new(None),
@@ -224,13 +248,34 @@ impl Metrics {
         );
         registry.register(
             "purges",
-            "Purge requests by kind and result",
+            "Invalidations applied on this replica, by kind (url, prefix, tag) and result (purged, not_found)",
             m.purges.clone(),
         );
         registry.register(
             "purged_objects",
-            "Objects removed by purges",
+            "Stored responses removed or marked stale by purges, by kind",
             m.purged_objects.clone(),
+        );
+        registry.register(
+            "purge_requests",
+            "Purge requests by source (admin, purge_method, peer, redis) and result (ok, partial, unauthorized, rate_limited, invalid)",
+            m.purge_requests.clone(),
+        );
+        registry.register_with_unit(
+            "purge_fanout_duration",
+            "Time to relay one purge to a peer, retries included, per peer",
+            Unit::Seconds,
+            m.fanout_duration.clone(),
+        );
+        registry.register(
+            "purge_fanout_failures",
+            "Purges a peer did not confirm (after retries, or by the deadline), per peer",
+            m.fanout_failures.clone(),
+        );
+        registry.register(
+            "purge_peers",
+            "Peers purges are relayed to (static and discovered)",
+            m.purge_peers.clone(),
         );
         registry.register(
             "active_connections",
@@ -314,14 +359,45 @@ impl Metrics {
     }
 
     pub(crate) fn record_purge(&self, e: &PurgeEvent<'_>) {
-        let result = if e.removed > 0 { "purged" } else { "not_found" };
-        self.purges
-            .get_or_create(&PurgeLabels {
-                kind: e.kind,
-                result,
+        self.purge_requests
+            .get_or_create(&PurgeRequestLabels {
+                source: e.source,
+                result: e.result,
             })
             .inc();
-        self.purged_objects.inc_by(e.removed as u64);
+        for target in e.targets {
+            let result = if target.applied > 0 {
+                "purged"
+            } else {
+                "not_found"
+            };
+            self.purges
+                .get_or_create(&PurgeLabels {
+                    kind: target.kind,
+                    result,
+                })
+                .inc();
+            self.purged_objects
+                .get_or_create(&PurgeKindLabels { kind: target.kind })
+                .inc_by(target.applied as u64);
+        }
+    }
+
+    pub(crate) fn record_fanout(&self, e: &FanoutEvent<'_>) {
+        let labels = PeerLabels {
+            peer: e.peer.to_owned(),
+        };
+        self.fanout_duration
+            .get_or_create(&labels)
+            .observe(e.duration.as_secs_f64());
+        if e.error.is_some() {
+            self.fanout_failures.get_or_create(&labels).inc();
+        }
+    }
+
+    /// How many peers purges are currently relayed to.
+    pub fn set_purge_peers(&self, n: usize) {
+        self.purge_peers.set(n as i64);
     }
 
     pub fn record_config_reload(&self, ok: bool) {

@@ -24,7 +24,9 @@ use larder_cache::{
 use larder_telemetry::UpstreamEvent;
 use tokio::sync::mpsc;
 
-use crate::body::{ChannelBody, FeedFlow, LimitedBody, ObservedBody, ProxyBody, boxed, empty};
+use crate::body::{
+    ChannelBody, FeedFlow, LimitedBody, ObservedBody, ProxyBody, boxed, empty, full,
+};
 use crate::error::ProxyError;
 use crate::headers::{add_forwarded, append_via, strip_hop_by_hop};
 use crate::interim::InterimSink;
@@ -105,7 +107,7 @@ impl Proxy {
                 error.into_response()
             }
         };
-        self.finish(ex, response, interim)
+        self.finish(&runtime, ex, response, interim)
     }
 
     /// Stamps the response with the request's identity and cache status, and arranges for the
@@ -113,6 +115,7 @@ impl Proxy {
     /// one body wrapper per response.
     fn finish(
         &self,
+        rt: &Runtime,
         ex: Exchange,
         mut response: Response<ProxyBody>,
         interim: Option<InterimSink>,
@@ -123,6 +126,9 @@ impl Proxy {
         let headers = response.headers_mut();
         // Meant for this cache only (read at admission): never forwarded, whatever the path.
         headers.remove(&SURROGATE_CONTROL);
+        for name in &rt.hidden_response_headers {
+            headers.remove(name);
+        }
         if let Ok(v) = HeaderValue::from_str(&ex.cache_status()) {
             headers.insert(CACHE_STATUS.clone(), v);
         }
@@ -175,6 +181,9 @@ impl Proxy {
             .map_err(|_| ProxyError::BadRequest("invalid Host"))?;
         headers.insert(HOST, host_value);
         ex.host = normalize_host(&authority, "http");
+        if parts.method.as_str() == "PURGE" && rt.config.purge.purge_method.enabled {
+            return self.purge_method(rt, ex, &parts.uri).await;
+        }
 
         let declared = headers
             .get(CONTENT_LENGTH)
@@ -242,6 +251,94 @@ impl Proxy {
                 .await;
         }
         self.cached(rt, ex, upstream, request, body).await
+    }
+
+    /// `PURGE <path>`: purges the URL (every variant; `/dir/*` purges a prefix) on every
+    /// replica, for clients in the allowed networks only. Answers like the admin API.
+    async fn purge_method(
+        &self,
+        rt: &Arc<Runtime>,
+        ex: &mut Exchange,
+        uri: &http::Uri,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let client = ex
+            .client
+            .ok_or(ProxyError::Forbidden("client address unknown"))?;
+        let allowed = &rt.config.purge.purge_method.allowed_cidrs;
+        if !allowed
+            .iter()
+            .any(|net| net.contains(&client.ip().to_canonical()))
+        {
+            return Err(ProxyError::Forbidden(
+                "PURGE is not allowed from this address",
+            ));
+        }
+        ex.reason = Some(NoCacheReason::MethodNotCacheable);
+        let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let path = uri.path();
+        let selector = if let Some(prefix) = path.strip_suffix('*') {
+            larder_cache::Selector::Prefix {
+                host: ex.host.clone(),
+                prefix: prefix.to_owned(),
+            }
+        } else {
+            larder_cache::Selector::Url {
+                host: ex.host.clone(),
+                path: path.to_owned(),
+                query: uri.query().map(str::to_owned),
+            }
+        };
+        let order = larder_purge::PurgeOrder {
+            selectors: vec![selector],
+            soft: false,
+        };
+        let source = larder_purge::Source::PurgeMethod(client);
+        let purger = self.purger.get().and_then(std::sync::Weak::upgrade);
+        let (status, body) = match purger {
+            Some(purger) => {
+                if let Err(larder_purge::Refusal::RateLimited { retry_after }) =
+                    purger.admit(&source)
+                {
+                    purger.refused(&source, "rate_limited");
+                    let mut response = Response::new(full(format!(
+                        "too many purges; retry in {} ms\n",
+                        retry_after.as_millis().max(1)
+                    )));
+                    *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+                    let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                    response
+                        .headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                    return Ok(response);
+                }
+                let report = purger.purge(&order, source, None).await;
+                let body = serde_json::to_vec(&report).expect("a report always serializes");
+                (report.status(), body)
+            }
+            None => {
+                let purged: usize = order
+                    .selectors
+                    .iter()
+                    .map(|s| rt.cache.invalidate(s, false, SystemTime::now()))
+                    .sum();
+                let status = if purged > 0 {
+                    StatusCode::OK
+                } else {
+                    StatusCode::NOT_FOUND
+                };
+                let body = serde_json::json!({ "purged": purged, "target": target });
+                (status, body.to_string().into_bytes())
+            }
+        };
+        let mut response = Response::new(full(body));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        Ok(response)
     }
 
     /// Forwards a request the cache does not answer; a successful unsafe one invalidates what
