@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Larder's full test run: formatting, lints, and every test of the workspace.
-# Works on a fresh machine with only the Rust toolchain; later suites that need outside programs
-# (Prometheus, Redis, wrk, varnishtest) install and start them here, and under CI=true a missing
-# program fails the run instead of being skipped. The conformance gate (scripts/cache-tests.sh)
+# Works on a fresh machine with only the Rust toolchain: outside programs the tests need
+# (redis-server today) are installed here from Debian's packages and started by the tests
+# themselves; under CI=true a missing program fails the run instead of being skipped. The conformance gate (scripts/cache-tests.sh)
 # needs node and npm, and installs the public HTTP caching suite from the npm registry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,14 +10,26 @@ cd "$(dirname "$0")/.."
 echo "== toolchain: $(rustc --version)"
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
 
+# Outside programs the tests use: redis-server for the Redis purge bus (feature `redis`).
+if ! command -v redis-server >/dev/null; then
+  echo "== installing redis-server (Debian package)"
+  APT="apt-get"; [ "$(id -u)" = 0 ] || APT="sudo env DEBIAN_FRONTEND=noninteractive apt-get"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! { $APT install -y -qq redis-server >/dev/null 2>&1 \
+         || { $APT update -qq && $APT install -y -qq redis-server >/dev/null; }; }; then
+    echo "could not install redis-server" >&2
+    [ "${CI:-}" = "true" ] && exit 1
+  fi
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
 echo "== cargo clippy (warnings are errors)"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
-echo "== cargo test"
-cargo test --workspace --all-targets --locked
+echo "== cargo test (every feature: the Redis tests start their own redis-server)"
+cargo test --workspace --all-targets --all-features --locked
 
 echo "== cache-tests (public HTTP caching conformance suite, http-cache-tests@0.4.5, via npm)"
 if command -v node >/dev/null && command -v npm >/dev/null; then
