@@ -662,3 +662,48 @@ async fn a_down_peer_is_retried_and_reported_without_holding_the_caller() {
     );
     holder.abort();
 }
+
+#[tokio::test]
+async fn peer_discovery_follows_dns_changes_and_keeps_the_list_on_failure() {
+    let mut dns = TestDns::start(
+        "peers.test",
+        vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2)],
+    )
+    .await;
+    let config = larder_config::Peers {
+        dns: Some("peers.test".into()),
+        port: 9901,
+        nameserver: Some(dns.addr),
+        r#static: vec!["10.0.0.9:9901".parse().unwrap()],
+        ..Default::default()
+    };
+    let peers = larder_purge::PeerSet::new(&config).unwrap();
+    let addrs =
+        |list: &[&str]| -> Vec<SocketAddr> { list.iter().map(|a| a.parse().unwrap()).collect() };
+    // Before the first resolution only the static peer is known; `current` waits for it.
+    assert_eq!(peers.snapshot(), addrs(&["10.0.0.9:9901"]));
+    assert_eq!(peers.refresh().await, Ok(2));
+    assert_eq!(
+        peers.current(Instant::now()).await,
+        addrs(&["10.0.0.9:9901", "10.0.0.1:9901", "10.0.0.2:9901"])
+    );
+    // A replica leaves, another joins: the next resolution sees it (no cached answer).
+    *dns.answers.lock().unwrap() = vec![Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 3)];
+    assert_eq!(peers.refresh().await, Ok(2));
+    assert_eq!(
+        peers.snapshot(),
+        addrs(&["10.0.0.9:9901", "10.0.0.2:9901", "10.0.0.3:9901"])
+    );
+    // Every replica gone: an empty answer means no peers, not an error.
+    dns.answers.lock().unwrap().clear();
+    assert_eq!(peers.refresh().await, Ok(0));
+    assert_eq!(peers.snapshot(), addrs(&["10.0.0.9:9901"]));
+    // The DNS server itself gone: the last list stays.
+    *dns.answers.lock().unwrap() = vec![Ipv4Addr::new(10, 0, 0, 4)];
+    assert_eq!(peers.refresh().await, Ok(1));
+    let server = std::mem::replace(&mut dns.task, tokio::spawn(async {}));
+    server.abort();
+    let _ = server.await;
+    assert!(peers.refresh().await.is_err());
+    assert_eq!(peers.snapshot(), addrs(&["10.0.0.9:9901", "10.0.0.4:9901"]));
+}

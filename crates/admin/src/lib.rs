@@ -140,7 +140,19 @@ async fn purge(
         _ => None,
     };
     let report = state.purger.purge(&order, source, id).await;
-    (report.status(), axum::Json(report)).into_response()
+    let status = report.status();
+    let mut answer = serde_json::to_value(&report).expect("a report always serializes");
+    // The query form's answer has always echoed what was asked.
+    if let Ok(pairs) = serde_urlencoded::from_str::<Vec<(String, String)>>(&query)
+        && let Some(object) = answer.as_object_mut()
+    {
+        for (name, value) in pairs {
+            if name == "hostname" || name == "path" {
+                object.entry(name).or_insert(value.into());
+            }
+        }
+    }
+    (status, axum::Json(answer)).into_response()
 }
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {

@@ -912,3 +912,82 @@ fn dump_loads_back_to_the_same_config() {
         "/"
     );
 }
+
+#[test]
+fn purge_section_loads_and_defaults() {
+    let c = load(BASE);
+    assert_eq!(c.purge, Purge::default());
+    assert_eq!(c.purge.tag_headers, ["surrogate-key", "cache-tag"]);
+    assert!(c.purge.peers.is_empty());
+    let c = load(&with_base(
+        "purge:
+  tag_headers: X-Tags
+  max_requests_per_second: 0
+  purge_method: { enabled: true, allowed_cidrs: [10.0.0.0/8, 192.168.1.7, \"fd00::/8\"] }
+  peers:
+    dns: Larder-Peers.default.svc.cluster.local.
+    port: 9902
+    refresh_interval: 30s
+    nameserver: 10.96.0.10
+    static: [\"10.0.0.5:9901\"]
+  fanout_timeout: 2s
+  fanout_retries: 0
+  redis: { url: \"redis://redis:6379\" }
+",
+    ));
+    let p = &c.purge;
+    assert_eq!(p.tag_headers, ["x-tags"]);
+    assert_eq!(p.max_requests_per_second, 0);
+    assert!(p.purge_method.enabled);
+    assert_eq!(p.purge_method.allowed_cidrs.len(), 3);
+    assert_eq!(
+        p.purge_method.allowed_cidrs[1].to_string(),
+        "192.168.1.7/32"
+    );
+    assert_eq!(
+        p.peers.dns.as_deref(),
+        Some("larder-peers.default.svc.cluster.local")
+    );
+    assert_eq!(p.peers.port, 9902);
+    assert_eq!(p.peers.refresh_interval, Duration::from_secs(30));
+    assert_eq!(p.peers.nameserver, Some("10.96.0.10:53".parse().unwrap()));
+    assert_eq!(p.peers.r#static, ["10.0.0.5:9901".parse().unwrap()]);
+    assert_eq!(p.fanout_timeout, Duration::from_secs(2));
+    assert_eq!(p.fanout_retries, 0);
+    assert_eq!(p.redis.as_ref().unwrap().channel, "larder-purge");
+}
+
+#[test]
+fn purge_errors_name_line_and_key() {
+    let text = with_base(
+        "purge:
+  tag_headers: [\"bad header\"]
+  purge_method: { allowed_cidrs: [10.0.0.0/33] }
+  peers:
+    dns: \"not a name\"
+    port: 70000
+    static: [\"larder-1:9901\"]
+  fanout_retries: 11
+  redis: { url: \"http://redis\" }
+",
+    );
+    let e = errors(&text);
+    let paths: Vec<&str> = e.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "purge.tag_headers[0]",
+            "purge.purge_method.allowed_cidrs[0]",
+            "purge.peers.dns",
+            "purge.peers.port",
+            "purge.peers.static[0]",
+            "purge.fanout_retries",
+            "purge.redis.url",
+        ]
+    );
+    let static_error = &e[4];
+    assert_eq!(static_error.line, Some(16));
+    assert!(static_error.message.contains("IP:port"), "{static_error}");
+    let unknown = errors(&with_base("purge: { peer: {} }\n"));
+    assert_eq!(unknown[0].path, "purge.peer");
+}
