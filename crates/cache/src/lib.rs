@@ -187,9 +187,9 @@ pub struct Cache {
     coalescer: Coalescer,
     /// Keys are hashes, so an attacker's long unique URLs cost 16 bytes each, not their length.
     hit_for_pass: QuickCache<u64, SystemTime>,
-    /// Serialises purges against commits: a commit checks the purge log and inserts under the
-    /// read side, a purge records and removes under the write side, so a purge always wins
-    /// over a fill that began before it.
+    /// Orders purges against commits: a commit checks the purge log and inserts under the
+    /// read side; a purge records, then takes the write side once as a barrier, so a purge
+    /// always wins over a fill that began before it.
     gate: parking_lot::RwLock<()>,
     purges: PurgeLog,
     settings: CacheSettings,
@@ -460,6 +460,18 @@ impl Cache {
     /// Stores an admitted response with its complete body and returns what was stored, or
     /// `None` when a purge of its URL happened since the origin was asked (the purge wins).
     pub fn commit(&self, admission: Admission, body: Bytes) -> Option<Hit> {
+        self.commit_replacing(admission, body, None)
+    }
+
+    /// [`Cache::commit`], but when `replacing` is given only while that stored response is
+    /// still the one under its key: a refresh must not bring back what a purge removed (or a
+    /// newer fill replaced) since it was looked up.
+    fn commit_replacing(
+        &self,
+        admission: Admission,
+        body: Bytes,
+        replacing: Option<&Hit>,
+    ) -> Option<Hit> {
         let Admission {
             resource_type,
             primary,
@@ -475,6 +487,12 @@ impl Cache {
         let _gate = self.gate.read();
         if self.purges.purged_since(generation, &primary, &tags) {
             return None;
+        }
+        if let Some(hit) = replacing {
+            let current = self.types[hit.resource_type].store.peek(&hit.key);
+            if !current.is_some_and(|slot| Arc::ptr_eq(&slot, &hit.response)) {
+                return None;
+            }
         }
         let store = &self.types[resource_type].store;
         // A key lives in one resource type only; drop copies a Content-Type change left elsewhere.
@@ -573,7 +591,7 @@ impl Cache {
                 if admission.tags.is_empty() {
                     admission.tags = stored.tags.clone();
                 }
-                self.commit(admission, stored.body.clone())
+                self.commit_replacing(admission, stored.body.clone(), Some(hit))
                     .ok_or(NoCacheReason::PurgedDuringFill)
             });
         if result.is_err() {
@@ -611,13 +629,17 @@ impl Cache {
                 query: query.clone(),
             },
             Selector::Prefix { host, prefix } => Selector::Prefix {
-                host: key::host_without_port(&key::normalize_host(host, "http")).to_owned(),
+                host: key::normalize_host(host, "http"),
                 prefix: prefix.clone(),
             },
             Selector::Tag(tag) => Selector::Tag(tag.clone()),
         };
-        let _gate = self.gate.write();
         self.purges.record(&selector);
+        // A barrier, not held for the work: a commit that checked the purge log before the
+        // record finishes inserting before this returns (so the selection below sees what it
+        // stored), and every later check sees the record (so a fill begun before it is
+        // dropped). A purge of a million objects never stalls fills.
+        drop(self.gate.write());
         let mut applied = 0;
         for ty in &self.types {
             let selected = match &selector {
@@ -638,7 +660,15 @@ impl Cache {
                     })
                 }
                 Selector::Prefix { host, prefix } => {
-                    ty.store.select(&store::Selection::Prefix { host, prefix })
+                    let bare = key::host_without_port(host);
+                    let mut selected = ty
+                        .store
+                        .select(&store::Selection::Prefix { host: bare, prefix });
+                    // As for URLs: a port narrows the purge to that port.
+                    if host.as_str() != bare {
+                        selected.retain(|(k, _)| k.host() == host);
+                    }
+                    selected
                 }
                 Selector::Tag(tag) => ty.store.select(&store::Selection::Tag(tag)),
             };

@@ -251,14 +251,17 @@ impl Index {
         self.urls.len()
     }
 
-    /// Keys stored as `Vary` variants of `primary`, oldest first (ids grow with time).
+    /// Keys stored as `Vary` variants of `primary`, oldest first (ids grow with time). They sort
+    /// right after the primary key (ties within a URL order by the whole key), so this reads
+    /// only them, however many other queries the path has.
     fn variants_of(&self, primary: &Key) -> Vec<Key> {
         let prefix = format!("{}\0v", primary.as_str());
-        let (host, path) = primary.purge_target();
         let mut variants: Vec<(u64, Key)> = self
-            .url(host, path)
-            .filter(|(k, _)| k.as_str().starts_with(&prefix))
-            .map(|(k, id)| (id, k.clone()))
+            .urls
+            .range(ByUrl(primary.clone())..)
+            .take_while(|(k, _)| k.0.as_str().starts_with(primary.as_str()))
+            .filter(|(k, _)| k.0.as_str().starts_with(&prefix))
+            .map(|(k, id)| (*id, k.0.clone()))
             .collect();
         variants.sort_unstable_by_key(|(id, _)| *id);
         variants.into_iter().map(|(_, k)| k).collect()
@@ -324,25 +327,42 @@ impl MemoryStore {
         self.cache.get(key)
     }
 
+    /// Like `get`, without counting as a use for eviction.
+    pub(crate) fn peek(&self, key: &Key) -> Option<Arc<Slot>> {
+        self.cache.peek(key)
+    }
+
     pub(crate) fn insert(&self, key: Key, slot: Arc<Slot>) {
         let mut evicted = Vec::new();
         {
             let mut index = self.index.lock();
-            // Replacing a value is not an eviction to quick_cache: unindex the old one here.
-            if let Some(old) = self.cache.peek(&key) {
-                index.remove(&key, &old);
-            }
             self.cache
                 .insert_with_lifecycle(key.clone(), slot.clone(), &mut evicted);
-            // Indexed even if rejected at once (too heavy): it is then among `evicted` too.
-            index.add(&key, &slot);
-            for (key, slot) in &evicted {
-                index.remove(key, slot);
-            }
+            self.reindex(&mut index, &key, &slot, &evicted);
         }
+        self.count_evictions(&key, &evicted);
+    }
+
+    /// After an insert or replacement: index the new slot, unindex what left (a value replaced
+    /// under the same key comes back as evicted too, and so does a slot too heavy to admit).
+    fn reindex(
+        &self,
+        index: &mut Index,
+        key: &Key,
+        slot: &Arc<Slot>,
+        evicted: &[(Key, Arc<Slot>)],
+    ) {
+        index.add(key, slot);
+        for (key, slot) in evicted {
+            index.remove(key, slot);
+        }
+    }
+
+    fn count_evictions(&self, inserted: &Key, evicted: &[(Key, Arc<Slot>)]) {
+        // The value a replacement displaced under the same key was not evicted for room.
         let responses = evicted
             .iter()
-            .filter(|(_, s)| matches!(s.entry, Entry::Response(_)))
+            .filter(|(k, s)| k != inserted && matches!(s.entry, Entry::Response(_)))
             .count();
         self.evictions
             .fetch_add(responses as u64, Ordering::Relaxed);
@@ -367,7 +387,8 @@ impl MemoryStore {
     }
 
     /// Replaces each selected response that still holds its selected slot with what `change`
-    /// makes of it (a soft purge: same body, expired freshness). Returns how many were changed.
+    /// makes of it (a soft purge: same body, expired freshness), without making it hotter.
+    /// Returns how many were changed.
     pub fn replace_selected(
         &self,
         selected: &[(Key, u64)],
@@ -375,13 +396,28 @@ impl MemoryStore {
     ) -> usize {
         let mut changed = 0;
         for (key, id) in selected {
-            let Some(slot) = self.cache.peek(key).filter(|s| s.id == *id) else {
-                continue;
-            };
-            let Entry::Response(stored) = &slot.entry else {
-                continue;
-            };
-            self.insert(key.clone(), Slot::new(Entry::Response(change(stored))));
+            let mut evicted = Vec::new();
+            {
+                // Under the index lock no other insert can slip in between the check and the
+                // replacement; a removal can, and then `replace` finds no entry and does nothing.
+                let mut index = self.index.lock();
+                let Some(slot) = self.cache.peek(key).filter(|s| s.id == *id) else {
+                    continue;
+                };
+                let Entry::Response(stored) = &slot.entry else {
+                    continue;
+                };
+                let new = Slot::new(Entry::Response(change(stored)));
+                if self
+                    .cache
+                    .replace_with_lifecycle(key.clone(), new.clone(), true, &mut evicted)
+                    .is_err()
+                {
+                    continue;
+                }
+                self.reindex(&mut index, key, &new, &evicted);
+            }
+            self.count_evictions(key, &evicted);
             changed += 1;
         }
         changed

@@ -663,8 +663,13 @@ fn prefix_purge_takes_the_subtree_of_one_host_only() {
     assert!(found(&cache, "/img/a.png", &req).is_none());
     assert!(found(&cache, "/img/b/c.png", &req).is_none());
     assert!(found(&cache, "/imgx", &req).is_some());
+    // A port narrows it to that port (these were stored without one).
     assert_eq!(
-        cache.invalidate(&prefix("EXAMPLE.com:8080", "/im"), false, at(1)),
+        cache.invalidate(&prefix("example.com:8080", "/im"), false, at(1)),
+        0
+    );
+    assert_eq!(
+        cache.invalidate(&prefix("EXAMPLE.com:80", "/im"), false, at(1)),
         2
     );
     assert!(found(&cache, "/other", &req).is_some());
@@ -774,4 +779,60 @@ fn refresh_keeps_tags_the_304_does_not_repeat() {
         )
         .unwrap();
     assert_eq!(cache.invalidate(&tag("keep-me"), false, at(21)), 1);
+}
+
+#[test]
+fn a_refresh_does_not_bring_back_what_a_purge_removed() {
+    let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
+    let req = HeaderMap::new();
+    let resp = headers(&[("cache-control", "max-age=10"), ("etag", "\"e\"")]);
+    let stale = store(&cache, "/r", &req, &resp, b"old").unwrap();
+    // Looked up stale, then purged before the revalidation is even sent…
+    assert_eq!(cache.purge("example.com", "/r", None), 1);
+    let generation = cache.purge_generation();
+    // …so the 304 that comes back has nothing to refresh.
+    let refreshed = cache.refresh(
+        &stale,
+        &target("/r", &req),
+        &headers(&[("cache-control", "max-age=100")]),
+        at(20),
+        at(20),
+        generation,
+    );
+    assert_eq!(refreshed.unwrap_err(), NoCacheReason::PurgedDuringFill);
+    assert!(found(&cache, "/r", &req).is_none());
+}
+
+#[test]
+fn variants_are_capped_per_url_among_many_queries() {
+    let settings = CacheSettings {
+        max_variants: 2,
+        ..CacheSettings::default()
+    };
+    let cache = Cache::new(vec![spec("default", 1 << 22)], settings);
+    let resp = headers(&[("cache-control", "max-age=60"), ("vary", "x-v")]);
+    let with_query = |q: &'static str, v: &str| {
+        let req = headers(&[("x-v", v)]);
+        let adm = cache
+            .admit(
+                &Method::GET,
+                &RequestTarget {
+                    query: Some(q),
+                    ..target("/v", &req)
+                },
+                StatusCode::OK,
+                &resp,
+                at(0),
+                at(0),
+                cache.purge_generation(),
+            )
+            .unwrap();
+        cache.commit(adm, Bytes::from_static(b"x")).unwrap();
+    };
+    for v in ["1", "2", "3"] {
+        with_query("a", v);
+        with_query("b", v);
+    }
+    // Two variants (plus its marker) per query survive; the other query's are not counted.
+    assert_eq!(cache.indexed_keys(), 2 * 3);
 }
