@@ -74,6 +74,13 @@ fn admin_token(config: &Config, options: &StartOptions) -> anyhow::Result<Option
 pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Server> {
     let config = Arc::new(config);
     let token = admin_token(&config, &options)?;
+    if token.is_none() && (!config.purge.peers.is_empty() || config.purge.redis.is_some()) {
+        tracing::warn!(
+            "purges are relayed between replicas but no admin token is set \
+             (LARDER_ADMIN_TOKEN or admin.token_file): anyone who can reach an admin port \
+             can purge the whole cluster"
+        );
+    }
     let metrics = Metrics::new(VERSION);
     metrics.record_config_reload(true);
     let access_log = if config.access_log.enabled {

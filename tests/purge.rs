@@ -522,6 +522,8 @@ fn replica_yaml(origin: SocketAddr, admin: SocketAddr, purge: &str) -> String {
 /// of one Service would), found through `larder.test` on the test DNS server.
 async fn three_replicas(origin: SocketAddr, dns: &TestDns, token: Option<&str>) -> Vec<Larder> {
     let ips = [2u8, 3, 4].map(|last| Ipv4Addr::new(127, 0, 0, last));
+    // Known before any replica starts (A records carry no port), as in a real Service.
+    *dns.answers.lock().unwrap() = ips.to_vec();
     'attempt: for _ in 0..20 {
         // An ephemeral port free on the first address is almost surely free on the others.
         let probe = std::net::TcpListener::bind((ips[0], 0)).unwrap();
@@ -546,7 +548,6 @@ async fn three_replicas(origin: SocketAddr, dns: &TestDns, token: Option<&str>) 
                 Err(_) => continue 'attempt,
             }
         }
-        *dns.answers.lock().unwrap() = ips.to_vec();
         return replicas;
     }
     panic!("no common free admin port on 127.0.0.2-4");
@@ -706,4 +707,64 @@ async fn peer_discovery_follows_dns_changes_and_keeps_the_list_on_failure() {
     let _ = server.await;
     assert!(peers.refresh().await.is_err());
     assert_eq!(peers.snapshot(), addrs(&["10.0.0.9:9901", "10.0.0.4:9901"]));
+}
+
+#[tokio::test]
+async fn peers_behind_an_unresolvable_name_are_reported_not_assumed_reached() {
+    let origin = tagging_origin().await;
+    // A nameserver address nothing answers on.
+    let silent_dns = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let purge = format!(
+        "{{ peers: {{ dns: larder.test, nameserver: \"{silent_dns}\" }}, fanout_timeout: 1s }}"
+    );
+    let yaml = replica_yaml(origin.addr, "127.0.0.1:0".parse().unwrap(), &purge);
+    let larder = Larder::start(&yaml).await;
+    larder.get("/p/1").await;
+    let reply = larder.admin(Method::POST, "/purge?tag=all", &[]).await;
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    let json = reply.json();
+    assert_eq!(json["purged"], 1, "applied here regardless");
+    assert_eq!(json["peers"][0]["peer"], "dns:larder.test", "{json}");
+    assert_eq!(json["peers"][0]["status"], "failed", "{json}");
+}
+
+#[tokio::test]
+async fn a_relayed_purge_needs_well_formed_ids() {
+    let origin = tagging_origin().await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    larder.get("/p/1").await;
+    let long = "x".repeat(65);
+    for headers in [
+        vec![("x-larder-relayed-by", "peer-1")],
+        vec![
+            ("x-larder-relayed-by", "peer-1"),
+            ("x-larder-purge-id", long.as_str()),
+        ],
+        vec![
+            ("x-larder-relayed-by", "bad id"),
+            ("x-larder-purge-id", "abc"),
+        ],
+    ] {
+        let reply = larder.admin(Method::POST, "/purge?tag=all", &headers).await;
+        assert_eq!(reply.status, 400, "{headers:?}");
+    }
+    assert!(is_hit(&larder.get("/p/1").await));
+    let relayed = [
+        ("x-larder-relayed-by", "peer-1"),
+        ("x-larder-purge-id", "abc123"),
+    ];
+    let reply = larder.admin(Method::POST, "/purge?tag=all", &relayed).await;
+    assert_eq!(reply.status, 200);
+    assert!(
+        reply.json().get("peers").is_none(),
+        "a relayed purge goes no further"
+    );
+    // The same id again is applied once.
+    larder.get("/p/1").await;
+    let again = larder.admin(Method::POST, "/purge?tag=all", &relayed).await;
+    assert_eq!(again.json()["duplicate"], true);
+    assert!(is_hit(&larder.get("/p/1").await));
 }

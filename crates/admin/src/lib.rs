@@ -96,12 +96,26 @@ async fn purge(
             .map(str::to_owned)
     };
     let source = match header_text(RELAYED_BY_HEADER) {
-        Some(instance) => Source::Peer { instance },
+        Some(instance) => Source::Peer {
+            instance,
+            addr: client,
+        },
         None => Source::Admin(client),
     };
     if let Some(denied) = unauthorized(&state, &headers) {
         state.purger.refused(&source, "unauthorized");
         return denied;
+    }
+    let relayed_id = header_text(PURGE_ID_HEADER);
+    if let Source::Peer { instance, .. } = &source
+        && !(larder_purge::valid_id(instance)
+            && relayed_id.as_deref().is_some_and(larder_purge::valid_id))
+    {
+        state.purger.refused(&source, "invalid");
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "a relayed purge needs a purge id and an instance id (1-64 letters, digits, - or _)",
+        );
     }
     if let Err(Refusal::RateLimited { retry_after }) = state.purger.admit(&source) {
         state.purger.refused(&source, "rate_limited");
@@ -136,7 +150,7 @@ async fn purge(
         }
     };
     let id = match &source {
-        Source::Peer { .. } => header_text(PURGE_ID_HEADER),
+        Source::Peer { .. } => relayed_id,
         _ => None,
     };
     let report = state.purger.purge(&order, source, id).await;

@@ -1264,10 +1264,16 @@ fn build_purge(raw: Option<RawPurge>, cx: &mut Ctx) -> Purge {
     };
     let redis = raw.redis.map(|r| {
         let url = r.url.unwrap_or_default();
-        if !(url.starts_with("redis://") || url.starts_with("unix://")) {
+        // The URL may carry a password: errors never repeat it.
+        if url.starts_with("rediss://") {
             cx.error(
                 "purge.redis.url",
-                format!("expected a redis:// or unix:// URL, got {url:?}"),
+                "TLS (rediss://) is not supported yet; use redis:// or unix://",
+            );
+        } else if !(url.starts_with("redis://") || url.starts_with("unix://")) {
+            cx.error(
+                "purge.redis.url",
+                "expected a URL starting with redis:// or unix://",
             );
         }
         let channel = r.channel.unwrap_or_else(|| "larder-purge".into());

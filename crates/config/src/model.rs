@@ -672,6 +672,31 @@ impl Default for Peers {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Redis {
+    /// May hold a password: `/config_dump` shows it without one.
+    #[serde(serialize_with = "ser_redacted_url")]
     pub url: String,
     pub channel: String,
+}
+
+fn ser_redacted_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(url))
+}
+
+/// A URL without its credentials (`redis://user:secret@host` → `redis://…@host`) or
+/// password query parameters, for logs, reports and the config dump.
+pub fn redact_url(url: &str) -> String {
+    let without_query = match url.split_once('?') {
+        Some((base, query)) if query.contains("pass") => format!("{base}?…"),
+        _ => url.to_owned(),
+    };
+    match (without_query.find("://"), without_query.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!(
+                "{}://…@{}",
+                &without_query[..scheme],
+                &without_query[at + 1..]
+            )
+        }
+        _ => without_query,
+    }
 }

@@ -955,6 +955,12 @@ fn purge_section_loads_and_defaults() {
     assert_eq!(p.fanout_timeout, Duration::from_secs(2));
     assert_eq!(p.fanout_retries, 0);
     assert_eq!(p.redis.as_ref().unwrap().channel, "larder-purge");
+    let with_password = load(&with_base(
+        "purge: { redis: { url: \"redis://user:hunter2@redis:6379/0\" } }\n",
+    ));
+    let dump = with_password.to_json().to_string();
+    assert!(!dump.contains("hunter2"), "{dump}");
+    assert!(dump.contains("redis://…@redis:6379/0"), "{dump}");
 }
 
 #[test]

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use parking_lot::Mutex;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Mutex;
 
 use crate::{PeerReport, PeerStatus, PurgeBody, PurgeOrder, Purger, Source};
 
@@ -33,7 +33,7 @@ impl Bus {
         Ok(Bus {
             client: redis::Client::open(config.url.as_str()).map_err(|e| e.to_string())?,
             channel: config.channel.clone(),
-            url: redact(&config.url),
+            url: larder_config::redact_url(&config.url),
             publisher: Mutex::new(None),
         })
     }
@@ -45,6 +45,7 @@ impl Bus {
         origin: &str,
         order: &PurgeOrder,
         metrics: &larder_telemetry::Metrics,
+        deadline: Instant,
     ) -> PeerReport {
         let started = Instant::now();
         let message = serde_json::to_string(&Message {
@@ -54,20 +55,24 @@ impl Bus {
         })
         .expect("a purge message always serializes");
         let mut attempts = 0;
-        let result = loop {
-            attempts += 1;
-            match self.try_publish(&message).await {
-                Ok(receivers) => break Ok(receivers),
-                // A broken connection is replaced once; a second failure is reported.
-                Err(e) if attempts < 2 => {
-                    tracing::debug!(error = %e, "redis publish failed; reconnecting")
+        let publish = async {
+            loop {
+                attempts += 1;
+                match self.try_publish(&message).await {
+                    Ok(receivers) => break Ok(receivers),
+                    // A broken connection is replaced once; a second failure is reported.
+                    Err(e) if attempts < 2 => {
+                        tracing::debug!(error = %e, "redis publish failed; reconnecting")
+                    }
+                    Err(e) => break Err(e.to_string()),
                 }
-                Err(e) => break Err(e.to_string()),
             }
         };
-        let (status, error) = match &result {
-            Ok(_) => (PeerStatus::Ok, None),
-            Err(e) => (PeerStatus::Failed, Some(e.clone())),
+        let result = tokio::time::timeout_at(deadline.into(), publish).await;
+        let (status, error) = match result {
+            Ok(Ok(_)) => (PeerStatus::Ok, None),
+            Ok(Err(e)) => (PeerStatus::Failed, Some(e)),
+            Err(_) => (PeerStatus::Timeout, Some("no answer in time".to_owned())),
         };
         larder_telemetry::FanoutEvent {
             purge_id: id,
@@ -89,21 +94,25 @@ impl Bus {
     }
 
     async fn try_publish(&self, message: &str) -> redis::RedisResult<usize> {
-        let mut publisher = self.publisher.lock().await;
-        if publisher.is_none() {
-            *publisher = Some(
-                tokio::time::timeout(
+        // The lock is never held across a network wait: concurrent purges share one
+        // multiplexed connection, and a slow connect delays only the purge that makes it.
+        let current = self.publisher.lock().clone();
+        let mut connection = match current {
+            Some(connection) => connection,
+            None => {
+                let connection = tokio::time::timeout(
                     Duration::from_secs(2),
                     self.client.get_multiplexed_async_connection(),
                 )
                 .await
-                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??,
-            );
-        }
-        let connection = publisher.as_mut().expect("connected above");
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+                *self.publisher.lock() = Some(connection.clone());
+                connection
+            }
+        };
         let result = connection.publish(&self.channel, message).await;
         if result.is_err() {
-            *publisher = None;
+            *self.publisher.lock() = None;
         }
         result
     }
@@ -174,15 +183,5 @@ impl Bus {
             instance: message.origin,
         };
         purger.purge(&order, source, Some(message.id)).await;
-    }
-}
-
-/// The URL without its password, fit for logs and reports.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_owned(),
     }
 }

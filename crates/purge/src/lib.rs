@@ -42,8 +42,8 @@ pub enum Source {
     Admin(SocketAddr),
     /// `PURGE` on a proxy listener.
     PurgeMethod(SocketAddr),
-    /// Relayed by another replica.
-    Peer { instance: String },
+    /// Relayed by another replica (its instance id, as it says, and address).
+    Peer { instance: String, addr: SocketAddr },
     /// Received on the Redis channel, published by this replica.
     Redis { instance: String },
 }
@@ -58,10 +58,13 @@ impl Source {
         }
     }
 
+    /// For the audit line: always the socket address when there is one, since a relayed
+    /// purge's instance id is only what the sender claims.
     pub fn who(&self) -> String {
         match self {
             Source::Admin(addr) | Source::PurgeMethod(addr) => addr.to_string(),
-            Source::Peer { instance } | Source::Redis { instance } => instance.clone(),
+            Source::Peer { instance, addr } => format!("{addr} (replica {instance})"),
+            Source::Redis { instance } => format!("redis (replica {instance})"),
         }
     }
 
@@ -153,10 +156,11 @@ pub enum Refusal {
 }
 
 /// Purge ids recently applied, so a purge arriving twice (by peers and bus, or a replica
-/// reaching itself) is applied once.
+/// reaching itself) is applied once. Kept as hashes: fixed memory whatever ids peers send.
 struct RecentIds {
-    set: HashSet<String>,
-    order: VecDeque<String>,
+    set: HashSet<u64>,
+    order: VecDeque<u64>,
+    hasher: std::collections::hash_map::RandomState,
 }
 
 const RECENT_IDS: usize = 16_384;
@@ -164,7 +168,9 @@ const RECENT_IDS: usize = 16_384;
 impl RecentIds {
     /// False when the id was already seen.
     fn insert(&mut self, id: &str) -> bool {
-        if self.set.contains(id) {
+        use std::hash::BuildHasher;
+        let hash = self.hasher.hash_one(id);
+        if !self.set.insert(hash) {
             return false;
         }
         if self.order.len() == RECENT_IDS
@@ -172,10 +178,18 @@ impl RecentIds {
         {
             self.set.remove(&old);
         }
-        self.set.insert(id.to_owned());
-        self.order.push_back(id.to_owned());
+        self.order.push_back(hash);
         true
     }
+}
+
+/// Whether a purge id or instance id from a peer is well formed (this replica makes hex ones;
+/// anything short and plain is accepted).
+pub fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Client purge requests per second, with a burst of as many again.
@@ -219,12 +233,16 @@ pub struct Purger {
     client: Client<HttpConnector, Full<Bytes>>,
     seen: Mutex<RecentIds>,
     limiter: Option<Mutex<TokenBucket>>,
+    peer_limiter: Option<Mutex<TokenBucket>>,
     fanout_timeout: Duration,
     retries: u32,
     metrics: Arc<Metrics>,
     #[cfg(feature = "redis")]
     bus: Option<bus::Bus>,
 }
+
+/// Relayed purges accepted per second, as a multiple of the client limit.
+const PEER_RATE_FACTOR: u32 = 16;
 
 /// Whether this build can relay purges over Redis.
 pub const REDIS_SUPPORTED: bool = cfg!(feature = "redis");
@@ -259,9 +277,19 @@ impl Purger {
             seen: Mutex::new(RecentIds {
                 set: HashSet::new(),
                 order: VecDeque::new(),
+                hasher: Default::default(),
             }),
             limiter: (config.max_requests_per_second > 0)
                 .then(|| Mutex::new(TokenBucket::new(config.max_requests_per_second))),
+            // Peers relay what their own clients were allowed: this bucket only stops a
+            // replica (or a token holder posing as one) from flooding the others.
+            peer_limiter: (config.max_requests_per_second > 0).then(|| {
+                Mutex::new(TokenBucket::new(
+                    config
+                        .max_requests_per_second
+                        .saturating_mul(PEER_RATE_FACTOR),
+                ))
+            }),
             fanout_timeout: config.fanout_timeout,
             retries: config.fanout_retries,
             metrics,
@@ -311,15 +339,16 @@ impl Purger {
         }
     }
 
-    /// Rate limit for client purges; relayed ones always pass (their origin replica counted
-    /// them).
+    /// Rate limit: client purges by `max_requests_per_second`; relayed ones by a bucket many
+    /// times larger (their origin replica already limited its clients).
     pub fn admit(&self, source: &Source) -> Result<(), Refusal> {
-        let Some(limiter) = &self.limiter else {
+        let limiter = match source {
+            Source::Admin(_) | Source::PurgeMethod(_) => &self.limiter,
+            Source::Peer { .. } | Source::Redis { .. } => &self.peer_limiter,
+        };
+        let Some(limiter) = limiter else {
             return Ok(());
         };
-        if !source.is_client() {
-            return Ok(());
-        }
         limiter
             .lock()
             .take()
@@ -343,10 +372,24 @@ impl Purger {
     }
 
     /// Applies a purge here and, for a client's, everywhere else. `id` is the relayed id, if
-    /// any; a client's purge gets a new one.
+    /// any; a client's purge gets a new one. Runs as its own task: a client that hangs up
+    /// does not cancel the relay to the other replicas.
     pub async fn purge(
-        &self,
+        self: &Arc<Self>,
         order: &PurgeOrder,
+        source: Source,
+        id: Option<String>,
+    ) -> PurgeReport {
+        let me = self.clone();
+        let order = order.clone();
+        tokio::spawn(async move { me.run_purge(order, source, id).await })
+            .await
+            .expect("the purge task does not panic")
+    }
+
+    async fn run_purge(
+        &self,
+        order: PurgeOrder,
         source: Source,
         id: Option<String>,
     ) -> PurgeReport {
@@ -365,8 +408,19 @@ impl Purger {
             self.audit(&report, &source);
             return report;
         }
-        for selector in &order.selectors {
-            let applied = self.local.invalidate(selector, order.soft);
+        // Removing many objects is CPU work: off the async workers.
+        let local = self.local.clone();
+        let selectors = order.selectors.clone();
+        let soft = order.soft;
+        let applied = tokio::task::spawn_blocking(move || {
+            selectors
+                .iter()
+                .map(|selector| local.invalidate(selector, soft))
+                .collect::<Vec<usize>>()
+        })
+        .await
+        .expect("invalidation does not panic");
+        for (selector, applied) in order.selectors.iter().zip(applied) {
             report.purged += applied;
             report.targets.push(TargetReport {
                 kind: selector.kind().to_owned(),
@@ -375,25 +429,52 @@ impl Purger {
             });
         }
         if source.is_client() {
-            let body = Bytes::from(
-                serde_json::to_vec(&PurgeBody::from_order(order))
-                    .expect("a purge body always serializes"),
-            );
-            let deadline = Instant::now() + self.fanout_timeout;
-            let peers = self.peers.current(deadline).await;
-            let relays = peers
-                .iter()
-                .map(|peer| self.relay(*peer, body.clone(), &id, deadline));
-            report.peers = futures_util::future::join_all(relays).await;
-            #[cfg(feature = "redis")]
-            if let Some(bus) = &self.bus {
-                report
-                    .peers
-                    .push(bus.publish(&id, &self.instance, order, &self.metrics).await);
-            }
+            report.peers = self.relay_everywhere(&order, &id).await;
         }
         self.audit(&report, &source);
         report
+    }
+
+    /// Relays to every peer and publishes on the bus, all at once, all bounded by the
+    /// fan-out deadline.
+    async fn relay_everywhere(&self, order: &PurgeOrder, id: &str) -> Vec<PeerReport> {
+        let body = Bytes::from(
+            serde_json::to_vec(&PurgeBody::from_order(order))
+                .expect("a purge body always serializes"),
+        );
+        let deadline = Instant::now() + self.fanout_timeout;
+        let peers = self.peers.current(deadline).await;
+        let relays = peers
+            .iter()
+            .map(|peer| self.relay(*peer, body.clone(), id, deadline));
+        let relays = futures_util::future::join_all(relays);
+        #[cfg(feature = "redis")]
+        let bus = async {
+            match &self.bus {
+                Some(bus) => Some(
+                    bus.publish(id, &self.instance, order, &self.metrics, deadline)
+                        .await,
+                ),
+                None => None,
+            }
+        };
+        #[cfg(not(feature = "redis"))]
+        let bus = async { None };
+        let (mut reports, bus) = tokio::join!(relays, bus);
+        reports.extend(bus);
+        // Peers a DNS name would name are unknown until it has resolved once: say so, or a
+        // purge reaching only the static peers would look complete.
+        if let Some((name, error)) = self.peers.discovery_problem() {
+            reports.push(PeerReport {
+                peer: name,
+                status: PeerStatus::Failed,
+                purged: None,
+                attempts: 0,
+                duration_ms: 0,
+                error: Some(error),
+            });
+        }
+        reports
     }
 
     fn audit(&self, report: &PurgeReport, source: &Source) {
@@ -530,8 +611,7 @@ impl Purger {
             .await
             .map_err(|e| RelayError::retryable(format!("{e:#}")))?;
         let status = response.status();
-        let bytes = response
-            .into_body()
+        let bytes = http_body_util::Limited::new(response.into_body(), MAX_ANSWER)
             .collect()
             .await
             .map_err(|e| RelayError::retryable(format!("reading the answer: {e}")))?
@@ -542,11 +622,9 @@ impl Purger {
                 .map_err(|e| RelayError::fatal(format!("unreadable answer: {e}")))?;
             return Ok(answer);
         }
-        let message = format!(
-            "HTTP {}: {}",
-            status.as_u16(),
-            String::from_utf8_lossy(&bytes).trim()
-        );
+        let text = String::from_utf8_lossy(&bytes);
+        let text: String = text.trim().chars().take(200).collect();
+        let message = format!("HTTP {}: {text}", status.as_u16());
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
             Err(RelayError::retryable(message))
         } else {
@@ -554,6 +632,9 @@ impl Purger {
         }
     }
 }
+
+/// A peer's answer is a small JSON document; more is not read.
+const MAX_ANSWER: usize = 64 << 10;
 
 #[derive(Deserialize)]
 struct PeerAnswer {

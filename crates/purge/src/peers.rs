@@ -5,6 +5,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use arc_swap::ArcSwap;
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{
@@ -22,6 +24,9 @@ pub struct PeerSet {
     /// Flips to true once the first resolution finished (successfully or not), so a purge
     /// right after start-up waits for the peer list instead of relaying to nobody.
     resolved: watch::Sender<bool>,
+    /// Set once the name resolved successfully; until then purges report the name as failed.
+    ever_resolved: AtomicBool,
+    last_error: parking_lot::Mutex<Option<String>>,
 }
 
 struct Discovery {
@@ -50,6 +55,8 @@ impl PeerSet {
             dns,
             discovered: ArcSwap::default(),
             resolved,
+            ever_resolved: AtomicBool::new(false),
+            last_error: parking_lot::Mutex::new(None),
         })
     }
 
@@ -96,8 +103,30 @@ impl PeerSet {
             }
             Err(e) => Err(format!("resolving {}: {e}", dns.name)),
         };
+        match &result {
+            Ok(_) => {
+                self.ever_resolved.store(true, Ordering::Release);
+                *self.last_error.lock() = None;
+            }
+            Err(e) => *self.last_error.lock() = Some(e.clone()),
+        }
         self.resolved.send_replace(true);
         result
+    }
+
+    /// `(dns:name, why)` while the DNS name has never resolved: the replicas it names are
+    /// unknown, so a purge cannot claim to have reached them.
+    pub fn discovery_problem(&self) -> Option<(String, String)> {
+        let dns = self.dns.as_ref()?;
+        if self.ever_resolved.load(Ordering::Acquire) {
+            return None;
+        }
+        let why = self
+            .last_error
+            .lock()
+            .clone()
+            .unwrap_or_else(|| "not resolved yet".into());
+        Some((format!("dns:{}", dns.name.trim_end_matches('.')), why))
     }
 
     /// Re-resolves every refresh interval, forever.
@@ -106,6 +135,7 @@ impl PeerSet {
             metrics.set_purge_peers(self.r#static.len());
             return std::future::pending().await;
         };
+        let mut known = self.snapshot();
         loop {
             match self.refresh().await {
                 Ok(n) => tracing::debug!(name = %dns.name, addresses = n, "purge peers resolved"),
@@ -113,7 +143,13 @@ impl PeerSet {
                     tracing::warn!(error = %e, "purge peer discovery failed; keeping the last list")
                 }
             }
-            metrics.set_purge_peers(self.snapshot().len());
+            let now = self.snapshot();
+            // Replicas come and go (pod IPs): their per-peer series go with them.
+            for gone in known.iter().filter(|p| !now.contains(p)) {
+                metrics.forget_purge_peer(&gone.to_string());
+            }
+            metrics.set_purge_peers(now.len());
+            known = now;
             tokio::time::sleep(dns.interval).await;
         }
     }

@@ -103,8 +103,8 @@ pub fn order_from_query(query: &str) -> Result<PurgeOrder, String> {
     for (name, value) in pairs {
         match name.as_str() {
             "hostname" => hostname = Some(value),
-            "path" => paths.push(value),
-            "prefix" => prefixes.push(value),
+            "path" => paths.push(reencode(&value)),
+            "prefix" => prefixes.push(reencode(&value)),
             "tag" => tags.push(value),
             "tags" => tags.extend(value.split(',').map(|t| t.trim().to_owned())),
             "soft" => {
@@ -181,37 +181,61 @@ fn split_url(url: &str) -> Result<(&str, &str), String> {
 }
 
 fn check_host(host: &str) -> Result<(), String> {
-    let ok = !host.is_empty()
+    let charset_ok = !host.is_empty()
         && host.len() <= 255
         && host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b));
-    if ok {
+    // An IPv6 address needs its brackets, or its colons would read as a port.
+    let bracketed_if_ipv6 = host.matches(':').count() <= 1 || host.starts_with('[');
+    if charset_ok && bracketed_if_ipv6 {
         Ok(())
     } else {
-        Err(format!("invalid host {host:?}"))
+        Err(format!(
+            "invalid host {host:?} (a name or address, with an optional :port; IPv6 in brackets)"
+        ))
     }
 }
 
-fn path_selector(host: &str, target: &str) -> Result<Selector, String> {
+/// `/path`, `/path?query`, or `/dir/*` (a prefix: `*` only at the end of a path without a
+/// query). Also what `PURGE` request targets mean.
+pub fn path_selector(host: &str, target: &str) -> Result<Selector, String> {
     if !target.starts_with('/') {
         return Err(format!("path must start with /, got {target:?}"));
-    }
-    if let Some(prefix) = target.strip_suffix('*') {
-        return Ok(Selector::Prefix {
-            host: host.to_owned(),
-            prefix: prefix.to_owned(),
-        });
     }
     let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p, Some(q.to_owned())),
         None => (target, None),
     };
+    if query.is_none()
+        && let Some(prefix) = path.strip_suffix('*')
+    {
+        return Ok(Selector::Prefix {
+            host: host.to_owned(),
+            prefix: prefix.to_owned(),
+        });
+    }
     Ok(Selector::Url {
         host: host.to_owned(),
         path: path.to_owned(),
         query,
     })
+}
+
+/// Query parameters arrive percent-decoded, but cache keys hold paths as clients sent them,
+/// encoded: bytes that cannot appear raw in a request target are encoded again, so
+/// `path=/caf%C3%A9` purges `/caf%C3%A9`. (A literal `%` in a stored path is sent as `%25`.)
+fn reencode(decoded: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(decoded.len());
+    for b in decoded.bytes() {
+        if b.is_ascii_graphic() {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
 }
 
 fn tag_selector(tag: &str) -> Result<Selector, String> {
@@ -255,6 +279,14 @@ mod tests {
         assert_eq!(o.selectors.len(), 4);
         let o = order_from_query("hostname=h&path=%2Fq%3Fx%3D1").unwrap();
         assert_eq!(o.selectors, [url("h", "/q", Some("x=1"))]);
+        // Keys hold paths as sent: encoded again after the query string's own decoding.
+        let o = order_from_query("hostname=h&path=/caf%C3%A9%20x").unwrap();
+        assert_eq!(o.selectors, [url("h", "/caf%C3%A9%20x", None)]);
+        // `*` is a prefix only at the end of a path, never inside a query.
+        let o = order_from_query("hostname=h&path=%2Fp%3Fx%3D*").unwrap();
+        assert_eq!(o.selectors, [url("h", "/p", Some("x=*"))]);
+        let o = order_from_query("hostname=[::1]:8080&path=/a").unwrap();
+        assert_eq!(o.selectors, [url("[::1]:8080", "/a", None)]);
     }
 
     #[test]
@@ -268,6 +300,7 @@ mod tests {
             ("hostname=h&path=/a&soft=maybe", "soft"),
             ("hostname=h&paht=/a", "unknown query parameter \"paht\""),
             ("hostname=h%2Fx&path=/a", "invalid host"),
+            ("hostname=::1&path=/a", "IPv6 in brackets"),
         ] {
             let err = order_from_query(query).unwrap_err();
             assert!(err.contains(expected), "{query}: {err}");

@@ -395,6 +395,15 @@ impl Metrics {
         }
     }
 
+    /// Drops a peer's series once it is no longer a peer, so churn does not grow them.
+    pub fn forget_purge_peer(&self, peer: &str) {
+        let labels = PeerLabels {
+            peer: peer.to_owned(),
+        };
+        self.fanout_duration.remove(&labels);
+        self.fanout_failures.remove(&labels);
+    }
+
     /// How many peers purges are currently relayed to.
     pub fn set_purge_peers(&self, n: usize) {
         self.purge_peers.set(n as i64);

@@ -274,20 +274,10 @@ impl Proxy {
             ));
         }
         ex.reason = Some(NoCacheReason::MethodNotCacheable);
-        let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let path = uri.path();
-        let selector = if let Some(prefix) = path.strip_suffix('*') {
-            larder_cache::Selector::Prefix {
-                host: ex.host.clone(),
-                prefix: prefix.to_owned(),
-            }
-        } else {
-            larder_cache::Selector::Url {
-                host: ex.host.clone(),
-                path: path.to_owned(),
-                query: uri.query().map(str::to_owned),
-            }
-        };
+        let target = uri.path_and_query().map_or("", |pq| pq.as_str());
+        // The same reading of a target as the admin API's, so peers relay it unchanged.
+        let selector = larder_purge::wire::path_selector(&ex.host, target)
+            .map_err(|_| ProxyError::BadRequest("PURGE needs a path (or /prefix/*)"))?;
         let order = larder_purge::PurgeOrder {
             selectors: vec![selector],
             soft: false,
