@@ -5,6 +5,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use crate::fields::Fields;
 use http::header::{AGE, DATE, ETAG, EXPIRES, LAST_MODIFIED};
 use http::{HeaderMap, StatusCode};
 
@@ -82,8 +83,8 @@ pub struct Freshness {
     pub keep_until_staleness: Option<Duration>,
 }
 
-pub fn parse_http_date(headers: &HeaderMap, name: http::HeaderName) -> Option<SystemTime> {
-    let mut values = headers.get_all(name).iter();
+pub fn parse_http_date(headers: &impl Fields, name: http::HeaderName) -> Option<SystemTime> {
+    let mut values = headers.values(&name);
     let first = values.next()?;
     if values.next().is_some() {
         // Conflicting dates are no date at all.
@@ -366,8 +367,8 @@ fn heuristic_lifetime(headers: &HeaderMap, base: SystemTime) -> Duration {
 }
 
 /// Whether the response carries a validator the cache can revalidate with.
-pub fn has_validator(headers: &HeaderMap) -> bool {
-    headers.contains_key(ETAG) || headers.contains_key(LAST_MODIFIED)
+pub fn has_validator(headers: &impl Fields) -> bool {
+    headers.has(&ETAG) || headers.has(&LAST_MODIFIED)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 pub mod coalesce;
 pub mod directives;
+pub mod fields;
 pub mod freshness;
 pub mod invalidate;
 pub mod key;
@@ -24,6 +25,7 @@ use quick_cache::sync::Cache as QuickCache;
 
 pub use coalesce::{Coalescer, FillGuard, FillWaiter, Join};
 pub use directives::{RequestDirectives, request_directives, response_directives};
+pub use fields::{Fields, StoredHeaders};
 pub use freshness::{Freshness, FreshnessRules};
 use invalidate::PurgeLog;
 pub use invalidate::{Selector, response_tags};
@@ -162,7 +164,7 @@ pub struct Admission {
     primary: Key,
     variant: Option<(Vec<HeaderName>, Key)>,
     status: StatusCode,
-    headers: HeaderMap,
+    headers: StoredHeaders,
     freshness: Freshness,
     max_object_size: u64,
     /// Purge generation when the origin was asked.
@@ -199,33 +201,17 @@ pub struct Cache {
 /// for this cache only), and the fields `private="…"` keeps out of shared caches. Hop-by-hop
 /// fields are already gone (the proxy strips them first).
 ///
-/// Every name and value is copied: as parsed, they are slices of the connection's read buffer,
-/// and storing them would keep a whole buffer alive per object, far beyond what the budget
-/// counts.
 fn storable_headers(
     headers: &HeaderMap,
     private_fields: &[HeaderName],
     stripped: &[HeaderName],
-) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(headers.keys_len());
-    for (name, value) in headers {
-        if name == AGE
+) -> StoredHeaders {
+    StoredHeaders::from_map(headers, |name| {
+        !(name == AGE
             || *name == SURROGATE_CONTROL
             || private_fields.contains(name)
-            || stripped.contains(name)
-        {
-            continue;
-        }
-        let (Ok(name), Ok(mut owned)) = (
-            HeaderName::from_bytes(name.as_str().as_bytes()),
-            http::HeaderValue::from_bytes(value.as_bytes()),
-        ) else {
-            continue;
-        };
-        owned.set_sensitive(value.is_sensitive());
-        out.append(name, owned);
-    }
-    out
+            || stripped.contains(name))
+    })
 }
 
 /// Read by this cache, never forwarded (Edge Architecture Specification).
@@ -542,7 +528,7 @@ impl Cache {
         generation: u64,
     ) -> Result<Hit, NoCacheReason> {
         let stored = hit.stored();
-        let mut headers = stored.headers.clone();
+        let mut headers = stored.headers.to_header_map(not_modified.len() + 1);
         // A 304 without Date was still generated now (RFC 9110 §6.6.1); keeping the old Date
         // would make the refreshed entry look as old as the first fetch.
         if !not_modified.contains_key(http::header::DATE) {
@@ -723,9 +709,9 @@ impl Invalidator for Cache {
 
 /// Conditional-request evaluation against a stored response (RFC 9110 §13.2.2), so the cache can
 /// answer 304 itself.
-pub fn not_modified(request: &HeaderMap, stored: &HeaderMap) -> bool {
+pub fn not_modified(request: &HeaderMap, stored: &impl Fields) -> bool {
     if let Some(inm) = request.get(http::header::IF_NONE_MATCH) {
-        let Some(etag) = stored.get(ETAG).and_then(|v| v.to_str().ok()) else {
+        let Some(etag) = stored.first(&ETAG).and_then(|v| v.to_str().ok()) else {
             return false;
         };
         let Ok(inm) = inm.to_str() else { return false };

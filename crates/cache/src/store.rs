@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, StatusCode};
+use http::{HeaderName, StatusCode};
 use parking_lot::Mutex;
 use quick_cache::sync::Cache as QuickCache;
 use quick_cache::{Lifecycle, OptionsBuilder, Weighter};
 
+use crate::fields::StoredHeaders;
 use crate::freshness::Freshness;
 use crate::key::Key;
 
@@ -32,7 +33,7 @@ const TAG_OVERHEAD: usize = 96;
 pub struct StoredResponse {
     pub status: StatusCode,
     /// Headers as served to clients (hop-by-hop and Age removed).
-    pub headers: HeaderMap,
+    pub headers: StoredHeaders,
     /// Shared with every hit: serving never copies the body.
     pub body: Bytes,
     pub freshness: Freshness,
@@ -47,15 +48,12 @@ pub struct StoredResponse {
 impl StoredResponse {
     pub fn new(
         status: StatusCode,
-        headers: HeaderMap,
+        headers: StoredHeaders,
         body: Bytes,
         freshness: Freshness,
         tags: Box<[Arc<str>]>,
     ) -> Self {
-        let header_bytes: usize = headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + HEADER_OVERHEAD)
-            .sum();
+        let header_bytes = headers.byte_len() + headers.len() * HEADER_OVERHEAD;
         let tag_bytes: usize = tags.iter().map(|t| t.len() + TAG_OVERHEAD).sum();
         let weight = ENTRY_OVERHEAD + (header_bytes + tag_bytes) as u64 + body.len() as u64;
         StoredResponse {

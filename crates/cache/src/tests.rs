@@ -206,7 +206,7 @@ fn refresh_merges_304_headers_and_keeps_body() {
         .unwrap();
     let stored = refreshed.stored();
     assert_eq!(&stored.body[..], b"body");
-    assert_eq!(stored.headers["x-old"], "2");
+    assert_eq!(stored.headers.get("x-old").unwrap(), "2");
     assert!(
         stored
             .freshness

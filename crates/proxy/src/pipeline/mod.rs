@@ -596,10 +596,10 @@ impl Proxy {
             .filter(|hit| has_validator(&hit.stored().headers));
         if let Some(hit) = revalidating {
             let stored = &hit.stored().headers;
-            if let Some(etag) = stored.get(ETAG) {
+            if let Some(etag) = stored.get(&ETAG) {
                 headers.insert(IF_NONE_MATCH, etag.clone());
             }
-            if let Some(lm) = stored.get(LAST_MODIFIED) {
+            if let Some(lm) = stored.get(&LAST_MODIFIED) {
                 headers.insert(IF_MODIFIED_SINCE, lm.clone());
             }
         }

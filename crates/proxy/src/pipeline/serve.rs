@@ -9,10 +9,14 @@ use http::header::{
     self, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE,
 };
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
-use larder_cache::{StoredResponse, not_modified};
+use larder_cache::{Fields, StoredResponse, not_modified};
 
 use crate::body::{ProxyBody, empty, full};
 use crate::headers::append_via;
+
+/// Age, Via, Content-Length, Content-Range or Content-Type, Cache-Status, X-Request-Id: room
+/// for them in the served map up front, so a hit never regrows it.
+const FIELDS_ADDED_ON_THE_WAY_OUT: usize = 6;
 
 /// More ranges than this in one request is abuse (or pointless); the whole body is sent.
 const MAX_RANGES: usize = 16;
@@ -38,7 +42,7 @@ pub(crate) fn from_store(
             .insert(header::AGE, HeaderValue::from(options.age_secs));
         return response;
     }
-    let mut headers = stored.headers.clone();
+    let mut headers = stored.headers.to_header_map(FIELDS_ADDED_ON_THE_WAY_OUT);
     if options.without_revalidation {
         for name in &stored.no_cache_fields {
             headers.remove(name);
@@ -86,7 +90,7 @@ pub(crate) fn from_store(
 }
 
 /// A 304 carries only the fields RFC 9110 §15.4.5 lists for it.
-pub(crate) fn not_modified_response(headers: &HeaderMap) -> Response<ProxyBody> {
+pub(crate) fn not_modified_response(headers: &impl Fields) -> Response<ProxyBody> {
     let mut response = Response::new(empty());
     *response.status_mut() = StatusCode::NOT_MODIFIED;
     for name in [
@@ -98,7 +102,7 @@ pub(crate) fn not_modified_response(headers: &HeaderMap) -> Response<ProxyBody> 
         header::VARY,
         header::LAST_MODIFIED,
     ] {
-        for value in headers.get_all(&name) {
+        for value in headers.values(&name) {
             response.headers_mut().append(name.clone(), value.clone());
         }
     }
@@ -116,7 +120,7 @@ enum RangeAnswer {
 }
 
 /// Evaluates Range (and If-Range) against a complete representation of `len` bytes.
-fn ranges(request: &HeaderMap, stored: &HeaderMap, len: u64) -> RangeAnswer {
+fn ranges(request: &HeaderMap, stored: &impl Fields, len: u64) -> RangeAnswer {
     if let Some(if_range) = request.get(IF_RANGE)
         && !if_range_matches(if_range, stored)
     {
@@ -187,14 +191,14 @@ fn ranges(request: &HeaderMap, stored: &HeaderMap, len: u64) -> RangeAnswer {
 }
 
 /// RFC 9110 §13.1.5: a strong entity-tag match, or a date equal to a strong Last-Modified.
-fn if_range_matches(if_range: &HeaderValue, stored: &HeaderMap) -> bool {
+fn if_range_matches(if_range: &HeaderValue, stored: &impl Fields) -> bool {
     let Ok(value) = if_range.to_str() else {
         return false;
     };
     let value = value.trim();
     if value.starts_with('"') || value.starts_with("W/") {
         let etag = stored
-            .get(ETAG)
+            .first(&ETAG)
             .and_then(|v| v.to_str().ok())
             .map(str::trim);
         return !value.starts_with("W/")
@@ -203,7 +207,7 @@ fn if_range_matches(if_range: &HeaderValue, stored: &HeaderMap) -> bool {
     let (Ok(date), Some(last_modified)) = (
         httpdate::parse_http_date(value),
         stored
-            .get(LAST_MODIFIED)
+            .first(&LAST_MODIFIED)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| httpdate::parse_http_date(v).ok()),
     ) else {
@@ -211,7 +215,7 @@ fn if_range_matches(if_range: &HeaderValue, stored: &HeaderMap) -> bool {
     };
     // Last-Modified is only strong if it is at least a second older than the response's Date.
     let strong = stored
-        .get(header::DATE)
+        .first(&header::DATE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| httpdate::parse_http_date(v).ok())
         .and_then(|d| d.duration_since(last_modified).ok())
@@ -228,12 +232,12 @@ fn content_range_value(range: Option<(u64, u64)>, len: u64) -> HeaderValue {
 }
 
 fn multipart_byteranges(
-    stored: &HeaderMap,
+    stored: &impl Fields,
     body: &Bytes,
     parts: &[(u64, u64)],
 ) -> (HeaderValue, Bytes) {
     let boundary = format!("larder{:016x}", fastrand::u64(..));
-    let part_type = stored.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let part_type = stored.first(&CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let len = body.len() as u64;
     let mut out = BytesMut::new();
     for &(start, end) in parts {
