@@ -41,6 +41,8 @@ pub struct StoredResponse {
     pub no_cache_fields: Vec<HeaderName>,
     /// Surrogate keys (`Surrogate-Key`, `Cache-Tag`): what tag purges name.
     pub tags: Box<[Arc<str>]>,
+    /// The body's length, ready to send: every full hit needs it.
+    pub content_length: http::HeaderValue,
     id: u64,
     weight: u64,
 }
@@ -59,10 +61,11 @@ impl StoredResponse {
         StoredResponse {
             status,
             headers,
-            body,
             freshness,
             no_cache_fields: Vec::new(),
             tags,
+            content_length: http::HeaderValue::from(body.len()),
+            body,
             id: next_id(),
             weight,
         }
@@ -77,6 +80,7 @@ impl StoredResponse {
             freshness,
             no_cache_fields: self.no_cache_fields.clone(),
             tags: self.tags.clone(),
+            content_length: self.content_length.clone(),
             id: next_id(),
             weight: self.weight,
         }

@@ -27,6 +27,13 @@ fn end_to_end_essential(name: &HeaderName) -> bool {
 
 /// Removes hop-by-hop fields, including any named by `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names beats nine hashed removals.
+    let any = headers
+        .keys()
+        .any(|n| HOP_BY_HOP.contains(n) || n == http::header::TRAILER);
+    if !any {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()

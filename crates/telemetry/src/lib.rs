@@ -182,13 +182,12 @@ impl FanoutEvent<'_> {
 /// A new random request id (128 bits, hex), used when the client sent none.
 pub fn new_request_id() -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut id = String::with_capacity(32);
-    for word in [fastrand::u64(..), fastrand::u64(..)] {
-        for shift in (0..16).rev() {
-            id.push(HEX[((word >> (shift * 4)) & 0xf) as usize] as char);
-        }
+    let mut id = [0u8; 32];
+    let random = u128::from(fastrand::u64(..)) << 64 | u128::from(fastrand::u64(..));
+    for (i, digit) in id.iter_mut().enumerate() {
+        *digit = HEX[((random >> (124 - 4 * i)) & 0xf) as usize];
     }
-    id
+    String::from_utf8(id.to_vec()).expect("hex digits are ASCII")
 }
 
 /// The trace id of a W3C `traceparent` header, if well formed.

@@ -2,6 +2,7 @@
 //! the name, `_total` on counters; label values come from closed sets (route and cluster names are
 //! config-defined, so bounded too).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -116,6 +117,47 @@ pub struct Metrics {
     active_connections: Gauge<i64, std::sync::atomic::AtomicI64>,
     config_reloads: Family<ReloadLabels, Counter>,
     store_source: Mutex<Option<StoreSource>>,
+    hot: HotHandles,
+}
+
+/// Series every request updates, found without the families' SipHash lookups: a fast map from
+/// label identity to the family's own series (same atomics, so the exposition is unchanged).
+/// Route, cluster and resource-type labels are keyed by their `Arc<str>`'s address, which
+/// stays unique because the entry holds a clone of that `Arc`.
+struct HotHandles {
+    requests: Handles<(usize, usize, &'static str, &'static str), (Arc<str>, Arc<str>, Counter)>,
+    lookups: Handles<(usize, &'static str), (Arc<str>, Counter)>,
+    not_cached: Handles<&'static str, Counter>,
+    duration_cache: Histogram,
+    duration_upstream: Histogram,
+    bytes_cache: Counter,
+    bytes_upstream: Counter,
+}
+
+struct Handles<K, V> {
+    map: parking_lot::RwLock<HashMap<K, V, rustc_hash::FxBuildHasher>>,
+}
+
+impl<K: std::hash::Hash + Eq, V> Handles<K, V> {
+    fn new() -> Self {
+        Handles {
+            map: parking_lot::RwLock::new(HashMap::default()),
+        }
+    }
+
+    /// Runs `f` on the entry for `key`, creating it first if needed.
+    fn with(&self, key: K, create: impl FnOnce() -> V, f: impl FnOnce(&V)) {
+        if let Some(v) = self.map.read().get(&key) {
+            return f(v);
+        }
+        let mut map = self.map.write();
+        f(map.entry(key).or_insert_with(create));
+    }
+}
+
+fn arc_key(s: &Option<Arc<str>>) -> usize {
+    s.as_ref()
+        .map_or(0, |s| Arc::as_ptr(s) as *const u8 as usize)
 }
 
 impl std::fmt::Debug for Metrics {
@@ -185,7 +227,33 @@ impl Metrics {
             config_reloads: Family::default(),
             store_source: Mutex::new(None),
             registry: Registry::default(),
+            hot: HotHandles {
+                requests: Handles::new(),
+                lookups: Handles::new(),
+                not_cached: Handles::new(),
+                duration_cache: Histogram::new(std::iter::empty()),
+                duration_upstream: Histogram::new(std::iter::empty()),
+                bytes_cache: Counter::default(),
+                bytes_upstream: Counter::default(),
+            },
         };
+        let mut m = m;
+        m.hot.duration_cache = m
+            .request_duration
+            .get_or_create(&ServedLabels { source: "cache" })
+            .clone();
+        m.hot.duration_upstream = m
+            .request_duration
+            .get_or_create(&ServedLabels { source: "upstream" })
+            .clone();
+        m.hot.bytes_cache = m
+            .served_bytes
+            .get_or_create(&ServedLabels { source: "cache" })
+            .clone();
+        m.hot.bytes_upstream = m
+            .served_bytes
+            .get_or_create(&ServedLabels { source: "upstream" })
+            .clone();
         registry.register(
             "requests",
             "Downstream requests by route, cluster, method and status class",
@@ -292,7 +360,6 @@ impl Metrics {
             "Build information",
             Info::new(vec![("version".to_owned(), version.to_owned())]),
         );
-        let mut m = m;
         m.registry = registry;
         Arc::new(m)
     }
@@ -303,40 +370,71 @@ impl Metrics {
     }
 
     pub(crate) fn record_request(&self, e: &RequestEvent) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: e.route.clone().unwrap_or_else(empty),
-                cluster: e.cluster.clone().unwrap_or_else(empty),
-                method: method_class(&e.method),
-                status_class: status_class(e.status),
-            })
-            .inc();
-        let source = if matches!(
+        let hot = &self.hot;
+        let method = method_class(&e.method);
+        let class = status_class(e.status);
+        hot.requests.with(
+            (arc_key(&e.route), arc_key(&e.cluster), method, class),
+            || {
+                let route = e.route.clone().unwrap_or_else(empty);
+                let cluster = e.cluster.clone().unwrap_or_else(empty);
+                let counter = self
+                    .requests
+                    .get_or_create(&RequestLabels {
+                        route: route.clone(),
+                        cluster: cluster.clone(),
+                        method,
+                        status_class: class,
+                    })
+                    .clone();
+                (route, cluster, counter)
+            },
+            |(_, _, counter)| {
+                counter.inc();
+            },
+        );
+        let from_cache = matches!(
             e.cache_result,
             "hit" | "revalidated" | "coalesced" | "stale"
-        ) {
-            "cache"
+        );
+        let (duration, bytes) = if from_cache {
+            (&hot.duration_cache, &hot.bytes_cache)
         } else {
-            "upstream"
+            (&hot.duration_upstream, &hot.bytes_upstream)
         };
-        self.request_duration
-            .get_or_create(&ServedLabels { source })
-            .observe(e.duration.as_secs_f64());
-        if let Some(bytes) = e.response_body_bytes {
-            self.served_bytes
-                .get_or_create(&ServedLabels { source })
-                .inc_by(bytes);
+        duration.observe(e.duration.as_secs_f64());
+        if let Some(n) = e.response_body_bytes {
+            bytes.inc_by(n);
         }
-        self.cache_lookups
-            .get_or_create(&CacheLabels {
-                resource_type: e.resource_type.clone().unwrap_or_else(empty),
-                result: e.cache_result,
-            })
-            .inc();
+        hot.lookups.with(
+            (arc_key(&e.resource_type), e.cache_result),
+            || {
+                let resource_type = e.resource_type.clone().unwrap_or_else(empty);
+                let counter = self
+                    .cache_lookups
+                    .get_or_create(&CacheLabels {
+                        resource_type: resource_type.clone(),
+                        result: e.cache_result,
+                    })
+                    .clone();
+                (resource_type, counter)
+            },
+            |(_, counter)| {
+                counter.inc();
+            },
+        );
         if let Some(reason) = e.cache_reason {
-            self.cache_not_stored
-                .get_or_create(&ReasonLabels { reason })
-                .inc();
+            hot.not_cached.with(
+                reason,
+                || {
+                    self.cache_not_stored
+                        .get_or_create(&ReasonLabels { reason })
+                        .clone()
+                },
+                |counter| {
+                    counter.inc();
+                },
+            );
         }
     }
 

@@ -133,7 +133,8 @@ impl Exchange {
     /// RFC 9211 Cache-Status value.
     pub fn cache_status(&self) -> String {
         use std::fmt::Write;
-        let mut s = String::from("larder");
+        let mut s = String::with_capacity(64);
+        s.push_str("larder");
         // `hit` only when the origin was not asked (RFC 9211 §2.1); a revalidated or
         // stale-if-error answer reports its `fwd` instead.
         let hit = matches!(self.result, CacheResult::Hit | CacheResult::Coalesced)
@@ -144,7 +145,8 @@ impl Exchange {
             let _ = write!(s, "; fwd={}", fwd.as_str());
         }
         if let Some(status) = self.fwd_status {
-            let _ = write!(s, "; fwd-status={status}");
+            s.push_str("; fwd-status=");
+            s.push_str(itoa::Buffer::new().format(status));
         }
         if self.stored {
             s.push_str("; stored");
@@ -153,7 +155,8 @@ impl Exchange {
             s.push_str("; collapsed");
         }
         if let Some(ttl) = self.ttl {
-            let _ = write!(s, "; ttl={ttl}");
+            s.push_str("; ttl=");
+            s.push_str(itoa::Buffer::new().format(ttl));
         }
         if let Some(key) = &self.key {
             let _ = write!(s, "; key=\"{}\"", key.replace(['"', '\\'], "_"));

@@ -92,11 +92,11 @@ impl Proxy {
         self: Arc<Self>,
         req: Request<Incoming>,
         client: Option<SocketAddr>,
+        interim: Option<InterimSink>,
     ) -> Response<ProxyBody> {
         let runtime = self.runtime.load_full();
-        let interim = req.extensions().get::<InterimSink>().cloned();
         let mut ex = Exchange::new(&req, client);
-        let response = match self.process(&runtime, &mut ex, req).await {
+        let response = match self.process(&runtime, &mut ex, req, interim.clone()).await {
             Ok(response) => response,
             Err(error) => {
                 if let ProxyError::Upstream(e) = &error {
@@ -125,9 +125,14 @@ impl Proxy {
         }
         let headers = response.headers_mut();
         // Meant for this cache only (read at admission): never forwarded, whatever the path.
-        headers.remove(&SURROGATE_CONTROL);
-        for name in &rt.hidden_response_headers {
-            headers.remove(name);
+        // Checked in one pass first: stored responses never have them, so hits skip the removals.
+        let hidden =
+            |n: &HeaderName| *n == SURROGATE_CONTROL || rt.hidden_response_headers.contains(n);
+        if headers.keys().any(hidden) {
+            headers.remove(&SURROGATE_CONTROL);
+            for name in &rt.hidden_response_headers {
+                headers.remove(name);
+            }
         }
         if let Ok(v) = HeaderValue::from_str(&ex.cache_status()) {
             headers.insert(CACHE_STATUS.clone(), v);
@@ -153,6 +158,7 @@ impl Proxy {
         rt: &Arc<Runtime>,
         ex: &mut Exchange,
         req: Request<Incoming>,
+        interim: Option<InterimSink>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if req.method() == Method::CONNECT {
             // A reverse proxy routes to its own clusters; tunnelling to arbitrary hosts is not
@@ -213,9 +219,7 @@ impl Proxy {
             timeout: route.timeout.unwrap_or(cluster.request_timeout),
         };
 
-        add_forwarded(&mut headers, ex.client, &authority, "http");
         let directives = request_directives(&headers);
-        let interim = parts.extensions.get::<InterimSink>().cloned();
         let request = ClientRequest {
             method: parts.method,
             path_and_query,
@@ -802,6 +806,15 @@ impl Proxy {
         interim: Option<&InterimSink>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let cluster = &rt.clusters[upstream.cluster];
+        // Here, not on arrival: a cache hit never pays for formatting them.
+        let mut request = request;
+        let host = request
+            .headers
+            .get(HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        add_forwarded(&mut request.headers, ex.client, &host, "http");
         let result = cluster.send(request, body, upstream.timeout, interim).await;
         if let Some(sink) = interim
             && sink.has_pending()

@@ -39,7 +39,7 @@ pub(crate) fn from_store(
         let mut response = not_modified_response(&stored.headers);
         response
             .headers_mut()
-            .insert(header::AGE, HeaderValue::from(options.age_secs));
+            .insert(header::AGE, age_value(options.age_secs));
         return response;
     }
     let mut headers = stored.headers.to_header_map(FIELDS_ADDED_ON_THE_WAY_OUT);
@@ -48,7 +48,7 @@ pub(crate) fn from_store(
             headers.remove(name);
         }
     }
-    headers.insert(header::AGE, HeaderValue::from(options.age_secs));
+    headers.insert(header::AGE, age_value(options.age_secs));
     append_via(&mut headers);
     let mut status = stored.status;
     let mut body = stored.body.clone();
@@ -77,7 +77,12 @@ pub(crate) fn from_store(
             }
         }
     }
-    headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    let length = if body.len() == stored.body.len() {
+        stored.content_length.clone()
+    } else {
+        HeaderValue::from(body.len())
+    };
+    headers.insert(CONTENT_LENGTH, length);
     let body = if method == Method::HEAD {
         empty()
     } else {
@@ -87,6 +92,22 @@ pub(crate) fn from_store(
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
+}
+
+/// The Age value: every hit sends one, so those of the first hour are made once and shared
+/// (cloning a static value costs nothing; formatting and allocating one does).
+fn age_value(secs: u64) -> HeaderValue {
+    const PREBUILT: u64 = 3600;
+    static AGES: std::sync::OnceLock<Box<[HeaderValue]>> = std::sync::OnceLock::new();
+    if secs > PREBUILT {
+        return HeaderValue::from(secs);
+    }
+    let ages = AGES.get_or_init(|| {
+        (0..=PREBUILT)
+            .map(|n| HeaderValue::from_static(String::leak(n.to_string())))
+            .collect()
+    });
+    ages[secs as usize].clone()
 }
 
 /// A 304 carries only the fields RFC 9110 §15.4.5 lists for it.
