@@ -125,7 +125,7 @@ pub struct Metrics {
 /// Route, cluster and resource-type labels are keyed by their `Arc<str>`'s address, which
 /// stays unique because the entry holds a clone of that `Arc`.
 struct HotHandles {
-    requests: Handles<(usize, usize, &'static str, &'static str), (Arc<str>, Arc<str>, Counter)>,
+    requests: Handles<RequestKey, (Arc<str>, Arc<str>, Counter)>,
     lookups: Handles<(usize, &'static str), (Arc<str>, Counter)>,
     not_cached: Handles<&'static str, Counter>,
     duration_cache: Histogram,
@@ -133,6 +133,9 @@ struct HotHandles {
     bytes_cache: Counter,
     bytes_upstream: Counter,
 }
+
+/// (route address, cluster address, method class, status class).
+type RequestKey = (usize, usize, &'static str, &'static str);
 
 struct Handles<K, V> {
     map: parking_lot::RwLock<HashMap<K, V, rustc_hash::FxBuildHasher>>,
