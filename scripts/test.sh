@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
 # Larder's full test run: formatting, lints, and every test of the workspace.
 # Works on a fresh machine with only the Rust toolchain: outside programs the tests need
-# (redis-server today) are installed here from Debian's packages and started by the tests
-# themselves; under CI=true a missing program fails the run instead of being skipped. The conformance gate (scripts/cache-tests.sh)
-# needs node and npm, and installs the public HTTP caching suite from the npm registry.
+# (redis-server, prometheus/promtool) are installed here from Debian's packages and started by
+# the tests themselves; under CI=true a missing program fails the run instead of being skipped.
+# The conformance gate (scripts/cache-tests.sh) needs node and npm, and installs the public HTTP
+# caching suite from the npm registry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== toolchain: $(rustc --version)"
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
 
-# Outside programs the tests use: redis-server for the Redis purge bus (feature `redis`).
-if ! command -v redis-server >/dev/null; then
-  echo "== installing redis-server (Debian package)"
+# Outside programs the tests use: redis-server for the Redis purge bus (feature `redis`),
+# prometheus and promtool (Debian package prometheus) for the metrics and alert-rule tests.
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "== installing ${missing[*]} (Debian packages)"
   APT="apt-get"; [ "$(id -u)" = 0 ] || APT="sudo env DEBIAN_FRONTEND=noninteractive apt-get"
   export DEBIAN_FRONTEND=noninteractive
-  if ! { $APT install -y -qq redis-server >/dev/null 2>&1 \
-         || { $APT update -qq && $APT install -y -qq redis-server >/dev/null; }; }; then
-    echo "could not install redis-server" >&2
-    [ "${CI:-}" = "true" ] && exit 1
+  if ! { $APT install -y -qq "${missing[@]}" >/dev/null 2>&1 \
+         || { $APT update -qq && $APT install -y -qq "${missing[@]}" >/dev/null; }; }; then
+    echo "could not install ${missing[*]}" >&2
+    if [ "${CI:-}" = "true" ]; then exit 1; fi
   fi
 fi
 

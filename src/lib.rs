@@ -89,7 +89,14 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Serv
             LogOutput::Stderr => LogTarget::Stderr,
             LogOutput::File(path) => LogTarget::File(path.clone()),
         };
-        Some(AccessLog::open(&target).context("opening the access log")?)
+        let options = larder_telemetry::AccessLogOptions {
+            sample_rate: config.access_log.sample_rate,
+            exclude: config.access_log.exclude_fields.clone(),
+        };
+        Some(
+            AccessLog::open_with(&target, &options, Some(&metrics))
+                .context("opening the access log")?,
+        )
     } else {
         None
     };

@@ -40,31 +40,89 @@ enum Command {
     Validate,
 }
 
+/// What to run, decided before the runtime starts: the config's `log` section sets up logging.
+enum Setup {
+    Loaded {
+        config: Box<larder_config::Config>,
+        mode: String,
+    },
+    Demo,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Validate) = cli.command {
         return validate(cli.config);
     }
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let setup = match (&cli.config, &cli.upstream) {
+        (Some(path), _) => match larder_config::load_file(path) {
+            Ok(config) => Setup::Loaded {
+                config: Box::new(config),
+                mode: format!("config {}", path.display()),
+            },
+            Err(e) => {
+                eprintln!("larder: error: invalid config:\n{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        (None, Some(upstream)) => match larder::quick_config(upstream, cli.listen, cli.admin) {
+            Ok(config) => Setup::Loaded {
+                config: Box::new(config),
+                mode: format!("quick mode, upstream {upstream}"),
+            },
+            Err(e) => {
+                eprintln!("larder: error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        (None, None) => Setup::Demo,
+    };
+    let log = match &setup {
+        Setup::Loaded { config, .. } => config.log.clone(),
+        Setup::Demo => larder_config::Log::default(),
+    };
+    if let Err(e) = init_logging(&log) {
+        eprintln!("larder: error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("larder")
         .build()
         .expect("building the tokio runtime");
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, setup)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("larder: error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Larder's own diagnostics on stderr: the config's `log.level` filter (`RUST_LOG` wins when
+/// set) and `log.format`, text or one JSON object per line.
+fn init_logging(log: &larder_config::Log) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(env) if !env.trim().is_empty() => EnvFilter::try_new(&env)
+            .map_err(|e| anyhow::anyhow!("RUST_LOG {env:?} is not a valid filter: {e}"))?,
+        _ => EnvFilter::try_new(&log.level)
+            .map_err(|e| anyhow::anyhow!("log.level {:?} is not a valid filter: {e}", log.level))?,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match log.format {
+        larder_config::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        larder_config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
+    Ok(())
 }
 
 fn validate(path: Option<PathBuf>) -> ExitCode {
@@ -87,25 +145,16 @@ fn validate(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let (config, mode) = match (&cli.config, &cli.upstream) {
-        (Some(path), _) => (
-            larder_config::load_file(path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?,
-            format!("config {}", path.display()),
-        ),
-        (None, Some(upstream)) => (
-            larder::quick_config(upstream, cli.listen, cli.admin)?,
-            format!("quick mode, upstream {upstream}"),
-        ),
-        (None, None) => {
+async fn run(cli: Cli, setup: Setup) -> anyhow::Result<()> {
+    let (config, mode) = match setup {
+        Setup::Loaded { config, mode } => (*config, mode),
+        Setup::Demo => {
             let mut config = larder::demo_config().await?;
             config.listeners[0].address = cli.listen;
             config.admin.address = cli.admin;
             let origin = &config.clusters[0].endpoints[0];
-            (
-                config.clone(),
-                format!("embedded demo config, demo origin on {origin}"),
-            )
+            let mode = format!("embedded demo config, demo origin on {origin}");
+            (config, mode)
         }
     };
     let options = larder::StartOptions {

@@ -126,15 +126,38 @@ async fn metrics_after_traffic_parse_and_add_up() {
             bytes::Bytes::new(),
         )
         .await;
-    let text = larder
-        .admin(Method::GET, "/stats/prometheus", &[])
-        .await
-        .text();
+    let open_metrics = [("accept", "application/openmetrics-text; version=1.0.0")];
+    let reply = larder
+        .admin(Method::GET, "/stats/prometheus", &open_metrics)
+        .await;
+    assert!(
+        reply
+            .header("content-type")
+            .starts_with("application/openmetrics-text")
+    );
+    let text = reply.text();
     assert_eq!(
         text,
-        larder.metrics().await.replace("\r", ""),
+        larder
+            .admin(Method::GET, "/metrics", &open_metrics)
+            .await
+            .text(),
         "both paths serve the same registry"
     );
+    // Without the Accept header (curl, promtool): the classic text format, same samples.
+    let classic = larder.metrics().await;
+    assert!(!classic.contains("# EOF"));
+    assert!(classic.contains("# TYPE larder_requests_total counter"));
+    let sample_lines = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| {
+                // Histogram buckets and durations move between the two scrapes.
+                l.split_once(' ').map_or(l, |(series, _)| series).to_owned()
+            })
+            .collect()
+    };
+    assert_eq!(sample_lines(&classic), sample_lines(&text));
     let samples = parse_exposition(&text);
     let sum = |name: &str, filter: &str| -> f64 {
         samples
@@ -233,4 +256,84 @@ async fn access_log_lines_are_ecs_json() {
     assert_eq!(second["larder"]["cache"]["status"], "hit");
     assert!(second.get("trace").is_none());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn access_log_sampling_keeps_errors_and_field_groups_can_be_left_out() {
+    let dir = std::env::temp_dir().join(format!("larder-log-sampled-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("access.log");
+    let _ = std::fs::remove_file(&path);
+    let origin = Origin::start(|seen| async move {
+        let status = if seen.uri.path() == "/boom" { 503 } else { 200 };
+        response(status, &[("cache-control", "no-store")], "x")
+    })
+    .await;
+    let groups: Vec<String> = larder_config::AccessLog::OPTIONAL_FIELDS
+        .iter()
+        .map(|g| format!("{g:?}"))
+        .collect();
+    let yaml = config_yaml(origin.addr, DEFAULT_TYPES).replace(
+        "access_log: { enabled: false }",
+        &format!(
+            "access_log: {{ output: {:?}, sample_rate: 0, exclude_fields: [{}] }}",
+            path.display().to_string(),
+            groups.join(", ")
+        ),
+    );
+    let larder = Larder::start(&yaml).await;
+    let traced = [
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+        ("user-agent", "test-agent"),
+    ];
+    for _ in 0..5 {
+        larder.get_with("/fine?q=1", &traced).await;
+    }
+    assert_eq!(larder.get_with("/boom?q=1", &traced).await.status, 503);
+    // Nothing signals that the writer thread is done but the counter: the error line is
+    // written (counted) once it is queued.
+    let metric_name = r#"larder_access_log_lines_total{result="written"}"#;
+    for _ in 0..100 {
+        if metric(&larder.metrics().await, metric_name) == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let metrics = larder.metrics().await;
+    assert_eq!(metric(&metrics, metric_name), Some(1.0));
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"larder_access_log_lines_total{result="sampled_out"}"#
+        ),
+        Some(5.0)
+    );
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = std::fs::read_to_string(&path).unwrap_or_default();
+        if !text.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "only the 5xx is logged at sample_rate 0: {text}"
+    );
+    let line: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(line["http"]["response"]["status_code"], 503);
+    // Every optional group is gone, and only they are.
+    for absent in ["client", "source", "user_agent", "trace"] {
+        assert!(line.get(absent).is_none(), "{absent} in {line}");
+    }
+    assert!(line["url"].get("query").is_none());
+    assert_eq!(line["url"]["original"], "/boom");
+    assert!(line["larder"].get("upstream").is_none(), "{line}");
+    assert_eq!(line["url"]["path"], "/boom");
+    assert_eq!(line["larder"]["cache"]["status"], "miss");
 }

@@ -293,3 +293,55 @@ fn no_arguments_runs_the_embedded_demo_and_stops_on_sigterm() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn own_logs_can_be_json_and_a_bad_filter_is_a_clear_error() {
+    let origin_free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let origin = origin_free.local_addr().unwrap();
+    // Relaying purges without a token makes Larder warn at start-up: a log line to look at.
+    let yaml = format!(
+        "listeners: [{{ address: \"127.0.0.1:0\" }}]\nadmin: {{ address: \"127.0.0.1:0\" }}\naccess_log: {{ enabled: false }}\nlog: {{ level: \"warn\", format: json }}\npurge: {{ peers: {{ static: [\"127.0.0.1:1\"] }} }}\nvirtual_hosts:\n  - name: all\n    domains: [\"*\"]\n    routes: [{{ match: {{ prefix: / }}, cluster: origin }}]\nclusters:\n  - name: origin\n    endpoints: [\"{origin}\"]\n"
+    );
+    let path = temp_file("json-log.yaml", &yaml);
+    let mut child = Command::new(BIN)
+        .args(["--config", path.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let running = Running(child);
+    let mut json_lines = Vec::new();
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        if line.trim_start().starts_with("admin listening") {
+            break;
+        }
+        if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) {
+            json_lines.push(value);
+        }
+    }
+    drop(running);
+    let warning = json_lines
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("no admin token"))
+        })
+        .unwrap_or_else(|| panic!("no JSON warning among {json_lines:?}"));
+    assert_eq!(warning["level"], "WARN");
+
+    let bad = temp_file(
+        "bad-log.yaml",
+        &yaml.replace("level: \"warn\"", "level: \"info,=[\""),
+    );
+    let out = Command::new(BIN)
+        .args(["--config", bad.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("log.level"), "{stderr}");
+}

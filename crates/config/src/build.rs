@@ -65,6 +65,7 @@ pub(crate) fn build(raw: RawConfig, cx: &mut Ctx) -> Config {
     let cache = build_cache(raw.cache, cx);
     let resource_types = build_resource_types(raw.resource_type, raw.resource_types, &cache, cx);
     let purge = build_purge(raw.purge, cx);
+    let log = build_log(raw.log, cx);
     Config {
         listeners,
         admin,
@@ -75,7 +76,42 @@ pub(crate) fn build(raw: RawConfig, cx: &mut Ctx) -> Config {
         cache,
         resource_types,
         purge,
+        log,
     }
+}
+
+fn build_log(raw: Option<RawLog>, cx: &mut Ctx) -> Log {
+    let d = Log::default();
+    let Some(raw) = raw else {
+        return d;
+    };
+    let level = match raw.level {
+        None => d.level.clone(),
+        Some(level) => {
+            let level = level.trim().to_owned();
+            // The filter grammar is checked fully at start-up; this catches the common slips.
+            let plausible = !level.is_empty()
+                && level
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_:=,.-[]{}\"".contains(c));
+            if !plausible {
+                cx.error(
+                    "log.level",
+                    format!(
+                        "invalid log filter {level:?}: expected a level (error, warn, info, debug, \
+                         trace) or directives like \"info,larder::audit=warn\""
+                    ),
+                );
+            }
+            level
+        }
+    };
+    let format = raw
+        .format
+        .as_deref()
+        .and_then(|f| choice(cx, "log.format", "log format", f, LogFormat::NAMES))
+        .unwrap_or(d.format);
+    Log { level, format }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -404,9 +440,40 @@ fn build_access_log(raw: Option<RawAccessLog>, cx: &mut Ctx) -> AccessLog {
         }
         Some(path) => LogOutput::File(PathBuf::from(path)),
     };
+    let sample_rate = match raw.sample_rate {
+        Some(r) if (0.0..=1.0).contains(&r) => r,
+        Some(r) => {
+            cx.error(
+                "access_log.sample_rate",
+                format!("{r} is not a fraction: expected 0 to 1 (1 logs every request)"),
+            );
+            d.sample_rate
+        }
+        None => d.sample_rate,
+    };
+    let mut exclude_fields = Vec::new();
+    if let Some(list) = &raw.exclude_fields {
+        for (i, name) in list.items.iter().enumerate() {
+            if AccessLog::OPTIONAL_FIELDS.contains(&name.as_str()) {
+                if !exclude_fields.contains(name) {
+                    exclude_fields.push(name.clone());
+                }
+            } else {
+                cx.error(
+                    &list_item("access_log.exclude_fields", list, i),
+                    format!(
+                        "unknown field group {name:?}; expected one of {}",
+                        AccessLog::OPTIONAL_FIELDS.join(", ")
+                    ),
+                );
+            }
+        }
+    }
     AccessLog {
         enabled: raw.enabled.unwrap_or(d.enabled),
         output,
+        sample_rate,
+        exclude_fields,
     }
 }
 

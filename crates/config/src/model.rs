@@ -45,6 +45,40 @@ pub struct Config {
     /// with neither key gets a single catch-all type named `default`. Never empty.
     pub resource_types: Vec<ResourceType>,
     pub purge: Purge,
+    pub log: Log,
+}
+
+/// Larder's own diagnostics (not the access log), on stderr.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Log {
+    /// A `tracing` filter: a level (`info`) or per-target directives
+    /// (`info,larder::audit=warn`). `RUST_LOG`, when set, wins.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+impl LogFormat {
+    pub(crate) const NAMES: &[(&str, LogFormat)] =
+        &[("text", LogFormat::Text), ("json", LogFormat::Json)];
 }
 
 impl Config {
@@ -115,10 +149,25 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AccessLog {
     pub enabled: bool,
     pub output: LogOutput,
+    /// Fraction of requests logged (responses of status 500 and above always are).
+    pub sample_rate: f64,
+    /// Optional field groups left out of every line; see [`AccessLog::OPTIONAL_FIELDS`].
+    pub exclude_fields: Vec<String>,
+}
+
+impl AccessLog {
+    /// The field groups `exclude_fields` may name.
+    pub const OPTIONAL_FIELDS: &[&str] = &[
+        "client",
+        "user_agent",
+        "url.query",
+        "trace",
+        "larder.upstream",
+    ];
 }
 
 impl Default for AccessLog {
@@ -126,6 +175,8 @@ impl Default for AccessLog {
         AccessLog {
             enabled: true,
             output: LogOutput::Stdout,
+            sample_rate: 1.0,
+            exclude_fields: Vec::new(),
         }
     }
 }

@@ -23,6 +23,14 @@ pub(crate) struct RawConfig {
     pub resource_type: Option<RawResourceType>,
     pub resource_types: Option<Vec<RawResourceType>>,
     pub purge: Option<RawPurge>,
+    pub log: Option<RawLog>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLog {
+    pub level: Option<String>,
+    pub format: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +97,8 @@ pub(crate) struct RawLimits {
 pub(crate) struct RawAccessLog {
     pub enabled: Option<bool>,
     pub output: Option<String>,
+    pub sample_rate: Option<f64>,
+    pub exclude_fields: Option<StrList>,
 }
 
 #[derive(Debug, Deserialize)]

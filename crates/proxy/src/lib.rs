@@ -131,8 +131,12 @@ fn tag_headers(config: &Config) -> Vec<http::HeaderName> {
 }
 
 impl Runtime {
-    pub fn build(config: Arc<Config>) -> Runtime {
-        let clusters: Vec<Cluster> = config.clusters.iter().map(Cluster::new).collect();
+    pub fn build(config: Arc<Config>, metrics: &Metrics) -> Runtime {
+        let clusters: Vec<Cluster> = config
+            .clusters
+            .iter()
+            .map(|c| Cluster::new(c, metrics))
+            .collect();
         let index: HashMap<&str, usize> = config
             .clusters
             .iter()
@@ -176,7 +180,7 @@ impl Proxy {
     ) -> Arc<Proxy> {
         let proxy = Arc::new_cyclic(|me| Proxy {
             me: me.clone(),
-            runtime: ArcSwap::from_pointee(Runtime::build(config)),
+            runtime: ArcSwap::from_pointee(Runtime::build(config, &metrics)),
             metrics: metrics.clone(),
             access_log: access_log.map(Arc::new),
             purger: std::sync::OnceLock::new(),

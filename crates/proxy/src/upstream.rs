@@ -10,9 +10,10 @@ use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use larder_telemetry::UpstreamErrorKind;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use larder_telemetry::{UpstreamConnectionMetrics, UpstreamErrorKind};
+use tokio::net::TcpStream;
 
 use crate::body::{ProxyBody, empty};
 
@@ -26,7 +27,7 @@ pub struct Cluster {
     pub name: Arc<str>,
     endpoints: Vec<Endpoint>,
     next: AtomicUsize,
-    client: Client<HttpConnector, ProxyBody>,
+    client: Client<MeteredConnector, ProxyBody>,
     pub request_timeout: Duration,
 }
 
@@ -44,6 +45,8 @@ pub struct UpstreamResponse {
     pub response: Response<Incoming>,
     pub endpoint: Arc<str>,
     pub duration: Duration,
+    /// Sends after the first (connect failures, closed pooled connections).
+    pub retries: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +61,8 @@ pub struct UpstreamError {
     /// The connection closed before any response arrived (typically a pooled connection the
     /// origin had just timed out).
     pub stale_connection: bool,
+    /// Sends after the first.
+    pub retries: u32,
 }
 
 /// What to send upstream; the body is separate so a bodiless request can be replayed on
@@ -69,7 +74,8 @@ pub struct UpstreamRequest {
 }
 
 impl Cluster {
-    pub fn new(config: &larder_config::Cluster) -> Cluster {
+    pub fn new(config: &larder_config::Cluster, metrics: &larder_telemetry::Metrics) -> Cluster {
+        let name: Arc<str> = config.name.as_str().into();
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
@@ -79,7 +85,10 @@ impl Cluster {
             .pool_max_idle_per_host(config.max_idle_connections)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .build(connector);
+            .build(MeteredConnector {
+                inner: connector,
+                metrics: metrics.upstream_connection_metrics(&name),
+            });
         let endpoints = config
             .endpoints
             .iter()
@@ -94,7 +103,7 @@ impl Cluster {
             })
             .collect();
         Cluster {
-            name: config.name.as_str().into(),
+            name,
             endpoints,
             next: AtomicUsize::new(0),
             client,
@@ -127,8 +136,8 @@ impl Cluster {
             1
         };
         let mut body = Some(body);
-        let mut last_error = None;
-        for _ in 0..attempts {
+        let mut last_error: Option<UpstreamError> = None;
+        for attempt in 0..attempts as u32 {
             let Some(endpoint) = self.pick() else { break };
             let uri = Uri::builder()
                 .scheme(Scheme::HTTP)
@@ -154,9 +163,10 @@ impl Cluster {
                         response,
                         endpoint: endpoint.display.clone(),
                         duration: start.elapsed(),
+                        retries: attempt,
                     });
                 }
-                Ok(Err(e)) => classify(e, endpoint, start),
+                Ok(Err(e)) => classify(e, endpoint, start, attempt),
                 Err(_) => UpstreamError {
                     kind: UpstreamErrorKind::Timeout,
                     endpoint: Some(endpoint.display.clone()),
@@ -164,6 +174,7 @@ impl Cluster {
                     duration: start.elapsed(),
                     body_too_large: false,
                     stale_connection: false,
+                    retries: attempt,
                 },
             };
             // Safe to resend: nothing reached an origin (connect failure), or a pooled connection
@@ -182,6 +193,7 @@ impl Cluster {
             duration: start.elapsed(),
             body_too_large: false,
             stale_connection: false,
+            retries: 0,
         }))
     }
 }
@@ -190,6 +202,7 @@ fn classify(
     e: hyper_util::client::legacy::Error,
     endpoint: &Endpoint,
     start: Instant,
+    retries: u32,
 ) -> UpstreamError {
     let body_too_large = source_chain(&e).any(|s| s.is::<crate::body::BodyTooLarge>());
     let stale_connection = source_chain(&e)
@@ -215,6 +228,7 @@ fn classify(
         duration: start.elapsed(),
         body_too_large,
         stale_connection,
+        retries,
     }
 }
 
@@ -222,4 +236,101 @@ fn source_chain<'a>(
     e: &'a (dyn std::error::Error + 'static),
 ) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
     std::iter::successors(Some(e), |e| e.source())
+}
+
+/// Wraps the TCP connector to time each new connection and count the open ones: the pool
+/// itself exposes neither.
+#[derive(Clone)]
+struct MeteredConnector {
+    inner: HttpConnector,
+    metrics: UpstreamConnectionMetrics,
+}
+
+impl tower_service::Service<Uri> for MeteredConnector {
+    type Response = MeteredIo;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<MeteredIo, Self::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let start = Instant::now();
+            let io = connecting.await?;
+            metrics.connected(start.elapsed());
+            Ok(MeteredIo { io, metrics })
+        })
+    }
+}
+
+/// An upstream connection that reports its closing.
+struct MeteredIo {
+    io: TokioIo<TcpStream>,
+    metrics: UpstreamConnectionMetrics,
+}
+
+impl Drop for MeteredIo {
+    fn drop(&mut self) {
+        self.metrics.closed();
+    }
+}
+
+impl Connection for MeteredIo {
+    fn connected(&self) -> Connected {
+        self.io.connected()
+    }
+}
+
+impl hyper::rt::Read for MeteredIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for MeteredIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
 }

@@ -24,14 +24,68 @@ pub enum LogTarget {
     File(PathBuf),
 }
 
+/// Which requests are logged, and which optional field groups their lines carry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLogOptions {
+    /// Fraction of requests logged, 0 to 1. Responses with status 500 and above are always
+    /// logged: errors are what operators look for.
+    pub sample_rate: f64,
+    /// `client` (client and source address), `user_agent`, `url.query`, `trace`,
+    /// `larder.upstream`: left out of every line (privacy, volume).
+    pub exclude: Vec<String>,
+}
+
+impl Default for AccessLogOptions {
+    fn default() -> Self {
+        AccessLogOptions {
+            sample_rate: 1.0,
+            exclude: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Excluded {
+    client: bool,
+    user_agent: bool,
+    query: bool,
+    trace: bool,
+    upstream: bool,
+}
+
+impl Excluded {
+    fn from_names(names: &[String]) -> Excluded {
+        let has = |n: &str| names.iter().any(|x| x == n);
+        Excluded {
+            client: has("client"),
+            user_agent: has("user_agent"),
+            query: has("url.query"),
+            trace: has("trace"),
+            upstream: has("larder.upstream"),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct AccessLog {
     queue: SyncSender<String>,
     dropped: Arc<AtomicU64>,
+    sample_rate: f64,
+    excluded: Excluded,
+    counters: Option<crate::metrics::AccessLogCounters>,
 }
 
 impl AccessLog {
     pub fn open(target: &LogTarget) -> std::io::Result<AccessLog> {
+        Self::open_with(target, &AccessLogOptions::default(), None)
+    }
+
+    /// Opens the log with sampling and field options, counting lines in `metrics`.
+    pub fn open_with(
+        target: &LogTarget,
+        options: &AccessLogOptions,
+        metrics: Option<&crate::Metrics>,
+    ) -> std::io::Result<AccessLog> {
         let mut out: Box<dyn Write + Send> = match target {
             LogTarget::Stdout => Box::new(std::io::stdout()),
             LogTarget::Stderr => Box::new(std::io::stderr()),
@@ -63,17 +117,35 @@ impl AccessLog {
         Ok(AccessLog {
             queue,
             dropped: Arc::default(),
+            sample_rate: options.sample_rate.clamp(0.0, 1.0),
+            excluded: Excluded::from_names(&options.exclude),
+            counters: metrics.map(crate::Metrics::access_log_counters),
         })
     }
 
     pub fn write(&self, event: &RequestEvent) {
+        if event.status < 500 && self.sample_rate < 1.0 && fastrand::f64() >= self.sample_rate {
+            if let Some(c) = &self.counters {
+                c.sampled_out.inc();
+            }
+            return;
+        }
         let mut line = String::with_capacity(512);
-        write_ecs_line(event, &mut line);
+        write_ecs_line(event, &mut line, self.excluded);
         line.push('\n');
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
-            self.queue.try_send(line)
-        {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+        // Never waits: a full queue (a slow disk or pipe) loses lines, counted, not requests.
+        match self.queue.try_send(line) {
+            Ok(()) => {
+                if let Some(c) = &self.counters {
+                    c.written.inc();
+                }
+            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                if let Some(c) = &self.counters {
+                    c.dropped.inc();
+                }
+            }
         }
     }
 
@@ -125,11 +197,11 @@ fn json_str(out: &mut String, s: &str) {
 /// JSON value tree: this runs for every request, and the tree's allocations dominated it.
 pub fn ecs_line(e: &RequestEvent) -> String {
     let mut out = String::with_capacity(512);
-    write_ecs_line(e, &mut out);
+    write_ecs_line(e, &mut out, Excluded::default());
     out
 }
 
-fn write_ecs_line(e: &RequestEvent, out: &mut String) {
+fn write_ecs_line(e: &RequestEvent, out: &mut String, excluded: Excluded) {
     let timestamp = OffsetDateTime::from(e.start)
         .format(&Rfc3339)
         .unwrap_or_default();
@@ -162,7 +234,7 @@ fn write_ecs_line(e: &RequestEvent, out: &mut String) {
     if let Some(port) = port {
         let _ = write!(out, ",\"port\":{port}");
     }
-    if let Some(q) = &e.query {
+    if let Some(q) = e.query.as_ref().filter(|_| !excluded.query) {
         out.push_str(",\"query\":");
         json_str(out, q);
         out.push_str(",\"original\":");
@@ -173,7 +245,7 @@ fn write_ecs_line(e: &RequestEvent, out: &mut String) {
     }
     out.push('}');
 
-    if let Some(client) = e.client {
+    if let Some(client) = e.client.filter(|_| !excluded.client) {
         let ip = client.ip().to_string();
         for field in ["client", "source"] {
             let _ = write!(
@@ -183,12 +255,12 @@ fn write_ecs_line(e: &RequestEvent, out: &mut String) {
             );
         }
     }
-    if let Some(ua) = &e.user_agent {
+    if let Some(ua) = e.user_agent.as_ref().filter(|_| !excluded.user_agent) {
         out.push_str(",\"user_agent\":{\"original\":");
         json_str(out, ua);
         out.push('}');
     }
-    if let Some(trace_id) = &e.trace_id {
+    if let Some(trace_id) = e.trace_id.as_ref().filter(|_| !excluded.trace) {
         out.push_str(",\"trace\":{\"id\":");
         json_str(out, trace_id);
         out.push('}');
@@ -203,6 +275,14 @@ fn write_ecs_line(e: &RequestEvent, out: &mut String) {
         out.push_str(",\"resource_type\":");
         json_str(out, rt);
     }
+    if let Some(stale) = e.stale_reason {
+        out.push_str(",\"stale\":");
+        json_str(out, stale);
+    }
+    if let Some(outcome) = e.revalidation {
+        out.push_str(",\"revalidation\":");
+        json_str(out, outcome);
+    }
     out.push('}');
     if let Some(route) = &e.route {
         out.push_str(",\"route\":");
@@ -212,7 +292,7 @@ fn write_ecs_line(e: &RequestEvent, out: &mut String) {
         out.push_str(",\"cluster\":");
         json_str(out, cluster);
     }
-    if e.upstream_address.is_some() || e.upstream_duration.is_some() {
+    if !excluded.upstream && (e.upstream_address.is_some() || e.upstream_duration.is_some()) {
         out.push_str(",\"upstream\":{");
         let mut first = true;
         if let Some(addr) = &e.upstream_address {
@@ -258,6 +338,8 @@ mod tests {
             upstream_duration: Some(Duration::from_millis(1)),
             cache_result: "miss",
             cache_reason: None,
+            stale_reason: None,
+            revalidation: Some("modified"),
             resource_type: Some("default".into()),
         };
         let line = ecs_line(&e);
@@ -270,6 +352,8 @@ mod tests {
         assert_eq!(v["event"]["duration"], 1_500_000);
         assert_eq!(v["trace"]["id"], "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(v["larder"]["cache"]["status"], "miss");
+        assert_eq!(v["larder"]["cache"]["revalidation"], "modified");
+        assert!(v["larder"]["cache"].get("stale").is_none());
         assert_eq!(v["larder"]["upstream"]["address"], "127.0.0.1:9000");
         assert_eq!(v["client"]["ip"], "127.0.0.1");
         assert_eq!(v["url"]["domain"], "example.com");

@@ -6,8 +6,8 @@
 pub mod access_log;
 pub mod metrics;
 
-pub use access_log::{AccessLog, LogTarget};
-pub use metrics::{Metrics, StoreGauge};
+pub use access_log::{AccessLog, AccessLogOptions, LogTarget};
+pub use metrics::{Metrics, StoreGauge, UpstreamConnectionMetrics};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +37,10 @@ pub struct RequestEvent {
     pub cache_result: &'static str,
     pub cache_reason: Option<&'static str>,
     pub resource_type: Option<Arc<str>>,
+    /// Why a stale response was served: `stale-while-revalidate` or `stale-if-error`.
+    pub stale_reason: Option<&'static str>,
+    /// Outcome of revalidating a stale stored response: `not_modified`, `modified`, `failed`.
+    pub revalidation: Option<&'static str>,
 }
 
 impl RequestEvent {
@@ -78,6 +82,8 @@ pub struct UpstreamEvent<'a> {
     pub cluster: &'a Arc<str>,
     pub duration: Duration,
     pub error: Option<UpstreamErrorKind>,
+    /// Sends after the first (connect failures, closed pooled connections).
+    pub retries: u32,
 }
 
 impl UpstreamEvent<'_> {

@@ -11,7 +11,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::{FanoutEvent, PurgeEvent, RequestEvent, UpstreamEvent};
@@ -52,6 +51,11 @@ struct UpstreamErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PurgeLabels {
     kind: &'static str,
     result: &'static str,
@@ -78,8 +82,9 @@ struct ServedLabels {
     source: &'static str,
 }
 
+/// A closed set of outcomes under the conventional `result` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReloadLabels {
+struct ResultLabels {
     result: &'static str,
 }
 
@@ -108,6 +113,12 @@ pub struct Metrics {
     store_evictions: Family<ResourceTypeLabels, Counter>,
     upstream_duration: Family<ClusterLabels, Histogram>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    stale_served: Family<ReasonLabels, Counter>,
+    revalidations: Family<OutcomeLabels, Counter>,
+    upstream_retries: Family<ClusterLabels, Counter>,
+    access_log_lines: Family<ResultLabels, Counter>,
+    upstream_connect: Family<ClusterLabels, Histogram>,
+    upstream_connections: Family<ClusterLabels, Gauge>,
     purges: Family<PurgeLabels, Counter>,
     purged_objects: Family<PurgeKindLabels, Counter>,
     purge_requests: Family<PurgeRequestLabels, Counter>,
@@ -115,9 +126,34 @@ pub struct Metrics {
     fanout_failures: Family<PeerLabels, Counter>,
     purge_peers: Gauge,
     active_connections: Gauge<i64, std::sync::atomic::AtomicI64>,
-    config_reloads: Family<ReloadLabels, Counter>,
+    config_reloads: Family<ResultLabels, Counter>,
     store_source: Mutex<Option<StoreSource>>,
     hot: HotHandles,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct AccessLogCounters {
+    pub written: Counter,
+    pub dropped: Counter,
+    pub sampled_out: Counter,
+}
+
+/// Connection-level upstream series of one cluster, held by its connector.
+#[derive(Clone, Debug)]
+pub struct UpstreamConnectionMetrics {
+    connect: Histogram,
+    open: Gauge,
+}
+
+impl UpstreamConnectionMetrics {
+    pub fn connected(&self, took: std::time::Duration) {
+        self.connect.observe(took.as_secs_f64());
+        self.open.inc();
+    }
+
+    pub fn closed(&self) {
+        self.open.dec();
+    }
 }
 
 /// Series every request updates, found without the families' SipHash lookups: a fast map from
@@ -128,6 +164,8 @@ struct HotHandles {
     requests: Handles<RequestKey, (Arc<str>, Arc<str>, Counter)>,
     lookups: Handles<(usize, &'static str), (Arc<str>, Counter)>,
     not_cached: Handles<&'static str, Counter>,
+    stale_served: Handles<&'static str, Counter>,
+    revalidations: Handles<&'static str, Counter>,
     duration_cache: Histogram,
     duration_upstream: Histogram,
     bytes_cache: Counter,
@@ -220,6 +258,12 @@ impl Metrics {
             store_evictions: Family::default(),
             upstream_duration: Family::new_with_constructor(latency_histogram),
             upstream_errors: Family::default(),
+            stale_served: Family::default(),
+            revalidations: Family::default(),
+            upstream_retries: Family::default(),
+            access_log_lines: Family::default(),
+            upstream_connect: Family::new_with_constructor(latency_histogram),
+            upstream_connections: Family::default(),
             purges: Family::default(),
             purged_objects: Family::default(),
             purge_requests: Family::default(),
@@ -234,6 +278,8 @@ impl Metrics {
                 requests: Handles::new(),
                 lookups: Handles::new(),
                 not_cached: Handles::new(),
+                stale_served: Handles::new(),
+                revalidations: Handles::new(),
                 duration_cache: Histogram::new(std::iter::empty()),
                 duration_upstream: Histogram::new(std::iter::empty()),
                 bytes_cache: Counter::default(),
@@ -318,6 +364,37 @@ impl Metrics {
             m.upstream_errors.clone(),
         );
         registry.register(
+            "cache_stale_served",
+            "Stale responses served, by reason (stale_while_revalidate: while refreshing in the background; stale_if_error: the origin failed or was unreachable)",
+            m.stale_served.clone(),
+        );
+        registry.register(
+            "cache_revalidations",
+            "Conditional requests for stale stored responses, by outcome (not_modified, modified, failed)",
+            m.revalidations.clone(),
+        );
+        registry.register_with_unit(
+            "upstream_connect_duration",
+            "Time to establish a new upstream connection, per cluster",
+            Unit::Seconds,
+            m.upstream_connect.clone(),
+        );
+        registry.register(
+            "upstream_connections",
+            "Upstream connections open (in use or idle in the pool), per cluster",
+            m.upstream_connections.clone(),
+        );
+        registry.register(
+            "access_log_lines",
+            "Access log lines by outcome (written: queued for output; dropped: the output could not keep up; sampled_out: left out by access_log.sample_rate)",
+            m.access_log_lines.clone(),
+        );
+        registry.register(
+            "upstream_retries",
+            "Requests sent again to an upstream after a connect failure or a closed pooled connection, per cluster",
+            m.upstream_retries.clone(),
+        );
+        registry.register(
             "purges",
             "Invalidations applied on this replica, by kind (url, prefix, tag) and result (purged, not_found)",
             m.purges.clone(),
@@ -358,11 +435,33 @@ impl Metrics {
             "Configuration loads by result",
             m.config_reloads.clone(),
         );
-        registry.register(
-            "build",
-            "Build information",
-            Info::new(vec![("version".to_owned(), version.to_owned())]),
-        );
+        // A gauge fixed at 1 rather than an OpenMetrics `info`: the Prometheus text format
+        // (and promtool) know no `info` type, and dashboards join on it either way.
+        let build: Family<Vec<(String, String)>, Gauge> = Family::default();
+        build
+            .get_or_create(&vec![("version".to_owned(), version.to_owned())])
+            .set(1);
+        registry.register("build_info", "Build information", build);
+        // Series of closed label sets exist from the start at 0, so rates and dashboards see
+        // them before the first event (and a missing series never hides a broken path).
+        for reason in ["stale_while_revalidate", "stale_if_error"] {
+            let _ = m.stale_served.get_or_create(&ReasonLabels { reason });
+        }
+        for outcome in ["not_modified", "modified", "failed"] {
+            let _ = m.revalidations.get_or_create(&OutcomeLabels { outcome });
+        }
+        for result in ["written", "dropped", "sampled_out"] {
+            let _ = m.access_log_lines.get_or_create(&ResultLabels { result });
+        }
+        for kind in ["url", "prefix", "tag"] {
+            let _ = m.purged_objects.get_or_create(&PurgeKindLabels { kind });
+            for result in ["purged", "not_found"] {
+                let _ = m.purges.get_or_create(&PurgeLabels { kind, result });
+            }
+        }
+        for result in ["success", "failure"] {
+            let _ = m.config_reloads.get_or_create(&ResultLabels { result });
+        }
         m.registry = registry;
         Arc::new(m)
     }
@@ -426,6 +525,37 @@ impl Metrics {
                 counter.inc();
             },
         );
+        if let Some(reason) = e.stale_reason {
+            let reason = match reason {
+                "stale-while-revalidate" => "stale_while_revalidate",
+                "stale-if-error" => "stale_if_error",
+                _ => "other",
+            };
+            hot.stale_served.with(
+                reason,
+                || {
+                    self.stale_served
+                        .get_or_create(&ReasonLabels { reason })
+                        .clone()
+                },
+                |counter| {
+                    counter.inc();
+                },
+            );
+        }
+        if let Some(outcome) = e.revalidation {
+            hot.revalidations.with(
+                outcome,
+                || {
+                    self.revalidations
+                        .get_or_create(&OutcomeLabels { outcome })
+                        .clone()
+                },
+                |counter| {
+                    counter.inc();
+                },
+            );
+        }
         if let Some(reason) = e.cache_reason {
             hot.not_cached.with(
                 reason,
@@ -443,6 +573,13 @@ impl Metrics {
 
     pub(crate) fn record_upstream(&self, e: &UpstreamEvent<'_>) {
         let cluster = e.cluster.clone();
+        if e.retries > 0 {
+            self.upstream_retries
+                .get_or_create(&ClusterLabels {
+                    cluster: cluster.clone(),
+                })
+                .inc_by(u64::from(e.retries));
+        }
         match e.error {
             None => self
                 .upstream_duration
@@ -505,6 +642,30 @@ impl Metrics {
         self.fanout_failures.remove(&labels);
     }
 
+    pub(crate) fn access_log_counters(&self) -> AccessLogCounters {
+        let counter = |result| {
+            self.access_log_lines
+                .get_or_create(&ResultLabels { result })
+                .clone()
+        };
+        AccessLogCounters {
+            written: counter("written"),
+            dropped: counter("dropped"),
+            sampled_out: counter("sampled_out"),
+        }
+    }
+
+    /// The series one cluster's connections report into.
+    pub fn upstream_connection_metrics(&self, cluster: &Arc<str>) -> UpstreamConnectionMetrics {
+        let labels = ClusterLabels {
+            cluster: cluster.clone(),
+        };
+        UpstreamConnectionMetrics {
+            connect: self.upstream_connect.get_or_create(&labels).clone(),
+            open: self.upstream_connections.get_or_create(&labels).clone(),
+        }
+    }
+
     /// How many peers purges are currently relayed to.
     pub fn set_purge_peers(&self, n: usize) {
         self.purge_peers.set(n as i64);
@@ -513,7 +674,7 @@ impl Metrics {
     pub fn record_config_reload(&self, ok: bool) {
         let result = if ok { "success" } else { "failure" };
         self.config_reloads
-            .get_or_create(&ReloadLabels { result })
+            .get_or_create(&ResultLabels { result })
             .inc();
     }
 
@@ -552,11 +713,48 @@ impl Metrics {
     }
 
     /// Text exposition (OpenMetrics text, which Prometheus scrapes natively).
+    /// The OpenMetrics exposition (what Prometheus asks for).
     pub fn encode(&self) -> String {
         self.refresh_stores();
         let mut out = String::with_capacity(16 * 1024);
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// The classic Prometheus text format (0.0.4), for clients that do not ask for
+    /// OpenMetrics (curl, promtool, older scrapers). The two differ only in metadata: counters
+    /// are named with `_total` in HELP and TYPE, and there are no UNIT lines or EOF marker.
+    pub fn encode_text(&self) -> String {
+        let open_metrics = self.encode();
+        let counters: std::collections::HashSet<&str> = open_metrics
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.strip_suffix(" counter"))
+            .collect();
+        let mut out = String::with_capacity(open_metrics.len());
+        for line in open_metrics.lines() {
+            if line.starts_with("# UNIT ") || line == "# EOF" {
+                continue;
+            }
+            let meta = ["# HELP ", "# TYPE "]
+                .into_iter()
+                .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+            match meta {
+                Some((prefix, rest)) => {
+                    let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                    out.push_str(prefix);
+                    out.push_str(name);
+                    if counters.contains(name) {
+                        out.push_str("_total");
+                    }
+                    out.push(' ');
+                    out.push_str(tail);
+                }
+                None => out.push_str(line),
+            }
+            out.push('\n');
+        }
         out
     }
 }
@@ -589,6 +787,8 @@ mod tests {
             upstream_duration: None,
             cache_result: "hit",
             cache_reason: None,
+            stale_reason: None,
+            revalidation: None,
             resource_type: Some("default".into()),
         };
         m.record_request(&event);

@@ -66,6 +66,9 @@ pub(crate) struct Exchange {
     pub stale_reason: Option<&'static str>,
     /// The cache key, shown in Cache-Status when `cache.cache_status_key` is on.
     pub key: Option<String>,
+    /// Outcome of a conditional request for a stale stored response: `not_modified`,
+    /// `modified` or `failed`.
+    pub revalidation: Option<&'static str>,
 }
 
 impl Exchange {
@@ -103,6 +106,7 @@ impl Exchange {
             ttl: None,
             stale_reason: None,
             key: None,
+            revalidation: None,
         }
     }
 
@@ -196,6 +200,10 @@ impl Exchange {
             cache_result: self.result.as_str(),
             cache_reason: self.reason.map(NoCacheReason::as_str),
             resource_type: self.resource_type,
+            stale_reason: (self.result == CacheResult::Stale)
+                .then_some(self.stale_reason)
+                .flatten(),
+            revalidation: self.revalidation,
         }
     }
 }

@@ -628,6 +628,9 @@ impl Proxy {
             Ok(response) => response,
             Err(error) => {
                 drop(guard);
+                if revalidating.is_some() {
+                    ex.revalidation = Some("failed");
+                }
                 return match &plan.stale {
                     Some(stale) => self.stale_on_error(ex, &request, stale, error),
                     None => Err(error),
@@ -637,6 +640,13 @@ impl Proxy {
         let response_time = SystemTime::now();
         let (mut parts, upstream_body) = fetched.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        if revalidating.is_some() {
+            ex.revalidation = Some(match parts.status {
+                StatusCode::NOT_MODIFIED => "not_modified",
+                s if s.is_server_error() => "failed",
+                _ => "modified",
+            });
+        }
 
         if let Some(stale) = &plan.stale
             && parts.status.is_server_error()
@@ -822,14 +832,15 @@ impl Proxy {
             // One turn for the connection to write the 1xx before this final response.
             tokio::task::yield_now().await;
         }
-        let (duration, error) = match &result {
-            Ok(r) => (r.duration, None),
-            Err(e) => (e.duration, (!e.body_too_large).then_some(e.kind)),
+        let (duration, error, retries) = match &result {
+            Ok(r) => (r.duration, None, r.retries),
+            Err(e) => (e.duration, (!e.body_too_large).then_some(e.kind), e.retries),
         };
         UpstreamEvent {
             cluster: &cluster.name,
             duration,
             error,
+            retries,
         }
         .emit(&self.metrics);
         ex.upstream_duration = Some(duration);
