@@ -45,7 +45,66 @@ impl Server {
         for task in self.tasks {
             let _ = task.await;
         }
+        // Every request has been logged by now: what the Elasticsearch sink holds goes out.
+        if let Some(log) = self.proxy.access_log() {
+            log.close(ES_FLUSH_DEADLINE).await;
+        }
     }
+}
+
+/// How long shutdown waits for the access log's Elasticsearch sink to send what it holds.
+const ES_FLUSH_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The Elasticsearch sink's settings, with its credentials read: `LARDER_ES_API_KEY` or
+/// `api_key_file` (an API key, sent as `ApiKey …`), or `username` with `LARDER_ES_PASSWORD` or
+/// `password_file` (basic auth).
+fn es_sink_config(
+    es: &larder_config::Elasticsearch,
+) -> anyhow::Result<larder_telemetry::EsSinkConfig> {
+    use base64::Engine;
+    let secret = |env: &str,
+                  file: &Option<std::path::PathBuf>,
+                  what: &str|
+     -> anyhow::Result<Option<String>> {
+        if let Ok(value) = std::env::var(env)
+            && !value.trim().is_empty()
+        {
+            return Ok(Some(value.trim().to_owned()));
+        }
+        let Some(path) = file else { return Ok(None) };
+        let value = std::fs::read_to_string(path).with_context(|| {
+            format!("reading access_log.elasticsearch.{what} {}", path.display())
+        })?;
+        anyhow::ensure!(
+            !value.trim().is_empty(),
+            "access_log.elasticsearch.{what} {} is empty",
+            path.display()
+        );
+        Ok(Some(value.trim().to_owned()))
+    };
+    let authorization = match &es.username {
+        Some(user) => {
+            let password = secret("LARDER_ES_PASSWORD", &es.password_file, "password_file")?
+                .context("access_log.elasticsearch.username needs a password (password_file or LARDER_ES_PASSWORD)")?;
+            let pair =
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            Some(format!("Basic {pair}"))
+        }
+        None => secret("LARDER_ES_API_KEY", &es.api_key_file, "api_key_file")?
+            .map(|key| format!("ApiKey {key}")),
+    };
+    Ok(larder_telemetry::EsSinkConfig {
+        url: es.url.clone(),
+        index: es.index.clone(),
+        data_stream: es.data_stream,
+        authorization,
+        batch_size: es.batch_size,
+        flush_interval: es.flush_interval,
+        max_queue: es.max_queue,
+        gzip: es.gzip,
+        timeout: es.timeout,
+        max_retries: es.max_retries,
+    })
 }
 
 fn admin_token(config: &Config, options: &StartOptions) -> anyhow::Result<Option<String>> {
@@ -93,8 +152,14 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Serv
             sample_rate: config.access_log.sample_rate,
             exclude: config.access_log.exclude_fields.clone(),
         };
+        let elasticsearch = config
+            .access_log
+            .elasticsearch
+            .as_ref()
+            .map(es_sink_config)
+            .transpose()?;
         Some(
-            AccessLog::open_with(&target, &options, Some(&metrics))
+            AccessLog::open_with(&target, &options, Some(&metrics), elasticsearch)
                 .context("opening the access log")?,
         )
     } else {

@@ -469,11 +469,115 @@ fn build_access_log(raw: Option<RawAccessLog>, cx: &mut Ctx) -> AccessLog {
             }
         }
     }
+    let elasticsearch = raw.elasticsearch.map(|es| build_elasticsearch(es, cx));
     AccessLog {
         enabled: raw.enabled.unwrap_or(d.enabled),
         output,
         sample_rate,
         exclude_fields,
+        elasticsearch,
+    }
+}
+
+fn build_elasticsearch(raw: RawElasticsearch, cx: &mut Ctx) -> Elasticsearch {
+    let p = "access_log.elasticsearch";
+    let url = match raw.url.as_deref().map(str::trim) {
+        None => {
+            cx.error(
+                &key(p, "url"),
+                "required: the Elasticsearch base URL, like http://elasticsearch:9200",
+            );
+            String::new()
+        }
+        Some(u) if u.starts_with("https://") => {
+            cx.error(
+                &key(p, "url"),
+                "https:// is not supported yet (TLS to upstreams arrives with the TLS work); use http:// to a local or in-cluster endpoint",
+            );
+            u.to_owned()
+        }
+        Some(u) if u.starts_with("http://") && u.len() > "http://".len() => {
+            u.trim_end_matches('/').to_owned()
+        }
+        Some(u) => {
+            cx.error(
+                &key(p, "url"),
+                format!("expected an http:// URL, got {u:?}"),
+            );
+            u.to_owned()
+        }
+    };
+    let data_stream = raw.data_stream.unwrap_or(raw.index.is_none());
+    let index = raw
+        .index
+        .map(|i| i.trim().to_owned())
+        .unwrap_or_else(|| Elasticsearch::DEFAULT_INDEX.to_owned());
+    let index_ok = !index.is_empty()
+        && !index.starts_with(['_', '-', '+'])
+        && index == index.to_lowercase()
+        && !index.contains(['\\', '/', '*', '?', '"', '<', '>', '|', ' ', ',', '#']);
+    if !index_ok {
+        cx.error(
+            &key(p, "index"),
+            format!("{index:?} is not a valid index name (lower case, no spaces or \\/*?\"<>|,#, not starting with _ - +)"),
+        );
+    }
+    if raw.password_file.is_some() != raw.username.is_some() {
+        cx.error(
+            &key(p, "username"),
+            "username and password_file go together",
+        );
+    }
+    if raw.api_key_file.is_some() && raw.username.is_some() {
+        cx.error(
+            &key(p, "api_key_file"),
+            "use either api_key_file or username/password_file, not both",
+        );
+    }
+    let count = |cx: &mut Ctx, name: &str, v: Option<u64>, default: usize, max: u64| match v {
+        Some(n) if n >= 1 && n <= max => n as usize,
+        Some(n) => {
+            cx.error(&key(p, name), format!("{n} is out of range: 1 to {max}"));
+            default
+        }
+        None => default,
+    };
+    let batch_size = count(cx, "batch_size", raw.batch_size, 500, 100_000);
+    let max_queue = count(cx, "max_queue", raw.max_queue, 10_000, 10_000_000);
+    let max_retries = match raw.max_retries {
+        Some(n) if n <= 20 => n as u32,
+        Some(n) => {
+            cx.error(
+                &key(p, "max_retries"),
+                format!("{n} is out of range: 0 to 20"),
+            );
+            5
+        }
+        None => 5,
+    };
+    Elasticsearch {
+        url,
+        index,
+        data_stream,
+        api_key_file: raw.api_key_file.map(PathBuf::from),
+        username: raw.username,
+        password_file: raw.password_file.map(PathBuf::from),
+        batch_size,
+        flush_interval: timeout(
+            cx,
+            &key(p, "flush_interval"),
+            raw.flush_interval.as_ref(),
+            Duration::from_secs(1),
+        ),
+        max_queue,
+        gzip: raw.gzip.unwrap_or(true),
+        timeout: timeout(
+            cx,
+            &key(p, "timeout"),
+            raw.timeout.as_ref(),
+            Duration::from_secs(10),
+        ),
+        max_retries,
     }
 }
 

@@ -157,6 +157,41 @@ pub struct AccessLog {
     pub sample_rate: f64,
     /// Optional field groups left out of every line; see [`AccessLog::OPTIONAL_FIELDS`].
     pub exclude_fields: Vec<String>,
+    /// Also send every line to Elasticsearch with the `_bulk` API.
+    pub elasticsearch: Option<Elasticsearch>,
+}
+
+/// The Elasticsearch sink of the access log. Credentials are read from files (or the
+/// `LARDER_ES_API_KEY` / `LARDER_ES_PASSWORD` environment variables), never from the config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Elasticsearch {
+    /// Base URL, `http://host:9200`.
+    pub url: String,
+    /// Target index; `%Y`, `%m`, `%d` are replaced by the UTC date of the batch. With
+    /// `data_stream`, the data stream's name.
+    pub index: String,
+    /// Write with `create` actions, as data streams require.
+    pub data_stream: bool,
+    pub api_key_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// Documents per `_bulk` request.
+    pub batch_size: usize,
+    /// A partial batch is sent after this long.
+    #[serde(serialize_with = "ser_duration")]
+    pub flush_interval: Duration,
+    /// Documents waiting to be sent; more are dropped (and counted), never waited for.
+    pub max_queue: usize,
+    pub gzip: bool,
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+    /// Attempts after the first for a batch (or documents) Elasticsearch refused with 429
+    /// or 5xx, with exponential backoff.
+    pub max_retries: u32,
+}
+
+impl Elasticsearch {
+    pub const DEFAULT_INDEX: &str = "logs-larder.access-default";
 }
 
 impl AccessLog {
@@ -177,6 +212,7 @@ impl Default for AccessLog {
             output: LogOutput::Stdout,
             sample_rate: 1.0,
             exclude_fields: Vec::new(),
+            elasticsearch: None,
         }
     }
 }

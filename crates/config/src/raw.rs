@@ -99,6 +99,24 @@ pub(crate) struct RawAccessLog {
     pub output: Option<String>,
     pub sample_rate: Option<f64>,
     pub exclude_fields: Option<StrList>,
+    pub elasticsearch: Option<RawElasticsearch>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawElasticsearch {
+    pub url: Option<String>,
+    pub index: Option<String>,
+    pub data_stream: Option<bool>,
+    pub api_key_file: Option<String>,
+    pub username: Option<String>,
+    pub password_file: Option<String>,
+    pub batch_size: Option<u64>,
+    pub flush_interval: Option<Scalar>,
+    pub max_queue: Option<u64>,
+    pub gzip: Option<bool>,
+    pub timeout: Option<Scalar>,
+    pub max_retries: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -215,6 +215,10 @@ impl Proxy {
         self.runtime.load().config.clone()
     }
 
+    pub fn access_log(&self) -> Option<&Arc<AccessLog>> {
+        self.access_log.as_ref()
+    }
+
     /// Sends `PURGE` requests through this purger from now on.
     pub fn set_purger(&self, purger: &Arc<larder_purge::Purger>) {
         let _ = self.purger.set(Arc::downgrade(purger));

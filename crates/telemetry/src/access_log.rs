@@ -73,11 +73,12 @@ pub struct AccessLog {
     sample_rate: f64,
     excluded: Excluded,
     counters: Option<crate::metrics::AccessLogCounters>,
+    elasticsearch: Option<crate::elasticsearch::EsSink>,
 }
 
 impl AccessLog {
     pub fn open(target: &LogTarget) -> std::io::Result<AccessLog> {
-        Self::open_with(target, &AccessLogOptions::default(), None)
+        Self::open_with(target, &AccessLogOptions::default(), None, None)
     }
 
     /// Opens the log with sampling and field options, counting lines in `metrics`.
@@ -85,6 +86,7 @@ impl AccessLog {
         target: &LogTarget,
         options: &AccessLogOptions,
         metrics: Option<&crate::Metrics>,
+        elasticsearch: Option<crate::EsSinkConfig>,
     ) -> std::io::Result<AccessLog> {
         let mut out: Box<dyn Write + Send> = match target {
             LogTarget::Stdout => Box::new(std::io::stdout()),
@@ -120,6 +122,13 @@ impl AccessLog {
             sample_rate: options.sample_rate.clamp(0.0, 1.0),
             excluded: Excluded::from_names(&options.exclude),
             counters: metrics.map(crate::Metrics::access_log_counters),
+            elasticsearch: elasticsearch.map(|config| {
+                let counters = match metrics {
+                    Some(m) => m.es_counters(),
+                    None => crate::Metrics::new("").es_counters(),
+                };
+                crate::elasticsearch::EsSink::start(config, counters)
+            }),
         })
     }
 
@@ -132,6 +141,9 @@ impl AccessLog {
         }
         let mut line = String::with_capacity(512);
         write_ecs_line(event, &mut line, self.excluded);
+        if let Some(es) = &self.elasticsearch {
+            es.send(line.clone());
+        }
         line.push('\n');
         // Never waits: a full queue (a slow disk or pipe) loses lines, counted, not requests.
         match self.queue.try_send(line) {
@@ -146,6 +158,13 @@ impl AccessLog {
                     c.dropped.inc();
                 }
             }
+        }
+    }
+
+    /// Sends what the Elasticsearch sink still holds, waiting at most `deadline` (shutdown).
+    pub async fn close(&self, deadline: std::time::Duration) {
+        if let Some(es) = &self.elasticsearch {
+            es.flush_and_stop(deadline).await;
         }
     }
 

@@ -4,9 +4,11 @@
 //! agree on names and values.
 
 pub mod access_log;
+pub mod elasticsearch;
 pub mod metrics;
 
 pub use access_log::{AccessLog, AccessLogOptions, LogTarget};
+pub use elasticsearch::EsSinkConfig;
 pub use metrics::{Metrics, StoreGauge, UpstreamConnectionMetrics};
 
 use std::net::SocketAddr;

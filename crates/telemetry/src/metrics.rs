@@ -117,6 +117,7 @@ pub struct Metrics {
     revalidations: Family<OutcomeLabels, Counter>,
     upstream_retries: Family<ClusterLabels, Counter>,
     access_log_lines: Family<ResultLabels, Counter>,
+    es_documents: Family<ResultLabels, Counter>,
     upstream_connect: Family<ClusterLabels, Histogram>,
     upstream_connections: Family<ClusterLabels, Gauge>,
     purges: Family<PurgeLabels, Counter>,
@@ -262,6 +263,7 @@ impl Metrics {
             revalidations: Family::default(),
             upstream_retries: Family::default(),
             access_log_lines: Family::default(),
+            es_documents: Family::default(),
             upstream_connect: Family::new_with_constructor(latency_histogram),
             upstream_connections: Family::default(),
             purges: Family::default(),
@@ -388,6 +390,11 @@ impl Metrics {
             "access_log_lines",
             "Access log lines by outcome (written: queued for output; dropped: the output could not keep up; sampled_out: left out by access_log.sample_rate)",
             m.access_log_lines.clone(),
+        );
+        registry.register(
+            "access_log_es_documents",
+            "Access log documents sent to Elasticsearch, by result (indexed; rejected: refused for good, e.g. a mapping error; dropped: queue full or retries exhausted; retried: sent again after 429/5xx)",
+            m.es_documents.clone(),
         );
         registry.register(
             "upstream_retries",
@@ -640,6 +647,20 @@ impl Metrics {
         };
         self.fanout_duration.remove(&labels);
         self.fanout_failures.remove(&labels);
+    }
+
+    pub(crate) fn es_counters(&self) -> crate::elasticsearch::EsCounters {
+        let counter = |result| {
+            self.es_documents
+                .get_or_create(&ResultLabels { result })
+                .clone()
+        };
+        crate::elasticsearch::EsCounters {
+            indexed: counter("indexed"),
+            rejected: counter("rejected"),
+            dropped: counter("dropped"),
+            retried: counter("retried"),
+        }
     }
 
     pub(crate) fn access_log_counters(&self) -> AccessLogCounters {
