@@ -45,9 +45,13 @@ impl Server {
         for task in self.tasks {
             let _ = task.await;
         }
-        // Every request has been logged by now: what the Elasticsearch sink holds goes out.
+        // Every request has been logged by now: what the Elasticsearch sink holds goes out,
+        // and so do the last spans.
         if let Some(log) = self.proxy.access_log() {
             log.close(ES_FLUSH_DEADLINE).await;
+        }
+        if let Some(tracing) = self.proxy.tracing() {
+            tracing.clone().shutdown().await;
         }
     }
 }
@@ -181,7 +185,22 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Serv
         .with_context(|| format!("binding the admin server on {}", config.admin.address))?;
 
     let limits = ServerLimits::from_config(&config);
-    let proxy = Proxy::new(config.clone(), metrics.clone(), access_log);
+    let tracing = if config.tracing.enabled {
+        let tracing = &config.tracing;
+        Some(
+            larder_telemetry::Tracing::start(&larder_telemetry::TracingConfig {
+                endpoint: tracing.endpoint.clone(),
+                service_name: tracing.service_name.clone(),
+                sample_ratio: tracing.sample_ratio,
+                max_queue_size: tracing.max_queue_size,
+                export_timeout: tracing.export_timeout,
+            })
+            .map_err(|e| anyhow::anyhow!(e))?,
+        )
+    } else {
+        None
+    };
+    let proxy = Proxy::new(config.clone(), metrics.clone(), access_log, tracing);
     let ready = Arc::new(AtomicBool::new(true));
     let (shutdown, shutdown_rx) = watch::channel(false);
     let signal = move || {

@@ -66,6 +66,7 @@ pub(crate) fn build(raw: RawConfig, cx: &mut Ctx) -> Config {
     let resource_types = build_resource_types(raw.resource_type, raw.resource_types, &cache, cx);
     let purge = build_purge(raw.purge, cx);
     let log = build_log(raw.log, cx);
+    let tracing = build_tracing(raw.tracing, cx);
     Config {
         listeners,
         admin,
@@ -77,6 +78,71 @@ pub(crate) fn build(raw: RawConfig, cx: &mut Ctx) -> Config {
         resource_types,
         purge,
         log,
+        tracing,
+    }
+}
+
+fn build_tracing(raw: Option<RawTracing>, cx: &mut Ctx) -> Tracing {
+    let d = Tracing::default();
+    let Some(raw) = raw else {
+        return d;
+    };
+    let endpoint = match raw.endpoint.map(|e| e.trim().to_owned()) {
+        None => d.endpoint.clone(),
+        Some(e) if e.starts_with("http://") && e.len() > "http://".len() => e,
+        Some(e) if e.starts_with("https://") => {
+            cx.error(
+                "tracing.endpoint",
+                "https:// is not supported yet; use http:// (a collector or agent beside Larder)",
+            );
+            e
+        }
+        Some(e) => {
+            cx.error(
+                "tracing.endpoint",
+                format!("expected the OTLP/HTTP traces URL, like http://jaeger:4318/v1/traces, got {e:?}"),
+            );
+            e
+        }
+    };
+    let sample_ratio = match raw.sample_ratio {
+        Some(r) if (0.0..=1.0).contains(&r) => r,
+        Some(r) => {
+            cx.error(
+                "tracing.sample_ratio",
+                format!("{r} is not a fraction: expected 0 to 1"),
+            );
+            d.sample_ratio
+        }
+        None => d.sample_ratio,
+    };
+    let service_name = raw.service_name.unwrap_or_else(|| d.service_name.clone());
+    if service_name.trim().is_empty() {
+        cx.error("tracing.service_name", "must not be empty");
+    }
+    let max_queue_size = match raw.max_queue_size {
+        Some(n) if (1..=1_000_000).contains(&n) => n as usize,
+        Some(n) => {
+            cx.error(
+                "tracing.max_queue_size",
+                format!("{n} is out of range: 1 to 1000000"),
+            );
+            d.max_queue_size
+        }
+        None => d.max_queue_size,
+    };
+    Tracing {
+        enabled: raw.enabled.unwrap_or(true),
+        endpoint,
+        service_name,
+        sample_ratio,
+        max_queue_size,
+        export_timeout: timeout(
+            cx,
+            "tracing.export_timeout",
+            raw.export_timeout.as_ref(),
+            d.export_timeout,
+        ),
     }
 }
 

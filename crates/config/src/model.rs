@@ -46,6 +46,35 @@ pub struct Config {
     pub resource_types: Vec<ResourceType>,
     pub purge: Purge,
     pub log: Log,
+    pub tracing: Tracing,
+}
+
+/// OpenTelemetry request tracing, exported over OTLP/HTTP.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Tracing {
+    pub enabled: bool,
+    /// The OTLP/HTTP traces URL (a Jaeger collector listens on 4318).
+    pub endpoint: String,
+    pub service_name: String,
+    /// Fraction of new traces recorded; requests with a parent follow its decision.
+    pub sample_ratio: f64,
+    /// Finished spans waiting for export at most; more are dropped, never waited for.
+    pub max_queue_size: usize,
+    #[serde(serialize_with = "ser_duration")]
+    pub export_timeout: Duration,
+}
+
+impl Default for Tracing {
+    fn default() -> Self {
+        Tracing {
+            enabled: false,
+            endpoint: "http://localhost:4318/v1/traces".into(),
+            service_name: "larder".into(),
+            sample_ratio: 1.0,
+            max_queue_size: 2048,
+            export_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Larder's own diagnostics (not the access log), on stderr.

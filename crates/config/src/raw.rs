@@ -24,6 +24,18 @@ pub(crate) struct RawConfig {
     pub resource_types: Option<Vec<RawResourceType>>,
     pub purge: Option<RawPurge>,
     pub log: Option<RawLog>,
+    pub tracing: Option<RawTracing>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTracing {
+    pub enabled: Option<bool>,
+    pub endpoint: Option<String>,
+    pub service_name: Option<String>,
+    pub sample_ratio: Option<f64>,
+    pub max_queue_size: Option<u64>,
+    pub export_timeout: Option<Scalar>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -167,6 +167,8 @@ pub struct Proxy {
     runtime: ArcSwap<Runtime>,
     pub metrics: Arc<Metrics>,
     access_log: Option<Arc<AccessLog>>,
+    /// Request tracing, when configured.
+    tracing: Option<Arc<larder_telemetry::Tracing>>,
     /// Where `PURGE` requests go (cluster-wide); set once the purger exists, as it holds the
     /// proxy itself as its local cache. Without one, `PURGE` applies to this replica only.
     purger: std::sync::OnceLock<std::sync::Weak<larder_purge::Purger>>,
@@ -177,9 +179,11 @@ impl Proxy {
         config: Arc<Config>,
         metrics: Arc<Metrics>,
         access_log: Option<AccessLog>,
+        tracing: Option<Arc<larder_telemetry::Tracing>>,
     ) -> Arc<Proxy> {
         let proxy = Arc::new_cyclic(|me| Proxy {
             me: me.clone(),
+            tracing,
             runtime: ArcSwap::from_pointee(Runtime::build(config, &metrics)),
             metrics: metrics.clone(),
             access_log: access_log.map(Arc::new),
@@ -217,6 +221,10 @@ impl Proxy {
 
     pub fn access_log(&self) -> Option<&Arc<AccessLog>> {
         self.access_log.as_ref()
+    }
+
+    pub fn tracing(&self) -> Option<&Arc<larder_telemetry::Tracing>> {
+        self.tracing.as_ref()
     }
 
     /// Sends `PURGE` requests through this purger from now on.

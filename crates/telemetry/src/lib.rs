@@ -6,10 +6,12 @@
 pub mod access_log;
 pub mod elasticsearch;
 pub mod metrics;
+pub mod otel;
 
 pub use access_log::{AccessLog, AccessLogOptions, LogTarget};
 pub use elasticsearch::EsSinkConfig;
 pub use metrics::{Metrics, StoreGauge, UpstreamConnectionMetrics};
+pub use otel::{ChildSpan, RequestSpan, Tracing, TracingConfig};
 
 use std::net::SocketAddr;
 use std::sync::Arc;

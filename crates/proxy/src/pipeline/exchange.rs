@@ -69,6 +69,8 @@ pub(crate) struct Exchange {
     /// Outcome of a conditional request for a stale stored response: `not_modified`,
     /// `modified` or `failed`.
     pub revalidation: Option<&'static str>,
+    /// The request's server span, when tracing is on.
+    pub span: Option<larder_telemetry::RequestSpan>,
 }
 
 impl Exchange {
@@ -107,6 +109,7 @@ impl Exchange {
             stale_reason: None,
             key: None,
             revalidation: None,
+            span: None,
         }
     }
 

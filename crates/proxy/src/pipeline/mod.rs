@@ -96,6 +96,18 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let runtime = self.runtime.load_full();
         let mut ex = Exchange::new(&req, client);
+        if let Some(tracing) = &self.tracing {
+            let host = req
+                .uri()
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()))
+                .unwrap_or_default();
+            let span =
+                tracing.server_span(req.headers(), req.method().as_str(), req.uri().path(), host);
+            ex.trace_id = Some(span.trace_id());
+            ex.span = Some(span);
+        }
         let response = match self.process(&runtime, &mut ex, req, interim.clone()).await {
             Ok(response) => response,
             Err(error) => {
@@ -144,9 +156,13 @@ impl Proxy {
         let metrics = self.metrics.clone();
         let log = self.access_log.clone();
         let (parts, body) = response.into_parts();
+        let mut ex = ex;
         let body = ObservedBody::new(body, move |bytes, _complete| {
             if let Some(sink) = interim {
                 sink.body_finished();
+            }
+            if let Some(span) = ex.span.take() {
+                span.finish(status, ex.result.as_str(), ex.route.as_deref());
             }
             ex.into_event(status, bytes).emit(&metrics, log.as_deref());
         });
@@ -384,7 +400,18 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let now = SystemTime::now();
         let head = request.method == Method::HEAD;
+        let lookup_span = ex.span.as_ref().map(|s| s.child("cache lookup"));
         let mut lookup = rt.cache.lookup(&request.target(&ex.host));
+        if let Some(span) = lookup_span {
+            span.set(
+                "larder.cache.lookup",
+                match &lookup {
+                    Lookup::Found(_) => "found",
+                    Lookup::Miss { .. } => "miss",
+                    Lookup::NoResourceType => "no_resource_type",
+                },
+            );
+        }
         if let Lookup::Found(hit) = &lookup
             && hit.stored().freshness.beyond_keep(now)
         {
@@ -505,7 +532,10 @@ impl Proxy {
             match rt.cache.coalescer().join(&plan.fill_key) {
                 Join::Leader(guard) => Some(guard),
                 Join::Follower(waiter) => {
-                    match waiter.wait(rt.coalesce_timeout).await {
+                    let wait_span = ex.span.as_ref().map(|s| s.child("coalesced wait"));
+                    let waited = waiter.wait(rt.coalesce_timeout).await;
+                    drop(wait_span);
+                    match waited {
                         Ok(()) => {
                             let now = SystemTime::now();
                             if let Lookup::Found(hit) = rt.cache.lookup(&request.target(&ex.host))
@@ -825,7 +855,29 @@ impl Proxy {
             .unwrap_or_default()
             .to_owned();
         add_forwarded(&mut request.headers, ex.client, &host, "http");
+        let upstream_span = match (&ex.span, &self.tracing) {
+            (Some(span), Some(tracing)) => Some(span.upstream(
+                tracing,
+                request.method.as_str(),
+                &cluster.name,
+                &mut request.headers,
+            )),
+            _ => None,
+        };
         let result = cluster.send(request, body, upstream.timeout, interim).await;
+        if let Some(span) = &upstream_span {
+            match &result {
+                Ok(r) => {
+                    span.set(
+                        "http.response.status_code",
+                        i64::from(r.response.status().as_u16()),
+                    );
+                    span.set("server.address", r.endpoint.to_string());
+                }
+                Err(e) => span.fail(e.kind.as_str().to_owned()),
+            }
+        }
+        drop(upstream_span);
         if let Some(sink) = interim
             && sink.has_pending()
         {
