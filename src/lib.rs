@@ -39,8 +39,15 @@ pub struct Server {
 impl Server {
     /// Graceful stop: readiness drops at once, listeners stop accepting, in-flight requests
     /// finish (bounded by the drain timeout).
-    pub async fn shutdown(self) {
+    /// The first step of a drain: readiness fails and HTTP/1 responses close their
+    /// connections, while the listeners keep serving.
+    pub fn start_draining(&self) {
         self.ready.store(false, Ordering::SeqCst);
+        self.proxy.start_draining();
+    }
+
+    pub async fn shutdown(self) {
+        self.start_draining();
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
@@ -325,6 +332,3 @@ pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()
         let _ = tokio::signal::ctrl_c().await;
     })
 }
-
-/// Default drain delay is zero until Kubernetes drain lands (issue 7 makes it configurable).
-pub const DRAIN_DELAY: Duration = Duration::ZERO;

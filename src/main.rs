@@ -172,10 +172,19 @@ async fn run(cli: Cli, setup: Setup) -> anyhow::Result<()> {
     );
     shutdown.await;
     eprintln!("larder: shutting down (draining in-flight requests)");
-    server
-        .ready
-        .store(false, std::sync::atomic::Ordering::SeqCst);
-    tokio::time::sleep(larder::DRAIN_DELAY).await;
+    server.start_draining();
+    // Listeners keep serving while load balancers notice /ready failing; a second signal
+    // skips the wait.
+    let delay = server.proxy.config().drain.delay;
+    if !delay.is_zero() {
+        eprintln!("larder: still accepting for {delay:?} (drain.delay)");
+        let again = larder::shutdown_signal()?;
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = again => eprintln!("larder: second signal: closing listeners now"),
+        }
+    }
     server.shutdown().await;
+    eprintln!("larder: stopped");
     Ok(())
 }

@@ -345,3 +345,132 @@ fn own_logs_can_be_json_and_a_bad_filter_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("log.level"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_lets_every_accepted_request_finish() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let origin = Origin::start(|seen| async move {
+        let pause = if seen.uri.path() == "/slow" { 1000 } else { 20 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        response(200, &[("cache-control", "no-store")], "complete body")
+    })
+    .await;
+    let yaml = format!(
+        "listeners: [{{ address: \"127.0.0.1:0\" }}]\nadmin: {{ address: \"127.0.0.1:0\" }}\naccess_log: {{ enabled: false }}\ndrain: {{ delay: 300ms, timeout: 10s }}\nvirtual_hosts:\n  - name: all\n    domains: [\"*\"]\n    routes: [{{ match: {{ prefix: / }}, cluster: origin }}]\nclusters:\n  - name: origin\n    endpoints: [\"{}\"]\n",
+        origin.addr
+    );
+    let path = temp_file("drain.yaml", &yaml);
+    let (running, proxy, admin) =
+        tokio::task::block_in_place(|| spawn(&["--config", path.to_str().unwrap()]));
+    let pid = running.0.id();
+
+    async fn get(
+        client: &hyper_util::client::legacy::Client<
+            hyper_util::client::legacy::connect::HttpConnector,
+            http_body_util::Full<bytes::Bytes>,
+        >,
+        url: String,
+    ) -> Result<(u16, bool, bytes::Bytes), String> {
+        use http_body_util::BodyExt;
+        let request = http::Request::get(url)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let status = response.status().as_u16();
+        let closing = response
+            .headers()
+            .get("connection")
+            .is_some_and(|v| v == "close");
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body cut: {e}"))?
+            .to_bytes();
+        Ok((status, closing, body))
+    }
+
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failures: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let (ok, failures) = (ok.clone(), failures.clone());
+        clients.push(tokio::spawn(async move {
+            let client = client();
+            // Bounded: at most 5,000 requests per client. A client stops when told the
+            // connection closes, as a load balancer stops routing to a replica whose
+            // readiness failed: from then on nothing new arrives, as in a real drain.
+            for _ in 0..5_000 {
+                match get(&client, format!("http://{proxy}/load")).await {
+                    Ok((200, closing, body)) if body == "complete body" => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                        if closing {
+                            return;
+                        }
+                    }
+                    Ok((status, _, _)) => failures.lock().unwrap().push(format!("status {status}")),
+                    Err(e) => failures.lock().unwrap().push(e),
+                }
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ok.load(Ordering::SeqCst) < 200 {
+        assert!(Instant::now() < deadline, "no load");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A slow request that is still in flight when the listeners close.
+    let slow = tokio::spawn(async move { get(&client(), format!("http://{proxy}/slow")).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let signalled = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Readiness fails at once, while the listener still serves (drain.delay).
+    let ready = send(
+        &client(),
+        http::Method::GET,
+        &format!("http://{admin}/ready"),
+        &[],
+        bytes::Bytes::new(),
+    )
+    .await;
+    assert_eq!(ready.status, 503);
+    for c in clients {
+        tokio::time::timeout(Duration::from_secs(20), c)
+            .await
+            .expect("every client is told to go elsewhere")
+            .unwrap();
+    }
+    let (status, _, body) = slow
+        .await
+        .unwrap()
+        .expect("the in-flight request completes");
+    assert_eq!((status, &body[..]), (200, &b"complete body"[..]));
+    let mut running = running;
+    let exit = tokio::task::block_in_place(|| running.0.wait()).unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "exited within the drain timeout"
+    );
+    // The listeners are closed now.
+    assert!(
+        std::net::TcpStream::connect_timeout(&proxy, Duration::from_secs(1)).is_err(),
+        "still accepting after exit"
+    );
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}

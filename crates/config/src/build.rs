@@ -67,6 +67,20 @@ pub(crate) fn build(raw: RawConfig, cx: &mut Ctx) -> Config {
     let purge = build_purge(raw.purge, cx);
     let log = build_log(raw.log, cx);
     let tracing = build_tracing(raw.tracing, cx);
+    let drain = match raw.drain {
+        None => Drain::default(),
+        Some(raw) => {
+            let d = Drain::default();
+            let delay = match &raw.delay {
+                Some(v) => duration(cx, "drain.delay", v).unwrap_or(d.delay),
+                None => d.delay,
+            };
+            Drain {
+                delay,
+                timeout: timeout(cx, "drain.timeout", raw.timeout.as_ref(), d.timeout),
+            }
+        }
+    };
     Config {
         listeners,
         admin,
@@ -79,6 +93,7 @@ pub(crate) fn build(raw: RawConfig, cx: &mut Ctx) -> Config {
         purge,
         log,
         tracing,
+        drain,
     }
 }
 

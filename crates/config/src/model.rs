@@ -47,6 +47,26 @@ pub struct Config {
     pub purge: Purge,
     pub log: Log,
     pub tracing: Tracing,
+    pub drain: Drain,
+}
+
+/// Stopping on SIGTERM: readiness fails at once, listeners keep accepting for `delay` (while
+/// load balancers take the replica out), then close; requests in flight get up to `timeout`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Drain {
+    #[serde(serialize_with = "ser_duration")]
+    pub delay: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            delay: Duration::ZERO,
+            timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// OpenTelemetry request tracing, exported over OTLP/HTTP.

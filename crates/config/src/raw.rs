@@ -25,6 +25,14 @@ pub(crate) struct RawConfig {
     pub purge: Option<RawPurge>,
     pub log: Option<RawLog>,
     pub tracing: Option<RawTracing>,
+    pub drain: Option<RawDrain>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDrain {
+    pub delay: Option<Scalar>,
+    pub timeout: Option<Scalar>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -169,6 +169,9 @@ pub struct Proxy {
     access_log: Option<Arc<AccessLog>>,
     /// Request tracing, when configured.
     tracing: Option<Arc<larder_telemetry::Tracing>>,
+    /// Set when a drain starts: HTTP/1 responses then close their connection, so clients move
+    /// to other replicas before the listeners close.
+    draining: std::sync::atomic::AtomicBool,
     /// Where `PURGE` requests go (cluster-wide); set once the purger exists, as it holds the
     /// proxy itself as its local cache. Without one, `PURGE` applies to this replica only.
     purger: std::sync::OnceLock<std::sync::Weak<larder_purge::Purger>>,
@@ -184,6 +187,7 @@ impl Proxy {
         let proxy = Arc::new_cyclic(|me| Proxy {
             me: me.clone(),
             tracing,
+            draining: std::sync::atomic::AtomicBool::new(false),
             runtime: ArcSwap::from_pointee(Runtime::build(config, &metrics)),
             metrics: metrics.clone(),
             access_log: access_log.map(Arc::new),
@@ -225,6 +229,16 @@ impl Proxy {
 
     pub fn tracing(&self) -> Option<&Arc<larder_telemetry::Tracing>> {
         self.tracing.as_ref()
+    }
+
+    /// From now on every HTTP/1 response closes its connection.
+    pub fn start_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Sends `PURGE` requests through this purger from now on.

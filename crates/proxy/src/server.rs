@@ -36,7 +36,7 @@ impl ServerLimits {
             max_request_headers: config.limits.max_request_headers,
             header_read_timeout: Duration::from_secs(30),
             max_concurrent_streams: 256,
-            drain_timeout: Duration::from_secs(30),
+            drain_timeout: config.drain.timeout,
         }
     }
 }

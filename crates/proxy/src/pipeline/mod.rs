@@ -152,6 +152,10 @@ impl Proxy {
         if let Ok(v) = HeaderValue::from_str(ex.header_id()) {
             headers.insert(REQUEST_ID.clone(), v);
         }
+        // Draining: no HTTP/1 client should send another request on this connection.
+        if self.is_draining() && ex.version < http::Version::HTTP_2 {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         let status = response.status().as_u16();
         let metrics = self.metrics.clone();
         let log = self.access_log.clone();
