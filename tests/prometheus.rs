@@ -120,8 +120,17 @@ async fn a_real_prometheus_scrapes_larder_and_computes_the_hit_ratio() {
     };
     let origin = Origin::fixed(200, &[("cache-control", "max-age=60")], "x").await;
     let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
-    // One miss and three hits of /a, one miss of /b: 3 of 5 lookups from the cache.
+    // One miss and three hits of /a, one miss of /b: 3 of 5 lookups from the cache. A POST
+    // bypasses the cache and does not count.
     traffic(&larder).await;
+    larder
+        .request(
+            Method::POST,
+            &larder.proxy_url("/form"),
+            &[],
+            bytes::Bytes::new(),
+        )
+        .await;
 
     let dir = std::env::temp_dir().join(format!("larder-prometheus-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -153,7 +162,7 @@ async fn a_real_prometheus_scrapes_larder_and_computes_the_hit_ratio() {
         .unwrap();
     let _server = PrometheusServer { child, dir };
 
-    let query = "sum(larder_cache_lookups_total{job=\"larder\",result=~\"hit|revalidated|coalesced|stale\"}) / sum(larder_cache_lookups_total{job=\"larder\"})";
+    let query = "sum(larder_cache_lookups_total{job=\"larder\",result=~\"hit|revalidated|coalesced|stale\"}) / sum(larder_cache_lookups_total{job=\"larder\",result!=\"bypass\"})";
     let url = format!(
         "http://127.0.0.1:{port}/api/v1/query?query={}",
         query

@@ -47,10 +47,12 @@ def row(title):
     y += 1
 
 HIT = 'result=~"hit|revalidated|coalesced|stale"'
+# The requests the cache could have answered (bypasses are not cache traffic).
+CACHEABLE = 'result!="bypass"'
 row("Overview")
 panels += [
     stat("Requests/s", f'sum(rate(larder_requests_total{{{SEL}}}[$__rate_interval]))', "reqps", 0),
-    stat("Hit ratio", f'sum(rate(larder_cache_lookups_total{{{SEL}, {HIT}}}[$__rate_interval])) / sum(rate(larder_cache_lookups_total{{{SEL}}}[$__rate_interval]))',
+    stat("Hit ratio", f'sum(rate(larder_cache_lookups_total{{{SEL}, {HIT}}}[$__rate_interval])) / sum(rate(larder_cache_lookups_total{{{SEL}, {CACHEABLE}}}[$__rate_interval]))',
          "percentunit", 6, thresholds=[{"color": "red", "value": None}, {"color": "orange", "value": 0.5}, {"color": "green", "value": 0.8}]),
     stat("5xx ratio", f'sum(rate(larder_requests_total{{{SEL}, status_class="5xx"}}[$__rate_interval])) / sum(rate(larder_requests_total{{{SEL}}}[$__rate_interval]))',
          "percentunit", 12, thresholds=[{"color": "green", "value": None}, {"color": "orange", "value": 0.01}, {"color": "red", "value": 0.05}]),
@@ -73,7 +75,7 @@ y += ROW_H
 row("Cache")
 panels += [
     ts("Hit ratio per resource type", [(
-        f'sum by (resource_type) (rate(larder_cache_lookups_total{{{SEL}, {HIT}}}[$__rate_interval])) / sum by (resource_type) (rate(larder_cache_lookups_total{{{SEL}}}[$__rate_interval]))',
+        f'sum by (resource_type) (rate(larder_cache_lookups_total{{{SEL}, {HIT}}}[$__rate_interval])) / sum by (resource_type) (rate(larder_cache_lookups_total{{{SEL}, {CACHEABLE}, resource_type!=""}}[$__rate_interval]))',
         "{{resource_type}}")], "percentunit", 0),
     ts("Cache results", [(f'sum by (result) (rate(larder_cache_lookups_total{{{SEL}}}[$__rate_interval]))', "{{result}}")], "reqps", W, stack=True),
 ]

@@ -593,21 +593,24 @@ fn build_elasticsearch(raw: RawElasticsearch, cx: &mut Ctx) -> Elasticsearch {
         .index
         .map(|i| i.trim().to_owned())
         .unwrap_or_else(|| Elasticsearch::DEFAULT_INDEX.to_owned());
-    let index_ok = !index.is_empty()
-        && !index.starts_with(['_', '-', '+'])
-        && index == index.to_lowercase()
-        && !index.contains(['\\', '/', '*', '?', '"', '<', '>', '|', ' ', ',', '#']);
+    // Checked with the date placeholders filled in, as Elasticsearch will see it.
+    let sample = index
+        .replace("%Y", "2026")
+        .replace("%m", "01")
+        .replace("%d", "31");
+    let index_ok = !sample.is_empty()
+        && !sample.starts_with(['_', '-', '+'])
+        && sample == sample.to_lowercase()
+        && !sample.contains(['\\', '/', '*', '?', '"', '<', '>', '|', ' ', ',', '#']);
     if !index_ok {
         cx.error(
             &key(p, "index"),
             format!("{index:?} is not a valid index name (lower case, no spaces or \\/*?\"<>|,#, not starting with _ - +)"),
         );
     }
-    if raw.password_file.is_some() != raw.username.is_some() {
-        cx.error(
-            &key(p, "username"),
-            "username and password_file go together",
-        );
+    // A username's password may come from LARDER_ES_PASSWORD instead of a file.
+    if raw.password_file.is_some() && raw.username.is_none() {
+        cx.error(&key(p, "password_file"), "needs a username");
     }
     if raw.api_key_file.is_some() && raw.username.is_some() {
         cx.error(

@@ -997,3 +997,27 @@ fn purge_errors_name_line_and_key() {
     let unknown = errors(&with_base("purge: { peer: {} }\n"));
     assert_eq!(unknown[0].path, "purge.peer");
 }
+
+#[test]
+fn elasticsearch_index_patterns_and_credentials() {
+    let c = load(&with_base(
+        "access_log:\n  elasticsearch: { url: \"http://es:9200\", index: \"larder-%Y.%m.%d\", username: larder }\n",
+    ));
+    let es = c.access_log.elasticsearch.unwrap();
+    assert_eq!(es.index, "larder-%Y.%m.%d");
+    assert!(
+        !es.data_stream,
+        "a named index is written with index actions"
+    );
+    let e = errors(&with_base(
+        "access_log:\n  elasticsearch: { url: \"http://es:9200\", index: \"Larder\", password_file: /p }\n",
+    ));
+    let paths: Vec<&str> = e.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "access_log.elasticsearch.index",
+            "access_log.elasticsearch.password_file"
+        ]
+    );
+}

@@ -13,7 +13,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// How the sink reaches Elasticsearch and batches documents.
 #[derive(Debug, Clone)]
@@ -51,14 +51,16 @@ pub(crate) struct EsCounters {
 pub struct EsSink {
     queue: mpsc::Sender<String>,
     counters: EsCounters,
-    shutdown: parking_lot::Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
+    /// Set to the shutdown deadline when the sink must finish.
+    stop: watch::Sender<Option<Instant>>,
+    finished: parking_lot::Mutex<Option<oneshot::Receiver<()>>>,
 }
 
 impl EsSink {
     /// Starts the sender task on the current tokio runtime.
     pub(crate) fn start(config: EsSinkConfig, counters: EsCounters) -> EsSink {
         let (queue, documents) = mpsc::channel(config.max_queue.max(1));
-        let (stop, stopped) = oneshot::channel();
+        let (stop, stopped) = watch::channel(None);
         let (done, finished) = oneshot::channel();
         let sender = Sender {
             client: Client::builder(TokioExecutor::new())
@@ -66,15 +68,17 @@ impl EsSink {
                 .build(HttpConnector::new()),
             counters: counters.clone(),
             config,
+            stop: stopped,
         };
         tokio::spawn(async move {
-            sender.run(documents, stopped).await;
+            sender.run(documents).await;
             let _ = done.send(());
         });
         EsSink {
             queue,
             counters,
-            shutdown: parking_lot::Mutex::new(Some((stop, finished))),
+            stop,
+            finished: parking_lot::Mutex::new(Some(finished)),
         }
     }
 
@@ -85,13 +89,20 @@ impl EsSink {
         }
     }
 
-    /// Sends what is queued, waiting at most `deadline`.
+    /// Sends what is queued, for at most `deadline`; what cannot be sent by then is counted
+    /// as dropped.
     pub async fn flush_and_stop(&self, deadline: Duration) {
-        let Some((stop, finished)) = self.shutdown.lock().take() else {
+        let Some(finished) = self.finished.lock().take() else {
             return;
         };
-        let _ = stop.send(());
-        let _ = tokio::time::timeout(deadline, finished).await;
+        let _ = self.stop.send(Some(Instant::now() + deadline));
+        // The sender honours the deadline itself; the margin covers its last bookkeeping.
+        if tokio::time::timeout(deadline + Duration::from_secs(1), finished)
+            .await
+            .is_err()
+        {
+            tracing::warn!("elasticsearch sink did not finish in time");
+        }
     }
 }
 
@@ -99,12 +110,14 @@ struct Sender {
     client: Client<HttpConnector, Full<Bytes>>,
     counters: EsCounters,
     config: EsSinkConfig,
+    stop: watch::Receiver<Option<Instant>>,
 }
 
 impl Sender {
-    async fn run(self, mut documents: mpsc::Receiver<String>, mut stop: oneshot::Receiver<()>) {
+    async fn run(self, mut documents: mpsc::Receiver<String>) {
         let mut batch: Vec<String> = Vec::with_capacity(self.config.batch_size);
         let mut oldest: Option<Instant> = None;
+        let mut stop = self.stop.clone();
         loop {
             let wait = oldest.map_or(Duration::from_secs(3600), |t| {
                 self.config.flush_interval.saturating_sub(t.elapsed())
@@ -125,10 +138,10 @@ impl Sender {
                     self.deliver(std::mem::take(&mut batch)).await;
                     oldest = None;
                 }
-                _ = &mut stop => break,
+                () = stopping(&mut stop) => break,
             }
         }
-        // Shutdown: what is queued goes out too, in full batches.
+        // Shutdown: what is queued goes out too, in full batches, until the deadline.
         documents.close();
         while let Ok(document) = documents.try_recv() {
             batch.push(document);
@@ -141,13 +154,28 @@ impl Sender {
         }
     }
 
-    /// Sends a batch until every document is indexed, rejected for good, or out of retries.
+    /// Time left before the shutdown deadline, when shutting down.
+    fn remaining(&self) -> Option<Duration> {
+        (*self.stop.borrow()).map(|deadline| deadline.saturating_duration_since(Instant::now()))
+    }
+
+    /// Sends a batch until every document is indexed, rejected for good, or out of retries
+    /// (or, at shutdown, out of time).
     async fn deliver(&self, mut documents: Vec<String>) {
         let mut backoff = Duration::from_millis(100);
         for attempt in 0..=self.config.max_retries {
+            if self.remaining().is_some_and(|left| left.is_zero()) {
+                break;
+            }
             if attempt > 0 {
                 self.counters.retried.inc_by(documents.len() as u64);
-                tokio::time::sleep(backoff).await;
+                // A shutdown cuts the pause short; then no retry waits past the deadline.
+                let pause = self.remaining().map_or(backoff, |left| backoff.min(left));
+                let mut stop = self.stop.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    () = stopping(&mut stop), if self.remaining().is_none() => {}
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
             match self.post(&documents).await {
@@ -185,7 +213,7 @@ impl Sender {
         }
         tracing::warn!(
             documents = documents.len(),
-            "elasticsearch kept refusing; access log documents dropped"
+            "elasticsearch did not take these access log documents (retries or the shutdown deadline ran out); dropped"
         );
         self.counters.dropped.inc_by(documents.len() as u64);
     }
@@ -220,19 +248,28 @@ impl Sender {
         let Ok(request) = request.body(Full::new(Bytes::from(body))) else {
             return Outcome::Refused("invalid request (check url and credentials)".into());
         };
-        let response =
-            match tokio::time::timeout(self.config.timeout, self.client.request(request)).await {
-                Ok(Ok(response)) => response,
-                Ok(Err(e)) => return Outcome::Retry(format!("{e}")),
-                Err(_) => return Outcome::Retry("timed out".into()),
-            };
-        let status = response.status();
-        let bytes = match http_body_util::Limited::new(response.into_body(), 64 << 20)
-            .collect()
-            .await
-        {
-            Ok(body) => body.to_bytes(),
-            Err(e) => return Outcome::Retry(format!("reading the answer: {e}")),
+        // One deadline for the whole exchange, answer body included (a stalled body must not
+        // hang the only sender), and never past the shutdown deadline.
+        let limit = self
+            .remaining()
+            .map_or(self.config.timeout, |left| left.min(self.config.timeout));
+        let exchange = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| format!("{e}"))?;
+            let status = response.status();
+            let body = http_body_util::Limited::new(response.into_body(), 64 << 20)
+                .collect()
+                .await
+                .map_err(|e| format!("reading the answer: {e}"))?;
+            Ok::<_, String>((status, body.to_bytes()))
+        };
+        let (status, bytes) = match tokio::time::timeout(limit, exchange).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => return Outcome::Retry(e),
+            Err(_) => return Outcome::Retry("timed out".into()),
         };
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
             return Outcome::Retry(format!("HTTP {}", status.as_u16()));
@@ -251,6 +288,18 @@ impl Sender {
             .replace("%Y", &format!("{:04}", today.year()))
             .replace("%m", &format!("{:02}", u8::from(today.month())))
             .replace("%d", &format!("{:02}", today.day()))
+    }
+}
+
+/// Resolves when shutdown begins (or the sink is gone).
+async fn stopping(stop: &mut watch::Receiver<Option<Instant>>) {
+    loop {
+        if stop.borrow_and_update().is_some() {
+            return;
+        }
+        if stop.changed().await.is_err() {
+            return;
+        }
     }
 }
 

@@ -96,12 +96,16 @@ impl Tracing {
             tracer,
             // The later propagator wins: a W3C traceparent beats B3 when both are present.
             extract: TextMapCompositePropagator::new(vec![
-                Box::new(B3Propagator),
+                Box::new(B3Propagator {
+                    ratio: config.sample_ratio,
+                }),
                 Box::new(TraceContextPropagator::new()),
             ]),
             inject: TextMapCompositePropagator::new(vec![
                 Box::new(TraceContextPropagator::new()),
-                Box::new(B3Propagator),
+                Box::new(B3Propagator {
+                    ratio: config.sample_ratio,
+                }),
             ]),
         }))
     }
@@ -117,9 +121,11 @@ impl Tracing {
         let parent = self
             .extract
             .extract_with_context(&Context::new(), &HeaderExtractor(headers));
+        // Named by method now and by route when known (finish): a raw path would make one
+        // operation per URL in the tracing backend.
         let span = self
             .tracer
-            .span_builder(format!("{method} {path}"))
+            .span_builder(method.to_owned())
             .with_kind(SpanKind::Server)
             .with_attributes([
                 KeyValue::new("http.request.method", method.to_owned()),
@@ -131,6 +137,7 @@ impl Tracing {
         RequestSpan {
             cx: parent.with_span(span),
             tracer: self.tracer.clone(),
+            method: method.to_owned(),
         }
     }
 
@@ -153,6 +160,7 @@ impl Tracing {
 pub struct RequestSpan {
     cx: Context,
     tracer: SdkTracer,
+    method: String,
 }
 
 impl std::fmt::Debug for RequestSpan {
@@ -227,6 +235,7 @@ impl RequestSpan {
         span.set_attribute(KeyValue::new("larder.cache.result", cache_result));
         if let Some(route) = route {
             span.set_attribute(KeyValue::new("http.route", route.to_owned()));
+            span.update_name(format!("{} {route}", self.method));
         }
         if status >= 500 {
             span.set_status(Status::error(format!("HTTP {status}")));
@@ -284,7 +293,10 @@ impl opentelemetry_http::HttpClient for OnRuntime {
 /// Zipkin's B3 headers: the single `b3` header or the `X-B3-*` set on the way in, the single
 /// header on the way out. (The Zipkin crate's propagator is deprecated upstream.)
 #[derive(Debug)]
-struct B3Propagator;
+struct B3Propagator {
+    /// Decides traces whose sender deferred the sampling decision, as for new traces.
+    ratio: f64,
+}
 
 const B3_SINGLE: &str = "b3";
 const B3_TRACE_ID: &str = "x-b3-traceid";
@@ -311,11 +323,18 @@ impl B3Propagator {
     }
 
     /// Sampling state: `1`/`true`/`d` (debug) sampled, `0`/`false` not; absent means the
-    /// sender deferred the decision, taken here as sampled so the trace is not cut.
-    fn sampled(flag: Option<&str>) -> Option<bool> {
+    /// sender deferred the decision, which is then made here with the sampling ratio, on the
+    /// trace id as OpenTelemetry's ratio sampler does (so every replica decides alike).
+    fn sampled(&self, flag: Option<&str>, trace: TraceId) -> Option<bool> {
         match flag.map(str::trim) {
-            None | Some("1") | Some("true") | Some("d") => Some(true),
+            Some("1") | Some("true") | Some("d") => Some(true),
             Some("0") | Some("false") => Some(false),
+            None => {
+                let bound = (self.ratio.clamp(0.0, 1.0) * (1u64 << 63) as f64) as u64;
+                let bytes = trace.to_bytes();
+                let low = u64::from_be_bytes(bytes[8..16].try_into().expect("8 bytes")) >> 1;
+                Some(low < bound)
+            }
             Some(_) => None,
         }
     }
@@ -329,21 +348,21 @@ impl B3Propagator {
         SpanContext::new(trace, span, flags, true, TraceState::default())
     }
 
-    fn extract_single(value: &str) -> Option<SpanContext> {
+    fn extract_single(&self, value: &str) -> Option<SpanContext> {
         let mut parts = value.trim().split('-');
         let trace = Self::trace_id(parts.next()?)?;
         let span = Self::span_id(parts.next()?)?;
-        let sampled = Self::sampled(parts.next())?;
+        let sampled = self.sampled(parts.next(), trace)?;
         Some(Self::context(trace, span, sampled))
     }
 
-    fn extract_multi(extractor: &dyn Extractor) -> Option<SpanContext> {
+    fn extract_multi(&self, extractor: &dyn Extractor) -> Option<SpanContext> {
         let trace = Self::trace_id(extractor.get(B3_TRACE_ID)?.trim())?;
         let span = Self::span_id(extractor.get(B3_SPAN_ID)?.trim())?;
         let sampled = if extractor.get(B3_FLAGS).map(str::trim) == Some("1") {
             true
         } else {
-            Self::sampled(extractor.get(B3_SAMPLED))?
+            self.sampled(extractor.get(B3_SAMPLED), trace)?
         };
         Some(Self::context(trace, span, sampled))
     }
@@ -365,8 +384,8 @@ impl TextMapPropagator for B3Propagator {
 
     fn extract_with_context(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
         let found = match extractor.get(B3_SINGLE) {
-            Some(single) => Self::extract_single(single),
-            None => Self::extract_multi(extractor),
+            Some(single) => self.extract_single(single),
+            None => self.extract_multi(extractor),
         };
         match found {
             Some(context) => cx.with_remote_span_context(context),
@@ -395,7 +414,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        B3Propagator
+        B3Propagator { ratio: 0.0 }
             .extract_with_context(&Context::new(), &map)
             .span()
             .span_context()
@@ -421,6 +440,9 @@ mod tests {
             "000000000000000064fe8b2a57d3eff7"
         );
         assert!(!multi.is_sampled());
+        // No sampling flag: the local ratio decides (here 0: not sampled).
+        let deferred = extract(&[("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1")]);
+        assert!(deferred.is_valid() && !deferred.is_sampled());
         for bad in [
             vec![("b3", "nothex-e457b5a2e4d86bd1-1")],
             vec![("b3", "80f198ee56343ba864fe8b2a57d3eff7-short-1")],
@@ -434,7 +456,7 @@ mod tests {
         }
         let mut out: HashMap<String, String> = HashMap::new();
         let cx = Context::new().with_remote_span_context(single.clone());
-        B3Propagator.inject_context(&cx, &mut out);
+        B3Propagator { ratio: 0.0 }.inject_context(&cx, &mut out);
         assert_eq!(
             out["b3"],
             "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"

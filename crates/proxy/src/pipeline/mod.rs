@@ -590,6 +590,19 @@ impl Proxy {
         let mut request = request.clone();
         request.directives = RequestDirectives::default();
         request.interim = None;
+        // Not the client's fetch: its trace must not claim this origin request.
+        for name in [
+            "traceparent",
+            "tracestate",
+            "b3",
+            "x-b3-traceid",
+            "x-b3-spanid",
+            "x-b3-parentspanid",
+            "x-b3-sampled",
+            "x-b3-flags",
+        ] {
+            request.headers.remove(name);
+        }
         let mut background =
             Exchange::background(ex.host.clone(), ex.path.clone(), ex.query.clone());
         tokio::spawn(async move {
