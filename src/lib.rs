@@ -39,6 +39,11 @@ pub struct Server {
 impl Server {
     /// Graceful stop: readiness drops at once, listeners stop accepting, in-flight requests
     /// finish (bounded by the drain timeout).
+    /// See [`reload_config`].
+    pub fn reload_from_file(&self, path: &std::path::Path) -> Result<u64, String> {
+        reload_config(&self.proxy, path)
+    }
+
     /// The first step of a drain: readiness fails and HTTP/1 responses close their
     /// connections, while the listeners keep serving.
     pub fn start_draining(&self) {
@@ -239,10 +244,15 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Serv
         purger: purger.clone(),
         metrics,
         config_dump: Arc::new(move || {
-            dump_proxy
-                .upgrade()
-                .map(|p| p.config().to_json())
-                .unwrap_or_default()
+            let Some(proxy) = dump_proxy.upgrade() else {
+                return serde_json::Value::Null;
+            };
+            let mut dump = proxy.config().to_json();
+            if let Some(object) = dump.as_object_mut() {
+                // Which version is active: 1 at start, one more per successful reload.
+                object.insert("generation".into(), proxy.generation().into());
+            }
+            dump
         }),
         token,
         ready: ready.clone(),
@@ -330,5 +340,107 @@ pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()
     #[cfg(not(unix))]
     Ok(async {
         let _ = tokio::signal::ctrl_c().await;
+    })
+}
+
+/// Loads the config file again and, if it is valid, swaps it in (validate → diff → swap):
+/// requests in flight finish under the old version, resource types whose definition is
+/// unchanged keep their cache. An invalid file changes nothing: every error is logged and
+/// the failure counted. Returns the new generation.
+pub fn reload_config(proxy: &Proxy, path: &std::path::Path) -> Result<u64, String> {
+    let config = match larder_config::load_file(path) {
+        Ok(config) => config,
+        Err(errors) => {
+            proxy.metrics.record_config_reload(false);
+            for e in &errors.errors {
+                tracing::error!(error = %e, "config reload rejected");
+            }
+            tracing::error!(
+                file = %path.display(),
+                errors = errors.errors.len(),
+                generation = proxy.generation(),
+                "config reload rejected; the running config stays"
+            );
+            return Err(errors.to_string());
+        }
+    };
+    let (generation, changed) = proxy.reload(config);
+    proxy.metrics.record_config_reload(true);
+    let needs_restart: Vec<&str> = changed
+        .iter()
+        .copied()
+        .filter(|s| larder_proxy::RESTART_SECTIONS.contains(s))
+        .collect();
+    tracing::info!(
+        file = %path.display(),
+        generation,
+        changed = %changed.join(","),
+        "config reloaded"
+    );
+    if !needs_restart.is_empty() {
+        tracing::warn!(
+            sections = %needs_restart.join(","),
+            "these sections changed but take effect only at the next restart"
+        );
+    }
+    Ok(generation)
+}
+
+/// Reloads the config on SIGHUP and whenever the file's directory changes (a Kubernetes
+/// ConfigMap volume swaps a `..data` symlink rather than writing the file), skipping events
+/// that leave the file's content as it was. The signal handler and the watcher are in place
+/// when this returns; the future it returns runs until the process ends.
+pub fn watch_config(
+    proxy: Arc<Proxy>,
+    path: std::path::PathBuf,
+) -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use notify::Watcher;
+    let (tx, mut changes) = tokio::sync::mpsc::channel::<()>(64);
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = tx.try_send(());
+        }
+    })
+    .context("starting the config file watcher")?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    watcher
+        .watch(dir, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", dir.display()))?;
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut last = std::fs::read(&path).ok();
+    Ok(async move {
+        // Dropping the watcher would stop the events.
+        let _watcher = watcher;
+        loop {
+            #[cfg(unix)]
+            let hup = hangup.recv();
+            #[cfg(not(unix))]
+            let hup = std::future::pending::<Option<()>>();
+            tokio::select! {
+                _ = hup => {
+                    tracing::info!(file = %path.display(), "SIGHUP: reloading the config");
+                    last = std::fs::read(&path).ok();
+                    let _ = reload_config(&proxy, &path);
+                }
+                change = changes.recv() => {
+                    if change.is_none() {
+                        return;
+                    }
+                    // One edit is several events (write, rename, symlink swap): let them settle.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    while changes.try_recv().is_ok() {}
+                    let now = std::fs::read(&path).ok();
+                    if now.is_none() || now == last {
+                        continue;
+                    }
+                    last = now;
+                    let _ = reload_config(&proxy, &path);
+                }
+            }
+        }
     })
 }

@@ -161,6 +161,14 @@ async fn run(cli: Cli, setup: Setup) -> anyhow::Result<()> {
         admin_token: std::env::var("LARDER_ADMIN_TOKEN").ok(),
     };
     let server = larder::start(config, options).await?;
+    if let Some(path) = cli.config.clone() {
+        match larder::watch_config(server.proxy.clone(), path) {
+            Ok(watching) => {
+                tokio::spawn(watching);
+            }
+            Err(e) => tracing::warn!(error = %e, "config hot reload is off"),
+        }
+    }
     let shutdown = larder::shutdown_signal()?;
     eprintln!("larder {} ({mode})", larder::VERSION);
     for addr in &server.proxy_addrs {

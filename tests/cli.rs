@@ -474,3 +474,64 @@ async fn sigterm_under_load_lets_every_accepted_request_finish() {
         &failures[..failures.len().min(5)]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_reloads_when_the_file_changes_and_on_sighup() {
+    let a = Origin::fixed(200, &[("cache-control", "no-store")], "from a").await;
+    let b = Origin::fixed(200, &[("cache-control", "no-store")], "from b").await;
+    let config = |cluster: &str| {
+        format!(
+            "listeners: [{{ address: \"127.0.0.1:0\" }}]\nadmin: {{ address: \"127.0.0.1:0\" }}\naccess_log: {{ enabled: false }}\nvirtual_hosts:\n  - name: all\n    domains: [\"*\"]\n    routes: [{{ match: {{ prefix: / }}, cluster: {cluster} }}]\nclusters:\n  - name: a\n    endpoints: [\"{}\"]\n  - name: b\n    endpoints: [\"{}\"]\n",
+            a.addr, b.addr
+        )
+    };
+    let dir = std::env::temp_dir().join(format!("larder-cli-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("larder.yaml");
+    std::fs::write(&path, config("a")).unwrap();
+    let (running, proxy, admin) =
+        tokio::task::block_in_place(|| spawn(&["--config", path.to_str().unwrap()]));
+    let http = client();
+    let get = |url: String| {
+        let http = http.clone();
+        async move { send(&http, http::Method::GET, &url, &[], bytes::Bytes::new()).await }
+    };
+    assert_eq!(get(format!("http://{proxy}/x")).await.text(), "from a");
+    let generation = |admin: SocketAddr| {
+        async move {
+            get(format!("http://{admin}/config_dump")).await.json()["generation"]
+                .as_u64()
+                .unwrap()
+        }
+    };
+    assert_eq!(generation(admin).await, 1);
+
+    // Replaced the way editors and ConfigMap updates do: a new file renamed over the old.
+    let staged = dir.join(".larder.yaml.new");
+    std::fs::write(&staged, config("b")).unwrap();
+    std::fs::rename(&staged, &path).unwrap();
+    // The watcher acts on its own schedule: poll the process (bounded) for the new version.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while generation(admin).await != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the file change was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get(format!("http://{proxy}/x")).await.text(), "from b");
+
+    // SIGHUP reloads even when the file is the same.
+    let status = Command::new("kill")
+        .args(["-HUP", &running.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while generation(admin).await != 3 {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get(format!("http://{proxy}/x")).await.text(), "from b");
+    drop(running);
+}

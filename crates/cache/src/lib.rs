@@ -83,7 +83,8 @@ struct ResourceType {
     spec: ResourceTypeSpec,
     /// The name as a shared string: logs and metric labels take it per request.
     label: Arc<str>,
-    store: MemoryStore,
+    /// Shared with the cache of the next configuration when this type is unchanged.
+    store: Arc<MemoryStore>,
 }
 
 #[derive(Debug, Clone)]
@@ -188,12 +189,14 @@ pub struct Cache {
     types: Vec<ResourceType>,
     coalescer: Coalescer,
     /// Keys are hashes, so an attacker's long unique URLs cost 16 bytes each, not their length.
-    hit_for_pass: QuickCache<u64, SystemTime>,
+    hit_for_pass: Arc<QuickCache<u64, SystemTime>>,
     /// Orders purges against commits: a commit checks the purge log and inserts under the
     /// read side; a purge records, then takes the write side once as a barrier, so a purge
     /// always wins over a fill that began before it.
-    gate: parking_lot::RwLock<()>,
-    purges: PurgeLog,
+    gate: Arc<parking_lot::RwLock<()>>,
+    /// Shared across configurations, so a purge during a reload still beats the fills of the
+    /// previous one.
+    purges: Arc<PurgeLog>,
     settings: CacheSettings,
 }
 
@@ -222,7 +225,7 @@ impl Cache {
         let types = specs
             .into_iter()
             .map(|spec| ResourceType {
-                store: MemoryStore::new(spec.capacity_bytes, spec.max_object_size),
+                store: Arc::new(MemoryStore::new(spec.capacity_bytes, spec.max_object_size)),
                 label: spec.name.as_str().into(),
                 spec,
             })
@@ -230,9 +233,45 @@ impl Cache {
         Cache {
             types,
             coalescer: Coalescer::new(settings.max_coalesced_waiters),
-            hit_for_pass: QuickCache::new(65_536),
-            gate: parking_lot::RwLock::new(()),
-            purges: PurgeLog::default(),
+            hit_for_pass: Arc::new(QuickCache::new(65_536)),
+            gate: Arc::default(),
+            purges: Arc::default(),
+            settings,
+        }
+    }
+
+    /// The cache of a new configuration. Resource types `keep` accepts (by name; the caller
+    /// checked their definition is unchanged) keep their stored objects; the others start
+    /// empty. The purge history and the hit-for-pass memory carry over.
+    pub fn reconfigure(
+        &self,
+        specs: Vec<ResourceTypeSpec>,
+        settings: CacheSettings,
+        keep: impl Fn(&str) -> bool,
+    ) -> Cache {
+        let types = specs
+            .into_iter()
+            .map(|spec| {
+                let kept = self
+                    .types
+                    .iter()
+                    .find(|t| t.spec.name == spec.name && keep(&spec.name))
+                    .map(|t| t.store.clone());
+                ResourceType {
+                    store: kept.unwrap_or_else(|| {
+                        Arc::new(MemoryStore::new(spec.capacity_bytes, spec.max_object_size))
+                    }),
+                    label: spec.name.as_str().into(),
+                    spec,
+                }
+            })
+            .collect();
+        Cache {
+            types,
+            coalescer: Coalescer::new(settings.max_coalesced_waiters),
+            hit_for_pass: self.hit_for_pass.clone(),
+            gate: self.gate.clone(),
+            purges: self.purges.clone(),
             settings,
         }
     }

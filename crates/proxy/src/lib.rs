@@ -34,6 +34,8 @@ pub struct Limits {
 /// Everything derived from one version of the config. Requests hold an `Arc` to the version
 /// they started with, so a reload never changes the rules under a request in flight.
 pub struct Runtime {
+    /// 1 for the config Larder started with, one more per successful reload.
+    pub generation: u64,
     pub config: Arc<Config>,
     pub router: Router,
     pub clusters: Vec<Cluster>,
@@ -59,6 +61,12 @@ impl ResourceMatcher for ConfigMatcher {
 }
 
 pub fn cache_from_config(config: &Config) -> Cache {
+    let (specs, settings) = cache_specs(config);
+    Cache::new(specs, settings)
+}
+
+/// The engine's view of the config: resource types and cache-wide settings.
+fn cache_specs(config: &Config) -> (Vec<ResourceTypeSpec>, CacheSettings) {
     let specs = config
         .resource_types
         .iter()
@@ -105,20 +113,18 @@ pub fn cache_from_config(config: &Config) -> Cache {
         .targeted_cache_control
         .as_deref()
         .and_then(|name| http::HeaderName::from_bytes(name.as_bytes()).ok());
-    Cache::new(
-        specs,
-        CacheSettings {
-            targeted_fields: own_field
-                .into_iter()
-                .chain(defaults.targeted_fields.iter().cloned())
-                .collect(),
-            max_variants: config.cache.max_variants,
-            max_coalesced_waiters: config.cache.max_coalesced_waiters,
-            tag_headers: tag_headers(config),
-            strip_tag_headers: config.purge.strip_tag_headers,
-            ..defaults
-        },
-    )
+    let settings = CacheSettings {
+        targeted_fields: own_field
+            .into_iter()
+            .chain(defaults.targeted_fields.iter().cloned())
+            .collect(),
+        max_variants: config.cache.max_variants,
+        max_coalesced_waiters: config.cache.max_coalesced_waiters,
+        tag_headers: tag_headers(config),
+        strip_tag_headers: config.purge.strip_tag_headers,
+        ..defaults
+    };
+    (specs, settings)
 }
 
 fn tag_headers(config: &Config) -> Vec<http::HeaderName> {
@@ -132,6 +138,31 @@ fn tag_headers(config: &Config) -> Vec<http::HeaderName> {
 
 impl Runtime {
     pub fn build(config: Arc<Config>, metrics: &Metrics) -> Runtime {
+        let cache = Arc::new(cache_from_config(&config));
+        Self::assemble(config, metrics, cache, 1)
+    }
+
+    /// The runtime of a reloaded config: resource types whose definition did not change keep
+    /// their stored objects (and their place in memory); the rest start empty.
+    pub fn rebuild(config: Arc<Config>, metrics: &Metrics, previous: &Runtime) -> Runtime {
+        let (specs, settings) = cache_specs(&config);
+        // Stored objects were admitted under the old cache-wide rules too: keep them only
+        // when those are unchanged as well.
+        let cache_rules_same = config.cache == previous.config.cache
+            && config.purge.tag_headers == previous.config.purge.tag_headers
+            && config.purge.strip_tag_headers == previous.config.purge.strip_tag_headers;
+        let cache = previous.cache.reconfigure(specs, settings, |name| {
+            cache_rules_same && config.resource_type(name) == previous.config.resource_type(name)
+        });
+        Self::assemble(config, metrics, Arc::new(cache), previous.generation + 1)
+    }
+
+    fn assemble(
+        config: Arc<Config>,
+        metrics: &Metrics,
+        cache: Arc<Cache>,
+        generation: u64,
+    ) -> Runtime {
         let clusters: Vec<Cluster> = config
             .clusters
             .iter()
@@ -144,9 +175,10 @@ impl Runtime {
             .map(|(i, c)| (c.name.as_str(), i))
             .collect();
         Runtime {
+            generation,
             router: Router::new(&config, &index),
             clusters,
-            cache: Arc::new(cache_from_config(&config)),
+            cache,
             limits: Limits {
                 max_request_body_size: config.limits.max_request_body_size,
             },
@@ -223,6 +255,21 @@ impl Proxy {
         self.runtime.load().config.clone()
     }
 
+    /// Swaps in a new, already validated config; requests in flight finish under the one
+    /// they started with. Returns the new generation and the top-level sections that changed.
+    pub fn reload(&self, config: Config) -> (u64, Vec<&'static str>) {
+        let previous = self.runtime.load_full();
+        let changed = changed_sections(&previous.config, &config);
+        let next = Runtime::rebuild(Arc::new(config), &self.metrics, &previous);
+        let generation = next.generation;
+        self.runtime.store(Arc::new(next));
+        (generation, changed)
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.runtime.load().generation
+    }
+
     pub fn access_log(&self) -> Option<&Arc<AccessLog>> {
         self.access_log.as_ref()
     }
@@ -256,3 +303,37 @@ impl larder_cache::Invalidator for Proxy {
             .invalidate(selector, soft, std::time::SystemTime::now())
     }
 }
+
+/// Top-level config sections that differ.
+fn changed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    let mut check = |name: &'static str, same: bool| {
+        if !same {
+            changed.push(name);
+        }
+    };
+    check("listeners", old.listeners == new.listeners);
+    check("admin", old.admin == new.admin);
+    check("limits", old.limits == new.limits);
+    check("access_log", old.access_log == new.access_log);
+    check("virtual_hosts", old.virtual_hosts == new.virtual_hosts);
+    check("clusters", old.clusters == new.clusters);
+    check("cache", old.cache == new.cache);
+    check("resource_types", old.resource_types == new.resource_types);
+    check("purge", old.purge == new.purge);
+    check("log", old.log == new.log);
+    check("tracing", old.tracing == new.tracing);
+    check("drain", old.drain == new.drain);
+    changed
+}
+
+/// Sections a reload cannot apply to a running process: listeners and the admin server are
+/// bound, and logging, tracing, the access log and purge relaying are set up, at start.
+pub const RESTART_SECTIONS: &[&str] = &[
+    "listeners",
+    "admin",
+    "access_log",
+    "log",
+    "tracing",
+    "purge",
+];

@@ -1,0 +1,160 @@
+//! Hot reload: validate → diff → swap, keeping the cache of unchanged resource types, and a
+//! bad file changing nothing.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+use http::Method;
+
+fn yaml(a: SocketAddr, b: SocketAddr, extra_route: bool, cache_size: &str) -> String {
+    let route_b = if extra_route {
+        "      - match: { prefix: \"/b\" }\n        cluster: b\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"listeners: [{{ name: http, address: "127.0.0.1:0" }}]
+admin: {{ address: "127.0.0.1:0" }}
+access_log: {{ enabled: false }}
+virtual_hosts:
+  - name: all
+    domains: ["*"]
+    routes:
+{route_b}      - match: {{ prefix: "/" }}
+        cluster: a
+clusters:
+  - name: a
+    endpoints: ["{a}"]
+  - name: b
+    endpoints: ["{b}"]
+resource_types:
+  - name: default
+    config: {{ cache_size: {cache_size} }}
+"#
+    )
+}
+
+#[tokio::test]
+async fn reload_swaps_routes_keeps_unchanged_caches_and_rejects_bad_files() {
+    let a = Origin::fixed(200, &[("cache-control", "max-age=600")], "from a").await;
+    let b = Origin::fixed(200, &[("cache-control", "max-age=600")], "from b").await;
+    let dir = std::env::temp_dir().join(format!("larder-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("larder.yaml");
+    std::fs::write(&path, yaml(a.addr, b.addr, false, "16MiB")).unwrap();
+    let config = larder_config::load_file(&path).unwrap();
+    let larder = Larder {
+        server: larder::start(config, larder::StartOptions::default())
+            .await
+            .unwrap(),
+        client: client(),
+    };
+    larder.get("/kept").await;
+    assert!(larder.get("/kept").await.cache_status().contains("hit"));
+    assert_eq!(larder.get("/b/x").await.text(), "from a");
+
+    // A new route: swapped in, and the unchanged resource type keeps what it stored.
+    std::fs::write(&path, yaml(a.addr, b.addr, true, "16MiB")).unwrap();
+    assert_eq!(larder.server.reload_from_file(&path), Ok(2));
+    assert_eq!(larder.get("/b/y").await.text(), "from b");
+    let kept = larder.get("/kept").await;
+    assert!(
+        kept.cache_status().contains("hit"),
+        "{}",
+        kept.cache_status()
+    );
+    assert_eq!(a.count(), 2, "no refetch of /kept");
+    let dump = larder.admin(Method::GET, "/config_dump", &[]).await.json();
+    assert_eq!(dump["generation"], 2);
+
+    // A bad file: every error reported, nothing changes.
+    std::fs::write(
+        &path,
+        yaml(a.addr, b.addr, true, "16MiB").replace("cluster: b", "cluster: nowhere"),
+    )
+    .unwrap();
+    let error = larder.server.reload_from_file(&path).unwrap_err();
+    assert!(error.contains("nowhere"), "{error}");
+    assert!(
+        error.contains("larder.yaml"),
+        "the error names the file: {error}"
+    );
+    assert_eq!(larder.get("/b/z").await.text(), "from b");
+    assert_eq!(
+        larder.admin(Method::GET, "/config_dump", &[]).await.json()["generation"],
+        2
+    );
+
+    // A resized resource type starts empty.
+    std::fs::write(&path, yaml(a.addr, b.addr, true, "32MiB")).unwrap();
+    assert_eq!(larder.server.reload_from_file(&path), Ok(3));
+    assert!(!larder.get("/kept").await.cache_status().contains("hit"));
+
+    let metrics = larder.metrics().await;
+    assert_eq!(
+        metric(&metrics, r#"larder_config_reloads_total{result="success"}"#),
+        Some(3.0),
+        "the start and two reloads"
+    );
+    assert_eq!(
+        metric(&metrics, r#"larder_config_reloads_total{result="failure"}"#),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_purge_during_a_reload_still_beats_a_fill_of_the_previous_config() {
+    // The purge history is shared across configs: a fill that began under generation 1 and
+    // commits after a reload and a purge must not be stored.
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let gate = release.clone();
+    let origin = Origin::start(move |_| {
+        let arrived = arrived_tx.clone();
+        let gate = gate.clone();
+        async move {
+            let _ = arrived.send(());
+            gate.notified().await;
+            response(200, &[("cache-control", "max-age=600")], "old")
+        }
+    })
+    .await;
+    let other = Origin::fixed(200, &[], "unused").await;
+    let dir = std::env::temp_dir().join(format!("larder-reload-race-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("larder.yaml");
+    std::fs::write(&path, yaml(origin.addr, other.addr, false, "16MiB")).unwrap();
+    let larder = Larder {
+        server: larder::start(
+            larder_config::load_file(&path).unwrap(),
+            larder::StartOptions::default(),
+        )
+        .await
+        .unwrap(),
+        client: client(),
+    };
+    let url = larder.proxy_url("/race");
+    let c = larder.client.clone();
+    let fill =
+        tokio::spawn(async move { send(&c, Method::GET, &url, &[], bytes::Bytes::new()).await });
+    arrived.recv().await.unwrap();
+    std::fs::write(&path, yaml(origin.addr, other.addr, true, "16MiB")).unwrap();
+    assert_eq!(larder.server.reload_from_file(&path), Ok(2));
+    larder
+        .admin(Method::POST, "/purge?hostname=127.0.0.1&path=/race", &[])
+        .await;
+    release.notify_one();
+    assert_eq!(fill.await.unwrap().text(), "old");
+    let url = larder.proxy_url("/race");
+    let c = larder.client.clone();
+    let again =
+        tokio::spawn(async move { send(&c, Method::GET, &url, &[], bytes::Bytes::new()).await });
+    tokio::time::timeout(std::time::Duration::from_secs(5), arrived.recv())
+        .await
+        .expect("the purged fill was not stored: the origin is asked again")
+        .unwrap();
+    release.notify_one();
+    assert!(!again.await.unwrap().cache_status().contains("hit"));
+}
