@@ -190,7 +190,26 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Serv
                 listener.name, listener.address
             )
         })?;
-        listeners.push(bound);
+        // Certificates are loaded before anything serves: a bad file stops the start, naming it.
+        let tls = match &listener.tls {
+            None => None,
+            Some(tls) => {
+                let store = larder_proxy::tls::CertStore::load(&tls.certificates)
+                    .map_err(|e| anyhow::anyhow!("listener {:?}: {e}", listener.name))?;
+                let config = larder_proxy::tls::server_config(store.clone())
+                    .map_err(|e| anyhow::anyhow!("listener {:?}: {e}", listener.name))?;
+                match larder_proxy::tls::watch(store) {
+                    Ok(watching) => {
+                        tokio::spawn(watching);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, listener = %listener.name, "certificates will not be reloaded")
+                    }
+                }
+                Some(tokio_rustls::TlsAcceptor::from(config))
+            }
+        };
+        listeners.push((bound, tls));
     }
     let admin_listener = TcpListener::bind(config.admin.address)
         .await
@@ -224,12 +243,13 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Serv
 
     let mut tasks = Vec::new();
     let mut proxy_addrs = Vec::new();
-    for listener in listeners {
+    for (listener, tls) in listeners {
         proxy_addrs.push(listener.local_addr()?);
         tasks.push(tokio::spawn(serve(
             listener,
             proxy.clone(),
             limits.clone(),
+            tls,
             signal(),
         )));
     }

@@ -497,12 +497,10 @@ async fn the_binary_reloads_when_the_file_changes_and_on_sighup() {
         async move { send(&http, http::Method::GET, &url, &[], bytes::Bytes::new()).await }
     };
     assert_eq!(get(format!("http://{proxy}/x")).await.text(), "from a");
-    let generation = |admin: SocketAddr| {
-        async move {
-            get(format!("http://{admin}/config_dump")).await.json()["generation"]
-                .as_u64()
-                .unwrap()
-        }
+    let generation = |admin: SocketAddr| async move {
+        get(format!("http://{admin}/config_dump")).await.json()["generation"]
+            .as_u64()
+            .unwrap()
     };
     assert_eq!(generation(admin).await, 1);
 

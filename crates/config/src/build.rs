@@ -421,6 +421,7 @@ fn build_listeners(raw: Option<Vec<RawListener>>, admin: &Admin, cx: &mut Ctx) -
         return vec![Listener {
             name: "http".to_owned(),
             address: Listener::DEFAULT_ADDRESS,
+            tls: None,
         }];
     };
     if raw.is_empty() {
@@ -445,7 +446,39 @@ fn build_listeners(raw: Option<Vec<RawListener>>, admin: &Admin, cx: &mut Ctx) -
         };
         let valid = address.is_some();
         let address = address.unwrap_or(Listener::DEFAULT_ADDRESS);
-        built.push((Listener { name, address }, path, valid));
+        let tls = l.tls.map(|tls| {
+            let tls_path = key(&path, "tls");
+            let list = tls.certificates.unwrap_or_default();
+            if list.is_empty() {
+                cx.error(
+                    &key(&tls_path, "certificates"),
+                    "at least one certificate (cert_file and key_file) is required",
+                );
+            }
+            let certificates = list
+                .into_iter()
+                .enumerate()
+                .map(|(j, c)| {
+                    let c_path = index(&key(&tls_path, "certificates"), j);
+                    let mut file = |name: &str, value: Option<String>| match value
+                        .map(|v| v.trim().to_owned())
+                        .filter(|v| !v.is_empty())
+                    {
+                        Some(v) => PathBuf::from(v),
+                        None => {
+                            cx.error(&key(&c_path, name), "required: a PEM file path");
+                            PathBuf::new()
+                        }
+                    };
+                    CertificateFiles {
+                        cert_file: file("cert_file", c.cert_file),
+                        key_file: file("key_file", c.key_file),
+                    }
+                })
+                .collect();
+            ListenerTls { certificates }
+        });
+        built.push((Listener { name, address, tls }, path, valid));
     }
     check_unique(
         cx,

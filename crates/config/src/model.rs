@@ -155,6 +155,23 @@ impl Config {
 pub struct Listener {
     pub name: String,
     pub address: SocketAddr,
+    /// Terminate TLS here (HTTPS, with HTTP/2 by ALPN).
+    pub tls: Option<ListenerTls>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ListenerTls {
+    /// Served by SNI: the first certificate valid for the name the client asks for, else the
+    /// first one. Reloaded when the files change.
+    pub certificates: Vec<CertificateFiles>,
+}
+
+/// A certificate chain and its private key, PEM files (a Kubernetes TLS Secret's `tls.crt`
+/// and `tls.key`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CertificateFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 impl Listener {

@@ -9,6 +9,7 @@ pub mod interim;
 mod pipeline;
 pub mod router;
 pub mod server;
+pub mod tls;
 pub mod upstream;
 
 use std::collections::HashMap;

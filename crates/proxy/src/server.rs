@@ -74,6 +74,7 @@ pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     limits: ServerLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
     let builder = builder(&limits);
@@ -93,27 +94,34 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let handler = proxy.clone();
-        let interim = InterimSink::default();
-        let io = TokioIo::new(InterimIo::new(stream, interim.clone()));
-        let service = service_fn(move |req: Request<Incoming>| {
-            let proxy = handler.clone();
-            // 1xx can only be relayed to HTTP/1.1 clients (never to 1.0; HTTP/2 would need
-            // hyper support). Passed along directly, not in the request's extensions: that
-            // would cost two allocations per request.
-            let relay = (req.version() == Version::HTTP_11).then(|| {
-                interim.request_started();
-                interim.clone()
-            });
-            // The pipeline tells the sink when the final response and its body are done.
-            async move { Ok::<_, Infallible>(proxy.handle(req, Some(peer), relay).await) }
-        });
-        let connection = builder.serve_connection(io, service).into_owned();
-        let connection = graceful.watch(connection);
-        let metrics = proxy.metrics.clone();
+        let proxy = proxy.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
+            let metrics = proxy.metrics.clone();
             metrics.connection_opened();
-            if let Err(e) = connection.await {
+            let result = match tls {
+                None => serve_connection(&builder, watcher, stream, proxy, peer, "http").await,
+                Some(acceptor) => {
+                    // A client that never finishes its handshake holds nothing for long.
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => {
+                            serve_connection(&builder, watcher, tls_stream, proxy, peer, "https")
+                                .await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, client = %peer, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!(client = %peer, "TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             metrics.connection_closed();
@@ -126,4 +134,37 @@ pub async fn serve(
     {
         tracing::warn!("drain timeout: closing remaining connections");
     }
+}
+
+/// How long a TLS client may take to finish its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one accepted connection (plain or TLS) until it ends or the drain closes it.
+async fn serve_connection<S>(
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    stream: S,
+    proxy: Arc<Proxy>,
+    peer: std::net::SocketAddr,
+    scheme: &'static str,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let interim = InterimSink::default();
+    let io = TokioIo::new(InterimIo::new(stream, interim.clone()));
+    let service = service_fn(move |req: Request<Incoming>| {
+        let proxy = proxy.clone();
+        // 1xx can only be relayed to HTTP/1.1 clients (never to 1.0; HTTP/2 would need
+        // hyper support). Passed along directly, not in the request's extensions: that
+        // would cost two allocations per request.
+        let relay = (req.version() == Version::HTTP_11).then(|| {
+            interim.request_started();
+            interim.clone()
+        });
+        // The pipeline tells the sink when the final response and its body are done.
+        async move { Ok::<_, Infallible>(proxy.handle(req, Some(peer), relay, scheme).await) }
+    });
+    let connection = builder.serve_connection(io, service).into_owned();
+    watcher.watch(connection).await
 }

@@ -71,6 +71,8 @@ pub(crate) struct Exchange {
     pub revalidation: Option<&'static str>,
     /// The request's server span, when tracing is on.
     pub span: Option<larder_telemetry::RequestSpan>,
+    /// `http`, or `https` on a TLS listener.
+    pub scheme: &'static str,
 }
 
 impl Exchange {
@@ -110,6 +112,7 @@ impl Exchange {
             key: None,
             revalidation: None,
             span: None,
+            scheme: "http",
         }
     }
 

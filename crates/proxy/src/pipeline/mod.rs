@@ -49,6 +49,8 @@ struct ClientRequest {
     directives: RequestDirectives,
     /// Where the origin's 1xx responses go (HTTP/1.1 clients only).
     interim: Option<InterimSink>,
+    /// `http` or `https`, as the client reached the listener: part of the cache key.
+    scheme: &'static str,
 }
 
 impl ClientRequest {
@@ -62,7 +64,7 @@ impl ClientRequest {
 
     fn target<'a>(&'a self, host: &'a str) -> RequestTarget<'a> {
         RequestTarget {
-            scheme: "http",
+            scheme: self.scheme,
             host,
             path: self.path(),
             query: self.query(),
@@ -93,9 +95,11 @@ impl Proxy {
         req: Request<Incoming>,
         client: Option<SocketAddr>,
         interim: Option<InterimSink>,
+        scheme: &'static str,
     ) -> Response<ProxyBody> {
         let runtime = self.runtime.load_full();
         let mut ex = Exchange::new(&req, client);
+        ex.scheme = scheme;
         if let Some(tracing) = &self.tracing {
             let host = req
                 .uri()
@@ -206,7 +210,7 @@ impl Proxy {
         let host_value = HeaderValue::from_str(&authority)
             .map_err(|_| ProxyError::BadRequest("invalid Host"))?;
         headers.insert(HOST, host_value);
-        ex.host = normalize_host(&authority, "http");
+        ex.host = normalize_host(&authority, ex.scheme);
         if parts.method.as_str() == "PURGE" && rt.config.purge.purge_method.enabled {
             return self.purge_method(rt, ex, &parts.uri).await;
         }
@@ -246,6 +250,7 @@ impl Proxy {
             headers,
             directives,
             interim,
+            scheme: ex.scheme,
         };
         let body = boxed(LimitedBody::new(
             boxed(body),
@@ -871,7 +876,7 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
-        add_forwarded(&mut request.headers, ex.client, &host, "http");
+        add_forwarded(&mut request.headers, ex.client, &host, ex.scheme);
         let upstream_span = match (&ex.span, &self.tracing) {
             (Some(span), Some(tracing)) => Some(span.upstream(
                 tracing,

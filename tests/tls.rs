@@ -1,0 +1,193 @@
+//! TLS termination: certificates by SNI, HTTP/2 and HTTP/1.1 by ALPN, and certificates
+//! reloaded from their files without a restart.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio_rustls::TlsConnector;
+
+struct TestCert {
+    der: CertificateDer<'static>,
+}
+
+/// A self-signed certificate for `name`, written as `<stem>.crt` / `<stem>.key`.
+fn write_cert(dir: &Path, stem: &str, name: &str) -> TestCert {
+    let generated = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+    std::fs::write(dir.join(format!("{stem}.crt.tmp")), generated.cert.pem()).unwrap();
+    std::fs::write(
+        dir.join(format!("{stem}.key.tmp")),
+        generated.signing_key.serialize_pem(),
+    )
+    .unwrap();
+    // Renamed into place, as a Secret update or a renewal tool does.
+    std::fs::rename(
+        dir.join(format!("{stem}.key.tmp")),
+        dir.join(format!("{stem}.key")),
+    )
+    .unwrap();
+    std::fs::rename(
+        dir.join(format!("{stem}.crt.tmp")),
+        dir.join(format!("{stem}.crt")),
+    )
+    .unwrap();
+    TestCert {
+        der: generated.cert.der().clone(),
+    }
+}
+
+fn connector(trusted: &[&TestCert], alpn: &[&[u8]]) -> TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in trusted {
+        roots.add(cert.der.clone()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    TlsConnector::from(Arc::new(config))
+}
+
+/// Connects with SNI `name`; returns the certificate served, the ALPN protocol, the stream.
+async fn handshake(
+    connector: &TlsConnector,
+    addr: SocketAddr,
+    name: &str,
+) -> (
+    CertificateDer<'static>,
+    Option<Vec<u8>>,
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream = connector
+        .connect(ServerName::try_from(name.to_owned()).unwrap(), tcp)
+        .await
+        .unwrap();
+    let (_, session) = stream.get_ref();
+    let served = session.peer_certificates().unwrap()[0].clone();
+    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+    (served, alpn, stream)
+}
+
+fn tls_yaml(origin: SocketAddr, dir: &Path) -> String {
+    config_yaml(origin, DEFAULT_TYPES).replace(
+        "listeners: [{ name: http, address: \"127.0.0.1:0\" }]",
+        &format!(
+            "listeners:\n  - name: https\n    address: \"127.0.0.1:0\"\n    tls:\n      certificates:\n        - {{ cert_file: {a_crt:?}, key_file: {a_key:?} }}\n        - {{ cert_file: {b_crt:?}, key_file: {b_key:?} }}",
+            a_crt = dir.join("a.crt").display().to_string(),
+            a_key = dir.join("a.key").display().to_string(),
+            b_crt = dir.join("b.crt").display().to_string(),
+            b_key = dir.join("b.key").display().to_string(),
+        ),
+    )
+}
+
+#[tokio::test]
+async fn https_with_sni_alpn_and_certificate_reload() {
+    let dir = std::env::temp_dir().join(format!("larder-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let a = write_cert(&dir, "a", "a.test");
+    let b = write_cert(&dir, "b", "b.test");
+    let origin = Origin::start(|seen| async move {
+        let proto = seen.header("x-forwarded-proto");
+        response(200, &[("cache-control", "max-age=60")], proto)
+    })
+    .await;
+    let larder = Larder::start(&tls_yaml(origin.addr, &dir)).await;
+    let addr = larder.server.proxy_addrs[0];
+
+    // SNI picks the certificate; HTTP/2 is negotiated when offered.
+    let both = connector(&[&a, &b], &[b"h2", b"http/1.1"]);
+    let (served, alpn, _) = handshake(&both, addr, "b.test").await;
+    assert_eq!(served, b.der);
+    assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+    let (served, _, stream) = handshake(&both, addr, "a.test").await;
+    assert_eq!(served, a.der);
+
+    let (mut h2, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get("https://a.test/page")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = h2.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "https", "the origin is told the client came over TLS");
+
+    // HTTP/1.1 when that is all the client speaks.
+    let h1_only = connector(&[&a, &b], &[b"http/1.1"]);
+    let (_, alpn, stream) = handshake(&h1_only, addr, "a.test").await;
+    assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+    let (mut h1, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get("/page")
+        .header("host", "a.test")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = h1.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("hit"),
+        "the same https URL, cached over h2, is a hit over h1"
+    );
+
+    // A renewed certificate is served without a restart.
+    let renewed = write_cert(&dir, "a", "a.test");
+    let trusting = connector(&[&a, &b, &renewed], &[b"http/1.1"]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (served, _, _) = handshake(&trusting, addr, "a.test").await;
+        if served == renewed.der {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A broken file keeps the certificates in use.
+    std::fs::write(dir.join("a.key"), "not a key").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (served, _, _) = handshake(&trusting, addr, "a.test").await;
+    assert_eq!(served, renewed.der);
+}
+
+#[tokio::test]
+async fn a_bad_certificate_file_stops_the_start_naming_the_file() {
+    let dir = std::env::temp_dir().join(format!("larder-tls-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_cert(&dir, "a", "a.test");
+    write_cert(&dir, "b", "b.test");
+    // b's key with a's certificate.
+    std::fs::copy(dir.join("b.key"), dir.join("a.key")).unwrap();
+    let origin = Origin::fixed(200, &[], "x").await;
+    let config = larder_config::load_str(&tls_yaml(origin.addr, &dir), "test.yaml").unwrap();
+    let error = match larder::start(config, larder::StartOptions::default()).await {
+        Ok(_) => panic!("started with a mismatched key"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(error.contains("a.key"), "{error}");
+    assert!(error.contains("https"), "names the listener: {error}");
+}
