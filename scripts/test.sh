@@ -36,6 +36,9 @@ cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 echo "== cargo test (every feature: the Redis tests start their own redis-server)"
 cargo test --workspace --all-targets --all-features --locked
 
+echo "== Kubernetes manifests (kustomize render, schema validation, the config in each ConfigMap)"
+./scripts/k8s-check.sh target/debug/larder
+
 echo "== cache-tests (public HTTP caching conformance suite, http-cache-tests@0.4.5, via npm)"
 if command -v node >/dev/null && command -v npm >/dev/null; then
   ./scripts/cache-tests.sh target/debug/larder
