@@ -260,6 +260,7 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Serv
     proxy.set_purger(&purger);
     tasks.push(tokio::spawn(purger.clone().run(signal())));
     let dump_proxy = Arc::downgrade(&proxy);
+    let clusters_proxy = Arc::downgrade(&proxy);
     let state = Arc::new(AdminState {
         purger: purger.clone(),
         metrics,
@@ -273,6 +274,15 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Serv
                 object.insert("generation".into(), proxy.generation().into());
             }
             dump
+        }),
+        clusters: Arc::new(move || {
+            let Some(proxy) = clusters_proxy.upgrade() else {
+                return serde_json::Value::Null;
+            };
+            let runtime = proxy.runtime();
+            serde_json::json!({
+                "clusters": runtime.clusters.iter().map(|c| c.snapshot()).collect::<Vec<_>>(),
+            })
         }),
         token,
         ready: ready.clone(),

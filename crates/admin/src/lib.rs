@@ -24,6 +24,8 @@ pub struct AdminState {
     pub purger: Arc<Purger>,
     pub metrics: Arc<Metrics>,
     pub config_dump: ConfigDump,
+    /// Upstream clusters with each endpoint's health and load.
+    pub clusters: ConfigDump,
     /// Bearer token required on mutating endpoints, when set. Never logged.
     pub token: Option<String>,
     /// Cleared when draining, so load balancers stop sending traffic before listeners close.
@@ -38,6 +40,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/ready", get(ready))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/config_dump", get(config_dump))
+        .route("/clusters", get(clusters))
         .fallback(|| async { json_error(StatusCode::NOT_FOUND, "no such admin endpoint") })
         .with_state(state)
 }
@@ -203,6 +206,10 @@ async fn ready(State(state): State<Arc<AdminState>>) -> Response {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     }
+}
+
+async fn clusters(State(state): State<Arc<AdminState>>) -> Response {
+    axum::Json((state.clusters)()).into_response()
 }
 
 async fn config_dump(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Response {

@@ -774,6 +774,7 @@ fn build_clusters(raw: Option<Vec<RawCluster>>, cx: &mut Ctx) -> Vec<Cluster> {
                 Cluster::DEFAULT_MAX_IDLE_CONNECTIONS,
                 0,
             ),
+            outlier_detection: build_outlier_detection(cx, &path, c.outlier_detection),
         });
         paths.push(path);
     }
@@ -1646,5 +1647,49 @@ fn build_peers(raw: RawPeers, cx: &mut Ctx) -> Peers {
         refresh_interval,
         nameserver,
         r#static,
+    }
+}
+
+fn build_outlier_detection(
+    cx: &mut Ctx,
+    cluster_path: &str,
+    raw: Option<RawOutlierDetection>,
+) -> OutlierDetection {
+    let d = OutlierDetection::default();
+    let Some(raw) = raw else {
+        return d;
+    };
+    let p = key(cluster_path, "outlier_detection");
+    let consecutive_failures = match raw.consecutive_failures {
+        Some(n) if n <= 1000 => n as u32,
+        Some(n) => {
+            cx.error(
+                &key(&p, "consecutive_failures"),
+                format!("{n} is out of range: 0 (off) to 1000"),
+            );
+            d.consecutive_failures
+        }
+        None => d.consecutive_failures,
+    };
+    let max_ejection_percent = match raw.max_ejection_percent {
+        Some(n) if n <= 100 => n as u32,
+        Some(n) => {
+            cx.error(
+                &key(&p, "max_ejection_percent"),
+                format!("{n} is out of range: 0 to 100"),
+            );
+            d.max_ejection_percent
+        }
+        None => d.max_ejection_percent,
+    };
+    OutlierDetection {
+        consecutive_failures,
+        base_ejection_time: timeout(
+            cx,
+            &key(&p, "base_ejection_time"),
+            raw.base_ejection_time.as_ref(),
+            d.base_ejection_time,
+        ),
+        max_ejection_percent,
     }
 }

@@ -404,6 +404,7 @@ pub struct Cluster {
     #[serde(serialize_with = "ser_duration")]
     pub idle_timeout: Duration,
     pub max_idle_connections: usize,
+    pub outlier_detection: OutlierDetection,
 }
 
 impl Cluster {
@@ -514,10 +515,45 @@ impl Serialize for Endpoint {
 pub enum LbPolicy {
     #[default]
     RoundRobin,
+    /// Uniformly at random.
+    Random,
+    /// The less busy of two endpoints picked at random (power of two choices).
+    LeastRequest,
+    /// Consistent hashing on the request's host, path and query (the cache key's URL), so a
+    /// tier of caches shards its objects: each URL goes to one endpoint while it is healthy,
+    /// and only the URLs of an endpoint that leaves move.
+    RingHash,
 }
 
 impl LbPolicy {
-    pub(crate) const NAMES: &[(&str, LbPolicy)] = &[("round_robin", LbPolicy::RoundRobin)];
+    pub(crate) const NAMES: &[(&str, LbPolicy)] = &[
+        ("round_robin", LbPolicy::RoundRobin),
+        ("random", LbPolicy::Random),
+        ("least_request", LbPolicy::LeastRequest),
+        ("ring_hash", LbPolicy::RingHash),
+    ];
+}
+
+/// Passive health: an endpoint that fails this many times in a row (connect errors, timeouts,
+/// 502/503/504) is taken out of rotation for `base_ejection_time`, twice as long each time it
+/// is ejected again; never more than `max_ejection_percent` of a cluster at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutlierDetection {
+    /// 0 turns ejection off.
+    pub consecutive_failures: u32,
+    #[serde(serialize_with = "ser_duration")]
+    pub base_ejection_time: Duration,
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_failures: 5,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 50,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -189,6 +189,15 @@ pub(crate) struct RawCluster {
     pub request_timeout: Option<Scalar>,
     pub idle_timeout: Option<Scalar>,
     pub max_idle_connections: Option<u64>,
+    pub outlier_detection: Option<RawOutlierDetection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawOutlierDetection {
+    pub consecutive_failures: Option<u64>,
+    pub base_ejection_time: Option<Scalar>,
+    pub max_ejection_percent: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -268,7 +268,7 @@ virtual_hosts:
 clusters:
   - name: origin
     endpoints: [\"https://origin:443\"]
-    lb_policy: least_request
+    lb_policy: fastest
     connect_timeout: 0s
   - name: origin
     endpoints: []
@@ -292,7 +292,7 @@ clusters:
             "larder.yaml:13:15: virtual_hosts[1].domains[0]: domain \"example.com\" is also listed in virtual_hosts[0] (\"main\"); each domain may belong to only one virtual host",
             "larder.yaml:14:5: virtual_hosts[1].routes: at least one route is required",
             "larder.yaml:17:17: clusters[0].endpoints[0]: invalid endpoint \"https://origin:443\": TLS to upstreams is not supported yet; use http://",
-            "larder.yaml:18:16: clusters[0].lb_policy: unknown lb_policy \"least_request\" (supported: round_robin)",
+            "larder.yaml:18:16: clusters[0].lb_policy: unknown lb_policy \"fastest\" (supported: round_robin, random, least_request, ring_hash)",
             "larder.yaml:19:22: clusters[0].connect_timeout: must be greater than zero",
             "larder.yaml:20:11: clusters[1].name: duplicate cluster name \"origin\" (first defined at clusters[0])",
             "larder.yaml:21:5: clusters[1].endpoints: at least one endpoint is required",

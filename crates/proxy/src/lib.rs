@@ -1,6 +1,7 @@
 #![forbid(unsafe_code)]
 //! Larder's data path: listeners, routing, the cache pipeline and upstream clusters.
 
+pub mod balance;
 pub mod body;
 pub mod demo;
 pub mod error;

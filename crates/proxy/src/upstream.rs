@@ -2,7 +2,6 @@
 //! place where transport failures are classified.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -15,27 +14,22 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use larder_telemetry::{UpstreamConnectionMetrics, UpstreamErrorKind};
 use tokio::net::TcpStream;
 
+use crate::balance::Balancer;
 use crate::body::{ProxyBody, empty};
-
-#[derive(Debug)]
-struct Endpoint {
-    authority: Authority,
-    display: Arc<str>,
-}
 
 pub struct Cluster {
     pub name: Arc<str>,
-    endpoints: Vec<Endpoint>,
-    next: AtomicUsize,
+    balancer: Balancer,
     client: Client<MeteredConnector, ProxyBody>,
     pub request_timeout: Duration,
+    metrics: UpstreamConnectionMetrics,
 }
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cluster")
             .field("name", &self.name)
-            .field("endpoints", &self.endpoints)
+            .field("endpoints", &self.balancer.endpoints)
             .finish()
     }
 }
@@ -94,29 +88,31 @@ impl Cluster {
             .iter()
             .map(|e| {
                 let display = e.to_string();
-                Endpoint {
-                    authority: display
-                        .parse()
-                        .expect("validated endpoint is a valid authority"),
-                    display: display.into(),
-                }
+                let authority: Authority = display
+                    .parse()
+                    .expect("validated endpoint is a valid authority");
+                (authority, Arc::from(display))
             })
             .collect();
         Cluster {
+            balancer: Balancer::new(
+                endpoints,
+                config.lb_policy,
+                config.outlier_detection.clone(),
+            ),
+            metrics: metrics.upstream_connection_metrics(&name),
             name,
-            endpoints,
-            next: AtomicUsize::new(0),
             client,
             request_timeout: config.request_timeout,
         }
     }
 
-    fn pick(&self) -> Option<&Endpoint> {
-        if self.endpoints.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        Some(&self.endpoints[i])
+    /// Endpoint health and load, for `/clusters`.
+    pub fn snapshot(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": &*self.name,
+            "endpoints": self.balancer.snapshot(),
+        })
     }
 
     /// Sends the request to one endpoint (round robin). A connect failure of a bodiless request
@@ -131,14 +127,27 @@ impl Cluster {
         let start = Instant::now();
         let replayable = body.is_end_stream();
         let attempts = if replayable {
-            self.endpoints.len().clamp(2, 3)
+            self.balancer.endpoints.len().clamp(2, 3)
         } else {
             1
         };
         let mut body = Some(body);
         let mut last_error: Option<UpstreamError> = None;
+        // The URL the request names: what ring hashing keeps on one endpoint.
+        let hash_key = {
+            let host = request
+                .headers
+                .get(http::header::HOST)
+                .map_or(&b""[..], |h| h.as_bytes());
+            [host, request.path_and_query.as_str().as_bytes()].concat()
+        };
+        let mut tried: Vec<usize> = Vec::new();
         for attempt in 0..attempts as u32 {
-            let Some(endpoint) = self.pick() else { break };
+            let Some(pick) = self.balancer.pick(&hash_key, &tried) else {
+                break;
+            };
+            let endpoint = pick.endpoint;
+            tried.push(pick.index);
             let uri = Uri::builder()
                 .scheme(Scheme::HTTP)
                 .authority(endpoint.authority.clone())
@@ -159,6 +168,11 @@ impl Cluster {
             let remaining = timeout.saturating_sub(start.elapsed());
             let error = match tokio::time::timeout(remaining, self.client.request(req)).await {
                 Ok(Ok(response)) => {
+                    // Gateway errors count against the endpoint, though they are relayed.
+                    let failed = matches!(response.status().as_u16(), 502..=504);
+                    if self.balancer.record(pick.index, failed) {
+                        self.metrics.ejected();
+                    }
                     return Ok(UpstreamResponse {
                         response,
                         endpoint: endpoint.display.clone(),
@@ -166,7 +180,7 @@ impl Cluster {
                         retries: attempt,
                     });
                 }
-                Ok(Err(e)) => classify(e, endpoint, start, attempt),
+                Ok(Err(e)) => classify(e, &endpoint.display, start, attempt),
                 Err(_) => UpstreamError {
                     kind: UpstreamErrorKind::Timeout,
                     endpoint: Some(endpoint.display.clone()),
@@ -177,10 +191,15 @@ impl Cluster {
                     retries: attempt,
                 },
             };
-            // Safe to resend: nothing reached an origin (connect failure), or a pooled connection
-            // was closed under an idempotent bodiless request before any response byte came.
-            let retry = error.kind == UpstreamErrorKind::Connect
-                || (error.stale_connection && request.method.is_idempotent());
+            // A request body too large is the client's doing, not the endpoint's.
+            if !error.body_too_large && self.balancer.record(pick.index, true) {
+                self.metrics.ejected();
+            }
+            drop(pick);
+            // Safe to resend, for idempotent requests only: nothing reached an origin (connect
+            // failure), or a pooled connection closed before any response byte came.
+            let retry = request.method.is_idempotent()
+                && (error.kind == UpstreamErrorKind::Connect || error.stale_connection);
             last_error = Some(error);
             if !retry {
                 break;
@@ -200,7 +219,7 @@ impl Cluster {
 
 fn classify(
     e: hyper_util::client::legacy::Error,
-    endpoint: &Endpoint,
+    endpoint: &Arc<str>,
     start: Instant,
     retries: u32,
 ) -> UpstreamError {
@@ -223,7 +242,7 @@ fn classify(
         .join(": ");
     UpstreamError {
         kind,
-        endpoint: Some(endpoint.display.clone()),
+        endpoint: Some(endpoint.clone()),
         message,
         duration: start.elapsed(),
         body_too_large,

@@ -120,6 +120,7 @@ pub struct Metrics {
     es_documents: Family<ResultLabels, Counter>,
     upstream_connect: Family<ClusterLabels, Histogram>,
     upstream_connections: Family<ClusterLabels, Gauge>,
+    upstream_ejections: Family<ClusterLabels, Counter>,
     purges: Family<PurgeLabels, Counter>,
     purged_objects: Family<PurgeKindLabels, Counter>,
     purge_requests: Family<PurgeRequestLabels, Counter>,
@@ -144,6 +145,7 @@ pub(crate) struct AccessLogCounters {
 pub struct UpstreamConnectionMetrics {
     connect: Histogram,
     open: Gauge,
+    ejections: Counter,
 }
 
 impl UpstreamConnectionMetrics {
@@ -154,6 +156,11 @@ impl UpstreamConnectionMetrics {
 
     pub fn closed(&self) {
         self.open.dec();
+    }
+
+    /// Outlier detection took an endpoint out of rotation.
+    pub fn ejected(&self) {
+        self.ejections.inc();
     }
 }
 
@@ -266,6 +273,7 @@ impl Metrics {
             es_documents: Family::default(),
             upstream_connect: Family::new_with_constructor(latency_histogram),
             upstream_connections: Family::default(),
+            upstream_ejections: Family::default(),
             purges: Family::default(),
             purged_objects: Family::default(),
             purge_requests: Family::default(),
@@ -395,6 +403,11 @@ impl Metrics {
             "access_log_es_documents",
             "Access log documents sent to Elasticsearch, by result (indexed; rejected: refused for good, e.g. a mapping error; dropped: queue full or retries exhausted; retried: sent again after 429/5xx)",
             m.es_documents.clone(),
+        );
+        registry.register(
+            "upstream_ejections",
+            "Endpoints taken out of rotation by outlier detection (consecutive failures), per cluster",
+            m.upstream_ejections.clone(),
         );
         registry.register(
             "upstream_retries",
@@ -684,6 +697,7 @@ impl Metrics {
         UpstreamConnectionMetrics {
             connect: self.upstream_connect.get_or_create(&labels).clone(),
             open: self.upstream_connections.get_or_create(&labels).clone(),
+            ejections: self.upstream_ejections.get_or_create(&labels).clone(),
         }
     }
 

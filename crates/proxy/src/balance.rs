@@ -1,0 +1,323 @@
+//! Choosing an endpoint: the cluster's load-balancing policy over the endpoints that are not
+//! ejected, and passive outlier detection that ejects endpoints failing in a row.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use http::uri::Authority;
+use larder_config::{LbPolicy, OutlierDetection};
+
+/// One endpoint and what is known of its health and load.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub authority: Authority,
+    pub display: Arc<str>,
+    /// Requests in flight (least-request balancing).
+    active: AtomicUsize,
+    consecutive_failures: AtomicU32,
+    /// Milliseconds since the balancer's epoch until which it is out of rotation (0: in).
+    ejected_until: AtomicU64,
+    ejections: AtomicU32,
+    requests: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// Longest an endpoint is kept out, however often it was ejected before.
+const MAX_EJECTION: Duration = Duration::from_secs(300);
+/// Points per endpoint on the hash ring: enough for an even spread over a few dozen endpoints.
+const RING_POINTS: usize = 160;
+
+pub struct Balancer {
+    pub endpoints: Vec<Endpoint>,
+    policy: LbPolicy,
+    outlier: OutlierDetection,
+    next: AtomicUsize,
+    epoch: Instant,
+    /// (hash, endpoint index), sorted by hash (ring_hash only).
+    ring: Vec<(u64, usize)>,
+}
+
+/// A request's hold on an endpoint: counts it as active until dropped.
+pub struct Pick<'a> {
+    pub index: usize,
+    pub endpoint: &'a Endpoint,
+}
+
+impl Drop for Pick<'_> {
+    fn drop(&mut self) {
+        self.endpoint.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn hash(bytes: &[u8]) -> u64 {
+    // FNV-1a then a finaliser: stable across processes and replicas (the point of consistent
+    // hashing between Larder instances), unlike the std hasher's random keys.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h
+}
+
+impl Balancer {
+    pub fn new(
+        endpoints: Vec<(Authority, Arc<str>)>,
+        policy: LbPolicy,
+        outlier: OutlierDetection,
+    ) -> Balancer {
+        let endpoints: Vec<Endpoint> = endpoints
+            .into_iter()
+            .map(|(authority, display)| Endpoint {
+                authority,
+                display,
+                active: AtomicUsize::new(0),
+                consecutive_failures: AtomicU32::new(0),
+                ejected_until: AtomicU64::new(0),
+                ejections: AtomicU32::new(0),
+                requests: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+            })
+            .collect();
+        let mut ring = Vec::new();
+        if policy == LbPolicy::RingHash {
+            for (i, e) in endpoints.iter().enumerate() {
+                for point in 0..RING_POINTS {
+                    ring.push((hash(format!("{}#{point}", e.display).as_bytes()), i));
+                }
+            }
+            ring.sort_unstable();
+        }
+        Balancer {
+            endpoints,
+            policy,
+            outlier,
+            next: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            ring,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn is_ejected(&self, e: &Endpoint, now: u64) -> bool {
+        e.ejected_until.load(Ordering::Relaxed) > now
+    }
+
+    /// An endpoint for a request: by policy among those in rotation, skipping `tried`
+    /// (endpoints this request already failed on). With none in rotation, any endpoint: a
+    /// cluster that ejected everything still tries rather than refusing all traffic.
+    pub fn pick(&self, hash_key: &[u8], tried: &[usize]) -> Option<Pick<'_>> {
+        let n = self.endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        let now = self.now_ms();
+        let usable = |i: usize| !tried.contains(&i) && !self.is_ejected(&self.endpoints[i], now);
+        let mut candidates: Vec<usize> = (0..n).filter(|i| usable(*i)).collect();
+        if candidates.is_empty() {
+            candidates = (0..n).filter(|i| !tried.contains(i)).collect();
+        }
+        if candidates.is_empty() {
+            candidates = (0..n).collect();
+        }
+        let index = match self.policy {
+            LbPolicy::RoundRobin => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                // The next endpoint in order that is a candidate.
+                (0..n)
+                    .map(|k| (start + k) % n)
+                    .find(|i| candidates.contains(i))
+                    .unwrap_or(candidates[0])
+            }
+            LbPolicy::Random => candidates[fastrand::usize(..candidates.len())],
+            LbPolicy::LeastRequest => {
+                let a = candidates[fastrand::usize(..candidates.len())];
+                let b = candidates[fastrand::usize(..candidates.len())];
+                let load = |i: usize| self.endpoints[i].active.load(Ordering::Relaxed);
+                if load(b) < load(a) { b } else { a }
+            }
+            LbPolicy::RingHash => {
+                let h = hash(hash_key);
+                let start = self.ring.partition_point(|(point, _)| *point < h);
+                (0..self.ring.len())
+                    .map(|k| self.ring[(start + k) % self.ring.len()].1)
+                    .find(|i| candidates.contains(i))
+                    .unwrap_or(candidates[0])
+            }
+        };
+        let endpoint = &self.endpoints[index];
+        endpoint.active.fetch_add(1, Ordering::Relaxed);
+        endpoint.requests.fetch_add(1, Ordering::Relaxed);
+        Some(Pick { index, endpoint })
+    }
+
+    /// Records how a request to `index` went; returns true when this failure ejected it.
+    pub fn record(&self, index: usize, failed: bool) -> bool {
+        let e = &self.endpoints[index];
+        if !failed {
+            e.consecutive_failures.store(0, Ordering::Relaxed);
+            return false;
+        }
+        e.failures.fetch_add(1, Ordering::Relaxed);
+        let threshold = self.outlier.consecutive_failures;
+        let failures = e.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if threshold == 0 || failures < threshold {
+            return false;
+        }
+        let now = self.now_ms();
+        if self.is_ejected(e, now) {
+            return false;
+        }
+        let ejected = self
+            .endpoints
+            .iter()
+            .filter(|x| self.is_ejected(x, now))
+            .count();
+        let allowed = self.endpoints.len() * self.outlier.max_ejection_percent as usize / 100;
+        if ejected >= allowed {
+            return false;
+        }
+        let times = e.ejections.fetch_add(1, Ordering::Relaxed);
+        let duration = self
+            .outlier
+            .base_ejection_time
+            .saturating_mul(1u32 << times.min(16))
+            .min(MAX_EJECTION.max(self.outlier.base_ejection_time));
+        e.ejected_until
+            .store(now + duration.as_millis() as u64, Ordering::Relaxed);
+        e.consecutive_failures.store(0, Ordering::Relaxed);
+        tracing::warn!(
+            endpoint = %e.display,
+            failures,
+            ejected_for = ?duration,
+            "upstream endpoint ejected after consecutive failures"
+        );
+        true
+    }
+
+    /// Per-endpoint state for `/clusters`.
+    pub fn snapshot(&self) -> Vec<serde_json::Value> {
+        let now = self.now_ms();
+        self.endpoints
+            .iter()
+            .map(|e| {
+                let until = e.ejected_until.load(Ordering::Relaxed);
+                serde_json::json!({
+                    "address": &*e.display,
+                    "healthy": until <= now,
+                    "ejected_for_ms": until.saturating_sub(now),
+                    "ejections": e.ejections.load(Ordering::Relaxed),
+                    "consecutive_failures": e.consecutive_failures.load(Ordering::Relaxed),
+                    "active_requests": e.active.load(Ordering::Relaxed),
+                    "requests": e.requests.load(Ordering::Relaxed),
+                    "failures": e.failures.load(Ordering::Relaxed),
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn balancer(n: usize, policy: LbPolicy) -> Balancer {
+        let endpoints = (0..n)
+            .map(|i| {
+                let display = format!("10.0.0.{i}:80");
+                (display.parse().unwrap(), Arc::from(display))
+            })
+            .collect();
+        Balancer::new(endpoints, policy, OutlierDetection::default())
+    }
+
+    #[test]
+    fn ring_hash_is_stable_spread_and_consistent() {
+        let three = balancer(3, LbPolicy::RingHash);
+        let owner =
+            |b: &Balancer, key: &str, tried: &[usize]| b.pick(key.as_bytes(), tried).unwrap().index;
+        let keys: Vec<String> = (0..300).map(|i| format!("example.com/item/{i}")).collect();
+        let first: Vec<usize> = keys.iter().map(|k| owner(&three, k, &[])).collect();
+        // The same URL always lands on the same endpoint…
+        assert_eq!(
+            first,
+            keys.iter()
+                .map(|k| owner(&three, k, &[]))
+                .collect::<Vec<_>>()
+        );
+        // …and the URLs spread over all of them.
+        for i in 0..3 {
+            let share = first.iter().filter(|o| **o == i).count();
+            assert!(
+                (50..=150).contains(&share),
+                "endpoint {i} owns {share} of 300"
+            );
+        }
+        // Without endpoint 2, only its URLs move.
+        for (key, was) in keys.iter().zip(&first) {
+            let now = owner(&three, key, &[2]);
+            if *was != 2 {
+                assert_eq!(now, *was, "{key} moved though its endpoint stayed");
+            } else {
+                assert_ne!(now, 2);
+            }
+        }
+    }
+
+    #[test]
+    fn least_request_prefers_the_idle_endpoint() {
+        let two = balancer(2, LbPolicy::LeastRequest);
+        // Ten requests in flight on endpoint 0.
+        let busy: Vec<Pick<'_>> = (0..10).map(|_| two.pick(b"", &[1]).unwrap()).collect();
+        assert!(busy.iter().all(|p| p.index == 0));
+        let to_idle = (0..200)
+            .filter(|_| two.pick(b"", &[]).unwrap().index == 1)
+            .count();
+        // Two random draws: only when both land on the busy one does it win (about 1 in 4).
+        assert!(to_idle > 120, "{to_idle} of 200 went to the idle endpoint");
+    }
+
+    #[test]
+    fn failures_in_a_row_eject_for_a_growing_time_within_the_cap() {
+        let mut b = balancer(4, LbPolicy::RoundRobin);
+        b.outlier = OutlierDetection {
+            consecutive_failures: 3,
+            base_ejection_time: Duration::from_secs(10),
+            max_ejection_percent: 50,
+        };
+        // A success resets the count.
+        assert!(!b.record(0, true));
+        assert!(!b.record(0, true));
+        assert!(!b.record(0, false));
+        assert!(!b.record(0, true));
+        assert!(!b.record(0, true));
+        assert!(b.record(0, true), "third failure in a row");
+        for _ in 0..20 {
+            assert_ne!(
+                b.pick(b"", &[]).unwrap().index,
+                0,
+                "ejected endpoints get no traffic"
+            );
+        }
+        // 50% of four: a second endpoint may go, a third may not.
+        for _ in 0..3 {
+            b.record(1, true);
+        }
+        for _ in 0..3 {
+            assert!(!b.record(2, true), "over max_ejection_percent");
+        }
+        let snapshot = b.snapshot();
+        assert_eq!(snapshot[0]["healthy"], false);
+        assert_eq!(snapshot[2]["healthy"], true);
+        // Everything ejected: traffic still flows (to any endpoint) rather than failing.
+        let all_out = balancer(1, LbPolicy::Random);
+        assert!(all_out.pick(b"", &[]).is_some());
+    }
+}

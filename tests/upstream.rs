@@ -1,0 +1,184 @@
+//! Upstream clusters under faults: failing endpoints are ejected and come back, connect
+//! failures move idempotent requests elsewhere but never resend a POST, and ring hashing keeps
+//! each URL on one endpoint.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::Method;
+
+fn cluster_yaml(endpoints: &[SocketAddr], extra: &str) -> String {
+    let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        r#"listeners: [{{ name: http, address: "127.0.0.1:0" }}]
+admin: {{ address: "127.0.0.1:0" }}
+access_log: {{ enabled: false }}
+virtual_hosts:
+  - name: all
+    domains: ["*"]
+    routes:
+      - match: {{ prefix: "/" }}
+        cluster: pool
+clusters:
+  - name: pool
+    endpoints: [{}]
+    connect_timeout: 1s
+{extra}
+resource_types:
+  - name: default
+    config: {{ cache_size: 16MiB }}
+"#,
+        list.join(", ")
+    )
+}
+
+fn dead_address() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+async fn endpoint_health(larder: &Larder, address: SocketAddr) -> serde_json::Value {
+    let dump = larder.admin(Method::GET, "/clusters", &[]).await.json();
+    dump["clusters"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["address"] == address.to_string())
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test]
+async fn a_failing_endpoint_is_ejected_and_comes_back() {
+    let good = Origin::fixed(200, &[("cache-control", "no-store")], "good").await;
+    let bad = Origin::fixed(503, &[("cache-control", "no-store")], "bad").await;
+    let extra = "    outlier_detection: { consecutive_failures: 3, base_ejection_time: 300ms }";
+    let larder = Larder::start(&cluster_yaml(&[bad.addr, good.addr], extra)).await;
+    let mut answers = Vec::new();
+    for _ in 0..12 {
+        answers.push(larder.get("/x").await.text());
+    }
+    // Round robin: the bad endpoint answers three times, then it is out.
+    assert_eq!(
+        answers.iter().filter(|a| *a == "bad").count(),
+        3,
+        "{answers:?}"
+    );
+    assert!(answers[6..].iter().all(|a| a == "good"), "{answers:?}");
+    let state = endpoint_health(&larder, bad.addr).await;
+    assert_eq!(state["healthy"], false, "{state}");
+    assert_eq!(state["ejections"], 1);
+    assert_eq!(
+        metric(
+            &larder.metrics().await,
+            r#"larder_upstream_ejections_total{cluster="pool"}"#
+        ),
+        Some(1.0)
+    );
+
+    // After its ejection time it gets traffic again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while endpoint_health(&larder, bad.addr).await["healthy"] != true {
+        assert!(Instant::now() < deadline, "never back in rotation");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = bad.count();
+    for _ in 0..4 {
+        larder.get("/x").await;
+    }
+    assert!(bad.count() > before, "traffic returned to the endpoint");
+}
+
+#[tokio::test]
+async fn connect_failures_move_idempotent_requests_but_never_resend_a_post() {
+    let good = Origin::fixed(200, &[("cache-control", "no-store")], "good").await;
+    let dead = dead_address();
+    let extra = "    outlier_detection: { consecutive_failures: 0 }";
+    let larder = Larder::start(&cluster_yaml(&[dead, good.addr], extra)).await;
+    for _ in 0..6 {
+        let reply = larder.get("/g").await;
+        assert_eq!(
+            reply.status, 200,
+            "a GET that met the dead endpoint went on to the next"
+        );
+    }
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let reply = larder
+            .request(Method::POST, &larder.proxy_url("/p"), &[], Bytes::new())
+            .await;
+        statuses.push(reply.status.as_u16());
+    }
+    // Round robin sends half the POSTs to the dead endpoint: those fail, never resent.
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 502).count(),
+        2,
+        "{statuses:?}"
+    );
+    let posts = good
+        .requests()
+        .iter()
+        .filter(|r| r.method == Method::POST)
+        .count();
+    assert_eq!(posts, 2);
+    let state = endpoint_health(&larder, dead).await;
+    assert!(state["failures"].as_u64().unwrap() >= 2, "{state}");
+}
+
+#[tokio::test]
+async fn ring_hash_keeps_each_url_on_one_endpoint() {
+    let mut origins = Vec::new();
+    for name in ["one", "two", "three"] {
+        origins.push(Origin::fixed(200, &[("cache-control", "no-store")], name).await);
+    }
+    let addrs: Vec<SocketAddr> = origins.iter().map(|o| o.addr).collect();
+    let larder = Larder::start(&cluster_yaml(&addrs, "    lb_policy: ring_hash")).await;
+    let mut owners = std::collections::HashSet::new();
+    for i in 0..30 {
+        let path = format!("/item/{i}");
+        let first = larder.get(&path).await.text();
+        for _ in 0..2 {
+            assert_eq!(larder.get(&path).await.text(), first, "{path} moved");
+        }
+        owners.insert(first);
+    }
+    assert_eq!(
+        owners.len(),
+        3,
+        "URLs spread over every endpoint: {owners:?}"
+    );
+}
+
+#[tokio::test]
+async fn when_every_endpoint_is_down_the_cache_keeps_serving() {
+    let origin = Origin::fixed(
+        200,
+        &[("cache-control", "max-age=1, stale-if-error=600")],
+        "cached",
+    )
+    .await;
+    let larder = Larder::start(&cluster_yaml(&[origin.addr], "")).await;
+    assert_eq!(larder.get("/s").await.text(), "cached");
+    // The origin disappears (its port closes) and the object goes stale.
+    let config = cluster_yaml(&[dead_address()], "");
+    let dir = std::env::temp_dir().join(format!("larder-upstream-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("larder.yaml");
+    std::fs::write(&path, &config).unwrap();
+    assert_eq!(larder.server.reload_from_file(&path), Ok(2));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let stale = larder.get("/s").await;
+    assert_eq!(stale.status, 200);
+    assert_eq!(stale.text(), "cached");
+    assert!(
+        stale.cache_status().contains("stale-if-error"),
+        "{}",
+        stale.cache_status()
+    );
+}
