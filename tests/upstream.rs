@@ -182,3 +182,60 @@ async fn when_every_endpoint_is_down_the_cache_keeps_serving() {
         stale.cache_status()
     );
 }
+
+#[tokio::test]
+async fn active_health_checks_move_traffic_away_and_back() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let sick = Arc::new(AtomicBool::new(true));
+    let flag = sick.clone();
+    // Serves requests fine, but its health endpoint says it is going down.
+    let draining = Origin::start(move |seen| {
+        let sick = flag.load(Ordering::SeqCst);
+        async move {
+            if seen.uri.path() == "/healthz" {
+                response(if sick { 503 } else { 200 }, &[], "")
+            } else {
+                response(200, &[("cache-control", "no-store")], "draining")
+            }
+        }
+    })
+    .await;
+    let steady = Origin::fixed(200, &[("cache-control", "no-store")], "steady").await;
+    let extra = "    health_check: { path: /healthz, interval: 50ms, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 1 }";
+    let larder = Larder::start(&cluster_yaml(&[draining.addr, steady.addr], extra)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while endpoint_health(&larder, draining.addr).await["health_check_failed"] != true {
+        assert!(
+            Instant::now() < deadline,
+            "the failing health check was not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..6 {
+        assert_eq!(larder.get("/r").await.text(), "steady");
+    }
+    let probes = draining
+        .requests()
+        .iter()
+        .filter(|r| r.uri.path() == "/healthz")
+        .count();
+    assert!(probes >= 1);
+    assert_eq!(
+        draining.requests()[0].header("user-agent"),
+        "larder-health-check"
+    );
+
+    // Healthy again: after two passing checks it is back in rotation.
+    sick.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while endpoint_health(&larder, draining.addr).await["healthy"] != true {
+        assert!(Instant::now() < deadline, "never back in rotation");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        answers.push(larder.get("/r").await.text());
+    }
+    assert!(answers.iter().any(|a| a == "draining"), "{answers:?}");
+}

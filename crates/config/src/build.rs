@@ -775,6 +775,9 @@ fn build_clusters(raw: Option<Vec<RawCluster>>, cx: &mut Ctx) -> Vec<Cluster> {
                 0,
             ),
             outlier_detection: build_outlier_detection(cx, &path, c.outlier_detection),
+            health_check: c
+                .health_check
+                .map(|h| build_health_check(cx, &key(&path, "health_check"), h)),
         });
         paths.push(path);
     }
@@ -1691,5 +1694,39 @@ fn build_outlier_detection(
             d.base_ejection_time,
         ),
         max_ejection_percent,
+    }
+}
+
+fn build_health_check(cx: &mut Ctx, p: &str, raw: RawHealthCheck) -> HealthCheck {
+    let path = raw.path.unwrap_or_else(|| "/".into());
+    if !path.starts_with('/') {
+        cx.error(&key(p, "path"), format!("must start with /, got {path:?}"));
+    }
+    let mut threshold = |name: &str, value: Option<u64>, default: u32| match value {
+        Some(n) if (1..=100).contains(&n) => n as u32,
+        Some(n) => {
+            cx.error(&key(p, name), format!("{n} is out of range: 1 to 100"));
+            default
+        }
+        None => default,
+    };
+    let healthy_threshold = threshold("healthy_threshold", raw.healthy_threshold, 2);
+    let unhealthy_threshold = threshold("unhealthy_threshold", raw.unhealthy_threshold, 3);
+    HealthCheck {
+        path,
+        interval: timeout(
+            cx,
+            &key(p, "interval"),
+            raw.interval.as_ref(),
+            Duration::from_secs(5),
+        ),
+        timeout: timeout(
+            cx,
+            &key(p, "timeout"),
+            raw.timeout.as_ref(),
+            Duration::from_secs(1),
+        ),
+        healthy_threshold,
+        unhealthy_threshold,
     }
 }

@@ -405,6 +405,21 @@ pub struct Cluster {
     pub idle_timeout: Duration,
     pub max_idle_connections: usize,
     pub outlier_detection: OutlierDetection,
+    pub health_check: Option<HealthCheck>,
+}
+
+/// Active health: each endpoint is asked `GET path` every `interval`; it leaves rotation
+/// after `unhealthy_threshold` failures in a row (no answer within `timeout`, or not 2xx) and
+/// returns after `healthy_threshold` successes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthCheck {
+    pub path: String,
+    #[serde(serialize_with = "ser_duration")]
+    pub interval: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
 }
 
 impl Cluster {

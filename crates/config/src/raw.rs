@@ -190,6 +190,17 @@ pub(crate) struct RawCluster {
     pub idle_timeout: Option<Scalar>,
     pub max_idle_connections: Option<u64>,
     pub outlier_detection: Option<RawOutlierDetection>,
+    pub health_check: Option<RawHealthCheck>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHealthCheck {
+    pub path: Option<String>,
+    pub interval: Option<Scalar>,
+    pub timeout: Option<Scalar>,
+    pub healthy_threshold: Option<u64>,
+    pub unhealthy_threshold: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

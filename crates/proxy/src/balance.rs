@@ -21,6 +21,11 @@ pub struct Endpoint {
     ejections: AtomicU32,
     requests: AtomicU64,
     failures: AtomicU64,
+    /// Set by active health checks: out of rotation until it passes again.
+    check_failed: std::sync::atomic::AtomicBool,
+    /// Consecutive health check results in the current direction (passes while failed,
+    /// failures while passing).
+    check_streak: AtomicU32,
 }
 
 /// Longest an endpoint is kept out, however often it was ejected before.
@@ -81,6 +86,8 @@ impl Balancer {
                 ejections: AtomicU32::new(0),
                 requests: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
+                check_failed: std::sync::atomic::AtomicBool::new(false),
+                check_streak: AtomicU32::new(0),
             })
             .collect();
         let mut ring = Vec::new();
@@ -107,7 +114,36 @@ impl Balancer {
     }
 
     fn is_ejected(&self, e: &Endpoint, now: u64) -> bool {
-        e.ejected_until.load(Ordering::Relaxed) > now
+        e.ejected_until.load(Ordering::Relaxed) > now || e.check_failed.load(Ordering::Relaxed)
+    }
+
+    /// Records an active health check result; returns the new state when it changed.
+    pub fn record_check(
+        &self,
+        index: usize,
+        passed: bool,
+        healthy_threshold: u32,
+        unhealthy_threshold: u32,
+    ) -> Option<bool> {
+        let e = &self.endpoints[index];
+        let failed = e.check_failed.load(Ordering::Relaxed);
+        // A result that agrees with the current state resets the streak toward a change.
+        if passed != failed {
+            e.check_streak.store(0, Ordering::Relaxed);
+            return None;
+        }
+        let streak = e.check_streak.fetch_add(1, Ordering::Relaxed) + 1;
+        let needed = if failed {
+            healthy_threshold
+        } else {
+            unhealthy_threshold
+        };
+        if streak < needed {
+            return None;
+        }
+        e.check_streak.store(0, Ordering::Relaxed);
+        e.check_failed.store(!passed, Ordering::Relaxed);
+        Some(passed)
     }
 
     /// An endpoint for a request: by policy among those in rotation, skipping `tried`
@@ -209,9 +245,11 @@ impl Balancer {
             .iter()
             .map(|e| {
                 let until = e.ejected_until.load(Ordering::Relaxed);
+                let checked_out = e.check_failed.load(Ordering::Relaxed);
                 serde_json::json!({
                     "address": &*e.display,
-                    "healthy": until <= now,
+                    "healthy": until <= now && !checked_out,
+                    "health_check_failed": checked_out,
                     "ejected_for_ms": until.saturating_sub(now),
                     "ejections": e.ejections.load(Ordering::Relaxed),
                     "consecutive_failures": e.consecutive_failures.load(Ordering::Relaxed),

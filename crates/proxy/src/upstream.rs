@@ -19,7 +19,7 @@ use crate::body::{ProxyBody, empty};
 
 pub struct Cluster {
     pub name: Arc<str>,
-    balancer: Balancer,
+    balancer: Arc<Balancer>,
     client: Client<MeteredConnector, ProxyBody>,
     pub request_timeout: Duration,
     metrics: UpstreamConnectionMetrics,
@@ -94,12 +94,21 @@ impl Cluster {
                 (authority, Arc::from(display))
             })
             .collect();
+        let balancer = Arc::new(Balancer::new(
+            endpoints,
+            config.lb_policy,
+            config.outlier_detection.clone(),
+        ));
+        if let Some(check) = &config.health_check {
+            tokio::spawn(health_checks(
+                Arc::downgrade(&balancer),
+                client.clone(),
+                check.clone(),
+                name.clone(),
+            ));
+        }
         Cluster {
-            balancer: Balancer::new(
-                endpoints,
-                config.lb_policy,
-                config.outlier_detection.clone(),
-            ),
+            balancer,
             metrics: metrics.upstream_connection_metrics(&name),
             name,
             client,
@@ -351,5 +360,61 @@ impl hyper::rt::Write for MeteredIo {
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
         std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+/// Asks every endpoint `GET path` each interval until the cluster is gone (a reload replaced
+/// it), moving endpoints out of rotation and back by the thresholds.
+async fn health_checks(
+    balancer: std::sync::Weak<Balancer>,
+    client: Client<MeteredConnector, ProxyBody>,
+    check: larder_config::HealthCheck,
+    cluster: Arc<str>,
+) {
+    let mut ticks = tokio::time::interval(check.interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(balancer) = balancer.upgrade() else {
+            return;
+        };
+        let probes = balancer.endpoints.iter().enumerate().map(|(i, endpoint)| {
+            let client = client.clone();
+            let uri = Uri::builder()
+                .scheme(Scheme::HTTP)
+                .authority(endpoint.authority.clone())
+                .path_and_query(check.path.as_str())
+                .build();
+            let timeout = check.timeout;
+            async move {
+                let Ok(uri) = uri else { return (i, false) };
+                let mut req = Request::new(empty());
+                *req.uri_mut() = uri;
+                req.headers_mut().insert(
+                    http::header::USER_AGENT,
+                    http::HeaderValue::from_static("larder-health-check"),
+                );
+                let passed = match tokio::time::timeout(timeout, client.request(req)).await {
+                    Ok(Ok(response)) => response.status().is_success(),
+                    _ => false,
+                };
+                (i, passed)
+            }
+        });
+        for (i, passed) in futures_util::future::join_all(probes).await {
+            if let Some(healthy) = balancer.record_check(
+                i,
+                passed,
+                check.healthy_threshold,
+                check.unhealthy_threshold,
+            ) {
+                let endpoint = &balancer.endpoints[i].display;
+                if healthy {
+                    tracing::info!(cluster = %cluster, endpoint = %endpoint, "endpoint passes its health check again");
+                } else {
+                    tracing::warn!(cluster = %cluster, endpoint = %endpoint, "endpoint failed its health check; out of rotation");
+                }
+            }
+        }
     }
 }
