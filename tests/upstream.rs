@@ -239,3 +239,68 @@ async fn active_health_checks_move_traffic_away_and_back() {
     }
     assert!(answers.iter().any(|a| a == "draining"), "{answers:?}");
 }
+
+#[tokio::test]
+async fn dns_discovery_follows_the_name() {
+    use std::net::Ipv4Addr;
+    // Two endpoints on one port of two loopback addresses, as pods behind a headless Service.
+    let (a, b) = 'bind: {
+        for _ in 0..20 {
+            let Some(a) = Origin::start_on("127.0.0.2:0".parse().unwrap(), |_| async {
+                response(200, &[("cache-control", "no-store")], "a")
+            })
+            .await
+            else {
+                continue;
+            };
+            let port = a.addr.port();
+            if let Some(b) = Origin::start_on(SocketAddr::from(([127, 0, 0, 3], port)), |_| async {
+                response(200, &[("cache-control", "no-store")], "b")
+            })
+            .await
+            {
+                break 'bind (a, b);
+            }
+        }
+        panic!("no shared port on 127.0.0.2 and 127.0.0.3");
+    };
+    let dns = common::dns::TestDns::start("app.test", vec![Ipv4Addr::new(127, 0, 0, 2)]).await;
+    let yaml = cluster_yaml(
+        &[],
+        &format!(
+            "    dns: {{ name: app.test, port: {}, refresh_interval: 100ms, nameserver: \"{}\" }}",
+            a.addr.port(),
+            dns.addr
+        ),
+    )
+    .replace("    endpoints: []\n", "");
+    let larder = Larder::start(&yaml).await;
+    let endpoints = |larder: &Larder| {
+        let larder_url = larder.admin_url("/clusters");
+        async move {
+            let reply = send(&client(), Method::GET, &larder_url, &[], Bytes::new()).await;
+            reply.json()["clusters"][0]["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["address"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while endpoints(&larder).await != [a.addr.to_string()] {
+        assert!(Instant::now() < deadline, "first resolution never landed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(larder.get("/d").await.text(), "a");
+    // The Service's pods change: the next resolution moves traffic.
+    *dns.answers.lock().unwrap() = vec![Ipv4Addr::new(127, 0, 0, 3)];
+    while endpoints(&larder).await != [b.addr.to_string()] {
+        assert!(
+            Instant::now() < deadline,
+            "the new address was never picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(larder.get("/d").await.text(), "b");
+}

@@ -2,6 +2,8 @@
 //! receive, a Larder instance started from YAML, and small HTTP client helpers.
 #![allow(dead_code)]
 
+pub mod dns;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -57,8 +59,27 @@ impl Origin {
         F: Fn(Seen) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<TestBody>> + Send + 'static,
     {
-        let handler: Handler = Arc::new(move |seen| Box::pin(handler(seen)));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener, handler)
+    }
+
+    /// An origin on a chosen address (several loopback IPs sharing one port, as DNS-found
+    /// endpoints do); `None` when the address is taken.
+    pub async fn start_on<F, Fut>(addr: SocketAddr, handler: F) -> Option<Origin>
+    where
+        F: Fn(Seen) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<TestBody>> + Send + 'static,
+    {
+        let listener = TcpListener::bind(addr).await.ok()?;
+        Some(Self::serve(listener, handler))
+    }
+
+    fn serve<F, Fut>(listener: TcpListener, handler: F) -> Origin
+    where
+        F: Fn(Seen) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<TestBody>> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |seen| Box::pin(handler(seen)));
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let recorded = seen.clone();

@@ -712,7 +712,16 @@ fn build_clusters(raw: Option<Vec<RawCluster>>, cx: &mut Ctx) -> Vec<Cluster> {
         let path = index("clusters", i);
         let name = non_empty_name(cx, &path, &c.name);
         let mut endpoints = Vec::new();
-        match required(cx, &path, "endpoints", &c.endpoints) {
+        let dns = c
+            .dns
+            .map(|d| build_dns_discovery(cx, &key(&path, "dns"), d));
+        let listed = if dns.is_some() {
+            // With DNS discovery, listed endpoints are optional.
+            c.endpoints.as_ref().filter(|l| !l.is_empty())
+        } else {
+            required(cx, &path, "endpoints", &c.endpoints)
+        };
+        match listed {
             Some(list) if list.is_empty() => {
                 cx.error(
                     &key(&path, "endpoints"),
@@ -778,6 +787,7 @@ fn build_clusters(raw: Option<Vec<RawCluster>>, cx: &mut Ctx) -> Vec<Cluster> {
             health_check: c
                 .health_check
                 .map(|h| build_health_check(cx, &key(&path, "health_check"), h)),
+            dns,
         });
         paths.push(path);
     }
@@ -1728,5 +1738,65 @@ fn build_health_check(cx: &mut Ctx, p: &str, raw: RawHealthCheck) -> HealthCheck
         ),
         healthy_threshold,
         unhealthy_threshold,
+    }
+}
+
+fn build_dns_discovery(cx: &mut Ctx, p: &str, raw: RawDnsDiscovery) -> DnsDiscovery {
+    let name = match raw
+        .name
+        .map(|n| n.trim().trim_end_matches('.').to_ascii_lowercase())
+    {
+        Some(n) if is_hostname(&n) => n,
+        Some(n) => {
+            cx.error(&key(p, "name"), format!("invalid DNS name {n:?}"));
+            n
+        }
+        None => {
+            cx.error(
+                &key(p, "name"),
+                "required: the DNS name that lists the endpoints",
+            );
+            String::new()
+        }
+    };
+    let port = match raw.port {
+        Some(n) if (1..=65535).contains(&n) => n as u16,
+        Some(n) => {
+            cx.error(
+                &key(p, "port"),
+                format!("invalid port {n}: expected 1 to 65535"),
+            );
+            80
+        }
+        None => {
+            cx.error(&key(p, "port"), "required: the endpoints' port");
+            80
+        }
+    };
+    let nameserver = raw.nameserver.and_then(|text| {
+        let t = text.trim();
+        t.parse::<SocketAddr>()
+            .or_else(|_| {
+                t.parse::<std::net::IpAddr>()
+                    .map(|ip| SocketAddr::new(ip, 53))
+            })
+            .map_err(|_| {
+                cx.error(
+                    &key(p, "nameserver"),
+                    format!("invalid address {t:?}: expected IP or IP:port"),
+                )
+            })
+            .ok()
+    });
+    DnsDiscovery {
+        name,
+        port,
+        refresh_interval: timeout(
+            cx,
+            &key(p, "refresh_interval"),
+            raw.refresh_interval.as_ref(),
+            Duration::from_secs(10),
+        ),
+        nameserver,
     }
 }

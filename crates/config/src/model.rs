@@ -406,6 +406,20 @@ pub struct Cluster {
     pub max_idle_connections: usize,
     pub outlier_detection: OutlierDetection,
     pub health_check: Option<HealthCheck>,
+    /// Endpoints found by DNS instead of (or, until the first answer, besides) `endpoints`.
+    pub dns: Option<DnsDiscovery>,
+}
+
+/// A cluster's endpoints from a DNS name (A and AAAA; a Kubernetes headless Service), asked
+/// again every `refresh_interval`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DnsDiscovery {
+    pub name: String,
+    pub port: u16,
+    #[serde(serialize_with = "ser_duration")]
+    pub refresh_interval: Duration,
+    /// A DNS server to ask instead of the system's resolver.
+    pub nameserver: Option<SocketAddr>,
 }
 
 /// Active health: each endpoint is asked `GET path` every `interval`; it leaves rotation

@@ -191,6 +191,16 @@ pub(crate) struct RawCluster {
     pub max_idle_connections: Option<u64>,
     pub outlier_detection: Option<RawOutlierDetection>,
     pub health_check: Option<RawHealthCheck>,
+    pub dns: Option<RawDnsDiscovery>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDnsDiscovery {
+    pub name: Option<String>,
+    pub port: Option<u64>,
+    pub refresh_interval: Option<Scalar>,
+    pub nameserver: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

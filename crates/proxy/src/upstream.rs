@@ -1,6 +1,7 @@
 //! Upstream clusters: endpoint choice, pooled keep-alive connections, timeouts, and the single
 //! place where transport failures are classified.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,10 +17,12 @@ use tokio::net::TcpStream;
 
 use crate::balance::Balancer;
 use crate::body::{ProxyBody, empty};
+use arc_swap::ArcSwap;
 
 pub struct Cluster {
     pub name: Arc<str>,
-    balancer: Arc<Balancer>,
+    /// Swapped whole when DNS discovery finds a different set of endpoints.
+    balancer: Arc<ArcSwap<Balancer>>,
     client: Client<MeteredConnector, ProxyBody>,
     pub request_timeout: Duration,
     metrics: UpstreamConnectionMetrics,
@@ -29,7 +32,7 @@ impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cluster")
             .field("name", &self.name)
-            .field("endpoints", &self.balancer.endpoints)
+            .field("endpoints", &self.balancer.load().endpoints)
             .finish()
     }
 }
@@ -94,11 +97,20 @@ impl Cluster {
                 (authority, Arc::from(display))
             })
             .collect();
-        let balancer = Arc::new(Balancer::new(
+        let balancer = Arc::new(ArcSwap::from_pointee(Balancer::new(
             endpoints,
             config.lb_policy,
             config.outlier_detection.clone(),
-        ));
+        )));
+        if let Some(dns) = &config.dns {
+            tokio::spawn(discover(
+                Arc::downgrade(&balancer),
+                dns.clone(),
+                config.lb_policy,
+                config.outlier_detection.clone(),
+                name.clone(),
+            ));
+        }
         if let Some(check) = &config.health_check {
             tokio::spawn(health_checks(
                 Arc::downgrade(&balancer),
@@ -120,7 +132,7 @@ impl Cluster {
     pub fn snapshot(&self) -> serde_json::Value {
         serde_json::json!({
             "name": &*self.name,
-            "endpoints": self.balancer.snapshot(),
+            "endpoints": self.balancer.load().snapshot(),
         })
     }
 
@@ -135,8 +147,10 @@ impl Cluster {
     ) -> Result<UpstreamResponse, UpstreamError> {
         let start = Instant::now();
         let replayable = body.is_end_stream();
+        // One endpoint set for the whole request, even if discovery swaps it meanwhile.
+        let balancer = self.balancer.load_full();
         let attempts = if replayable {
-            self.balancer.endpoints.len().clamp(2, 3)
+            balancer.endpoints.len().clamp(2, 3)
         } else {
             1
         };
@@ -152,7 +166,7 @@ impl Cluster {
         };
         let mut tried: Vec<usize> = Vec::new();
         for attempt in 0..attempts as u32 {
-            let Some(pick) = self.balancer.pick(&hash_key, &tried) else {
+            let Some(pick) = balancer.pick(&hash_key, &tried) else {
                 break;
             };
             let endpoint = pick.endpoint;
@@ -179,7 +193,7 @@ impl Cluster {
                 Ok(Ok(response)) => {
                     // Gateway errors count against the endpoint, though they are relayed.
                     let failed = matches!(response.status().as_u16(), 502..=504);
-                    if self.balancer.record(pick.index, failed) {
+                    if balancer.record(pick.index, failed) {
                         self.metrics.ejected();
                     }
                     return Ok(UpstreamResponse {
@@ -201,7 +215,7 @@ impl Cluster {
                 },
             };
             // A request body too large is the client's doing, not the endpoint's.
-            if !error.body_too_large && self.balancer.record(pick.index, true) {
+            if !error.body_too_large && balancer.record(pick.index, true) {
                 self.metrics.ejected();
             }
             drop(pick);
@@ -366,7 +380,7 @@ impl hyper::rt::Write for MeteredIo {
 /// Asks every endpoint `GET path` each interval until the cluster is gone (a reload replaced
 /// it), moving endpoints out of rotation and back by the thresholds.
 async fn health_checks(
-    balancer: std::sync::Weak<Balancer>,
+    balancer: std::sync::Weak<ArcSwap<Balancer>>,
     client: Client<MeteredConnector, ProxyBody>,
     check: larder_config::HealthCheck,
     cluster: Arc<str>,
@@ -375,9 +389,11 @@ async fn health_checks(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let Some(balancer) = balancer.upgrade() else {
+        let Some(current) = balancer.upgrade() else {
             return;
         };
+        let balancer_now = current.load_full();
+        let balancer = &balancer_now;
         let probes = balancer.endpoints.iter().enumerate().map(|(i, endpoint)| {
             let client = client.clone();
             let uri = Uri::builder()
@@ -416,5 +432,67 @@ async fn health_checks(
                 }
             }
         }
+    }
+}
+
+/// Resolves the cluster's DNS name every refresh interval and swaps in a new endpoint set
+/// when the addresses change, until the cluster is gone.
+async fn discover(
+    balancer: std::sync::Weak<ArcSwap<Balancer>>,
+    dns: larder_config::DnsDiscovery,
+    policy: larder_config::LbPolicy,
+    outlier: larder_config::OutlierDetection,
+    cluster: Arc<str>,
+) {
+    let resolver = match larder_purge::peers::resolver(dns.nameserver) {
+        Ok(resolver) => resolver,
+        Err(e) => {
+            tracing::error!(cluster = %cluster, error = %e, "DNS discovery cannot start");
+            return;
+        }
+    };
+    let name = format!("{}.", dns.name);
+    loop {
+        let Some(current) = balancer.upgrade() else {
+            return;
+        };
+        let found: Option<Vec<SocketAddr>> = match resolver.lookup_ip(name.as_str()).await {
+            Ok(lookup) => Some(
+                lookup
+                    .iter()
+                    .map(|ip| SocketAddr::new(ip, dns.port))
+                    .collect(),
+            ),
+            Err(e) if e.is_no_records_found() => Some(Vec::new()),
+            Err(e) => {
+                tracing::warn!(cluster = %cluster, error = %e, "DNS discovery failed; keeping the endpoints");
+                None
+            }
+        };
+        if let Some(mut addrs) = found {
+            addrs.sort();
+            addrs.dedup();
+            let known: Vec<String> = current
+                .load()
+                .endpoints
+                .iter()
+                .map(|e| e.display.to_string())
+                .collect();
+            let fresh: Vec<String> = addrs.iter().map(SocketAddr::to_string).collect();
+            if known != fresh {
+                let endpoints = fresh
+                    .iter()
+                    .filter_map(|a| {
+                        a.parse::<Authority>()
+                            .ok()
+                            .map(|auth| (auth, Arc::from(a.as_str())))
+                    })
+                    .collect();
+                current.store(Arc::new(Balancer::new(endpoints, policy, outlier.clone())));
+                tracing::info!(cluster = %cluster, endpoints = %fresh.join(","), "cluster endpoints updated from DNS");
+            }
+        }
+        drop(current);
+        tokio::time::sleep(dns.refresh_interval).await;
     }
 }

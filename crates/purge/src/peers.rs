@@ -155,7 +155,9 @@ impl PeerSet {
     }
 }
 
-fn resolver(
+/// A resolver that asks again every time (replicas and endpoints come and go): the system's
+/// (resolv.conf), or one `nameserver`. Shared with upstream DNS discovery.
+pub fn resolver(
     nameserver: Option<SocketAddr>,
 ) -> Result<TokioResolver, hickory_resolver::net::NetError> {
     let mut builder = match nameserver {
