@@ -304,3 +304,93 @@ async fn dns_discovery_follows_the_name() {
     }
     assert_eq!(larder.get("/d").await.text(), "b");
 }
+
+#[tokio::test]
+async fn chosen_statuses_are_retried_elsewhere_for_idempotent_requests_only() {
+    let good = Origin::fixed(200, &[("cache-control", "no-store")], "good").await;
+    let busy = Origin::fixed(503, &[("cache-control", "no-store")], "busy").await;
+    let extra = "    outlier_detection: { consecutive_failures: 0 }\n    retry_on_status: [503]\n    max_retries: 1";
+    let larder = Larder::start(&cluster_yaml(&[busy.addr, good.addr], extra)).await;
+    for _ in 0..6 {
+        assert_eq!(larder.get("/r").await.text(), "good");
+    }
+    assert!(
+        busy.count() >= 3,
+        "the busy endpoint was asked and its 503s retried"
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let reply = larder
+            .request(Method::DELETE, &larder.proxy_url("/r"), &[], Bytes::new())
+            .await;
+        statuses.push(reply.status.as_u16());
+    }
+    // DELETE is idempotent, so it is retried too; POST is not.
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let reply = larder
+            .request(Method::POST, &larder.proxy_url("/r"), &[], Bytes::new())
+            .await;
+        statuses.push(reply.status.as_u16());
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 503).count(),
+        2,
+        "{statuses:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_circuit_breaker_answers_503_instead_of_queueing() {
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let gate = release.clone();
+    let slow = Origin::start(move |_| {
+        let arrived = arrived_tx.clone();
+        let gate = gate.clone();
+        async move {
+            // Registered before announcing arrival, so a release right after is not missed.
+            let released = gate.notified();
+            let _ = arrived.send(());
+            released.await;
+            response(200, &[("cache-control", "no-store")], "slow")
+        }
+    })
+    .await;
+    let larder = Larder::start(&cluster_yaml(&[slow.addr], "    max_requests: 2")).await;
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let url = larder.proxy_url(&format!("/held/{i}"));
+        let c = larder.client.clone();
+        held.push(tokio::spawn(async move {
+            send(&c, Method::GET, &url, &[], Bytes::new()).await
+        }));
+        arrived.recv().await.unwrap();
+    }
+    let refused = larder.get("/third").await;
+    assert_eq!(refused.status, 503);
+    assert!(
+        refused.text().contains("circuit breaker"),
+        "{}",
+        refused.text()
+    );
+    assert_eq!(
+        metric(
+            &larder.metrics().await,
+            r#"larder_upstream_errors_total{cluster="pool",kind="overflow"}"#
+        ),
+        Some(1.0)
+    );
+    release.notify_waiters();
+    for h in held {
+        assert_eq!(h.await.unwrap().text(), "slow");
+    }
+    // Room again once they are done.
+    let url = larder.proxy_url("/fourth");
+    let c = larder.client.clone();
+    let later = tokio::spawn(async move { send(&c, Method::GET, &url, &[], Bytes::new()).await });
+    arrived.recv().await.unwrap();
+    release.notify_waiters();
+    assert_eq!(later.await.unwrap().status, 200);
+}

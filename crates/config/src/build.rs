@@ -788,6 +788,35 @@ fn build_clusters(raw: Option<Vec<RawCluster>>, cx: &mut Ctx) -> Vec<Cluster> {
                 .health_check
                 .map(|h| build_health_check(cx, &key(&path, "health_check"), h)),
             dns,
+            max_requests: usize_or(cx, &key(&path, "max_requests"), c.max_requests, 1024, 1),
+            retry_on_status: c
+                .retry_on_status
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+                .filter_map(|(j, code)| {
+                    if (500..=599).contains(&code) {
+                        Some(code as u16)
+                    } else {
+                        cx.error(
+                            &index(&key(&path, "retry_on_status"), j),
+                            format!("{code}: only 5xx statuses can be retried"),
+                        );
+                        None
+                    }
+                })
+                .collect(),
+            max_retries: match c.max_retries {
+                Some(n) if n <= 10 => n as u32,
+                Some(n) => {
+                    cx.error(
+                        &key(&path, "max_retries"),
+                        format!("{n} is out of range: 0 to 10"),
+                    );
+                    1
+                }
+                None => 1,
+            },
         });
         paths.push(path);
     }

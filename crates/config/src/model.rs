@@ -408,6 +408,14 @@ pub struct Cluster {
     pub health_check: Option<HealthCheck>,
     /// Endpoints found by DNS instead of (or, until the first answer, besides) `endpoints`.
     pub dns: Option<DnsDiscovery>,
+    /// Requests in flight to the cluster at most; more are answered 503 at once rather than
+    /// queueing behind a struggling upstream (circuit breaking).
+    pub max_requests: usize,
+    /// Idempotent, bodiless requests answered with one of these statuses are sent again to
+    /// another endpoint, up to `max_retries` times, after a short jittered pause, while
+    /// retries stay within a fifth of the requests in flight (a retry budget).
+    pub retry_on_status: Vec<u16>,
+    pub max_retries: u32,
 }
 
 /// A cluster's endpoints from a DNS name (A and AAAA; a Kubernetes headless Service), asked

@@ -192,6 +192,9 @@ pub(crate) struct RawCluster {
     pub outlier_detection: Option<RawOutlierDetection>,
     pub health_check: Option<RawHealthCheck>,
     pub dns: Option<RawDnsDiscovery>,
+    pub max_requests: Option<u64>,
+    pub retry_on_status: Option<Vec<u64>>,
+    pub max_retries: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -42,7 +42,9 @@ impl ProxyError {
             ProxyError::Upstream(e) if e.body_too_large => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Upstream(e) => match e.kind {
                 UpstreamErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
-                UpstreamErrorKind::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
+                UpstreamErrorKind::NoEndpoint | UpstreamErrorKind::Overflow => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
                 UpstreamErrorKind::Connect | UpstreamErrorKind::Protocol => StatusCode::BAD_GATEWAY,
             },
         }
@@ -64,6 +66,10 @@ impl ProxyError {
             ProxyError::Upstream(e) => match e.kind {
                 UpstreamErrorKind::Timeout => "upstream timed out\n".into(),
                 UpstreamErrorKind::NoEndpoint => "no upstream endpoint available\n".into(),
+                UpstreamErrorKind::Overflow => {
+                    "upstream circuit breaker open: too many requests in flight to this cluster\n"
+                        .into()
+                }
                 UpstreamErrorKind::Connect => "upstream connect error\n".into(),
                 UpstreamErrorKind::Protocol => "upstream sent an invalid response\n".into(),
             },

@@ -26,6 +26,29 @@ pub struct Cluster {
     client: Client<MeteredConnector, ProxyBody>,
     pub request_timeout: Duration,
     metrics: UpstreamConnectionMetrics,
+    /// Requests waiting for response headers now, against `max_requests`.
+    in_flight: std::sync::atomic::AtomicUsize,
+    max_requests: usize,
+    /// Retries in progress, kept within a fifth of `in_flight` (the retry budget).
+    retrying: std::sync::atomic::AtomicUsize,
+    retry_on_status: Vec<u16>,
+    max_retries: u32,
+}
+
+/// Holds a unit of a counter for as long as it lives.
+struct Held<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Held<'a> {
+    fn take(counter: &'a std::sync::atomic::AtomicUsize) -> Held<'a> {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Held(counter)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Cluster {
@@ -125,6 +148,11 @@ impl Cluster {
             name,
             client,
             request_timeout: config.request_timeout,
+            in_flight: Default::default(),
+            max_requests: config.max_requests,
+            retrying: Default::default(),
+            retry_on_status: config.retry_on_status.clone(),
+            max_retries: config.max_retries,
         }
     }
 
@@ -146,14 +174,37 @@ impl Cluster {
         interim: Option<&crate::interim::InterimSink>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let start = Instant::now();
-        let replayable = body.is_end_stream();
+        use std::sync::atomic::Ordering::Relaxed;
+        // Circuit breaking: a struggling upstream gets no queue of requests behind it.
+        if self.in_flight.load(Relaxed) >= self.max_requests {
+            return Err(UpstreamError {
+                kind: UpstreamErrorKind::Overflow,
+                endpoint: None,
+                message: format!(
+                    "{} requests in flight to cluster {} (max_requests)",
+                    self.max_requests, self.name
+                ),
+                duration: start.elapsed(),
+                body_too_large: false,
+                stale_connection: false,
+                retries: 0,
+            });
+        }
+        let _in_flight = Held::take(&self.in_flight);
+        // Only what can be sent again safely is: idempotent, and no body already consumed.
+        let replayable = body.is_end_stream() && request.method.is_idempotent();
         // One endpoint set for the whole request, even if discovery swaps it meanwhile.
         let balancer = self.balancer.load_full();
         let attempts = if replayable {
-            balancer.endpoints.len().clamp(2, 3)
+            balancer
+                .endpoints
+                .len()
+                .clamp(2, 3)
+                .max(1 + self.max_retries as usize)
         } else {
             1
         };
+        let mut status_retries = 0;
         let mut body = Some(body);
         let mut last_error: Option<UpstreamError> = None;
         // The URL the request names: what ring hashing keeps on one endpoint.
@@ -192,9 +243,27 @@ impl Cluster {
             let error = match tokio::time::timeout(remaining, self.client.request(req)).await {
                 Ok(Ok(response)) => {
                     // Gateway errors count against the endpoint, though they are relayed.
-                    let failed = matches!(response.status().as_u16(), 502..=504);
+                    let status = response.status().as_u16();
+                    let failed = matches!(status, 502..=504);
                     if balancer.record(pick.index, failed) {
                         self.metrics.ejected();
+                    }
+                    let budget = (self.in_flight.load(Relaxed) / 5).max(3);
+                    let retry = replayable
+                        && self.retry_on_status.contains(&status)
+                        && status_retries < self.max_retries
+                        && attempt + 1 < attempts as u32
+                        && self.retrying.load(Relaxed) < budget;
+                    if retry {
+                        status_retries += 1;
+                        drop(response);
+                        drop(pick);
+                        let _retrying = Held::take(&self.retrying);
+                        // Jittered, so replicas retrying together do not arrive together.
+                        let pause = Duration::from_millis(25 + fastrand::u64(..25));
+                        tokio::time::sleep(pause.min(timeout.saturating_sub(start.elapsed())))
+                            .await;
+                        continue;
                     }
                     return Ok(UpstreamResponse {
                         response,
@@ -221,8 +290,8 @@ impl Cluster {
             drop(pick);
             // Safe to resend, for idempotent requests only: nothing reached an origin (connect
             // failure), or a pooled connection closed before any response byte came.
-            let retry = request.method.is_idempotent()
-                && (error.kind == UpstreamErrorKind::Connect || error.stale_connection);
+            let retry =
+                replayable && (error.kind == UpstreamErrorKind::Connect || error.stale_connection);
             last_error = Some(error);
             if !retry {
                 break;

@@ -67,6 +67,8 @@ pub enum UpstreamErrorKind {
     Protocol,
     /// No endpoint is available in the cluster.
     NoEndpoint,
+    /// The cluster's circuit breaker refused the request (too many in flight).
+    Overflow,
 }
 
 impl UpstreamErrorKind {
@@ -76,6 +78,7 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::Timeout => "timeout",
             UpstreamErrorKind::Protocol => "protocol",
             UpstreamErrorKind::NoEndpoint => "no_endpoint",
+            UpstreamErrorKind::Overflow => "overflow",
         }
     }
 }
