@@ -231,7 +231,8 @@ pub async fn start(config: Config, options: StartOptions) -> anyhow::Result<Serv
     } else {
         None
     };
-    let proxy = Proxy::new(config.clone(), metrics.clone(), access_log, tracing);
+    let proxy = Proxy::new(config.clone(), metrics.clone(), access_log, tracing)
+        .map_err(|e| anyhow::anyhow!(e))?;
     let ready = Arc::new(AtomicBool::new(true));
     let (shutdown, shutdown_rx) = watch::channel(false);
     let signal = move || {
@@ -394,7 +395,14 @@ pub fn reload_config(proxy: &Proxy, path: &std::path::Path) -> Result<u64, Strin
             return Err(errors.to_string());
         }
     };
-    let (generation, changed) = proxy.reload(config);
+    let (generation, changed) = match proxy.reload(config) {
+        Ok(applied) => applied,
+        Err(e) => {
+            proxy.metrics.record_config_reload(false);
+            tracing::error!(file = %path.display(), error = %e, "config reload rejected; the running config stays");
+            return Err(e);
+        }
+    };
     proxy.metrics.record_config_reload(true);
     let needs_restart: Vec<&str> = changed
         .iter()

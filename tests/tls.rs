@@ -191,3 +191,94 @@ async fn a_bad_certificate_file_stops_the_start_naming_the_file() {
     assert!(error.contains("a.key"), "{error}");
     assert!(error.contains("https"), "names the listener: {error}");
 }
+
+/// An origin serving HTTPS with `cert` (HTTP/1.1 or HTTP/2 by ALPN).
+async fn tls_origin(dir: &Path, body: &'static str) -> SocketAddr {
+    use rustls_pki_types::PrivateKeyDer;
+    use rustls_pki_types::pem::PemObject;
+    let chain = CertificateDer::pem_file_iter(dir.join("origin.crt"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(dir.join("origin.key")).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| async move {
+                        let answer = format!("{body} {:?}", req.version());
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .header("cache-control", "no-store")
+                                .body(Full::new(Bytes::from(answer)))
+                                .unwrap(),
+                        )
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn upstream_tls_is_verified_against_the_ca_and_can_speak_http2() {
+    let dir = std::env::temp_dir().join(format!("larder-tls-up-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_cert(&dir, "origin", "origin.test");
+    write_cert(&dir, "other", "other.test");
+    let origin = tls_origin(&dir, "secure").await;
+    let cluster = |ca: &str, http2: bool| {
+        format!(
+            "    tls: {{ ca_file: {:?}, server_name: origin.test }}\n    http2: {http2}\n",
+            dir.join(ca).display().to_string()
+        )
+    };
+    let yaml = |ca: &str, http2: bool| {
+        config_yaml(origin, DEFAULT_TYPES).replace(
+            "    request_timeout: 5s\n",
+            &format!("    request_timeout: 5s\n{}", cluster(ca, http2)),
+        )
+    };
+    let larder = Larder::start(&yaml("origin.crt", false)).await;
+    let reply = larder.get("/s").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "secure HTTP/1.1");
+
+    let h2 = Larder::start(&yaml("origin.crt", true)).await;
+    assert_eq!(h2.get("/s").await.text(), "secure HTTP/2.0");
+
+    // A certificate the CA bundle does not vouch for is refused.
+    let untrusting = Larder::start(&yaml("other.crt", false)).await;
+    assert_eq!(untrusting.get("/s").await.status, 502);
+
+    // A CA file that does not load stops the start, naming the cluster and the file.
+    let config = larder_config::load_str(&yaml("missing.crt", false), "test.yaml").unwrap();
+    let error = match larder::start(config, larder::StartOptions::default()).await {
+        Ok(_) => panic!("started without its CA file"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        error.contains("missing.crt") && error.contains("origin"),
+        "{error}"
+    );
+}

@@ -394,3 +394,12 @@ async fn the_circuit_breaker_answers_503_instead_of_queueing() {
     release.notify_waiters();
     assert_eq!(later.await.unwrap().status, 200);
 }
+
+#[tokio::test]
+async fn http2_to_a_cleartext_upstream_uses_prior_knowledge() {
+    let origin = Origin::fixed(200, &[("cache-control", "no-store")], "h2c").await;
+    let larder = Larder::start(&cluster_yaml(&[origin.addr], "    http2: true")).await;
+    assert_eq!(larder.get("/two").await.text(), "h2c");
+    // An HTTP/2 request carries its scheme and authority; HTTP/1.1 sends only the path.
+    assert_eq!(origin.last().uri.scheme_str(), Some("http"));
+}

@@ -817,6 +817,21 @@ fn build_clusters(raw: Option<Vec<RawCluster>>, cx: &mut Ctx) -> Vec<Cluster> {
                 }
                 None => 1,
             },
+            tls: c.tls.map(|t| {
+                if t.cert_file.is_some() != t.key_file.is_some() {
+                    cx.error(
+                        &key(&key(&path, "tls"), "cert_file"),
+                        "cert_file and key_file go together",
+                    );
+                }
+                UpstreamTls {
+                    ca_file: t.ca_file.map(PathBuf::from),
+                    server_name: t.server_name.map(|n| n.trim().to_owned()),
+                    cert_file: t.cert_file.map(PathBuf::from),
+                    key_file: t.key_file.map(PathBuf::from),
+                }
+            }),
+            http2: c.http2.unwrap_or(false),
         });
         paths.push(path);
     }

@@ -416,6 +416,21 @@ pub struct Cluster {
     /// retries stay within a fifth of the requests in flight (a retry budget).
     pub retry_on_status: Vec<u16>,
     pub max_retries: u32,
+    /// Reach the endpoints over TLS.
+    pub tls: Option<UpstreamTls>,
+    /// Speak HTTP/2 to the endpoints (over TLS by ALPN, else cleartext with prior knowledge).
+    pub http2: bool,
+}
+
+/// TLS to a cluster's endpoints: verified against `ca_file` (else the Mozilla root set), with
+/// `server_name` for SNI and verification (else the endpoint's host), and optionally a client
+/// certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UpstreamTls {
+    pub ca_file: Option<PathBuf>,
+    pub server_name: Option<String>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 /// A cluster's endpoints from a DNS name (A and AAAA; a Kubernetes headless Service), asked
@@ -479,7 +494,11 @@ impl FromStr for Endpoint {
         let (rest, scheme_default_port) = if let Some((scheme, rest)) = s.split_once("://") {
             match scheme.to_ascii_lowercase().as_str() {
                 "http" => (rest, Some(80)),
-                "https" => return Err("TLS to upstreams is not supported yet; use http://".into()),
+                "https" => {
+                    return Err(
+                        "write the endpoint as host:port and set `tls:` on the cluster".into(),
+                    );
+                }
                 other => {
                     return Err(format!(
                         "unsupported scheme {other:?}; only http is accepted"

@@ -195,6 +195,17 @@ pub(crate) struct RawCluster {
     pub max_requests: Option<u64>,
     pub retry_on_status: Option<Vec<u64>>,
     pub max_retries: Option<u64>,
+    pub tls: Option<RawUpstreamTls>,
+    pub http2: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpstreamTls {
+    pub ca_file: Option<String>,
+    pub server_name: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

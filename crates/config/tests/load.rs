@@ -291,7 +291,7 @@ clusters:
             "larder.yaml:10:25: virtual_hosts[0].routes[1].match.regex: invalid regex \"^/(v1\": unclosed group",
             "larder.yaml:13:15: virtual_hosts[1].domains[0]: domain \"example.com\" is also listed in virtual_hosts[0] (\"main\"); each domain may belong to only one virtual host",
             "larder.yaml:14:5: virtual_hosts[1].routes: at least one route is required",
-            "larder.yaml:17:17: clusters[0].endpoints[0]: invalid endpoint \"https://origin:443\": TLS to upstreams is not supported yet; use http://",
+            "larder.yaml:17:17: clusters[0].endpoints[0]: invalid endpoint \"https://origin:443\": write the endpoint as host:port and set `tls:` on the cluster",
             "larder.yaml:18:16: clusters[0].lb_policy: unknown lb_policy \"fastest\" (supported: round_robin, random, least_request, ring_hash)",
             "larder.yaml:19:22: clusters[0].connect_timeout: must be greater than zero",
             "larder.yaml:20:11: clusters[1].name: duplicate cluster name \"origin\" (first defined at clusters[0])",
@@ -780,7 +780,7 @@ fn endpoints() {
     assert_eq!(ok("http://Origin.svc").to_string(), "origin.svc:80");
     assert_eq!(ok("http://10.0.0.1:8080/").to_string(), "10.0.0.1:8080");
     for (bad, why) in [
-        ("https://x:443", "TLS to upstreams is not supported yet"),
+        ("https://x:443", "set `tls:` on the cluster"),
         ("ftp://x:21", "unsupported scheme"),
         ("x", "missing port"),
         ("x:0", "port 0"),

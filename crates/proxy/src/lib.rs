@@ -139,14 +139,18 @@ fn tag_headers(config: &Config) -> Vec<http::HeaderName> {
 }
 
 impl Runtime {
-    pub fn build(config: Arc<Config>, metrics: &Metrics) -> Runtime {
+    pub fn build(config: Arc<Config>, metrics: &Metrics) -> Result<Runtime, String> {
         let cache = Arc::new(cache_from_config(&config));
         Self::assemble(config, metrics, cache, 1)
     }
 
     /// The runtime of a reloaded config: resource types whose definition did not change keep
     /// their stored objects (and their place in memory); the rest start empty.
-    pub fn rebuild(config: Arc<Config>, metrics: &Metrics, previous: &Runtime) -> Runtime {
+    pub fn rebuild(
+        config: Arc<Config>,
+        metrics: &Metrics,
+        previous: &Runtime,
+    ) -> Result<Runtime, String> {
         let (specs, settings) = cache_specs(&config);
         // Stored objects were admitted under the old cache-wide rules too: keep them only
         // when those are unchanged as well.
@@ -164,19 +168,19 @@ impl Runtime {
         metrics: &Metrics,
         cache: Arc<Cache>,
         generation: u64,
-    ) -> Runtime {
+    ) -> Result<Runtime, String> {
         let clusters: Vec<Cluster> = config
             .clusters
             .iter()
             .map(|c| Cluster::new(c, metrics))
-            .collect();
+            .collect::<Result<_, _>>()?;
         let index: HashMap<&str, usize> = config
             .clusters
             .iter()
             .enumerate()
             .map(|(i, c)| (c.name.as_str(), i))
             .collect();
-        Runtime {
+        Ok(Runtime {
             generation,
             router: Router::new(&config, &index),
             clusters,
@@ -191,7 +195,7 @@ impl Runtime {
                 Vec::new()
             },
             config,
-        }
+        })
     }
 }
 
@@ -217,12 +221,13 @@ impl Proxy {
         metrics: Arc<Metrics>,
         access_log: Option<AccessLog>,
         tracing: Option<Arc<larder_telemetry::Tracing>>,
-    ) -> Arc<Proxy> {
+    ) -> Result<Arc<Proxy>, String> {
+        let runtime = Runtime::build(config, &metrics)?;
         let proxy = Arc::new_cyclic(|me| Proxy {
             me: me.clone(),
             tracing,
             draining: std::sync::atomic::AtomicBool::new(false),
-            runtime: ArcSwap::from_pointee(Runtime::build(config, &metrics)),
+            runtime: ArcSwap::from_pointee(runtime),
             metrics: metrics.clone(),
             access_log: access_log.map(Arc::new),
             purger: std::sync::OnceLock::new(),
@@ -246,7 +251,7 @@ impl Proxy {
                 })
                 .collect()
         });
-        proxy
+        Ok(proxy)
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {
@@ -259,13 +264,13 @@ impl Proxy {
 
     /// Swaps in a new, already validated config; requests in flight finish under the one
     /// they started with. Returns the new generation and the top-level sections that changed.
-    pub fn reload(&self, config: Config) -> (u64, Vec<&'static str>) {
+    pub fn reload(&self, config: Config) -> Result<(u64, Vec<&'static str>), String> {
         let previous = self.runtime.load_full();
         let changed = changed_sections(&previous.config, &config);
-        let next = Runtime::rebuild(Arc::new(config), &self.metrics, &previous);
+        let next = Runtime::rebuild(Arc::new(config), &self.metrics, &previous)?;
         let generation = next.generation;
         self.runtime.store(Arc::new(next));
-        (generation, changed)
+        Ok((generation, changed))
     }
 
     pub fn generation(&self) -> u64 {

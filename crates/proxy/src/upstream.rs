@@ -25,6 +25,8 @@ pub struct Cluster {
     balancer: Arc<ArcSwap<Balancer>>,
     client: Client<MeteredConnector, ProxyBody>,
     pub request_timeout: Duration,
+    /// `https` for clusters with `tls:`.
+    scheme: Scheme,
     metrics: UpstreamConnectionMetrics,
     /// Requests waiting for response headers now, against `max_requests`.
     in_flight: std::sync::atomic::AtomicUsize,
@@ -94,21 +96,53 @@ pub struct UpstreamRequest {
 }
 
 impl Cluster {
-    pub fn new(config: &larder_config::Cluster, metrics: &larder_telemetry::Metrics) -> Cluster {
+    /// Fails when the cluster's TLS files cannot be loaded (the error names them).
+    pub fn new(
+        config: &larder_config::Cluster,
+        metrics: &larder_telemetry::Metrics,
+    ) -> Result<Cluster, String> {
         let name: Arc<str> = config.name.as_str().into();
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
         connector.set_keepalive(Some(Duration::from_secs(60)));
+        // TLS, when configured, happens inside the connector: the pool keeps TLS sessions.
+        connector.enforce_http(false);
+        let tls_client = match &config.tls {
+            Some(tls) => {
+                upstream_tls(tls).map_err(|e| format!("cluster {:?}: {e}", config.name))?
+            }
+            None => upstream_tls_unused(),
+        };
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls_client)
+            .https_or_http();
+        let builder = match config.tls.as_ref().and_then(|t| t.server_name.clone()) {
+            Some(server_name) => builder.with_server_name_resolver(FixedServerName(server_name)),
+            None => builder
+                .with_server_name_resolver(hyper_rustls::DefaultServerNameResolver::default()),
+        };
+        // ALPN offers exactly the protocol the cluster is set to speak.
+        let https = if config.http2 {
+            builder.enable_http2().wrap_connector(connector)
+        } else {
+            builder.enable_http1().wrap_connector(connector)
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.idle_timeout)
             .pool_max_idle_per_host(config.max_idle_connections)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
+            .http2_only(config.http2)
             .build(MeteredConnector {
-                inner: connector,
+                inner: https,
                 metrics: metrics.upstream_connection_metrics(&name),
             });
+        let scheme = if config.tls.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
         let endpoints = config
             .endpoints
             .iter()
@@ -140,9 +174,11 @@ impl Cluster {
                 client.clone(),
                 check.clone(),
                 name.clone(),
+                scheme.clone(),
             ));
         }
-        Cluster {
+        Ok(Cluster {
+            scheme,
             balancer,
             metrics: metrics.upstream_connection_metrics(&name),
             name,
@@ -153,7 +189,7 @@ impl Cluster {
             retrying: Default::default(),
             retry_on_status: config.retry_on_status.clone(),
             max_retries: config.max_retries,
-        }
+        })
     }
 
     /// Endpoint health and load, for `/clusters`.
@@ -223,7 +259,7 @@ impl Cluster {
             let endpoint = pick.endpoint;
             tried.push(pick.index);
             let uri = Uri::builder()
-                .scheme(Scheme::HTTP)
+                .scheme(self.scheme.clone())
                 .authority(endpoint.authority.clone())
                 .path_and_query(request.path_and_query.clone())
                 .build()
@@ -353,7 +389,7 @@ fn source_chain<'a>(
 /// itself exposes neither.
 #[derive(Clone)]
 struct MeteredConnector {
-    inner: HttpConnector,
+    inner: hyper_rustls::HttpsConnector<HttpConnector>,
     metrics: UpstreamConnectionMetrics,
 }
 
@@ -384,7 +420,7 @@ impl tower_service::Service<Uri> for MeteredConnector {
 
 /// An upstream connection that reports its closing.
 struct MeteredIo {
-    io: TokioIo<TcpStream>,
+    io: hyper_rustls::MaybeHttpsStream<TokioIo<TcpStream>>,
     metrics: UpstreamConnectionMetrics,
 }
 
@@ -453,6 +489,7 @@ async fn health_checks(
     client: Client<MeteredConnector, ProxyBody>,
     check: larder_config::HealthCheck,
     cluster: Arc<str>,
+    scheme: Scheme,
 ) {
     let mut ticks = tokio::time::interval(check.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -466,7 +503,7 @@ async fn health_checks(
         let probes = balancer.endpoints.iter().enumerate().map(|(i, endpoint)| {
             let client = client.clone();
             let uri = Uri::builder()
-                .scheme(Scheme::HTTP)
+                .scheme(scheme.clone())
                 .authority(endpoint.authority.clone())
                 .path_and_query(check.path.as_str())
                 .build();
@@ -563,5 +600,72 @@ async fn discover(
         }
         drop(current);
         tokio::time::sleep(dns.refresh_interval).await;
+    }
+}
+
+/// The rustls client setup of a TLS cluster: its CA bundle (or the Mozilla roots), ALPN for
+/// HTTP/2 or HTTP/1.1, and an optional client certificate.
+fn upstream_tls(tls: &larder_config::UpstreamTls) -> Result<rustls::ClientConfig, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    match &tls.ca_file {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|c| c.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("reading tls.ca_file {}: {e}", path.display()))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(format!(
+                    "tls.ca_file {} holds no usable certificate",
+                    path.display()
+                ));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots);
+    let config = match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|c| c.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("reading tls.cert_file {}: {e}", cert.display()))?;
+            let key_der = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("reading tls.key_file {}: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| format!("client certificate {}: {e}", cert.display()))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(config)
+}
+
+/// Plain clusters never handshake, but the connector wants a TLS setup all the same.
+fn upstream_tls_unused() -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth()
+}
+
+/// SNI and certificate name checks use the configured `server_name`, whatever the endpoint's
+/// address (endpoints are often IPs).
+#[derive(Clone)]
+struct FixedServerName(String);
+
+impl hyper_rustls::ResolveServerName for FixedServerName {
+    fn resolve(
+        &self,
+        _: &Uri,
+    ) -> Result<rustls_pki_types::ServerName<'static>, Box<dyn std::error::Error + Sync + Send>>
+    {
+        rustls_pki_types::ServerName::try_from(self.0.clone()).map_err(|e| e.into())
     }
 }
