@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -266,32 +265,18 @@ async fn soft_purge_with_grace_serves_stale_while_the_origin_is_asked() {
 
 #[tokio::test]
 async fn a_purge_during_an_in_flight_fill_wins() {
-    let (arrived_tx, mut arrived_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let release = Arc::new(tokio::sync::Notify::new());
-    let gate = release.clone();
-    let origin = Origin::start(move |seen| {
-        let arrived = arrived_tx.clone();
-        let gate = gate.clone();
-        async move {
-            if seen.uri.path() == "/slow" {
-                let _ = arrived.send(());
-                gate.notified().await;
-            }
-            response(
-                200,
-                &[("cache-control", "max-age=600"), ("surrogate-key", "slow")],
-                "old",
-            )
-        }
-    })
+    let gated = GatedOrigin::start(
+        &[("cache-control", "max-age=600"), ("surrogate-key", "slow")],
+        "old",
+    )
     .await;
     for purge in ["/purge?hostname=127.0.0.1&path=/slow", "/purge?tag=slow"] {
-        let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+        let larder = Larder::start(&config_yaml(gated.origin.addr, DEFAULT_TYPES)).await;
         let url = larder.proxy_url("/slow");
         let client = larder.client.clone();
         let fill =
             tokio::spawn(async move { send(&client, Method::GET, &url, &[], Bytes::new()).await });
-        arrived_rx.recv().await.expect("the origin got the request");
+        gated.arrived("the fill").await;
         // The purge lands while the origin is still answering.
         let reply = larder.admin(Method::POST, purge, &[]).await;
         assert_eq!(
@@ -300,7 +285,7 @@ async fn a_purge_during_an_in_flight_fill_wins() {
             "{purge}: nothing stored yet: {}",
             reply.text()
         );
-        release.notify_one();
+        gated.release_one();
         let first = fill.await.unwrap();
         assert_eq!(first.text(), "old", "the client still gets its answer");
         // …but the fill was not stored: the purge won.
@@ -308,11 +293,10 @@ async fn a_purge_during_an_in_flight_fill_wins() {
         let client = larder.client.clone();
         let refetch =
             tokio::spawn(async move { send(&client, Method::GET, &url, &[], Bytes::new()).await });
-        tokio::time::timeout(Duration::from_secs(5), arrived_rx.recv())
-            .await
-            .expect("the next request goes to the origin: the purged fill was not stored")
-            .unwrap();
-        release.notify_one();
+        gated
+            .arrived("the next request goes to the origin: the purged fill was not stored")
+            .await;
+        gated.release_one();
         let second = refetch.await.unwrap();
         assert_eq!(second.status, 200);
         assert!(!is_hit(&second), "{purge}: {}", second.cache_status());

@@ -108,24 +108,12 @@ async fn reload_swaps_routes_keeps_unchanged_caches_and_rejects_bad_files() {
 async fn a_purge_during_a_reload_still_beats_a_fill_of_the_previous_config() {
     // The purge history is shared across configs: a fill that began under generation 1 and
     // commits after a reload and a purge must not be stored.
-    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let release = std::sync::Arc::new(tokio::sync::Notify::new());
-    let gate = release.clone();
-    let origin = Origin::start(move |_| {
-        let arrived = arrived_tx.clone();
-        let gate = gate.clone();
-        async move {
-            let _ = arrived.send(());
-            gate.notified().await;
-            response(200, &[("cache-control", "max-age=600")], "old")
-        }
-    })
-    .await;
+    let gated = GatedOrigin::start(&[("cache-control", "max-age=600")], "old").await;
     let other = Origin::fixed(200, &[], "unused").await;
     let dir = std::env::temp_dir().join(format!("larder-reload-race-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("larder.yaml");
-    std::fs::write(&path, yaml(origin.addr, other.addr, false, "16MiB")).unwrap();
+    std::fs::write(&path, yaml(gated.origin.addr, other.addr, false, "16MiB")).unwrap();
     let larder = Larder {
         server: larder::start(
             larder_config::load_file(&path).unwrap(),
@@ -139,22 +127,21 @@ async fn a_purge_during_a_reload_still_beats_a_fill_of_the_previous_config() {
     let c = larder.client.clone();
     let fill =
         tokio::spawn(async move { send(&c, Method::GET, &url, &[], bytes::Bytes::new()).await });
-    arrived.recv().await.unwrap();
-    std::fs::write(&path, yaml(origin.addr, other.addr, true, "16MiB")).unwrap();
+    gated.arrived("the fill").await;
+    std::fs::write(&path, yaml(gated.origin.addr, other.addr, true, "16MiB")).unwrap();
     assert_eq!(larder.server.reload_from_file(&path), Ok(2));
     larder
         .admin(Method::POST, "/purge?hostname=127.0.0.1&path=/race", &[])
         .await;
-    release.notify_one();
+    gated.release_one();
     assert_eq!(fill.await.unwrap().text(), "old");
     let url = larder.proxy_url("/race");
     let c = larder.client.clone();
     let again =
         tokio::spawn(async move { send(&c, Method::GET, &url, &[], bytes::Bytes::new()).await });
-    tokio::time::timeout(std::time::Duration::from_secs(5), arrived.recv())
-        .await
-        .expect("the purged fill was not stored: the origin is asked again")
-        .unwrap();
-    release.notify_one();
+    gated
+        .arrived("the purged fill was not stored: the origin is asked again")
+        .await;
+    gated.release_one();
     assert!(!again.await.unwrap().cache_status().contains("hit"));
 }

@@ -343,22 +343,8 @@ async fn chosen_statuses_are_retried_elsewhere_for_idempotent_requests_only() {
 
 #[tokio::test]
 async fn the_circuit_breaker_answers_503_instead_of_queueing() {
-    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let release = std::sync::Arc::new(tokio::sync::Notify::new());
-    let gate = release.clone();
-    let slow = Origin::start(move |_| {
-        let arrived = arrived_tx.clone();
-        let gate = gate.clone();
-        async move {
-            // Registered before announcing arrival, so a release right after is not missed.
-            let released = gate.notified();
-            let _ = arrived.send(());
-            released.await;
-            response(200, &[("cache-control", "no-store")], "slow")
-        }
-    })
-    .await;
-    let larder = Larder::start(&cluster_yaml(&[slow.addr], "    max_requests: 2")).await;
+    let slow = GatedOrigin::start(&[("cache-control", "no-store")], "slow").await;
+    let larder = Larder::start(&cluster_yaml(&[slow.origin.addr], "    max_requests: 2")).await;
     let mut held = Vec::new();
     for i in 0..2 {
         let url = larder.proxy_url(&format!("/held/{i}"));
@@ -366,7 +352,7 @@ async fn the_circuit_breaker_answers_503_instead_of_queueing() {
         held.push(tokio::spawn(async move {
             send(&c, Method::GET, &url, &[], Bytes::new()).await
         }));
-        arrived.recv().await.unwrap();
+        slow.arrived("a held request").await;
     }
     let refused = larder.get("/third").await;
     assert_eq!(refused.status, 503);
@@ -382,7 +368,7 @@ async fn the_circuit_breaker_answers_503_instead_of_queueing() {
         ),
         Some(1.0)
     );
-    release.notify_waiters();
+    slow.release_all();
     for h in held {
         assert_eq!(h.await.unwrap().text(), "slow");
     }
@@ -390,8 +376,8 @@ async fn the_circuit_breaker_answers_503_instead_of_queueing() {
     let url = larder.proxy_url("/fourth");
     let c = larder.client.clone();
     let later = tokio::spawn(async move { send(&c, Method::GET, &url, &[], Bytes::new()).await });
-    arrived.recv().await.unwrap();
-    release.notify_waiters();
+    slow.arrived("after the breaker closed").await;
+    slow.release_one();
     assert_eq!(later.await.unwrap().status, 200);
 }
 

@@ -329,3 +329,66 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
 pub fn counter(count: &AtomicUsize) -> usize {
     count.load(Ordering::SeqCst)
 }
+
+/// An origin that holds every request until the test releases it, and says when one
+/// arrives: for races with a fill in flight.
+pub struct GatedOrigin {
+    pub origin: Origin,
+    arrivals: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<()>>,
+    gate: Arc<tokio::sync::Notify>,
+}
+
+impl GatedOrigin {
+    pub async fn start(headers: &[(&str, &str)], body: &'static str) -> GatedOrigin {
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let (arrived, arrivals) = tokio::sync::mpsc::unbounded_channel();
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let held = gate.clone();
+        let origin = Origin::start(move |_| {
+            let arrived = arrived.clone();
+            let held = held.clone();
+            let headers = headers.clone();
+            async move {
+                // Registered before announcing the arrival, so no release is missed.
+                let released = held.notified();
+                let _ = arrived.send(());
+                released.await;
+                let headers: Vec<(&str, &str)> = headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                response(200, &headers, body)
+            }
+        })
+        .await;
+        GatedOrigin {
+            origin,
+            arrivals: tokio::sync::Mutex::new(arrivals),
+            gate,
+        }
+    }
+
+    /// Waits (at most 5 s) for the next request to reach the origin.
+    pub async fn arrived(&self, why: &str) {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            self.arrivals.lock().await.recv(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("no request reached the origin: {why}"))
+        .expect("the origin is running");
+    }
+
+    /// Lets one held request (or the next one) answer.
+    pub fn release_one(&self) {
+        self.gate.notify_one();
+    }
+
+    /// Lets every request held now answer.
+    pub fn release_all(&self) {
+        self.gate.notify_waiters();
+    }
+}
