@@ -4,18 +4,12 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::*;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 
 /// One `_bulk` request as received, already checked.
 #[derive(Debug, Clone)]
@@ -38,53 +32,22 @@ struct Recorded {
 /// `/reject` fails for good (400, a mapping error), `/later` fails once with 429, the rest
 /// are created.
 async fn bulk_server(expected_auth: &'static str) -> (SocketAddr, Arc<Mutex<Recorded>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let recorded: Arc<Mutex<Recorded>> = Arc::default();
     let shared = recorded.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let shared = shared.clone();
-                    async move {
-                        let (status, body) = answer(req, expected_auth, &shared).await;
-                        Ok::<_, Infallible>(
-                            Response::builder()
-                                .status(status)
-                                .header("content-type", "application/json")
-                                .body(Full::new(Bytes::from(body)))
-                                .unwrap(),
-                        )
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (addr, recorded)
+    let server = Origin::start(move |seen| {
+        let (status, body) = answer(&seen, expected_auth, &shared);
+        async move { response(status, &[("content-type", "application/json")], body) }
+    })
+    .await;
+    (server.addr, recorded)
 }
 
-async fn answer(
-    req: Request<hyper::body::Incoming>,
-    expected_auth: &str,
-    recorded: &Mutex<Recorded>,
-) -> (u16, String) {
-    let (parts, body) = req.into_parts();
-    let raw = body.collect().await.unwrap().to_bytes();
+fn answer(seen: &Seen, expected_auth: &str, recorded: &Mutex<Recorded>) -> (u16, String) {
+    let raw = &seen.body;
     let mut violations = Vec::new();
-    let header = |name: &str| {
-        parts
-            .headers
-            .get(name)
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default()
-    };
-    if parts.method != http::Method::POST || parts.uri.path() != "/_bulk" {
-        violations.push(format!("{} {}", parts.method, parts.uri));
+    let header = |name: &str| seen.header(name);
+    if seen.method != http::Method::POST || seen.uri.path() != "/_bulk" {
+        violations.push(format!("{} {}", seen.method, seen.uri));
     }
     if header("content-type") != "application/x-ndjson" {
         violations.push(format!("content-type {}", header("content-type")));

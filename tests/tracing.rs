@@ -3,17 +3,11 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::*;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
@@ -47,93 +41,64 @@ fn hex(bytes: &[u8]) -> String {
 
 /// An OTLP/HTTP traces endpoint that accepts only protobuf and keeps what it decodes.
 async fn receiver() -> (SocketAddr, Arc<Mutex<Vec<Span>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let spans: Arc<Mutex<Vec<Span>>> = Arc::default();
     let shared = spans.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let shared = shared.clone();
-                    async move {
-                        let ok = req.method() == http::Method::POST
-                            && req.uri().path() == "/v1/traces"
-                            && req.headers()["content-type"] == "application/x-protobuf";
-                        let body = req.into_body().collect().await.unwrap().to_bytes();
-                        let decoded = ExportTraceServiceRequest::decode(&body[..]);
-                        let (status, reply) = match (ok, decoded) {
-                            (true, Ok(export)) => {
-                                let mut spans = shared.lock().unwrap();
-                                for resource in export.resource_spans {
-                                    let service = resource
-                                        .resource
-                                        .iter()
-                                        .flat_map(|r| &r.attributes)
-                                        .find(|kv| kv.key == "service.name")
-                                        .and_then(|kv| kv.value.as_ref())
-                                        .and_then(|v| match &v.value {
-                                            Some(any_value::Value::StringValue(s)) => {
-                                                Some(s.clone())
-                                            }
-                                            _ => None,
-                                        })
-                                        .unwrap_or_default();
-                                    for scope in resource.scope_spans {
-                                        for s in scope.spans {
-                                            spans.push(Span {
-                                                name: s.name,
-                                                trace_id: hex(&s.trace_id),
-                                                span_id: hex(&s.span_id),
-                                                parent: hex(&s.parent_span_id),
-                                                kind: s.kind,
-                                                attributes: s
-                                                    .attributes
-                                                    .iter()
-                                                    .map(|kv| {
-                                                        let value = match kv
-                                                            .value
-                                                            .as_ref()
-                                                            .and_then(|v| v.value.as_ref())
-                                                        {
-                                                            Some(
-                                                                any_value::Value::StringValue(s),
-                                                            ) => s.clone(),
-                                                            Some(any_value::Value::IntValue(i)) => {
-                                                                i.to_string()
-                                                            }
-                                                            Some(other) => format!("{other:?}"),
-                                                            None => String::new(),
-                                                        };
-                                                        (kv.key.clone(), value)
-                                                    })
-                                                    .collect(),
-                                                service: service.clone(),
-                                            });
-                                        }
-                                    }
-                                }
-                                (200, ExportTraceServiceResponse::default().encode_to_vec())
-                            }
-                            _ => (400, b"want OTLP protobuf".to_vec()),
-                        };
-                        Ok::<_, Infallible>(
-                            Response::builder()
-                                .status(status)
-                                .header("content-type", "application/x-protobuf")
-                                .body(Full::new(Bytes::from(reply)))
-                                .unwrap(),
-                        )
-                    }
+    let server = Origin::start(move |seen| {
+        let ok = seen.method == http::Method::POST
+            && seen.uri.path() == "/v1/traces"
+            && seen.header("content-type") == "application/x-protobuf";
+        let decoded = ExportTraceServiceRequest::decode(&seen.body[..]);
+        let (status, reply) = match (ok, decoded) {
+            (true, Ok(export)) => {
+                shared.lock().unwrap().extend(spans_in(export));
+                (200, ExportTraceServiceResponse::default().encode_to_vec())
+            }
+            _ => (400, b"want OTLP protobuf".to_vec()),
+        };
+        async move { response(status, &[("content-type", "application/x-protobuf")], reply) }
+    })
+    .await;
+    (server.addr, spans)
+}
+
+fn any_value(value: Option<&opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
+    match value.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    }
+}
+
+fn spans_in(export: ExportTraceServiceRequest) -> Vec<Span> {
+    let mut spans = Vec::new();
+    for resource in export.resource_spans {
+        let service = resource
+            .resource
+            .iter()
+            .flat_map(|r| &r.attributes)
+            .find(|kv| kv.key == "service.name")
+            .map(|kv| any_value(kv.value.as_ref()))
+            .unwrap_or_default();
+        for scope in resource.scope_spans {
+            for s in scope.spans {
+                spans.push(Span {
+                    name: s.name,
+                    trace_id: hex(&s.trace_id),
+                    span_id: hex(&s.span_id),
+                    parent: hex(&s.parent_span_id),
+                    kind: s.kind,
+                    attributes: s
+                        .attributes
+                        .iter()
+                        .map(|kv| (kv.key.clone(), any_value(kv.value.as_ref())))
+                        .collect(),
+                    service: service.clone(),
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+            }
         }
-    });
-    (addr, spans)
+    }
+    spans
 }
 
 /// Waits for the batch exporter to deliver spans of `trace` (it sends every second).
