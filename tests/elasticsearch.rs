@@ -66,7 +66,7 @@ fn answer(seen: &Seen, expected_auth: &str, recorded: &Mutex<Recorded>) -> (u16,
         text
     } else {
         violations.push("not gzipped".into());
-        String::from_utf8_lossy(&raw).into_owned()
+        String::from_utf8_lossy(raw).into_owned()
     };
     if !text.ends_with('\n') {
         violations.push("NDJSON body must end with a newline".into());
