@@ -204,6 +204,15 @@ impl<K: std::hash::Hash + Eq, V> Handles<K, V> {
     }
 }
 
+impl Handles<&'static str, Counter> {
+    /// Counts one under `key`, creating the family's series the first time.
+    fn inc(&self, key: &'static str, create: impl FnOnce() -> Counter) {
+        self.with(key, create, |counter| {
+            counter.inc();
+        });
+    }
+}
+
 fn arc_key(s: &Option<Arc<str>>) -> usize {
     s.as_ref()
         .map_or(0, |s| Arc::as_ptr(s) as *const u8 as usize)
@@ -551,43 +560,25 @@ impl Metrics {
                 "stale-if-error" => "stale_if_error",
                 _ => "other",
             };
-            hot.stale_served.with(
-                reason,
-                || {
-                    self.stale_served
-                        .get_or_create(&ReasonLabels { reason })
-                        .clone()
-                },
-                |counter| {
-                    counter.inc();
-                },
-            );
+            hot.stale_served.inc(reason, || {
+                self.stale_served
+                    .get_or_create(&ReasonLabels { reason })
+                    .clone()
+            });
         }
         if let Some(outcome) = e.revalidation {
-            hot.revalidations.with(
-                outcome,
-                || {
-                    self.revalidations
-                        .get_or_create(&OutcomeLabels { outcome })
-                        .clone()
-                },
-                |counter| {
-                    counter.inc();
-                },
-            );
+            hot.revalidations.inc(outcome, || {
+                self.revalidations
+                    .get_or_create(&OutcomeLabels { outcome })
+                    .clone()
+            });
         }
         if let Some(reason) = e.cache_reason {
-            hot.not_cached.with(
-                reason,
-                || {
-                    self.cache_not_stored
-                        .get_or_create(&ReasonLabels { reason })
-                        .clone()
-                },
-                |counter| {
-                    counter.inc();
-                },
-            );
+            hot.not_cached.inc(reason, || {
+                self.cache_not_stored
+                    .get_or_create(&ReasonLabels { reason })
+                    .clone()
+            });
         }
     }
 
