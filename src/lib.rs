@@ -316,6 +316,7 @@ pub async fn demo_config() -> anyhow::Result<Config> {
         .cluster_mut(larder_config::DEMO_CLUSTER)
         .context("embedded default has no demo cluster")?;
     cluster.endpoints = vec![larder_config::Endpoint {
+        weight: 1,
         host: origin.ip().to_string(),
         port: origin.port(),
     }];

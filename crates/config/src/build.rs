@@ -729,13 +729,24 @@ fn build_clusters(raw: Option<Vec<RawCluster>>, cx: &mut Ctx) -> Vec<Cluster> {
                 );
             }
             Some(list) => {
-                for (j, text) in list.iter().enumerate() {
+                for (j, raw) in list.iter().enumerate() {
+                    let e_path = index(&key(&path, "endpoints"), j);
+                    let (text, weight) = match raw {
+                        RawEndpoint::Plain(text) => (text, 1),
+                        RawEndpoint::Weighted(w) => (&w.address, w.weight),
+                    };
+                    if !(1..=100).contains(&weight) {
+                        cx.error(
+                            &key(&e_path, "weight"),
+                            format!("{weight} is out of range: 1 to 100"),
+                        );
+                    }
                     match text.parse::<Endpoint>() {
-                        Ok(e) => endpoints.push(e),
-                        Err(why) => cx.error(
-                            &index(&key(&path, "endpoints"), j),
-                            format!("invalid endpoint {text:?}: {why}"),
-                        ),
+                        Ok(mut e) => {
+                            e.weight = weight.clamp(1, 100) as u32;
+                            endpoints.push(e);
+                        }
+                        Err(why) => cx.error(&e_path, format!("invalid endpoint {text:?}: {why}")),
                     }
                 }
             }

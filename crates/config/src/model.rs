@@ -473,6 +473,8 @@ impl Cluster {
 pub struct Endpoint {
     pub host: String,
     pub port: u16,
+    /// Share of the traffic relative to the cluster's other endpoints (1 to 100).
+    pub weight: u32,
 }
 
 impl fmt::Display for Endpoint {
@@ -556,13 +558,21 @@ impl FromStr for Endpoint {
         Ok(Endpoint {
             host: host.to_ascii_lowercase(),
             port,
+            weight: 1,
         })
     }
 }
 
 impl Serialize for Endpoint {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        if self.weight == 1 {
+            return s.collect_str(self);
+        }
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(2))?;
+        map.serialize_entry("address", &self.to_string())?;
+        map.serialize_entry("weight", &self.weight)?;
+        map.end()
     }
 }
 

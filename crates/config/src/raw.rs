@@ -183,7 +183,7 @@ pub(crate) struct RawRouteMatch {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawCluster {
     pub name: Option<String>,
-    pub endpoints: Option<Vec<String>>,
+    pub endpoints: Option<Vec<RawEndpoint>>,
     pub lb_policy: Option<String>,
     pub connect_timeout: Option<Scalar>,
     pub request_timeout: Option<Scalar>,
@@ -225,6 +225,21 @@ pub(crate) struct RawHealthCheck {
     pub timeout: Option<Scalar>,
     pub healthy_threshold: Option<u64>,
     pub unhealthy_threshold: Option<u64>,
+}
+
+/// `"host:port"`, or `{ address: "host:port", weight: 3 }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawEndpoint {
+    Plain(String),
+    Weighted(RawWeightedEndpoint),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawWeightedEndpoint {
+    pub address: String,
+    pub weight: u64,
 }
 
 #[derive(Debug, Deserialize)]

@@ -68,7 +68,8 @@ fn minimal_config_gets_defaults() {
         cluster.endpoints,
         vec![Endpoint {
             host: "127.0.0.1".into(),
-            port: 9000
+            port: 9000,
+            weight: 1,
         }]
     );
     assert_eq!(c.cache, CacheSettings::default());
@@ -766,14 +767,16 @@ fn endpoints() {
         ok("origin.svc:80"),
         Endpoint {
             host: "origin.svc".into(),
-            port: 80
+            port: 80,
+            weight: 1,
         }
     );
     assert_eq!(
         ok("[::1]:80"),
         Endpoint {
             host: "::1".into(),
-            port: 80
+            port: 80,
+            weight: 1,
         }
     );
     assert_eq!(ok("[::1]:80").to_string(), "[::1]:80");
@@ -1020,4 +1023,19 @@ fn elasticsearch_index_patterns_and_credentials() {
             "access_log.elasticsearch.password_file"
         ]
     );
+}
+
+#[test]
+fn weighted_endpoints() {
+    let c = load(&BASE.replace(
+        "    endpoints: [\"127.0.0.1:9000\"]",
+        "    endpoints: [\"127.0.0.1:9000\", { address: \"127.0.0.1:9001\", weight: 3 }]",
+    ));
+    let weights: Vec<u32> = c.clusters[0].endpoints.iter().map(|e| e.weight).collect();
+    assert_eq!(weights, [1, 3]);
+    let e = errors(&BASE.replace(
+        "    endpoints: [\"127.0.0.1:9000\"]",
+        "    endpoints: [{ address: \"127.0.0.1:9001\", weight: 0 }]",
+    ));
+    assert_eq!(e[0].path, "clusters[0].endpoints[0].weight");
 }

@@ -13,6 +13,8 @@ use larder_config::{LbPolicy, OutlierDetection};
 pub struct Endpoint {
     pub authority: Authority,
     pub display: Arc<str>,
+    /// Relative share of the traffic.
+    pub weight: u32,
     /// Requests in flight (least-request balancing).
     active: AtomicUsize,
     consecutive_failures: AtomicU32,
@@ -39,8 +41,12 @@ pub struct Balancer {
     outlier: OutlierDetection,
     next: AtomicUsize,
     epoch: Instant,
-    /// (hash, endpoint index), sorted by hash (ring_hash only).
+    /// (hash, endpoint index), sorted by hash (ring_hash only); points per endpoint grow with
+    /// its weight.
     ring: Vec<(u64, usize)>,
+    /// Round robin's order: each endpoint as often as its weight, interleaved (smooth weighted
+    /// round robin, computed once).
+    schedule: Vec<usize>,
 }
 
 /// A request's hold on an endpoint: counts it as active until dropped.
@@ -71,15 +77,16 @@ fn hash(bytes: &[u8]) -> u64 {
 
 impl Balancer {
     pub fn new(
-        endpoints: Vec<(Authority, Arc<str>)>,
+        endpoints: Vec<(Authority, Arc<str>, u32)>,
         policy: LbPolicy,
         outlier: OutlierDetection,
     ) -> Balancer {
         let endpoints: Vec<Endpoint> = endpoints
             .into_iter()
-            .map(|(authority, display)| Endpoint {
+            .map(|(authority, display, weight)| Endpoint {
                 authority,
                 display,
+                weight: weight.max(1),
                 active: AtomicUsize::new(0),
                 consecutive_failures: AtomicU32::new(0),
                 ejected_until: AtomicU64::new(0),
@@ -93,12 +100,13 @@ impl Balancer {
         let mut ring = Vec::new();
         if policy == LbPolicy::RingHash {
             for (i, e) in endpoints.iter().enumerate() {
-                for point in 0..RING_POINTS {
+                for point in 0..RING_POINTS * e.weight as usize {
                     ring.push((hash(format!("{}#{point}", e.display).as_bytes()), i));
                 }
             }
             ring.sort_unstable();
         }
+        let schedule = smooth_schedule(&endpoints);
         Balancer {
             endpoints,
             policy,
@@ -106,6 +114,7 @@ impl Balancer {
             next: AtomicUsize::new(0),
             epoch: Instant::now(),
             ring,
+            schedule,
         }
     }
 
@@ -166,17 +175,37 @@ impl Balancer {
         let index = match self.policy {
             LbPolicy::RoundRobin => {
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
-                // The next endpoint in order that is a candidate.
-                (0..n)
-                    .map(|k| (start + k) % n)
+                let len = self.schedule.len();
+                // The next endpoint in the weighted order that is a candidate.
+                (0..len)
+                    .map(|k| self.schedule[(start + k) % len])
                     .find(|i| candidates.contains(i))
                     .unwrap_or(candidates[0])
             }
-            LbPolicy::Random => candidates[fastrand::usize(..candidates.len())],
+            LbPolicy::Random => {
+                let total: u32 = candidates.iter().map(|i| self.endpoints[*i].weight).sum();
+                let mut ticket = fastrand::u32(..total.max(1));
+                *candidates
+                    .iter()
+                    .find(|i| {
+                        let w = self.endpoints[**i].weight;
+                        if ticket < w {
+                            true
+                        } else {
+                            ticket -= w;
+                            false
+                        }
+                    })
+                    .unwrap_or(&candidates[0])
+            }
             LbPolicy::LeastRequest => {
                 let a = candidates[fastrand::usize(..candidates.len())];
                 let b = candidates[fastrand::usize(..candidates.len())];
-                let load = |i: usize| self.endpoints[i].active.load(Ordering::Relaxed);
+                // Requests in flight per unit of weight: a heavier endpoint takes more.
+                let load = |i: usize| {
+                    let e = &self.endpoints[i];
+                    (e.active.load(Ordering::Relaxed) as u64 + 1) * 1000 / u64::from(e.weight)
+                };
                 if load(b) < load(a) { b } else { a }
             }
             LbPolicy::RingHash => {
@@ -262,6 +291,32 @@ impl Balancer {
     }
 }
 
+/// Smooth weighted round robin (nginx's): every endpoint appears as often as its weight,
+/// spread out rather than in runs.
+fn smooth_schedule(endpoints: &[Endpoint]) -> Vec<usize> {
+    let total: i64 = endpoints.iter().map(|e| i64::from(e.weight)).sum();
+    let mut current = vec![0i64; endpoints.len()];
+    let mut schedule = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        for (c, e) in current.iter_mut().zip(endpoints) {
+            *c += i64::from(e.weight);
+        }
+        let Some((best, _)) = current
+            .iter()
+            .enumerate()
+            .max_by_key(|(i, c)| (**c, -(*i as i64)))
+        else {
+            break;
+        };
+        current[best] -= total;
+        schedule.push(best);
+    }
+    if schedule.is_empty() {
+        schedule.push(0);
+    }
+    schedule
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,7 +325,7 @@ mod tests {
         let endpoints = (0..n)
             .map(|i| {
                 let display = format!("10.0.0.{i}:80");
-                (display.parse().unwrap(), Arc::from(display))
+                (display.parse().unwrap(), Arc::from(display), 1)
             })
             .collect();
         Balancer::new(endpoints, policy, OutlierDetection::default())
@@ -357,5 +412,42 @@ mod tests {
         // Everything ejected: traffic still flows (to any endpoint) rather than failing.
         let all_out = balancer(1, LbPolicy::Random);
         assert!(all_out.pick(b"", &[]).is_some());
+    }
+}
+
+#[cfg(test)]
+mod weighted {
+    use super::*;
+
+    fn weighted(weights: &[u32], policy: LbPolicy) -> Balancer {
+        let endpoints = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let display = format!("10.0.1.{i}:80");
+                (display.parse().unwrap(), Arc::from(display), *w)
+            })
+            .collect();
+        Balancer::new(endpoints, policy, OutlierDetection::default())
+    }
+
+    #[test]
+    fn round_robin_follows_weights_smoothly() {
+        let b = weighted(&[3, 1], LbPolicy::RoundRobin);
+        let picks: Vec<usize> = (0..8).map(|_| b.pick(b"", &[]).unwrap().index).collect();
+        assert_eq!(picks.iter().filter(|i| **i == 0).count(), 6);
+        // Spread out: the light endpoint never waits more than three turns.
+        assert_eq!(picks, [0, 0, 1, 0, 0, 0, 1, 0]);
+    }
+
+    #[test]
+    fn random_and_ring_hash_follow_weights() {
+        for policy in [LbPolicy::Random, LbPolicy::RingHash] {
+            let b = weighted(&[4, 1], policy);
+            let heavy = (0..1000)
+                .filter(|k| b.pick(format!("key-{k}").as_bytes(), &[]).unwrap().index == 0)
+                .count();
+            assert!((700..=900).contains(&heavy), "{policy:?}: {heavy} of 1000");
+        }
     }
 }

@@ -151,7 +151,7 @@ impl Cluster {
                 let authority: Authority = display
                     .parse()
                     .expect("validated endpoint is a valid authority");
-                (authority, Arc::from(display))
+                (authority, Arc::from(display), e.weight)
             })
             .collect();
         let balancer = Arc::new(ArcSwap::from_pointee(Balancer::new(
@@ -591,7 +591,7 @@ async fn discover(
                     .filter_map(|a| {
                         a.parse::<Authority>()
                             .ok()
-                            .map(|auth| (auth, Arc::from(a.as_str())))
+                            .map(|auth| (auth, Arc::from(a.as_str()), 1))
                     })
                     .collect();
                 current.store(Arc::new(Balancer::new(endpoints, policy, outlier.clone())));
