@@ -270,6 +270,7 @@ impl Proxy {
         let next = Runtime::rebuild(Arc::new(config), &self.metrics, &previous)?;
         let generation = next.generation;
         self.runtime.store(Arc::new(next));
+        self.metrics.forget_hot_handles();
         Ok((generation, changed))
     }
 

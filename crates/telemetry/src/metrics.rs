@@ -644,6 +644,13 @@ impl Metrics {
         }
     }
 
+    /// Forgets the fast handles of route, cluster and resource-type series (their families keep
+    /// the counts): after a reload the old labels' `Arc`s would otherwise be held forever.
+    pub fn forget_hot_handles(&self) {
+        self.hot.requests.map.write().clear();
+        self.hot.lookups.map.write().clear();
+    }
+
     /// Drops a peer's series once it is no longer a peer, so churn does not grow them.
     pub fn forget_purge_peer(&self, peer: &str) {
         let labels = PeerLabels {
