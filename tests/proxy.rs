@@ -438,3 +438,40 @@ async fn connect_is_not_tunnelled() {
     );
     assert_eq!(origin.count(), 0);
 }
+
+#[tokio::test]
+async fn an_origin_that_stalls_mid_body_is_cut_off_by_the_route_timeout() {
+    use futures_util::StreamExt;
+    let origin = Origin::start(|_| async {
+        // One chunk, then nothing, ever.
+        let chunks = futures_util::stream::iter([Ok::<_, BoxError>(hyper::body::Frame::data(
+            bytes::Bytes::from_static(b"first"),
+        ))])
+        .chain(futures_util::stream::pending());
+        let body = http_body_util::BodyExt::boxed_unsync(http_body_util::StreamBody::new(chunks));
+        http::Response::builder()
+            .header("cache-control", "no-store")
+            .body(body)
+            .unwrap()
+    })
+    .await;
+    let yaml = config_yaml(origin.addr, DEFAULT_TYPES).replace(
+        "        cluster: origin\n",
+        "        cluster: origin\n        timeout: 300ms\n",
+    );
+    let larder = Larder::start(&yaml).await;
+    let request = http::Request::get(larder.proxy_url("/stall"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let response = larder.client.request(request).await.unwrap();
+    assert_eq!(response.status(), 200, "the head arrived in time");
+    let started = std::time::Instant::now();
+    let body = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        http_body_util::BodyExt::collect(response.into_body()),
+    )
+    .await
+    .expect("the stalled body ends instead of hanging");
+    assert!(body.is_err(), "a cut body is an error, not a short success");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}

@@ -258,3 +258,65 @@ impl Body for LimitedBody {
         self.inner.size_hint()
     }
 }
+
+pin_project_lite::pin_project! {
+    /// Fails the body when no frame arrives for `idle`: an origin that stalls mid-body does not
+    /// hold the client (and the connection) forever.
+    pub struct IdleTimeoutBody<B> {
+        #[pin]
+        inner: B,
+        idle: std::time::Duration,
+        #[pin]
+        timer: tokio::time::Sleep,
+    }
+}
+
+/// The error a stalled body ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream body idle for {0:?}")]
+pub struct BodyIdleTimeout(pub std::time::Duration);
+
+impl<B> IdleTimeoutBody<B> {
+    pub fn new(inner: B, idle: std::time::Duration) -> Self {
+        IdleTimeoutBody {
+            inner,
+            idle,
+            timer: tokio::time::sleep(idle),
+        }
+    }
+}
+
+impl<B> Body for IdleTimeoutBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = tokio::time::Instant::now() + *this.idle;
+                this.timer.as_mut().reset(next);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match this.timer.poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(BodyIdleTimeout(*this.idle).into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -25,7 +25,8 @@ use larder_telemetry::UpstreamEvent;
 use tokio::sync::mpsc;
 
 use crate::body::{
-    ChannelBody, FeedFlow, LimitedBody, ObservedBody, ProxyBody, boxed, empty, full,
+    ChannelBody, FeedFlow, IdleTimeoutBody, LimitedBody, ObservedBody, ProxyBody, boxed, empty,
+    full,
 };
 use crate::error::ProxyError;
 use crate::headers::{add_forwarded, append_via, strip_hop_by_hop};
@@ -772,7 +773,8 @@ impl Proxy {
                 }
                 drop(guard);
                 append_via(&mut parts.headers);
-                return Ok(Response::from_parts(parts, boxed(upstream_body)));
+                let body = IdleTimeoutBody::new(upstream_body, upstream.timeout);
+                return Ok(Response::from_parts(parts, boxed(body)));
             }
         };
         ex.stored = true;
@@ -854,6 +856,8 @@ impl Proxy {
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         append_via(&mut parts.headers);
+        // The route's timeout also bounds each wait for the next body chunk, as for fills.
+        let body = IdleTimeoutBody::new(body, upstream.timeout);
         Ok(Response::from_parts(parts, boxed(body)))
     }
 
