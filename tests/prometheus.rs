@@ -216,10 +216,7 @@ async fn the_dashboard_and_alerts_only_use_metrics_larder_exposes() {
     })
     .await;
     // Something listened here once: a dead upstream and a dead purge peer.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = closed_address();
     let yaml = config_yaml(origin.addr, DEFAULT_TYPES)
         .replace(
             "      - match: { prefix: \"/\" }\n        cluster: origin",

@@ -140,10 +140,7 @@ async fn oversized_request_headers_are_rejected() {
 #[tokio::test]
 async fn upstream_connect_failure_is_502() {
     // Bind then drop: a loopback port with nothing listening.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = closed_address();
     let larder = Larder::start(&config_yaml(closed, DEFAULT_TYPES)).await;
     let reply = larder.get("/down").await;
     assert_eq!(reply.status, 502);

@@ -514,10 +514,7 @@ async fn a_tag_purge_at_one_replica_reaches_all_three_through_dns() {
 async fn a_down_peer_is_retried_and_reported_without_holding_the_caller() {
     let origin = tagging_origin().await;
     // Refuses connections: nothing listens there any more.
-    let refused = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap()
-    };
+    let refused = closed_address();
     // Accepts connections and never answers.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let silent_addr = silent.local_addr().unwrap();

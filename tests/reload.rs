@@ -14,25 +14,12 @@ fn yaml(a: SocketAddr, b: SocketAddr, extra_route: bool, cache_size: &str) -> St
     } else {
         ""
     };
-    format!(
-        r#"listeners: [{{ name: http, address: "127.0.0.1:0" }}]
-admin: {{ address: "127.0.0.1:0" }}
-access_log: {{ enabled: false }}
-virtual_hosts:
-  - name: all
-    domains: ["*"]
-    routes:
-{route_b}      - match: {{ prefix: "/" }}
-        cluster: a
-clusters:
-  - name: a
-    endpoints: ["{a}"]
-  - name: b
-    endpoints: ["{b}"]
-resource_types:
-  - name: default
-    config: {{ cache_size: {cache_size} }}
-"#
+    config_yaml_with(
+        &format!("{route_b}      - match: {{ prefix: \"/\" }}\n        cluster: a\n"),
+        &format!("  - name: a\n    endpoints: [\"{a}\"]\n  - name: b\n    endpoints: [\"{b}\"]\n"),
+        &format!(
+            "resource_types:\n  - name: default\n    config: {{ cache_size: {cache_size} }}\n"
+        ),
     )
 }
 

@@ -13,34 +13,14 @@ use http::Method;
 
 fn cluster_yaml(endpoints: &[SocketAddr], extra: &str) -> String {
     let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
-    format!(
-        r#"listeners: [{{ name: http, address: "127.0.0.1:0" }}]
-admin: {{ address: "127.0.0.1:0" }}
-access_log: {{ enabled: false }}
-virtual_hosts:
-  - name: all
-    domains: ["*"]
-    routes:
-      - match: {{ prefix: "/" }}
-        cluster: pool
-clusters:
-  - name: pool
-    endpoints: [{}]
-    connect_timeout: 1s
-{extra}
-resource_types:
-  - name: default
-    config: {{ cache_size: 16MiB }}
-"#,
-        list.join(", ")
+    config_yaml_with(
+        "      - match: { prefix: \"/\" }\n        cluster: pool\n",
+        &format!(
+            "  - name: pool\n    endpoints: [{}]\n    connect_timeout: 1s\n{extra}\n",
+            list.join(", ")
+        ),
+        DEFAULT_TYPES,
     )
-}
-
-fn dead_address() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 async fn endpoint_health(larder: &Larder, address: SocketAddr) -> serde_json::Value {
@@ -98,7 +78,7 @@ async fn a_failing_endpoint_is_ejected_and_comes_back() {
 #[tokio::test]
 async fn connect_failures_move_idempotent_requests_but_never_resend_a_post() {
     let good = Origin::fixed(200, &[("cache-control", "no-store")], "good").await;
-    let dead = dead_address();
+    let dead = closed_address();
     let extra = "    outlier_detection: { consecutive_failures: 0 }";
     let larder = Larder::start(&cluster_yaml(&[dead, good.addr], extra)).await;
     for _ in 0..6 {
@@ -166,7 +146,7 @@ async fn when_every_endpoint_is_down_the_cache_keeps_serving() {
     let larder = Larder::start(&cluster_yaml(&[origin.addr], "")).await;
     assert_eq!(larder.get("/s").await.text(), "cached");
     // The origin disappears (its port closes) and the object goes stale.
-    let config = cluster_yaml(&[dead_address()], "");
+    let config = cluster_yaml(&[closed_address()], "");
     let dir = std::env::temp_dir().join(format!("larder-upstream-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("larder.yaml");

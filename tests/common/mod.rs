@@ -180,6 +180,18 @@ pub fn response(
 
 /// Standard test config: everything to one origin, one catch-all resource type.
 pub fn config_yaml(origin: SocketAddr, resource_types: &str) -> String {
+    config_yaml_with(
+        "      - match: { prefix: \"/\" }\n        cluster: origin\n",
+        &format!(
+            "  - name: origin\n    endpoints: [\"{origin}\"]\n    connect_timeout: 1s\n    request_timeout: 5s\n"
+        ),
+        resource_types,
+    )
+}
+
+/// A test config with these routes (items of `routes:`), clusters (items of `clusters:`) and
+/// resource types, on ephemeral ports, without an access log.
+pub fn config_yaml_with(routes: &str, clusters: &str, resource_types: &str) -> String {
     format!(
         r#"listeners: [{{ name: http, address: "127.0.0.1:0" }}]
 admin: {{ address: "127.0.0.1:0" }}
@@ -188,15 +200,17 @@ virtual_hosts:
   - name: all
     domains: ["*"]
     routes:
-      - match: {{ prefix: "/" }}
-        cluster: origin
-clusters:
-  - name: origin
-    endpoints: ["{origin}"]
-    connect_timeout: 1s
-    request_timeout: 5s
-{resource_types}"#
+{routes}clusters:
+{clusters}{resource_types}"#
     )
+}
+
+/// A loopback address nothing listens on (it did, for a moment): connections are refused.
+pub fn closed_address() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 pub const DEFAULT_TYPES: &str =
