@@ -118,6 +118,11 @@ impl Balancer {
         }
     }
 
+    /// Whether `pick` looks at the request's hash key (ring hashing); others skip building it.
+    pub fn hashes_requests(&self) -> bool {
+        self.policy == LbPolicy::RingHash
+    }
+
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }

@@ -244,12 +244,14 @@ impl Cluster {
         let mut body = Some(body);
         let mut last_error: Option<UpstreamError> = None;
         // The URL the request names: what ring hashing keeps on one endpoint.
-        let hash_key = {
+        let hash_key = if balancer.hashes_requests() {
             let host = request
                 .headers
                 .get(http::header::HOST)
                 .map_or(&b""[..], |h| h.as_bytes());
             [host, request.path_and_query.as_str().as_bytes()].concat()
+        } else {
+            Vec::new()
         };
         let mut tried: Vec<usize> = Vec::new();
         for attempt in 0..attempts as u32 {

@@ -420,7 +420,7 @@ impl Metrics {
         );
         registry.register(
             "upstream_retries",
-            "Requests sent again to an upstream after a connect failure or a closed pooled connection, per cluster",
+            "Requests sent again to an upstream (connect failure, closed pooled connection, or a status in retry_on_status), per cluster",
             m.upstream_retries.clone(),
         );
         registry.register(
@@ -435,7 +435,7 @@ impl Metrics {
         );
         registry.register(
             "purge_requests",
-            "Purge requests by source (admin, purge_method, peer, redis) and result (ok, partial, unauthorized, rate_limited, invalid)",
+            "Purge requests by source (admin, purge_method, peer, redis) and result (ok, partial, duplicate, unauthorized, rate_limited, invalid)",
             m.purge_requests.clone(),
         );
         registry.register_with_unit(
