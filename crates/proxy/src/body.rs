@@ -271,6 +271,9 @@ pin_project_lite::pin_project! {
     }
 }
 
+/// A response body from an upstream, as the pipeline receives it.
+pub type UpstreamBody = IdleTimeoutBody<hyper::body::Incoming>;
+
 /// The error a stalled body ends with.
 #[derive(Debug, thiserror::Error)]
 #[error("upstream body idle for {0:?}")]

@@ -1,11 +1,11 @@
 //! The task that reads one origin body for the cache and the first client.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
+use crate::body::UpstreamBody;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use larder_cache::{Admission, FillGuard, Key};
 use tokio::sync::mpsc;
 
@@ -25,21 +25,21 @@ pub(crate) struct Fill {
     pub cache: Arc<larder_cache::Cache>,
     pub fill_key: Key,
     pub guard: Option<FillGuard>,
-    pub idle_timeout: Duration,
 }
 
 impl Fill {
-    pub async fn run(mut self, mut body: Incoming, admission: Admission) {
+    /// `body` ends with an error when the origin stalls (see [`UpstreamBody`]).
+    pub async fn run(mut self, body: UpstreamBody, admission: Admission) {
+        let mut body = std::pin::pin!(body);
         let max = admission.max_object_size();
         let mut chunks: Vec<Bytes> = Vec::new();
         let mut buffered = 0u64;
         let mut storing = true;
         loop {
-            let frame = match tokio::time::timeout(self.idle_timeout, body.frame()).await {
-                Ok(Some(Ok(frame))) => frame,
-                Ok(None) => break,
-                Ok(Some(Err(e))) => return self.fail(Box::new(e)),
-                Err(_) => return self.fail("the origin stopped sending the body".into()),
+            let frame = match body.frame().await {
+                Some(Ok(frame)) => frame,
+                None => break,
+                Some(Err(e)) => return self.fail(e),
             };
             let Ok(data) = frame.into_data() else {
                 continue;

@@ -25,8 +25,8 @@ use larder_telemetry::UpstreamEvent;
 use tokio::sync::mpsc;
 
 use crate::body::{
-    ChannelBody, FeedFlow, IdleTimeoutBody, LimitedBody, ObservedBody, ProxyBody, boxed, empty,
-    full,
+    ChannelBody, FeedFlow, IdleTimeoutBody, LimitedBody, ObservedBody, ProxyBody, UpstreamBody,
+    boxed, empty, full,
 };
 use crate::error::ProxyError;
 use crate::headers::{add_forwarded, append_via, strip_hop_by_hop};
@@ -773,8 +773,7 @@ impl Proxy {
                 }
                 drop(guard);
                 append_via(&mut parts.headers);
-                let body = IdleTimeoutBody::new(upstream_body, upstream.timeout);
-                return Ok(Response::from_parts(parts, boxed(body)));
+                return Ok(Response::from_parts(parts, boxed(upstream_body)));
             }
         };
         ex.stored = true;
@@ -793,7 +792,6 @@ impl Proxy {
                 cache: rt.cache.clone(),
                 fill_key: plan.fill_key,
                 guard,
-                idle_timeout: upstream.timeout,
             }
             .run(upstream_body, admission),
         );
@@ -856,8 +854,6 @@ impl Proxy {
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         append_via(&mut parts.headers);
-        // The route's timeout also bounds each wait for the next body chunk, as for fills.
-        let body = IdleTimeoutBody::new(body, upstream.timeout);
         Ok(Response::from_parts(parts, boxed(body)))
     }
 
@@ -870,7 +866,7 @@ impl Proxy {
         request: UpstreamRequest,
         body: ProxyBody,
         interim: Option<&InterimSink>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let cluster = &rt.clusters[upstream.cluster];
         // Here, not on arrival: a cache hit never pays for formatting them.
         let mut request = request;
@@ -925,7 +921,11 @@ impl Proxy {
         let response = result?;
         ex.upstream_address = Some(response.endpoint);
         ex.fwd_status = Some(response.response.status().as_u16());
-        Ok(response.response)
+        // Here, once for every use of the body (relayed or stored): the route's timeout also
+        // bounds each wait for the next chunk, so a stalled origin is cut off.
+        Ok(response
+            .response
+            .map(|body| IdleTimeoutBody::new(body, upstream.timeout)))
     }
 
     fn serve_hit(
