@@ -40,6 +40,26 @@ fn target<'a>(path: &'a str, req: &'a HeaderMap) -> RequestTarget<'a> {
     }
 }
 
+/// Admits a 200 answer to a GET of `path`, received at time 0, for a fill that started at purge
+/// `generation`.
+fn admit_ok(
+    cache: &Cache,
+    path: &str,
+    req: &HeaderMap,
+    resp: &HeaderMap,
+    generation: u64,
+) -> Result<Admission, NoCacheReason> {
+    cache.admit(
+        &Method::GET,
+        &target(path, req),
+        StatusCode::OK,
+        resp,
+        at(0),
+        at(0),
+        generation,
+    )
+}
+
 fn store(
     cache: &Cache,
     path: &str,
@@ -47,15 +67,7 @@ fn store(
     resp: &HeaderMap,
     body: &'static [u8],
 ) -> Result<Hit, NoCacheReason> {
-    let adm = cache.admit(
-        &Method::GET,
-        &target(path, req),
-        StatusCode::OK,
-        resp,
-        at(0),
-        at(0),
-        cache.purge_generation(),
-    )?;
+    let adm = admit_ok(cache, path, req, resp, cache.purge_generation())?;
     cache
         .commit(adm, Bytes::from_static(body))
         .ok_or(NoCacheReason::PurgedDuringFill)
@@ -278,33 +290,13 @@ fn a_purge_during_a_fill_wins() {
     let resp = headers(&[("cache-control", "max-age=60")]);
     // The fetch starts, then a purge of the same URL lands before the body completes.
     let generation = cache.purge_generation();
-    let adm = cache
-        .admit(
-            &Method::GET,
-            &target("/f", &req),
-            StatusCode::OK,
-            &resp,
-            at(0),
-            at(0),
-            generation,
-        )
-        .unwrap();
+    let adm = admit_ok(&cache, "/f", &req, &resp, generation).unwrap();
     assert_eq!(cache.purge("example.com", "/f", None), 0);
     assert!(cache.commit(adm, Bytes::from_static(b"old")).is_none());
     assert!(found(&cache, "/f", &req).is_none());
     // A purge of another URL does not cancel unrelated fills.
     let generation = cache.purge_generation();
-    let adm = cache
-        .admit(
-            &Method::GET,
-            &target("/g", &req),
-            StatusCode::OK,
-            &resp,
-            at(0),
-            at(0),
-            generation,
-        )
-        .unwrap();
+    let adm = admit_ok(&cache, "/g", &req, &resp, generation).unwrap();
     cache.purge("example.com", "/other", None);
     assert!(cache.commit(adm, Bytes::from_static(b"new")).is_some());
 }
@@ -517,17 +509,7 @@ fn many_unrelated_purges_during_a_fill_do_not_cancel_it() {
     let req = HeaderMap::new();
     let resp = headers(&[("cache-control", "max-age=60")]);
     let generation = cache.purge_generation();
-    let adm = cache
-        .admit(
-            &Method::GET,
-            &target("/slow", &req),
-            StatusCode::OK,
-            &resp,
-            at(0),
-            at(0),
-            generation,
-        )
-        .unwrap();
+    let adm = admit_ok(&cache, "/slow", &req, &resp, generation).unwrap();
     // A busy API invalidating other URLs (every successful POST does) while this fill runs;
     // paths sharing this fill's slot are left out, since those may cancel it by design.
     let own_slot = cache.purges.url_slot("example.com", "/slow") as *const _;
@@ -706,19 +688,7 @@ fn tag_and_prefix_purges_during_a_fill_win() {
     let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
     let req = HeaderMap::new();
     let resp = headers(&[("cache-control", "max-age=60"), ("cache-tag", "t1,t2")]);
-    let admit = |path: &str| {
-        cache
-            .admit(
-                &Method::GET,
-                &target(path, &req),
-                StatusCode::OK,
-                &resp,
-                at(0),
-                at(0),
-                cache.purge_generation(),
-            )
-            .unwrap()
-    };
+    let admit = |path: &str| admit_ok(&cache, path, &req, &resp, cache.purge_generation()).unwrap();
     for purge in [tag("t2"), prefix("example.com", "/fi"), tag("t1")] {
         let adm = admit("/fill");
         assert_eq!(cache.invalidate(&purge, false, at(1)), 0);
@@ -740,17 +710,7 @@ fn a_fill_older_than_the_remembered_prefix_purges_is_dropped() {
     let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
     let req = HeaderMap::new();
     let resp = headers(&[("cache-control", "max-age=60")]);
-    let adm = cache
-        .admit(
-            &Method::GET,
-            &target("/slow", &req),
-            StatusCode::OK,
-            &resp,
-            at(0),
-            at(0),
-            cache.purge_generation(),
-        )
-        .unwrap();
+    let adm = admit_ok(&cache, "/slow", &req, &resp, cache.purge_generation()).unwrap();
     for i in 0..1000 {
         cache.invalidate(&prefix("example.com", &format!("/p{i}/")), false, at(1));
     }
