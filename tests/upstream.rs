@@ -348,6 +348,13 @@ async fn the_circuit_breaker_answers_503_instead_of_queueing() {
         ),
         Some(1.0)
     );
+    assert_eq!(
+        metric(
+            &larder.metrics().await,
+            r#"larder_upstream_circuit_breaker_trips_total{cluster="pool",breaker="max_requests"}"#
+        ),
+        Some(1.0)
+    );
     slow.release_all();
     for h in held {
         assert_eq!(h.await.unwrap().text(), "slow");
@@ -368,4 +375,152 @@ async fn http2_to_a_cleartext_upstream_uses_prior_knowledge() {
     assert_eq!(larder.get("/two").await.text(), "h2c");
     // An HTTP/2 request carries its scheme and authority; HTTP/1.1 sends only the path.
     assert_eq!(origin.last().uri.scheme_str(), Some("http"));
+}
+
+/// Polls `/clusters` (bounded) until the first cluster's breaker usage satisfies `ready`.
+async fn wait_for_breakers(larder: &Larder, why: &str, ready: impl Fn(&serde_json::Value) -> bool) {
+    for _ in 0..500 {
+        let dump = larder.admin(Method::GET, "/clusters", &[]).await.json();
+        if ready(&dump["clusters"][0]["circuit_breakers"]) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("breakers never showed: {why}");
+}
+
+#[tokio::test]
+async fn max_connections_queues_requests_and_max_pending_requests_refuses_the_rest() {
+    let slow = GatedOrigin::start(&[("cache-control", "no-store")], "slow").await;
+    let larder = Larder::start(&cluster_yaml(
+        &[slow.origin.addr],
+        "    max_connections: 1\n    max_pending_requests: 1",
+    ))
+    .await;
+    let spawn_get = |path: &str| {
+        let url = larder.proxy_url(path);
+        let c = larder.client.clone();
+        tokio::spawn(async move { send(&c, Method::GET, &url, &[], Bytes::new()).await })
+    };
+    let first = spawn_get("/first");
+    slow.arrived("the first request, holding the only connection")
+        .await;
+    let second = spawn_get("/second");
+    wait_for_breakers(&larder, "the second request queued", |b| {
+        b["pending_requests"] == 1 && b["connections"] == 1
+    })
+    .await;
+    // The queue is full: refused at once, without touching the origin.
+    let refused = larder.get("/third").await;
+    assert_eq!(refused.status, 503);
+    assert!(
+        refused.text().contains("max_pending_requests"),
+        "{}",
+        refused.text()
+    );
+    // The queued request takes the first one's connection when it is done.
+    slow.release_one();
+    assert_eq!(first.await.unwrap().text(), "slow");
+    slow.arrived("the queued request, on the freed connection")
+        .await;
+    slow.release_one();
+    assert_eq!(second.await.unwrap().text(), "slow");
+    assert_eq!(slow.origin.count(), 2);
+    let metrics = larder.metrics().await;
+    let trips = |breaker: &str| {
+        metric(
+            &metrics,
+            &format!(
+                r#"larder_upstream_circuit_breaker_trips_total{{cluster="pool",breaker="{breaker}"}}"#
+            ),
+        )
+    };
+    assert_eq!(trips("max_pending_requests"), Some(1.0));
+    assert!(trips("max_connections").unwrap() >= 2.0, "{metrics}");
+    assert_eq!(trips("max_requests"), Some(0.0));
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"larder_upstream_errors_total{cluster="pool",kind="overflow"}"#
+        ),
+        Some(1.0)
+    );
+    // A full breaker is the cluster's load, not the endpoint's fault.
+    assert_eq!(
+        endpoint_health(&larder, slow.origin.addr).await["healthy"],
+        true
+    );
+}
+
+#[tokio::test]
+async fn a_route_total_timeout_cuts_off_a_trickling_body_which_is_not_stored() {
+    use futures_util::StreamExt;
+    let origin = Origin::start(|_| async {
+        // A chunk every 50 ms: never idle long, but never done (bounded at 10 minutes).
+        let chunks = futures_util::stream::iter(0..12_000).then(|_| async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from_static(b"drip ")))
+        });
+        let body = http_body_util::BodyExt::boxed_unsync(http_body_util::StreamBody::new(chunks));
+        http::Response::builder()
+            .header("cache-control", "max-age=600")
+            .body(body)
+            .unwrap()
+    })
+    .await;
+    let yaml = config_yaml(origin.addr, DEFAULT_TYPES).replace(
+        "        cluster: origin\n",
+        "        cluster: origin\n        idle_timeout: 5s\n        total_timeout: 400ms\n",
+    );
+    let larder = Larder::start(&yaml).await;
+    for attempt in 1..=2 {
+        let request = http::Request::get(larder.proxy_url("/drip"))
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap();
+        let response = larder.client.request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body = tokio::time::timeout(
+            Duration::from_secs(10),
+            http_body_util::BodyExt::collect(response.into_body()),
+        )
+        .await
+        .expect("the body ends at the total timeout instead of trickling on");
+        assert!(body.is_err(), "a cut body is an error, not a short success");
+        // Not stored: the second request goes to the origin again.
+        assert_eq!(origin.count(), attempt);
+    }
+}
+
+#[tokio::test]
+async fn a_route_connect_timeout_overrides_the_clusters() {
+    // Accepts TCP and then says nothing: the TLS handshake, part of connecting, never ends.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let yaml = config_yaml_with(
+        "      - match: { prefix: \"/\" }\n        cluster: tls\n        connect_timeout: 200ms\n",
+        &format!(
+            "  - name: tls\n    endpoints: [\"{address}\"]\n    connect_timeout: 60s\n    request_timeout: 60s\n    tls: {{ server_name: origin.test }}\n"
+        ),
+        DEFAULT_TYPES,
+    );
+    let larder = Larder::start(&yaml).await;
+    let reply = tokio::time::timeout(Duration::from_secs(20), larder.get("/x"))
+        .await
+        .expect("answered at the route's connect timeout, not the cluster's");
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert!(
+        metric(
+            &larder.metrics().await,
+            r#"larder_upstream_errors_total{cluster="tls",kind="timeout"}"#
+        )
+        .unwrap()
+            >= 1.0
+    );
+    held.abort();
 }

@@ -800,6 +800,20 @@ fn build_clusters(raw: Option<Vec<RawCluster>>, cx: &mut Ctx) -> Vec<Cluster> {
                 .map(|h| build_health_check(cx, &key(&path, "health_check"), h)),
             dns,
             max_requests: usize_or(cx, &key(&path, "max_requests"), c.max_requests, 1024, 1),
+            max_connections: usize_or(
+                cx,
+                &key(&path, "max_connections"),
+                c.max_connections,
+                1024,
+                1,
+            ),
+            max_pending_requests: usize_or(
+                cx,
+                &key(&path, "max_pending_requests"),
+                c.max_pending_requests,
+                1024,
+                0,
+            ),
             retry_on_status: c
                 .retry_on_status
                 .unwrap_or_default()
@@ -1038,22 +1052,29 @@ fn build_virtual_hosts(
                         Some(c) => c.clone(),
                         None => String::new(),
                     };
-                    let timeout = r.timeout.as_ref().and_then(|t| {
-                        let t_path = key(&r_path, "timeout");
-                        match duration(cx, &t_path, t) {
+                    let mut route_timeout = |name: &str, value: &Option<Scalar>| {
+                        let t_path = key(&r_path, name);
+                        match duration(cx, &t_path, value.as_ref()?) {
                             Some(d) if d.is_zero() => {
                                 cx.error(&t_path, "must be greater than zero");
                                 None
                             }
                             d => d,
                         }
-                    });
+                    };
+                    let timeout = route_timeout("timeout", &r.timeout);
+                    let connect_timeout = route_timeout("connect_timeout", &r.connect_timeout);
+                    let idle_timeout = route_timeout("idle_timeout", &r.idle_timeout);
+                    let total_timeout = route_timeout("total_timeout", &r.total_timeout);
                     routes.push(Route {
                         name: r.name.clone(),
                         r#match: route_match.unwrap_or(RouteMatch::Prefix("/".to_owned())),
                         cluster,
                         cache: r.cache.unwrap_or(true),
                         timeout,
+                        connect_timeout,
+                        idle_timeout,
+                        total_timeout,
                     });
                 }
             }

@@ -316,9 +316,19 @@ pub struct Route {
     pub r#match: RouteMatch,
     pub cluster: String,
     pub cache: bool,
-    /// Overrides the cluster's `request_timeout` for this route.
+    /// Until the response headers have arrived; overrides the cluster's `request_timeout`.
     #[serde(serialize_with = "ser_opt_duration")]
     pub timeout: Option<Duration>,
+    /// Overrides the cluster's `connect_timeout` for this route's requests.
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub connect_timeout: Option<Duration>,
+    /// The longest wait for the next chunk of a response body (else the first-byte timeout).
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub idle_timeout: Option<Duration>,
+    /// From sending the request to the last byte of the response; a body still arriving then
+    /// is cut off (and not stored). None: no bound beyond the others.
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub total_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -411,6 +421,11 @@ pub struct Cluster {
     /// Requests in flight to the cluster at most; more are answered 503 at once rather than
     /// queueing behind a struggling upstream (circuit breaking).
     pub max_requests: usize,
+    /// Connections open to the cluster's endpoints at most (in use or idle). A request that
+    /// needs one more waits, up to the connect timeout, for a pooled connection or a free slot.
+    pub max_connections: usize,
+    /// Requests waiting that way at most; more are answered 503 at once.
+    pub max_pending_requests: usize,
     /// Idempotent, bodiless requests answered with one of these statuses are sent again to
     /// another endpoint, up to `max_retries` times, after a short jittered pause, while
     /// retries stay within a fifth of the requests in flight (a retry budget).

@@ -169,6 +169,9 @@ pub(crate) struct RawRoute {
     pub cluster: Option<String>,
     pub cache: Option<bool>,
     pub timeout: Option<Scalar>,
+    pub connect_timeout: Option<Scalar>,
+    pub idle_timeout: Option<Scalar>,
+    pub total_timeout: Option<Scalar>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,6 +196,8 @@ pub(crate) struct RawCluster {
     pub health_check: Option<RawHealthCheck>,
     pub dns: Option<RawDnsDiscovery>,
     pub max_requests: Option<u64>,
+    pub max_connections: Option<u64>,
+    pub max_pending_requests: Option<u64>,
     pub retry_on_status: Option<Vec<u64>>,
     pub max_retries: Option<u64>,
     pub tls: Option<RawUpstreamTls>,

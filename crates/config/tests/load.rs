@@ -185,7 +185,7 @@ fn unknown_keys_are_rejected_with_position_and_path() {
     assert_eq!(e.len(), 1);
     assert_eq!(
         e[0].to_string(),
-        "larder.yaml:7:9: virtual_hosts[0].routes[0].cahce: unknown field `cahce`, expected one of name, match, cluster, cache, timeout"
+        "larder.yaml:7:9: virtual_hosts[0].routes[0].cahce: unknown field `cahce`, expected one of name, match, cluster, cache, timeout, connect_timeout, idle_timeout, total_timeout"
     );
 
     let e = errors(&with_base(

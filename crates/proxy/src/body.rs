@@ -260,12 +260,14 @@ impl Body for LimitedBody {
 }
 
 pin_project_lite::pin_project! {
-    /// Fails the body when no frame arrives for `idle`: an origin that stalls mid-body does not
-    /// hold the client (and the connection) forever.
+    /// Fails the body when no frame arrives for `idle`, or when it is still arriving at the
+    /// exchange's deadline: an origin that stalls or trickles does not hold the client (and the
+    /// connection) forever.
     pub struct IdleTimeoutBody<B> {
         #[pin]
         inner: B,
         idle: std::time::Duration,
+        deadline: Option<tokio::time::Instant>,
         #[pin]
         timer: tokio::time::Sleep,
     }
@@ -279,14 +281,33 @@ pub type UpstreamBody = IdleTimeoutBody<hyper::body::Incoming>;
 #[error("upstream body idle for {0:?}")]
 pub struct BodyIdleTimeout(pub std::time::Duration);
 
+/// The error a body still arriving at the route's `total_timeout` ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream response not complete within the route's total_timeout")]
+pub struct BodyDeadline;
+
 impl<B> IdleTimeoutBody<B> {
-    pub fn new(inner: B, idle: std::time::Duration) -> Self {
+    pub fn new(
+        inner: B,
+        idle: std::time::Duration,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Self {
         IdleTimeoutBody {
             inner,
             idle,
-            timer: tokio::time::sleep(idle),
+            deadline,
+            timer: tokio::time::sleep_until(next_wake(idle, deadline)),
         }
     }
+}
+
+/// One timer serves both limits: whichever comes first.
+fn next_wake(
+    idle: std::time::Duration,
+    deadline: Option<tokio::time::Instant>,
+) -> tokio::time::Instant {
+    let idle_end = tokio::time::Instant::now() + idle;
+    deadline.map_or(idle_end, |d| d.min(idle_end))
 }
 
 impl<B> Body for IdleTimeoutBody<B>
@@ -304,12 +325,16 @@ where
         let mut this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(frame) => {
-                let next = tokio::time::Instant::now() + *this.idle;
-                this.timer.as_mut().reset(next);
+                this.timer
+                    .as_mut()
+                    .reset(next_wake(*this.idle, *this.deadline));
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => match this.timer.poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(BodyIdleTimeout(*this.idle).into()))),
+                Poll::Ready(()) => Poll::Ready(Some(Err(match this.deadline {
+                    Some(d) if tokio::time::Instant::now() >= *d => BodyDeadline.into(),
+                    _ => BodyIdleTimeout(*this.idle).into(),
+                }))),
                 Poll::Pending => Poll::Pending,
             },
         }

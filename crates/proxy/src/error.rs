@@ -66,10 +66,13 @@ impl ProxyError {
             ProxyError::Upstream(e) => match e.kind {
                 UpstreamErrorKind::Timeout => "upstream timed out\n".into(),
                 UpstreamErrorKind::NoEndpoint => "no upstream endpoint available\n".into(),
-                UpstreamErrorKind::Overflow => {
-                    "upstream circuit breaker open: too many requests in flight to this cluster\n"
-                        .into()
-                }
+                UpstreamErrorKind::Overflow => match e.breaker {
+                    Some(breaker) => format!(
+                        "upstream circuit breaker open ({}): too many requests for this cluster\n",
+                        breaker.as_str()
+                    ),
+                    None => "upstream circuit breaker open\n".into(),
+                },
                 UpstreamErrorKind::Connect => "upstream connect error\n".into(),
                 UpstreamErrorKind::Protocol => "upstream sent an invalid response\n".into(),
             },

@@ -14,6 +14,9 @@ pub struct Route {
     pub cluster: usize,
     pub cache: bool,
     pub timeout: Option<std::time::Duration>,
+    pub connect_timeout: Option<std::time::Duration>,
+    pub idle_timeout: Option<std::time::Duration>,
+    pub total_timeout: Option<std::time::Duration>,
 }
 
 #[derive(Debug)]
@@ -48,6 +51,9 @@ impl Router {
                     cluster: cluster_index[r.cluster.as_str()],
                     cache: r.cache,
                     timeout: r.timeout,
+                    connect_timeout: r.connect_timeout,
+                    idle_timeout: r.idle_timeout,
+                    total_timeout: r.total_timeout,
                 })
                 .collect();
             router.vhosts.push(VirtualHost { routes });

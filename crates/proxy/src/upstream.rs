@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use larder_telemetry::{UpstreamConnectionMetrics, UpstreamErrorKind};
+use larder_telemetry::{Breaker, UpstreamConnectionMetrics, UpstreamErrorKind};
 use tokio::net::TcpStream;
 
 use crate::balance::Balancer;
@@ -24,7 +24,9 @@ pub struct Cluster {
     /// Swapped whole when DNS discovery finds a different set of endpoints.
     balancer: Arc<ArcSwap<Balancer>>,
     client: Client<MeteredConnector, ProxyBody>,
+    pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    connections: Arc<ConnectionLimit>,
     /// `https` for clusters with `tls:`.
     scheme: Scheme,
     metrics: UpstreamConnectionMetrics,
@@ -85,6 +87,29 @@ pub struct UpstreamError {
     pub stale_connection: bool,
     /// Sends after the first.
     pub retries: u32,
+    /// No connection was made (refused, unreachable, connect timeout): the origin saw nothing.
+    pub nothing_sent: bool,
+    /// Which circuit breaker refused the request (kind `Overflow`).
+    pub breaker: Option<Breaker>,
+}
+
+/// How long one upstream exchange may take, phase by phase: a route's settings over its
+/// cluster's.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// Until the response headers.
+    pub first_byte: Duration,
+    /// The longest wait for the next chunk of the response body.
+    pub idle: Duration,
+    /// From the first send to the last body byte, retries included.
+    pub total: Option<Duration>,
+}
+
+tokio::task_local! {
+    /// The connect timeout of the request being sent: the pool's connector is shared by every
+    /// route of the cluster and sees only a URI, so the route's value travels with the task.
+    static CONNECT_TIMEOUT: Duration;
 }
 
 /// What to send upstream; the body is separate so a bodiless request can be replayed on
@@ -103,7 +128,8 @@ impl Cluster {
     ) -> Result<Cluster, String> {
         let name: Arc<str> = config.name.as_str().into();
         let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
+        // The route's connect timeout applies in `MeteredConnector`, around TLS as well.
+        connector.set_connect_timeout(None);
         connector.set_nodelay(true);
         connector.set_keepalive(Some(Duration::from_secs(60)));
         // TLS, when configured, happens inside the connector: the pool keeps TLS sessions.
@@ -128,6 +154,12 @@ impl Cluster {
         } else {
             builder.enable_http1().wrap_connector(connector)
         };
+        let connections = Arc::new(ConnectionLimit {
+            slots: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
+            max: config.max_connections,
+            waiting: Default::default(),
+            max_waiting: config.max_pending_requests,
+        });
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.idle_timeout)
             .pool_max_idle_per_host(config.max_idle_connections)
@@ -137,6 +169,9 @@ impl Cluster {
             .build(MeteredConnector {
                 inner: https,
                 metrics: metrics.upstream_connection_metrics(&name),
+                limit: connections.clone(),
+                default_connect_timeout: config.connect_timeout,
+                cluster: name.clone(),
             });
         let scheme = if config.tls.is_some() {
             Scheme::HTTPS
@@ -183,7 +218,9 @@ impl Cluster {
             metrics: metrics.upstream_connection_metrics(&name),
             name,
             client,
+            connect_timeout: config.connect_timeout,
             request_timeout: config.request_timeout,
+            connections,
             in_flight: Default::default(),
             max_requests: config.max_requests,
             retrying: Default::default(),
@@ -192,11 +229,21 @@ impl Cluster {
         })
     }
 
-    /// Endpoint health and load, for `/clusters`.
+    /// Endpoint health and load, and the breakers' limits and usage, for `/clusters`.
     pub fn snapshot(&self) -> serde_json::Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        let limit = &self.connections;
         serde_json::json!({
             "name": &*self.name,
             "endpoints": self.balancer.load().snapshot(),
+            "circuit_breakers": {
+                "max_requests": self.max_requests,
+                "requests": self.in_flight.load(Relaxed),
+                "max_connections": limit.max,
+                "connections": limit.max - limit.slots.available_permits(),
+                "max_pending_requests": limit.max_waiting,
+                "pending_requests": limit.waiting.load(Relaxed),
+            },
         })
     }
 
@@ -206,13 +253,19 @@ impl Cluster {
         &self,
         request: UpstreamRequest,
         body: ProxyBody,
-        timeout: Duration,
+        timeouts: &Timeouts,
         interim: Option<&crate::interim::InterimSink>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let start = Instant::now();
         use std::sync::atomic::Ordering::Relaxed;
+        // The response headers are due by the first-byte timeout, and by the total one.
+        let (timeout, which) = match timeouts.total {
+            Some(total) if total < timeouts.first_byte => (total, "total_timeout"),
+            _ => (timeouts.first_byte, "timeout"),
+        };
         // Circuit breaking: a struggling upstream gets no queue of requests behind it.
         if self.in_flight.load(Relaxed) >= self.max_requests {
+            self.metrics.breaker_tripped(Breaker::MaxRequests);
             return Err(UpstreamError {
                 kind: UpstreamErrorKind::Overflow,
                 endpoint: None,
@@ -224,6 +277,8 @@ impl Cluster {
                 body_too_large: false,
                 stale_connection: false,
                 retries: 0,
+                nothing_sent: true,
+                breaker: Some(Breaker::MaxRequests),
             });
         }
         let _in_flight = Held::take(&self.in_flight);
@@ -278,7 +333,8 @@ impl Cluster {
                 });
             }
             let remaining = timeout.saturating_sub(start.elapsed());
-            let error = match tokio::time::timeout(remaining, self.client.request(req)).await {
+            let sent = CONNECT_TIMEOUT.scope(timeouts.connect, self.client.request(req));
+            let error = match tokio::time::timeout(remaining, sent).await {
                 Ok(Ok(response)) => {
                     // Gateway errors count against the endpoint, though they are relayed.
                     let status = response.status().as_u16();
@@ -314,22 +370,26 @@ impl Cluster {
                 Err(_) => UpstreamError {
                     kind: UpstreamErrorKind::Timeout,
                     endpoint: Some(endpoint.display.clone()),
-                    message: format!("no response within {timeout:?}"),
+                    message: format!("no response headers within {timeout:?} (route {which})"),
                     duration: start.elapsed(),
                     body_too_large: false,
                     stale_connection: false,
                     retries: attempt,
+                    nothing_sent: false,
+                    breaker: None,
                 },
             };
-            // A request body too large is the client's doing, not the endpoint's.
-            if !error.body_too_large && balancer.record(pick.index, true) {
+            // A request body too large is the client's doing, a full breaker the cluster's
+            // load: neither says anything of the endpoint.
+            let endpoints_fault =
+                !error.body_too_large && error.kind != UpstreamErrorKind::Overflow;
+            if endpoints_fault && balancer.record(pick.index, true) {
                 self.metrics.ejected();
             }
             drop(pick);
             // Safe to resend, for idempotent requests only: nothing reached an origin (connect
             // failure), or a pooled connection closed before any response byte came.
-            let retry =
-                replayable && (error.kind == UpstreamErrorKind::Connect || error.stale_connection);
+            let retry = replayable && (error.nothing_sent || error.stale_connection);
             last_error = Some(error);
             if !retry {
                 break;
@@ -343,6 +403,8 @@ impl Cluster {
             body_too_large: false,
             stale_connection: false,
             retries: 0,
+            nothing_sent: true,
+            breaker: None,
         }))
     }
 }
@@ -357,15 +419,19 @@ fn classify(
     let stale_connection = source_chain(&e)
         .filter_map(|s| s.downcast_ref::<hyper::Error>())
         .any(|h| h.is_incomplete_message() || h.is_canceled());
-    let kind = if e.is_connect() {
-        if source_chain(&e).any(|s| s.to_string().contains("timed out")) {
-            UpstreamErrorKind::Timeout
-        } else {
-            UpstreamErrorKind::Connect
-        }
+    let breaker = source_chain(&e)
+        .find_map(|s| s.downcast_ref::<BreakerOpen>())
+        .map(|open| open.breaker);
+    let kind = if breaker.is_some() {
+        UpstreamErrorKind::Overflow
+    } else if source_chain(&e).any(|s| s.is::<ConnectTimedOut>()) {
+        UpstreamErrorKind::Timeout
+    } else if e.is_connect() {
+        UpstreamErrorKind::Connect
     } else {
         UpstreamErrorKind::Protocol
     };
+    let nothing_sent = e.is_connect() && kind != UpstreamErrorKind::Overflow;
     let message = source_chain(&e)
         .map(|s| s.to_string())
         .collect::<Vec<_>>()
@@ -378,6 +444,8 @@ fn classify(
         body_too_large,
         stale_connection,
         retries,
+        nothing_sent,
+        breaker,
     }
 }
 
@@ -387,12 +455,36 @@ fn source_chain<'a>(
     std::iter::successors(Some(e), |e| e.source())
 }
 
-/// Wraps the TCP connector to time each new connection and count the open ones: the pool
-/// itself exposes neither.
+/// Connections open to one cluster (`max_connections`) and connects waiting for one of them
+/// (`max_pending_requests`): kept here, in the connector, because hyper's pool has no limit.
+struct ConnectionLimit {
+    slots: Arc<tokio::sync::Semaphore>,
+    max: usize,
+    waiting: std::sync::atomic::AtomicUsize,
+    max_waiting: usize,
+}
+
+/// A circuit breaker refused a connection.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct BreakerOpen {
+    breaker: Breaker,
+    message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("connect timed out after {0:?}")]
+struct ConnectTimedOut(Duration);
+
+/// Wraps the TCP connector to bound, time and count connections: the pool does none of it.
 #[derive(Clone)]
 struct MeteredConnector {
     inner: hyper_rustls::HttpsConnector<HttpConnector>,
     metrics: UpstreamConnectionMetrics,
+    limit: Arc<ConnectionLimit>,
+    /// For connects outside a request (health checks).
+    default_connect_timeout: Duration,
+    cluster: Arc<str>,
 }
 
 impl tower_service::Service<Uri> for MeteredConnector {
@@ -409,21 +501,78 @@ impl tower_service::Service<Uri> for MeteredConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let connecting = self.inner.call(uri);
+        let connect_timeout = CONNECT_TIMEOUT
+            .try_with(|t| *t)
+            .unwrap_or(self.default_connect_timeout);
+        let mut inner = self.inner.clone();
         let metrics = self.metrics.clone();
+        let limit = self.limit.clone();
+        let cluster = self.cluster.clone();
         Box::pin(async move {
             let start = Instant::now();
-            let io = connecting.await?;
+            let slot = match limit.slots.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    metrics.breaker_tripped(Breaker::MaxConnections);
+                    // Claim a place in the queue, or give up at once when it is full.
+                    use std::sync::atomic::Ordering::Relaxed;
+                    let queued = limit.waiting.fetch_update(Relaxed, Relaxed, |n| {
+                        (n < limit.max_waiting).then_some(n + 1)
+                    });
+                    if queued.is_err() {
+                        metrics.breaker_tripped(Breaker::MaxPendingRequests);
+                        return Err(BreakerOpen {
+                            breaker: Breaker::MaxPendingRequests,
+                            message: format!(
+                                "{} requests already wait for a connection to cluster {cluster} \
+                                 (max_pending_requests)",
+                                limit.max_waiting
+                            ),
+                        }
+                        .into());
+                    }
+                    let _queued = Held(&limit.waiting);
+                    // Meanwhile the pool may hand the request a connection another finished
+                    // with; this connect then completes in the background, for the pool.
+                    let acquired =
+                        tokio::time::timeout(connect_timeout, limit.slots.clone().acquire_owned())
+                            .await;
+                    match acquired {
+                        Ok(Ok(slot)) => slot,
+                        _ => {
+                            return Err(BreakerOpen {
+                                breaker: Breaker::MaxConnections,
+                                message: format!(
+                                    "no connection to cluster {cluster} free within \
+                                     {connect_timeout:?} ({} open: max_connections)",
+                                    limit.max
+                                ),
+                            }
+                            .into());
+                        }
+                    }
+                }
+            };
+            let remaining = connect_timeout.saturating_sub(start.elapsed());
+            let io = match tokio::time::timeout(remaining, inner.call(uri)).await {
+                Ok(io) => io?,
+                Err(_) => return Err(ConnectTimedOut(connect_timeout).into()),
+            };
             metrics.connected(start.elapsed());
-            Ok(MeteredIo { io, metrics })
+            Ok(MeteredIo {
+                io,
+                metrics,
+                _slot: slot,
+            })
         })
     }
 }
 
-/// An upstream connection that reports its closing.
+/// An upstream connection that reports its closing and frees its `max_connections` slot.
 struct MeteredIo {
     io: hyper_rustls::MaybeHttpsStream<TokioIo<TcpStream>>,
     metrics: UpstreamConnectionMetrics,
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Drop for MeteredIo {

@@ -67,7 +67,8 @@ pub enum UpstreamErrorKind {
     Protocol,
     /// No endpoint is available in the cluster.
     NoEndpoint,
-    /// The cluster's circuit breaker refused the request (too many in flight).
+    /// A circuit breaker of the cluster refused the request (max_requests or
+    /// max_pending_requests reached, or no connection free in time under max_connections).
     Overflow,
 }
 
@@ -79,6 +80,34 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::Protocol => "protocol",
             UpstreamErrorKind::NoEndpoint => "no_endpoint",
             UpstreamErrorKind::Overflow => "overflow",
+        }
+    }
+}
+
+/// A cluster's circuit breakers: each limits one kind of load on an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Breaker {
+    /// Requests waiting for response headers.
+    MaxRequests = 0,
+    /// Connections open to the cluster.
+    MaxConnections = 1,
+    /// Requests waiting for a connection.
+    MaxPendingRequests = 2,
+}
+
+impl Breaker {
+    pub const ALL: [Breaker; 3] = [
+        Breaker::MaxRequests,
+        Breaker::MaxConnections,
+        Breaker::MaxPendingRequests,
+    ];
+
+    /// The config key that sets the limit, also the metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Breaker::MaxRequests => "max_requests",
+            Breaker::MaxConnections => "max_connections",
+            Breaker::MaxPendingRequests => "max_pending_requests",
         }
     }
 }

@@ -45,6 +45,12 @@ struct ClusterLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BreakerLabels {
+    cluster: Arc<str>,
+    breaker: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamErrorLabels {
     cluster: Arc<str>,
     kind: &'static str,
@@ -121,6 +127,7 @@ pub struct Metrics {
     upstream_connect: Family<ClusterLabels, Histogram>,
     upstream_connections: Family<ClusterLabels, Gauge>,
     upstream_ejections: Family<ClusterLabels, Counter>,
+    breaker_trips: Family<BreakerLabels, Counter>,
     purges: Family<PurgeLabels, Counter>,
     purged_objects: Family<PurgeKindLabels, Counter>,
     purge_requests: Family<PurgeRequestLabels, Counter>,
@@ -146,6 +153,8 @@ pub struct UpstreamConnectionMetrics {
     connect: Histogram,
     open: Gauge,
     ejections: Counter,
+    /// By `Breaker as usize`.
+    breaker_trips: [Counter; 3],
 }
 
 impl UpstreamConnectionMetrics {
@@ -161,6 +170,10 @@ impl UpstreamConnectionMetrics {
     /// Outlier detection took an endpoint out of rotation.
     pub fn ejected(&self) {
         self.ejections.inc();
+    }
+
+    pub fn breaker_tripped(&self, breaker: crate::Breaker) {
+        self.breaker_trips[breaker as usize].inc();
     }
 }
 
@@ -283,6 +296,7 @@ impl Metrics {
             upstream_connect: Family::new_with_constructor(latency_histogram),
             upstream_connections: Family::default(),
             upstream_ejections: Family::default(),
+            breaker_trips: Family::default(),
             purges: Family::default(),
             purged_objects: Family::default(),
             purge_requests: Family::default(),
@@ -417,6 +431,11 @@ impl Metrics {
             "upstream_ejections",
             "Endpoints taken out of rotation by outlier detection (consecutive failures), per cluster",
             m.upstream_ejections.clone(),
+        );
+        registry.register(
+            "upstream_circuit_breaker_trips",
+            "Times a cluster's circuit breaker limited a request, per cluster and breaker (max_requests and max_pending_requests: answered 503; max_connections: queued for a connection)",
+            m.breaker_trips.clone(),
         );
         registry.register(
             "upstream_retries",
@@ -696,6 +715,14 @@ impl Metrics {
             connect: self.upstream_connect.get_or_create(&labels).clone(),
             open: self.upstream_connections.get_or_create(&labels).clone(),
             ejections: self.upstream_ejections.get_or_create(&labels).clone(),
+            breaker_trips: crate::Breaker::ALL.map(|breaker| {
+                self.breaker_trips
+                    .get_or_create(&BreakerLabels {
+                        cluster: cluster.clone(),
+                        breaker: breaker.as_str(),
+                    })
+                    .clone()
+            }),
         }
     }
 

@@ -9,7 +9,7 @@ mod serve;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use http::header::{
     self, CONTENT_LENGTH, ETAG, HOST, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, RANGE,
@@ -31,7 +31,7 @@ use crate::body::{
 use crate::error::ProxyError;
 use crate::headers::{add_forwarded, append_via, strip_hop_by_hop};
 use crate::interim::InterimSink;
-use crate::upstream::UpstreamRequest;
+use crate::upstream::{Timeouts, UpstreamRequest};
 use crate::{Proxy, Runtime};
 use exchange::{Exchange, Forward};
 use fill::Fill;
@@ -74,11 +74,11 @@ impl ClientRequest {
     }
 }
 
-/// Where a request goes upstream: the cluster (by index into the runtime) and its timeout.
+/// Where a request goes upstream: the cluster (by index into the runtime) and its timeouts.
 #[derive(Clone, Copy)]
 struct Upstream {
     cluster: usize,
-    timeout: Duration,
+    timeouts: Timeouts,
 }
 
 /// What a fetch for the cache is about.
@@ -239,9 +239,15 @@ impl Proxy {
         let cluster = &rt.clusters[route.cluster];
         ex.route = Some(route.name.clone());
         ex.cluster = Some(cluster.name.clone());
+        let first_byte = route.timeout.unwrap_or(cluster.request_timeout);
         let upstream = Upstream {
             cluster: route.cluster,
-            timeout: route.timeout.unwrap_or(cluster.request_timeout),
+            timeouts: Timeouts {
+                connect: route.connect_timeout.unwrap_or(cluster.connect_timeout),
+                first_byte,
+                idle: route.idle_timeout.unwrap_or(first_byte),
+                total: route.total_timeout,
+            },
         };
 
         let directives = request_directives(&headers);
@@ -886,7 +892,14 @@ impl Proxy {
             )),
             _ => None,
         };
-        let result = cluster.send(request, body, upstream.timeout, interim).await;
+        // Fixed before the send: retries and the body share the one total deadline.
+        let deadline = upstream
+            .timeouts
+            .total
+            .map(|total| tokio::time::Instant::now() + total);
+        let result = cluster
+            .send(request, body, &upstream.timeouts, interim)
+            .await;
         if let Some(span) = &upstream_span {
             match &result {
                 Ok(r) => {
@@ -921,11 +934,11 @@ impl Proxy {
         let response = result?;
         ex.upstream_address = Some(response.endpoint);
         ex.fwd_status = Some(response.response.status().as_u16());
-        // Here, once for every use of the body (relayed or stored): the route's timeout also
-        // bounds each wait for the next chunk, so a stalled origin is cut off.
+        // Here, once for every use of the body (relayed or stored): a stalled or trickling
+        // origin is cut off, and a cut-off body is never stored.
         Ok(response
             .response
-            .map(|body| IdleTimeoutBody::new(body, upstream.timeout)))
+            .map(|body| IdleTimeoutBody::new(body, upstream.timeouts.idle, deadline)))
     }
 
     fn serve_hit(
