@@ -8,7 +8,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY crates crates
 COPY src src
-RUN cargo build --release --locked --features redis \
+RUN cargo build --release --locked --features redis,kubernetes \
     && install -D -m 0755 target/release/larder /out/larder
 
 FROM gcr.io/distroless/cc-debian12:nonroot

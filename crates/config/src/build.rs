@@ -715,8 +715,17 @@ fn build_clusters(raw: Option<Vec<RawCluster>>, cx: &mut Ctx) -> Vec<Cluster> {
         let dns = c
             .dns
             .map(|d| build_dns_discovery(cx, &key(&path, "dns"), d));
-        let listed = if dns.is_some() {
-            // With DNS discovery, listed endpoints are optional.
+        let kubernetes = c
+            .kubernetes
+            .map(|k| build_kubernetes_discovery(cx, &key(&path, "kubernetes"), k));
+        if dns.is_some() && kubernetes.is_some() {
+            cx.error(
+                &key(&path, "kubernetes"),
+                "choose one discovery: dns or kubernetes",
+            );
+        }
+        let listed = if dns.is_some() || kubernetes.is_some() {
+            // With discovery, listed endpoints are optional.
             c.endpoints.as_ref().filter(|l| !l.is_empty())
         } else {
             required(cx, &path, "endpoints", &c.endpoints)
@@ -799,6 +808,7 @@ fn build_clusters(raw: Option<Vec<RawCluster>>, cx: &mut Ctx) -> Vec<Cluster> {
                 .health_check
                 .map(|h| build_health_check(cx, &key(&path, "health_check"), h)),
             dns,
+            kubernetes,
             max_requests: usize_or(cx, &key(&path, "max_requests"), c.max_requests, 1024, 1),
             max_connections: usize_or(
                 cx,
@@ -1814,6 +1824,78 @@ fn build_health_check(cx: &mut Ctx, p: &str, raw: RawHealthCheck) -> HealthCheck
         ),
         healthy_threshold,
         unhealthy_threshold,
+    }
+}
+
+/// RFC 1123 label: what Kubernetes allows for Service names, namespaces and port names.
+fn is_dns_label(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 63
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !text.starts_with('-')
+        && !text.ends_with('-')
+}
+
+fn build_kubernetes_discovery(
+    cx: &mut Ctx,
+    p: &str,
+    raw: RawKubernetesDiscovery,
+) -> KubernetesDiscovery {
+    let label = |cx: &mut Ctx, name: &str, value: Option<String>| {
+        let value = value?;
+        if !is_dns_label(&value) {
+            cx.error(
+                &key(p, name),
+                format!("invalid {name} {value:?}: expected a DNS label like \"shop-api\""),
+            );
+        }
+        Some(value)
+    };
+    let service = label(cx, "service", raw.service).unwrap_or_else(|| {
+        cx.error(
+            &key(p, "service"),
+            "required: the Service whose endpoints to use",
+        );
+        String::new()
+    });
+    let namespace = label(cx, "namespace", raw.namespace);
+    let port = match raw.port {
+        Some(Scalar::Int(n)) if (1..=65535).contains(&n) => ServicePort::Number(n as u16),
+        Some(Scalar::Str(name)) if is_dns_label(&name) => ServicePort::Name(name),
+        Some(other) => {
+            let shown = match other {
+                Scalar::Str(text) => format!("{text:?}"),
+                Scalar::Int(n) => n.to_string(),
+                Scalar::Float(x) => x.to_string(),
+            };
+            cx.error(
+                &key(p, "port"),
+                format!("invalid port {shown}: expected a port name like \"http\" or 1 to 65535"),
+            );
+            ServicePort::Number(80)
+        }
+        None => {
+            cx.error(&key(p, "port"), "required: the port's name (or number)");
+            ServicePort::Number(80)
+        }
+    };
+    let api_server = raw.api_server.map(|url| {
+        let url = url.trim().trim_end_matches('/').to_owned();
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            cx.error(
+                &key(p, "api_server"),
+                format!("invalid URL {url:?}: expected http:// or https://"),
+            );
+        }
+        url
+    });
+    KubernetesDiscovery {
+        service,
+        namespace,
+        port,
+        api_server,
     }
 }
 

@@ -418,6 +418,8 @@ pub struct Cluster {
     pub health_check: Option<HealthCheck>,
     /// Endpoints found by DNS instead of (or, until the first answer, besides) `endpoints`.
     pub dns: Option<DnsDiscovery>,
+    /// Endpoints from a Kubernetes Service's EndpointSlices (ready endpoints only), watched.
+    pub kubernetes: Option<KubernetesDiscovery>,
     /// Requests in flight to the cluster at most; more are answered 503 at once rather than
     /// queueing behind a struggling upstream (circuit breaking).
     pub max_requests: usize,
@@ -458,6 +460,28 @@ pub struct DnsDiscovery {
     pub refresh_interval: Duration,
     /// A DNS server to ask instead of the system's resolver.
     pub nameserver: Option<SocketAddr>,
+}
+
+/// A cluster's endpoints from the EndpointSlices of a Kubernetes Service (label
+/// `kubernetes.io/service-name`), watched: ready endpoints only, on the port named `port`.
+/// Needs a build with the `kubernetes` feature and RBAC to list and watch `endpointslices`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KubernetesDiscovery {
+    pub service: String,
+    /// None: the namespace Larder runs in (from its service account), else `default`.
+    pub namespace: Option<String>,
+    pub port: ServicePort,
+    /// The API server to ask, e.g. `http://127.0.0.1:8001` behind `kubectl proxy`. None: the
+    /// in-cluster service account, else the local kubeconfig.
+    pub api_server: Option<String>,
+}
+
+/// A Service port, by the name its EndpointSlices give it or by number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ServicePort {
+    Name(String),
+    Number(u16),
 }
 
 /// Active health: each endpoint is asked `GET path` every `interval`; it leaves rotation

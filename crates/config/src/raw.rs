@@ -195,6 +195,7 @@ pub(crate) struct RawCluster {
     pub outlier_detection: Option<RawOutlierDetection>,
     pub health_check: Option<RawHealthCheck>,
     pub dns: Option<RawDnsDiscovery>,
+    pub kubernetes: Option<RawKubernetesDiscovery>,
     pub max_requests: Option<u64>,
     pub max_connections: Option<u64>,
     pub max_pending_requests: Option<u64>,
@@ -220,6 +221,16 @@ pub(crate) struct RawDnsDiscovery {
     pub port: Option<u64>,
     pub refresh_interval: Option<Scalar>,
     pub nameserver: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawKubernetesDiscovery {
+    pub service: Option<String>,
+    pub namespace: Option<String>,
+    /// A port name (`http`) or number.
+    pub port: Option<Scalar>,
+    pub api_server: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1039,3 +1039,30 @@ fn weighted_endpoints() {
     ));
     assert_eq!(e[0].path, "clusters[0].endpoints[0].weight");
 }
+
+#[test]
+fn kubernetes_discovery_replaces_the_endpoint_list_and_names_bad_keys() {
+    let good = BASE.replace(
+        "    endpoints: [\"127.0.0.1:9000\"]\n",
+        "    kubernetes: { service: shop-api, port: http }\n",
+    );
+    let c = load(&good);
+    let k = c.clusters[0].kubernetes.as_ref().unwrap();
+    assert_eq!(k.service, "shop-api");
+    assert_eq!(k.port, ServicePort::Name("http".into()));
+    assert_eq!(k.namespace, None);
+    assert!(c.clusters[0].endpoints.is_empty());
+
+    let bad = BASE.replace(
+        "    endpoints: [\"127.0.0.1:9000\"]\n",
+        "    kubernetes: { service: shop-api, namespace: Shop, port: HTTP_Port }\n    dns: { name: shop.local, port: 80 }\n",
+    );
+    assert_eq!(
+        lines(&bad),
+        [
+            "larder.yaml:9:5: clusters[0].kubernetes: choose one discovery: dns or kubernetes",
+            "larder.yaml:9:49: clusters[0].kubernetes.namespace: invalid namespace \"Shop\": expected a DNS label like \"shop-api\"",
+            "larder.yaml:9:61: clusters[0].kubernetes.port: invalid port \"HTTP_Port\": expected a port name like \"http\" or 1 to 65535",
+        ]
+    );
+}

@@ -4,6 +4,7 @@
 pub mod balance;
 pub mod body;
 pub mod demo;
+mod discovery;
 pub mod error;
 pub mod headers;
 pub mod interim;

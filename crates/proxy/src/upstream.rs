@@ -1,7 +1,6 @@
 //! Upstream clusters: endpoint choice, pooled keep-alive connections, timeouts, and the single
 //! place where transport failures are classified.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -194,14 +193,17 @@ impl Cluster {
             config.lb_policy,
             config.outlier_detection.clone(),
         )));
+        let discovered = crate::discovery::Discovered {
+            balancer: Arc::downgrade(&balancer),
+            policy: config.lb_policy,
+            outlier: config.outlier_detection.clone(),
+            cluster: name.clone(),
+        };
         if let Some(dns) = &config.dns {
-            tokio::spawn(discover(
-                Arc::downgrade(&balancer),
-                dns.clone(),
-                config.lb_policy,
-                config.outlier_detection.clone(),
-                name.clone(),
-            ));
+            tokio::spawn(crate::discovery::dns(discovered, dns.clone()));
+        } else if let Some(kubernetes) = &config.kubernetes {
+            crate::discovery::kubernetes(discovered, kubernetes.clone())
+                .map_err(|e| format!("cluster {:?}: {e}", config.name))?;
         }
         if let Some(check) = &config.health_check {
             tokio::spawn(health_checks(
@@ -694,66 +696,6 @@ async fn health_checks(
 
 /// Resolves the cluster's DNS name every refresh interval and swaps in a new endpoint set
 /// when the addresses change, until the cluster is gone.
-async fn discover(
-    balancer: std::sync::Weak<ArcSwap<Balancer>>,
-    dns: larder_config::DnsDiscovery,
-    policy: larder_config::LbPolicy,
-    outlier: larder_config::OutlierDetection,
-    cluster: Arc<str>,
-) {
-    let resolver = match larder_purge::peers::resolver(dns.nameserver) {
-        Ok(resolver) => resolver,
-        Err(e) => {
-            tracing::error!(cluster = %cluster, error = %e, "DNS discovery cannot start");
-            return;
-        }
-    };
-    let name = format!("{}.", dns.name);
-    loop {
-        let Some(current) = balancer.upgrade() else {
-            return;
-        };
-        let found: Option<Vec<SocketAddr>> = match resolver.lookup_ip(name.as_str()).await {
-            Ok(lookup) => Some(
-                lookup
-                    .iter()
-                    .map(|ip| SocketAddr::new(ip, dns.port))
-                    .collect(),
-            ),
-            Err(e) if e.is_no_records_found() => Some(Vec::new()),
-            Err(e) => {
-                tracing::warn!(cluster = %cluster, error = %e, "DNS discovery failed; keeping the endpoints");
-                None
-            }
-        };
-        if let Some(mut addrs) = found {
-            addrs.sort();
-            addrs.dedup();
-            let known: Vec<String> = current
-                .load()
-                .endpoints
-                .iter()
-                .map(|e| e.display.to_string())
-                .collect();
-            let fresh: Vec<String> = addrs.iter().map(SocketAddr::to_string).collect();
-            if known != fresh {
-                let endpoints = fresh
-                    .iter()
-                    .filter_map(|a| {
-                        a.parse::<Authority>()
-                            .ok()
-                            .map(|auth| (auth, Arc::from(a.as_str()), 1))
-                    })
-                    .collect();
-                current.store(Arc::new(Balancer::new(endpoints, policy, outlier.clone())));
-                tracing::info!(cluster = %cluster, endpoints = %fresh.join(","), "cluster endpoints updated from DNS");
-            }
-        }
-        drop(current);
-        tokio::time::sleep(dns.refresh_interval).await;
-    }
-}
-
 /// The rustls client setup of a TLS cluster: its CA bundle (or the Mozilla roots), ALPN for
 /// HTTP/2 or HTTP/1.1, and an optional client certificate.
 fn upstream_tls(tls: &larder_config::UpstreamTls) -> Result<rustls::ClientConfig, String> {
