@@ -524,3 +524,85 @@ async fn a_route_connect_timeout_overrides_the_clusters() {
     );
     held.abort();
 }
+
+/// An endpoint that reads each request head and then resets the connection (RST, no
+/// response): counts the requests it swallowed, by method.
+async fn resetting_endpoint() -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let recorded = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let recorded = recorded.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let method = String::from_utf8_lossy(&head)
+                    .split(' ')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                recorded.lock().unwrap().push(method);
+                socket.set_linger(Some(Duration::ZERO)).unwrap();
+                drop(socket);
+            });
+        }
+    });
+    (address, seen)
+}
+
+#[tokio::test]
+async fn an_endpoint_that_resets_is_ejected_and_a_post_it_swallowed_is_never_resent() {
+    let good = Origin::fixed(200, &[("cache-control", "no-store")], "good").await;
+    let (resetting, swallowed) = resetting_endpoint().await;
+    let extra = "    outlier_detection: { consecutive_failures: 2, base_ejection_time: 60s }";
+    let larder = Larder::start(&cluster_yaml(&[resetting, good.addr], extra)).await;
+    // The POSTs first, while round robin still sends every other request to the resetter.
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let reply = larder
+            .request(
+                Method::POST,
+                &larder.proxy_url("/p"),
+                &[],
+                Bytes::from("order"),
+            )
+            .await;
+        statuses.push(reply.status.as_u16());
+    }
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [200, 502],
+        "the reset POST fails, it is not resent"
+    );
+    let posts_at_good = good
+        .requests()
+        .iter()
+        .filter(|r| r.method == Method::POST)
+        .count();
+    assert_eq!(posts_at_good, 1);
+    assert_eq!(*swallowed.lock().unwrap(), ["POST"]);
+    // GETs that meet the reset move on to the good endpoint; after two failures in a row the
+    // resetter leaves rotation.
+    for _ in 0..6 {
+        assert_eq!(larder.get("/g").await.text(), "good");
+    }
+    let state = endpoint_health(&larder, resetting).await;
+    assert_eq!(state["healthy"], false, "{state}");
+    let reset_gets = swallowed
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|m| *m == "GET")
+        .count();
+    assert!(reset_gets <= 2, "an ejected endpoint gets no more requests");
+}

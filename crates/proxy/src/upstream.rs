@@ -81,8 +81,8 @@ pub struct UpstreamError {
     pub duration: Duration,
     /// The request body was over the limit (the client's fault, not the upstream's).
     pub body_too_large: bool,
-    /// The connection closed before any response arrived (typically a pooled connection the
-    /// origin had just timed out).
+    /// The connection closed or was reset before any response arrived (typically a pooled
+    /// connection the origin had just timed out).
     pub stale_connection: bool,
     /// Sends after the first.
     pub retries: u32,
@@ -390,7 +390,7 @@ impl Cluster {
             }
             drop(pick);
             // Safe to resend, for idempotent requests only: nothing reached an origin (connect
-            // failure), or a pooled connection closed before any response byte came.
+            // failure), or the connection closed or was reset before any response byte came.
             let retry = replayable && (error.nothing_sent || error.stale_connection);
             last_error = Some(error);
             if !retry {
@@ -418,9 +418,20 @@ fn classify(
     retries: u32,
 ) -> UpstreamError {
     let body_too_large = source_chain(&e).any(|s| s.is::<crate::body::BodyTooLarge>());
-    let stale_connection = source_chain(&e)
-        .filter_map(|s| s.downcast_ref::<hyper::Error>())
-        .any(|h| h.is_incomplete_message() || h.is_canceled());
+    // Closed or reset before any response byte: a pooled connection the origin had just timed
+    // out, or an origin that dropped the request. An idempotent request may go again.
+    let stale_connection = source_chain(&e).any(|s| {
+        s.downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_incomplete_message() || h.is_canceled())
+            || s.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::BrokenPipe
+                )
+            })
+    });
     let breaker = source_chain(&e)
         .find_map(|s| s.downcast_ref::<BreakerOpen>())
         .map(|open| open.breaker);
