@@ -551,7 +551,7 @@ async fn resetting_endpoint() -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Ve
                     .unwrap_or_default()
                     .to_owned();
                 recorded.lock().unwrap().push(method);
-                socket.set_linger(Some(Duration::ZERO)).unwrap();
+                socket.set_zero_linger().unwrap();
                 drop(socket);
             });
         }
