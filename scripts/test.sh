@@ -39,6 +39,9 @@ cargo test --workspace --all-targets --all-features --locked
 echo "== Kubernetes manifests (kustomize render, schema validation, the config in each ConfigMap)"
 ./scripts/k8s-check.sh target/debug/larder
 
+echo "== image promises without an engine (distroless libraries, runs as 65532 with nothing writable)"
+./scripts/image-check.sh target/debug/larder
+
 echo "== cache-tests (public HTTP caching conformance suite, http-cache-tests@0.4.5, via npm)"
 if command -v node >/dev/null && command -v npm >/dev/null; then
   ./scripts/cache-tests.sh target/debug/larder
