@@ -97,10 +97,13 @@ pub enum NoCacheReason {
     Upgrade,
     /// A purge of this URL arrived while the response was being fetched; the purge wins.
     PurgedDuringFill,
+    /// The upstream's framing was contradictory (Transfer-Encoding with Content-Length): the
+    /// response is relayed re-framed but never stored (RFC 9112 §6.3).
+    MalformedResponse,
 }
 
 impl NoCacheReason {
-    pub const ALL: [NoCacheReason; 19] = [
+    pub const ALL: [NoCacheReason; 20] = [
         NoCacheReason::RouteDisabled,
         NoCacheReason::MethodNotCacheable,
         NoCacheReason::NoResourceType,
@@ -120,6 +123,7 @@ impl NoCacheReason {
         NoCacheReason::CoalesceTimeout,
         NoCacheReason::Upgrade,
         NoCacheReason::PurgedDuringFill,
+        NoCacheReason::MalformedResponse,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -143,6 +147,7 @@ impl NoCacheReason {
             NoCacheReason::CoalesceTimeout => "coalesce_timeout",
             NoCacheReason::Upgrade => "upgrade",
             NoCacheReason::PurgedDuringFill => "purged_during_fill",
+            NoCacheReason::MalformedResponse => "malformed_response",
         }
     }
 
@@ -158,6 +163,7 @@ impl NoCacheReason {
                 | NoCacheReason::StatusNotCacheable
                 | NoCacheReason::NoFreshness
                 | NoCacheReason::TooLarge
+                | NoCacheReason::MalformedResponse
         )
     }
 }

@@ -217,6 +217,12 @@ pub struct LimitedBody {
 #[error("request body exceeds the configured max_request_body_size")]
 pub struct BodyTooLarge;
 
+/// The client's request body failed (malformed chunking, a client gone mid-body): the
+/// client's fault, never the upstream's.
+#[derive(Debug, thiserror::Error)]
+#[error("request body from the client failed: {0}")]
+pub struct ClientBodyError(#[source] pub BoxError);
+
 impl LimitedBody {
     pub fn new(inner: ProxyBody, limit: u64) -> Self {
         LimitedBody {
@@ -246,6 +252,7 @@ impl Body for LimitedBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBodyError(e))))),
             other => other,
         }
     }

@@ -4,7 +4,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use larder_telemetry::UpstreamErrorKind;
 
 use crate::body::{ProxyBody, full};
-use crate::upstream::UpstreamError;
+use crate::upstream::{ClientFault, UpstreamError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -39,13 +39,16 @@ impl ProxyError {
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::OnlyIfCached | ProxyError::MustRevalidate(_) => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Upstream(e) if e.body_too_large => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::Upstream(e) => match e.kind {
-                UpstreamErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
-                UpstreamErrorKind::NoEndpoint | UpstreamErrorKind::Overflow => {
+            ProxyError::Upstream(e) => match (e.client_fault, e.kind) {
+                (Some(ClientFault::BodyTooLarge), _) => StatusCode::PAYLOAD_TOO_LARGE,
+                (Some(ClientFault::BadBody), _) => StatusCode::BAD_REQUEST,
+                (None, UpstreamErrorKind::Timeout) => StatusCode::GATEWAY_TIMEOUT,
+                (None, UpstreamErrorKind::NoEndpoint | UpstreamErrorKind::Overflow) => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
-                UpstreamErrorKind::Connect | UpstreamErrorKind::Protocol => StatusCode::BAD_GATEWAY,
+                (None, UpstreamErrorKind::Connect | UpstreamErrorKind::Protocol) => {
+                    StatusCode::BAD_GATEWAY
+                }
             },
         }
     }
@@ -62,7 +65,12 @@ impl ProxyError {
             ProxyError::MustRevalidate(_) => {
                 "upstream unavailable; the cached response must be revalidated\n".into()
             }
-            ProxyError::Upstream(e) if e.body_too_large => "request body too large\n".into(),
+            ProxyError::Upstream(e) if e.client_fault == Some(ClientFault::BodyTooLarge) => {
+                "request body too large\n".into()
+            }
+            ProxyError::Upstream(e) if e.client_fault == Some(ClientFault::BadBody) => {
+                "bad request: malformed or incomplete request body\n".into()
+            }
             ProxyError::Upstream(e) => match e.kind {
                 UpstreamErrorKind::Timeout => "upstream timed out\n".into(),
                 UpstreamErrorKind::NoEndpoint => "no upstream endpoint available\n".into(),
@@ -88,7 +96,10 @@ impl ProxyError {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if matches!(self, ProxyError::BadRequest(_)) {
+        // A client that sent something unparseable gets no second chance on this connection:
+        // whatever follows could be a smuggled request.
+        let bad_framing = matches!(&self, ProxyError::Upstream(e) if e.client_fault.is_some());
+        if matches!(self, ProxyError::BadRequest(_)) || bad_framing {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response

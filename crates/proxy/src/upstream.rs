@@ -79,8 +79,9 @@ pub struct UpstreamError {
     pub endpoint: Option<Arc<str>>,
     pub message: String,
     pub duration: Duration,
-    /// The request body was over the limit (the client's fault, not the upstream's).
-    pub body_too_large: bool,
+    /// The client's request body failed: over the limit, or malformed (the client's fault,
+    /// not the upstream's).
+    pub client_fault: Option<ClientFault>,
     /// The connection closed or was reset before any response arrived (typically a pooled
     /// connection the origin had just timed out).
     pub stale_connection: bool,
@@ -90,6 +91,15 @@ pub struct UpstreamError {
     pub nothing_sent: bool,
     /// Which circuit breaker refused the request (kind `Overflow`).
     pub breaker: Option<Breaker>,
+}
+
+/// How a client's request body broke an upstream exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientFault {
+    /// Over `max_request_body_size`: 413.
+    BodyTooLarge,
+    /// Malformed framing or the client gone mid-body: 400.
+    BadBody,
 }
 
 /// How long one upstream exchange may take, phase by phase: a route's settings over its
@@ -276,7 +286,7 @@ impl Cluster {
                     self.max_requests, self.name
                 ),
                 duration: start.elapsed(),
-                body_too_large: false,
+                client_fault: None,
                 stale_connection: false,
                 retries: 0,
                 nothing_sent: true,
@@ -374,7 +384,7 @@ impl Cluster {
                     endpoint: Some(endpoint.display.clone()),
                     message: format!("no response headers within {timeout:?} (route {which})"),
                     duration: start.elapsed(),
-                    body_too_large: false,
+                    client_fault: None,
                     stale_connection: false,
                     retries: attempt,
                     nothing_sent: false,
@@ -384,7 +394,7 @@ impl Cluster {
             // A request body too large is the client's doing, a full breaker the cluster's
             // load: neither says anything of the endpoint.
             let endpoints_fault =
-                !error.body_too_large && error.kind != UpstreamErrorKind::Overflow;
+                error.client_fault.is_none() && error.kind != UpstreamErrorKind::Overflow;
             if endpoints_fault && balancer.record(pick.index, true) {
                 self.metrics.ejected();
             }
@@ -402,7 +412,7 @@ impl Cluster {
             endpoint: None,
             message: format!("cluster {} has no endpoints", self.name),
             duration: start.elapsed(),
-            body_too_large: false,
+            client_fault: None,
             stale_connection: false,
             retries: 0,
             nothing_sent: true,
@@ -417,7 +427,13 @@ fn classify(
     start: Instant,
     retries: u32,
 ) -> UpstreamError {
-    let body_too_large = source_chain(&e).any(|s| s.is::<crate::body::BodyTooLarge>());
+    let client_fault = if source_chain(&e).any(|s| s.is::<crate::body::BodyTooLarge>()) {
+        Some(ClientFault::BodyTooLarge)
+    } else if source_chain(&e).any(|s| s.is::<crate::body::ClientBodyError>()) {
+        Some(ClientFault::BadBody)
+    } else {
+        None
+    };
     // Closed or reset before any response byte: a pooled connection the origin had just timed
     // out, or an origin that dropped the request. An idempotent request may go again.
     let stale_connection = source_chain(&e).any(|s| {
@@ -454,7 +470,7 @@ fn classify(
         endpoint: Some(endpoint.clone()),
         message,
         duration: start.elapsed(),
-        body_too_large,
+        client_fault,
         stale_connection,
         retries,
         nothing_sent,

@@ -74,6 +74,26 @@ impl ClientRequest {
     }
 }
 
+/// Marks an upstream response that came with both Transfer-Encoding and Content-Length.
+#[derive(Clone, Copy)]
+struct ConflictingFraming;
+
+/// hyper accepts any Transfer-Encoding that ends in `chunked`; a client has no use for anything
+/// but `chunked` alone (no other coding is supported), so a list, a repeat or an unknown coding
+/// is a smuggling probe aimed at whatever reads the message next.
+fn single_chunked_coding(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty());
+    match codings.next() {
+        None => true,
+        Some(first) => first.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
+    }
+}
+
 /// Where a request goes upstream: the cluster (by index into the runtime) and its timeouts.
 #[derive(Clone, Copy)]
 struct Upstream {
@@ -193,6 +213,11 @@ impl Proxy {
         let (parts, body) = req.into_parts();
         let mut headers = parts.headers;
         let upgrade = headers.contains_key(header::UPGRADE);
+        if !single_chunked_coding(&headers) {
+            return Err(ProxyError::BadRequest(
+                "Transfer-Encoding must be \"chunked\" alone",
+            ));
+        }
         // Before anything is added: a client's `Connection` may only name its own hop's fields.
         strip_hop_by_hop(&mut headers);
         if headers.get_all(HOST).iter().count() > 1 {
@@ -756,15 +781,19 @@ impl Proxy {
         } else {
             CacheResult::Miss
         };
-        let admitted = rt.cache.admit(
-            &request.method,
-            &request.target(&ex.host),
-            parts.status,
-            &parts.headers,
-            request_time,
-            response_time,
-            generation,
-        );
+        let admitted = if parts.extensions.get::<ConflictingFraming>().is_some() {
+            Err(NoCacheReason::MalformedResponse)
+        } else {
+            rt.cache.admit(
+                &request.method,
+                &request.target(&ex.host),
+                parts.status,
+                &parts.headers,
+                request_time,
+                response_time,
+                generation,
+            )
+        };
         let admission = match admitted {
             Ok(admission) => admission,
             Err(reason) => {
@@ -825,7 +854,7 @@ impl Proxy {
         let now = SystemTime::now();
         let freshness = &stale.stored().freshness;
         // No answer at all (connect error, closed connection, timeout) counts as unreachable.
-        let unreachable = matches!(&error, ProxyError::Upstream(e) if !e.body_too_large);
+        let unreachable = matches!(&error, ProxyError::Upstream(e) if e.client_fault.is_none());
         if freshness.serve_on_error(&request.directives, now, unreachable) {
             ex.stale_reason = Some("stale-if-error");
             ex.reason = Some(NoCacheReason::UpstreamError);
@@ -921,7 +950,11 @@ impl Proxy {
         }
         let (duration, error, retries) = match &result {
             Ok(r) => (r.duration, None, r.retries),
-            Err(e) => (e.duration, (!e.body_too_large).then_some(e.kind), e.retries),
+            Err(e) => (
+                e.duration,
+                e.client_fault.is_none().then_some(e.kind),
+                e.retries,
+            ),
         };
         UpstreamEvent {
             cluster: &cluster.name,
@@ -931,9 +964,20 @@ impl Proxy {
         }
         .emit(&self.metrics);
         ex.upstream_duration = Some(duration);
-        let response = result?;
+        let mut response = result?;
         ex.upstream_address = Some(response.endpoint);
         ex.fwd_status = Some(response.response.status().as_u16());
+        // hyper reads such a body as chunked; the length must go before anyone relays it (a
+        // client trusting it would be desynchronised), and the response is never stored.
+        let headers = response.response.headers_mut();
+        if headers.contains_key(header::TRANSFER_ENCODING)
+            && headers.remove(CONTENT_LENGTH).is_some()
+        {
+            response
+                .response
+                .extensions_mut()
+                .insert(ConflictingFraming);
+        }
         // Here, once for every use of the body (relayed or stored): a stalled or trickling
         // origin is cut off, and a cut-off body is never stored.
         Ok(response
