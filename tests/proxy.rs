@@ -23,7 +23,12 @@ async fn forwards_with_proxy_headers_and_without_hop_by_hop() {
         "ok",
     )
     .await;
-    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    // The test client is a trusted proxy here: its X-Forwarded-For is extended.
+    let yaml = format!(
+        "{}limits: {{ trusted_proxies: [127.0.0.1/32] }}\n",
+        config_yaml(origin.addr, DEFAULT_TYPES)
+    );
+    let larder = Larder::start(&yaml).await;
     let reply = larder
         .get_with(
             "/fwd?q=1",

@@ -47,6 +47,18 @@ fn index(parent: &str, i: usize) -> String {
 }
 
 /// Path of the `i`th entry of a one-or-many value, matching how it appears in the file.
+/// `10.0.0.0/8`, `fd00::/8`, or a lone address (a /32 or /128).
+fn parse_cidr(text: &str) -> Result<ipnet::IpNet, String> {
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| {
+            format!(
+                "invalid CIDR {text:?}: expected an address with a prefix length, like \
+                 10.0.0.0/8 or fd00::/8"
+            )
+        })
+}
+
 fn list_item(parent: &str, list: &StrList, i: usize) -> String {
     if list.was_list {
         index(parent, i)
@@ -537,6 +549,61 @@ fn build_limits(raw: Option<RawLimits>, cx: &mut Ctx) -> Limits {
             raw.max_request_body_size.as_ref(),
             d.max_request_body_size,
         ),
+        max_connections: usize_or(
+            cx,
+            "limits.max_connections",
+            raw.max_connections,
+            d.max_connections,
+            1,
+        ),
+        header_read_timeout: timeout(
+            cx,
+            "limits.header_read_timeout",
+            raw.header_read_timeout.as_ref(),
+            d.header_read_timeout,
+        ),
+        request_body_timeout: timeout(
+            cx,
+            "limits.request_body_timeout",
+            raw.request_body_timeout.as_ref(),
+            d.request_body_timeout,
+        ),
+        client_write_timeout: timeout(
+            cx,
+            "limits.client_write_timeout",
+            raw.client_write_timeout.as_ref(),
+            d.client_write_timeout,
+        ),
+        trusted_proxies: raw
+            .trusted_proxies
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, text)| {
+                parse_cidr(text.trim())
+                    .map_err(|why| cx.error(&index("limits.trusted_proxies", i), why))
+                    .ok()
+            })
+            .collect(),
+        strip_request_headers: match raw.strip_request_headers {
+            None => d.strip_request_headers,
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .filter_map(|(i, name)| {
+                    let name = name.trim().to_ascii_lowercase();
+                    if is_token(&name) {
+                        Some(name)
+                    } else {
+                        cx.error(
+                            &index("limits.strip_request_headers", i),
+                            format!("{name:?} is not a header name"),
+                        );
+                        None
+                    }
+                })
+                .collect(),
+        },
     }
 }
 
@@ -1606,23 +1673,14 @@ fn build_purge(raw: Option<RawPurge>, cx: &mut Ctx) -> Purge {
                     .iter()
                     .enumerate()
                     .filter_map(|(i, text)| {
-                        let t = text.trim();
-                        let parsed = t
-                            .parse::<ipnet::IpNet>()
-                            .or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
-                        match parsed {
-                            Ok(net) => Some(net),
-                            Err(_) => {
+                        parse_cidr(text.trim())
+                            .map_err(|why| {
                                 cx.error(
                                     &list_item("purge.purge_method.allowed_cidrs", list, i),
-                                    format!(
-                                        "invalid CIDR {t:?}: expected an address with a prefix \
-                                         length, like 10.0.0.0/8 or fd00::/8"
-                                    ),
-                                );
-                                None
-                            }
-                        }
+                                    why,
+                                )
+                            })
+                            .ok()
                     })
                     .collect(),
             };

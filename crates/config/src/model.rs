@@ -203,6 +203,43 @@ pub struct Limits {
     pub max_request_header_size: u64,
     pub max_request_headers: usize,
     pub max_request_body_size: u64,
+    /// Client connections open at once across the proxy listeners; more are closed as soon
+    /// as they are accepted (and counted).
+    pub max_connections: usize,
+    /// A client must send a whole request head within this (slowloris); an idle keep-alive
+    /// connection is closed after it too.
+    #[serde(serialize_with = "ser_duration")]
+    pub header_read_timeout: Duration,
+    /// The longest wait for the next chunk of a request body (slow POST): 408 after it.
+    #[serde(serialize_with = "ser_duration")]
+    pub request_body_timeout: Duration,
+    /// The longest a response write may make no progress (a client that stops reading).
+    #[serde(serialize_with = "ser_duration")]
+    pub client_write_timeout: Duration,
+    /// Peers whose X-Forwarded-For is extended; from anyone else it is replaced by the
+    /// peer's address.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Request fields removed before forwarding (lower case): unkeyed inputs that make
+    /// origins serve another resource, method or host than the cache key says.
+    pub strip_request_headers: Vec<String>,
+}
+
+impl Limits {
+    /// Fields frameworks honour to rewrite the URL, the method or the host: keyed by no
+    /// cache, so a client could poison a key with another resource's response.
+    pub const DEFAULT_STRIP_REQUEST_HEADERS: &[&str] = &[
+        "x-original-url",
+        "x-rewrite-url",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-server",
+        "x-forwarded-scheme",
+        "x-original-host",
+        "x-host",
+    ];
 }
 
 impl Default for Limits {
@@ -211,6 +248,15 @@ impl Default for Limits {
             max_request_header_size: 64 << 10,
             max_request_headers: 100,
             max_request_body_size: 100 << 20,
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            request_body_timeout: Duration::from_secs(30),
+            client_write_timeout: Duration::from_secs(60),
+            trusted_proxies: Vec::new(),
+            strip_request_headers: Limits::DEFAULT_STRIP_REQUEST_HEADERS
+                .iter()
+                .map(|h| h.to_string())
+                .collect(),
         }
     }
 }

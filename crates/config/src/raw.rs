@@ -124,6 +124,12 @@ pub(crate) struct RawLimits {
     pub max_request_header_size: Option<Scalar>,
     pub max_request_headers: Option<u64>,
     pub max_request_body_size: Option<Scalar>,
+    pub max_connections: Option<u64>,
+    pub header_read_timeout: Option<Scalar>,
+    pub request_body_timeout: Option<Scalar>,
+    pub client_write_timeout: Option<Scalar>,
+    pub trusted_proxies: Option<Vec<String>>,
+    pub strip_request_headers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -729,6 +729,7 @@ limits: { max_request_header_size: 32K, max_request_headers: 50, max_request_bod
             max_request_header_size: 32 << 10,
             max_request_headers: 50,
             max_request_body_size: 1_000_000_000,
+            ..Limits::default()
         }
     );
 
@@ -1063,6 +1064,34 @@ fn kubernetes_discovery_replaces_the_endpoint_list_and_names_bad_keys() {
             "larder.yaml:9:5: clusters[0].kubernetes: choose one discovery: dns or kubernetes",
             "larder.yaml:9:49: clusters[0].kubernetes.namespace: invalid namespace \"Shop\": expected a DNS label like \"shop-api\"",
             "larder.yaml:9:61: clusters[0].kubernetes.port: invalid port \"HTTP_Port\": expected a port name like \"http\" or 1 to 65535",
+        ]
+    );
+}
+
+#[test]
+fn hardening_limits_parse_and_name_bad_entries() {
+    let c = load(&with_base(
+        "limits:\n  max_connections: 500\n  header_read_timeout: 5s\n  trusted_proxies: [10.0.0.0/8, 192.168.1.7]\n  strip_request_headers: [X-Original-URL]\n",
+    ));
+    assert_eq!(c.limits.max_connections, 500);
+    assert_eq!(
+        c.limits.header_read_timeout,
+        std::time::Duration::from_secs(5)
+    );
+    assert_eq!(c.limits.trusted_proxies.len(), 2);
+    assert_eq!(c.limits.strip_request_headers, ["x-original-url"]);
+    assert_eq!(
+        load(BASE).limits.strip_request_headers.len(),
+        Limits::DEFAULT_STRIP_REQUEST_HEADERS.len()
+    );
+    let e = lines(&with_base(
+        "limits:\n  trusted_proxies: [10.0.0.0/33]\n  strip_request_headers: [\"bad header\"]\n",
+    ));
+    assert_eq!(
+        e,
+        [
+            "larder.yaml:11:21: limits.trusted_proxies[0]: invalid CIDR \"10.0.0.0/33\": expected an address with a prefix length, like 10.0.0.0/8 or fd00::/8",
+            "larder.yaml:12:27: limits.strip_request_headers[0]: \"bad header\" is not a header name",
         ]
     );
 }

@@ -42,6 +42,7 @@ impl ProxyError {
             ProxyError::Upstream(e) => match (e.client_fault, e.kind) {
                 (Some(ClientFault::BodyTooLarge), _) => StatusCode::PAYLOAD_TOO_LARGE,
                 (Some(ClientFault::BadBody), _) => StatusCode::BAD_REQUEST,
+                (Some(ClientFault::BodyTimeout), _) => StatusCode::REQUEST_TIMEOUT,
                 (None, UpstreamErrorKind::Timeout) => StatusCode::GATEWAY_TIMEOUT,
                 (None, UpstreamErrorKind::NoEndpoint | UpstreamErrorKind::Overflow) => {
                     StatusCode::SERVICE_UNAVAILABLE
@@ -70,6 +71,9 @@ impl ProxyError {
             }
             ProxyError::Upstream(e) if e.client_fault == Some(ClientFault::BadBody) => {
                 "bad request: malformed or incomplete request body\n".into()
+            }
+            ProxyError::Upstream(e) if e.client_fault == Some(ClientFault::BodyTimeout) => {
+                "request body timed out\n".into()
             }
             ProxyError::Upstream(e) => match e.kind {
                 UpstreamErrorKind::Timeout => "upstream timed out\n".into(),

@@ -52,10 +52,13 @@ pub fn append_via(headers: &mut HeaderMap) {
     headers.append(VIA, HeaderValue::from_static(VIA_VALUE));
 }
 
-/// Adds the forwarding headers an origin behind a proxy expects.
+/// Adds the forwarding headers an origin behind a proxy expects. A client's X-Forwarded-For
+/// is kept (and extended) only when `trusted_peer`: from anyone else it would let a client
+/// choose the address the origin logs, rate-limits or allows.
 pub fn add_forwarded(
     headers: &mut HeaderMap,
     client: Option<SocketAddr>,
+    trusted_peer: bool,
     host: &str,
     scheme: &'static str,
 ) {
@@ -65,7 +68,7 @@ pub fn add_forwarded(
     if let Some(client) = client {
         let ip = client.ip().to_string();
         let value = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
-            Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+            Some(prev) if trusted_peer && !prev.trim().is_empty() => format!("{prev}, {ip}"),
             _ => ip,
         };
         if let Ok(v) = HeaderValue::from_str(&value) {
@@ -111,14 +114,26 @@ mod tests {
         add_forwarded(
             &mut h,
             Some("127.0.0.2:1".parse().unwrap()),
+            true,
             "example.com",
             "http",
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.2");
+        // From an untrusted peer, the chain it claims is dropped.
+        let mut spoofed = HeaderMap::new();
+        spoofed.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        add_forwarded(
+            &mut spoofed,
+            Some("127.0.0.2:1".parse().unwrap()),
+            false,
+            "example.com",
+            "http",
+        );
+        assert_eq!(spoofed["x-forwarded-for"], "127.0.0.2");
         assert_eq!(h["x-forwarded-host"], "example.com");
         h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
         h.insert("forwarded", HeaderValue::from_static("host=evil.example"));
-        add_forwarded(&mut h, None, "example.com", "http");
+        add_forwarded(&mut h, None, true, "example.com", "http");
         assert_eq!(h["x-forwarded-host"], "example.com");
         assert!(!h.contains_key("forwarded"));
         assert_eq!(h["via"], VIA_VALUE);

@@ -28,10 +28,15 @@ use larder_telemetry::{AccessLog, Metrics, StoreGauge};
 use crate::router::Router;
 use crate::upstream::Cluster;
 
-/// Request limits enforced before anything is forwarded.
+/// Request limits and forwarding rules applied per request (a reload swaps them).
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_request_body_size: u64,
+    pub request_body_timeout: Duration,
+    /// Peers whose X-Forwarded-For is extended rather than replaced.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Removed from requests before forwarding.
+    pub strip_request_headers: Vec<http::HeaderName>,
 }
 
 /// Everything derived from one version of the config. Requests hold an `Arc` to the version
@@ -188,6 +193,14 @@ impl Runtime {
             cache,
             limits: Limits {
                 max_request_body_size: config.limits.max_request_body_size,
+                request_body_timeout: config.limits.request_body_timeout,
+                trusted_proxies: config.limits.trusted_proxies.clone(),
+                strip_request_headers: config
+                    .limits
+                    .strip_request_headers
+                    .iter()
+                    .filter_map(|n| http::HeaderName::from_bytes(n.as_bytes()).ok())
+                    .collect(),
             },
             coalesce_timeout: config.cache.coalesce_timeout,
             hidden_response_headers: if config.purge.strip_tag_headers {

@@ -3,7 +3,10 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -18,6 +21,7 @@ use hyper::body::Incoming;
 use crate::Proxy;
 use crate::interim::{InterimIo, InterimSink};
 
+/// Connection-level limits, fixed when the listeners start (a reload does not change them).
 #[derive(Debug, Clone)]
 pub struct ServerLimits {
     pub max_request_header_size: usize,
@@ -27,6 +31,12 @@ pub struct ServerLimits {
     pub max_concurrent_streams: u32,
     /// How long in-flight requests get to finish once shutdown begins.
     pub drain_timeout: Duration,
+    /// Client connections at once, over every listener sharing these limits.
+    pub max_connections: usize,
+    /// A response write making no progress this long ends the connection.
+    pub client_write_timeout: Duration,
+    /// Connections open now, shared by the listeners.
+    open: Arc<AtomicUsize>,
 }
 
 impl ServerLimits {
@@ -34,12 +44,25 @@ impl ServerLimits {
         ServerLimits {
             max_request_header_size: config.limits.max_request_header_size as usize,
             max_request_headers: config.limits.max_request_headers,
-            header_read_timeout: Duration::from_secs(30),
-            max_concurrent_streams: 256,
+            header_read_timeout: config.limits.header_read_timeout,
+            max_concurrent_streams: MAX_CONCURRENT_STREAMS,
             drain_timeout: config.drain.timeout,
+            max_connections: config.limits.max_connections,
+            client_write_timeout: config.limits.client_write_timeout,
+            open: Arc::default(),
         }
     }
 }
+
+/// HTTP/2 streams a client may have open at once (Envoy and nginx use 100 to 128; a cache
+/// answers fast, so a few more fit).
+const MAX_CONCURRENT_STREAMS: u32 = 256;
+/// RST_STREAMs of streams not yet accepted before the connection is closed (rapid reset,
+/// CVE-2023-44487).
+const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// Resets the server itself sends (to malformed streams) before closing with GOAWAY
+/// (MadeYouReset, CVE-2025-8671).
+const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
 
 /// hyper's limit on request header lines when none is set.
 const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
@@ -63,8 +86,8 @@ fn builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(limits.max_request_header_size as u32)
-        .max_pending_accept_reset_streams(20)
-        .max_local_error_reset_streams(256);
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESET_STREAMS);
     builder
 }
 
@@ -93,7 +116,17 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        // Past the limit a connection is closed at once: cheaper than serving it, and the
+        // clients already connected keep their share.
+        let open = limits.open.clone();
+        if open.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
+            open.fetch_sub(1, Ordering::AcqRel);
+            proxy.metrics.connection_limited("max_connections");
+            drop(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
+        let stream = WriteStallGuard::new(stream, limits.client_write_timeout);
         let proxy = proxy.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
@@ -122,9 +155,13 @@ pub async fn serve(
                 }
             };
             if let Err(e) = result {
+                if is_write_stall(&*e) {
+                    metrics.connection_limited("write_stalled");
+                }
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             metrics.connection_closed();
+            open.fetch_sub(1, Ordering::AcqRel);
         });
     }
     drop(listener);
@@ -167,4 +204,108 @@ where
     });
     let connection = builder.serve_connection(io, service).into_owned();
     watcher.watch(connection).await
+}
+
+/// Ends a connection whose writes make no progress for `limit`: a client that stops reading
+/// would otherwise hold its connection, and the response it stalls, forever. The timer exists
+/// only while a write is blocked, so the fast path pays nothing.
+struct WriteStallGuard<S> {
+    inner: S,
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// The error a stalled write ends the connection with.
+#[derive(Debug, thiserror::Error)]
+#[error("the client read nothing for {0:?} (limits.client_write_timeout)")]
+struct WriteStalled(Duration);
+
+fn is_write_stall(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source()).any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .is_some_and(|inner| inner.is::<WriteStalled>())
+            || e.is::<WriteStalled>()
+    })
+}
+
+impl<S> WriteStallGuard<S> {
+    fn new(inner: S, limit: Duration) -> Self {
+        WriteStallGuard {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// Maps a write attempt's outcome: progress disarms the timer, a block arms it, and a
+    /// block past the limit is an error.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        match polled {
+            Poll::Ready(result) => {
+                self.stalled = None;
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                let limit = self.limit;
+                let timer = self
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        WriteStalled(limit),
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteStallGuard<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteStallGuard<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

@@ -100,6 +100,8 @@ pub enum ClientFault {
     BodyTooLarge,
     /// Malformed framing or the client gone mid-body: 400.
     BadBody,
+    /// The body stopped arriving for `limits.request_body_timeout`: 408.
+    BodyTimeout,
 }
 
 /// How long one upstream exchange may take, phase by phase: a route's settings over its
@@ -430,7 +432,11 @@ fn classify(
     let client_fault = if source_chain(&e).any(|s| s.is::<crate::body::BodyTooLarge>()) {
         Some(ClientFault::BodyTooLarge)
     } else if source_chain(&e).any(|s| s.is::<crate::body::ClientBodyError>()) {
-        Some(ClientFault::BadBody)
+        if source_chain(&e).any(|s| s.is::<crate::body::BodyIdleTimeout>()) {
+            Some(ClientFault::BodyTimeout)
+        } else {
+            Some(ClientFault::BadBody)
+        }
     } else {
         None
     };

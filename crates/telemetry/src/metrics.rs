@@ -135,6 +135,7 @@ pub struct Metrics {
     fanout_failures: Family<PeerLabels, Counter>,
     purge_peers: Gauge,
     active_connections: Gauge<i64, std::sync::atomic::AtomicI64>,
+    connections_refused: Family<ReasonLabels, Counter>,
     config_reloads: Family<ResultLabels, Counter>,
     store_source: Mutex<Option<StoreSource>>,
     hot: HotHandles,
@@ -304,6 +305,7 @@ impl Metrics {
             fanout_failures: Family::default(),
             purge_peers: Gauge::default(),
             active_connections: Gauge::default(),
+            connections_refused: Family::default(),
             config_reloads: Family::default(),
             store_source: Mutex::new(None),
             registry: Registry::default(),
@@ -477,6 +479,16 @@ impl Metrics {
             "active_connections",
             "Downstream connections currently open",
             m.active_connections.clone(),
+        );
+        for reason in ["max_connections", "write_stalled"] {
+            m.connections_refused
+                .get_or_create(&ReasonLabels { reason })
+                .inc_by(0);
+        }
+        registry.register(
+            "downstream_connections_closed_by_limit",
+            "Downstream connections Larder closed to protect itself, by reason (max_connections: over limits.max_connections at accept; write_stalled: the client read nothing for limits.client_write_timeout)",
+            m.connections_refused.clone(),
         );
         registry.register(
             "config_reloads",
@@ -744,6 +756,13 @@ impl Metrics {
 
     pub fn connection_closed(&self) {
         self.active_connections.dec();
+    }
+
+    /// A downstream connection closed by a limit: `max_connections` or `write_stalled`.
+    pub fn connection_limited(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     fn refresh_stores(&self) {

@@ -284,10 +284,17 @@ impl Proxy {
             interim,
             scheme: ex.scheme,
         };
-        let body = boxed(LimitedBody::new(
-            boxed(body),
-            rt.limits.max_request_body_size,
-        ));
+        // A body still to come must keep coming (slow POST); most requests have none.
+        let body = if http_body::Body::is_end_stream(&body) {
+            boxed(body)
+        } else {
+            boxed(IdleTimeoutBody::new(
+                body,
+                rt.limits.request_body_timeout,
+                None,
+            ))
+        };
+        let body = boxed(LimitedBody::new(body, rt.limits.max_request_body_size));
 
         if !route.cache {
             return self
@@ -911,7 +918,22 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
-        add_forwarded(&mut request.headers, ex.client, &host, ex.scheme);
+        let trusted_peer = ex.client.is_some_and(|c| {
+            rt.limits
+                .trusted_proxies
+                .iter()
+                .any(|net| net.contains(&c.ip()))
+        });
+        for name in &rt.limits.strip_request_headers {
+            request.headers.remove(name);
+        }
+        add_forwarded(
+            &mut request.headers,
+            ex.client,
+            trusted_peer,
+            &host,
+            ex.scheme,
+        );
         let upstream_span = match (&ex.span, &self.tracing) {
             (Some(span), Some(tracing)) => Some(span.upstream(
                 tracing,
