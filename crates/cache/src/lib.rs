@@ -104,6 +104,8 @@ pub struct CacheSettings {
     /// Store responses without their tag headers (the proxy strips them from every response
     /// too): tags are for this cache, not for clients.
     pub strip_tag_headers: bool,
+    /// Errors (4xx, 5xx) may be stored without an origin-given lifetime.
+    pub heuristic_errors: bool,
 }
 
 impl Default for CacheSettings {
@@ -121,6 +123,7 @@ impl Default for CacheSettings {
                 HeaderName::from_static("cache-tag"),
             ],
             strip_tag_headers: true,
+            heuristic_errors: false,
         }
     }
 }
@@ -414,6 +417,15 @@ impl Cache {
             || status == StatusCode::PARTIAL_CONTENT
             || status == StatusCode::NOT_MODIFIED;
         if never || !(freshness::heuristically_cacheable(status) || explicit || d.public) {
+            return Err(NoCacheReason::StatusNotCacheable);
+        }
+        // Cache poisoning by denial of service: an error a client can provoke (a header the
+        // origin rejects, a method override it honours) is stored only when the origin gave
+        // it a lifetime itself, never on a default ttl or a heuristic.
+        if (status.is_client_error() || status.is_server_error())
+            && !explicit
+            && !self.settings.heuristic_errors
+        {
             return Err(NoCacheReason::StatusNotCacheable);
         }
 

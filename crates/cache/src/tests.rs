@@ -796,3 +796,44 @@ fn variants_are_capped_per_url_among_many_queries() {
     // Two variants (plus its marker) per query survive; the other query's are not counted.
     assert_eq!(cache.indexed_keys(), 2 * 3);
 }
+
+#[test]
+fn errors_need_an_origin_lifetime_unless_heuristic_errors() {
+    let mut with_ttl = spec("default", 1 << 20);
+    with_ttl.freshness.ttl = Some(Duration::from_secs(300));
+    let empty = HeaderMap::new();
+    let t = target("/missing", &empty);
+    let bare = headers(&[("last-modified", &httpdate::fmt_http_date(at(0)))]);
+    let admit = |cache: &Cache, status: u16, resp: &HeaderMap| {
+        cache.admit(
+            &Method::GET,
+            &t,
+            StatusCode::from_u16(status).unwrap(),
+            resp,
+            at(10_000),
+            at(10_000),
+            0,
+        )
+    };
+    let hardened = Cache::new(vec![with_ttl.clone()], CacheSettings::default());
+    for status in [404u16, 405, 410, 414, 501] {
+        // Heuristically cacheable per RFC 9110, and the type has a ttl: still not stored.
+        assert_eq!(
+            admit(&hardened, status, &bare).unwrap_err(),
+            NoCacheReason::StatusNotCacheable,
+            "{status}"
+        );
+        let explicit = headers(&[("cache-control", "max-age=30")]);
+        assert!(admit(&hardened, status, &explicit).is_ok(), "{status}");
+    }
+    // Successes keep the type's ttl.
+    assert!(admit(&hardened, 200, &bare).is_ok());
+    let permissive = Cache::new(
+        vec![with_ttl],
+        CacheSettings {
+            heuristic_errors: true,
+            ..CacheSettings::default()
+        },
+    );
+    assert!(admit(&permissive, 404, &bare).is_ok());
+}

@@ -726,6 +726,10 @@ pub struct CacheSettings {
     /// Add the cache key to `Cache-Status` (a debugging aid: it reveals request headers that
     /// are part of the key).
     pub cache_status_key: bool,
+    /// Store 4xx/5xx answers without an origin-given lifetime (on the resource type's `ttl` or
+    /// a heuristic), as RFC 9111 allows. Off: an error a client provokes with an unkeyed
+    /// header could otherwise be served to everyone (cache poisoning by denial of service).
+    pub heuristic_errors: bool,
 }
 
 impl Default for CacheSettings {
@@ -737,6 +741,7 @@ impl Default for CacheSettings {
             targeted_cache_control: None,
             max_variants: 64,
             cache_status_key: false,
+            heuristic_errors: false,
         }
     }
 }

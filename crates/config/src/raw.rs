@@ -281,6 +281,7 @@ pub(crate) struct RawCache {
     pub targeted_cache_control: Option<String>,
     pub max_variants: Option<u64>,
     pub cache_status_key: Option<bool>,
+    pub heuristic_errors: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

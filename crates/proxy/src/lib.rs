@@ -130,6 +130,7 @@ fn cache_specs(config: &Config) -> (Vec<ResourceTypeSpec>, CacheSettings) {
         max_coalesced_waiters: config.cache.max_coalesced_waiters,
         tag_headers: tag_headers(config),
         strip_tag_headers: config.purge.strip_tag_headers,
+        heuristic_errors: config.cache.heuristic_errors,
         ..defaults
     };
     (specs, settings)
