@@ -97,6 +97,11 @@ cat > "$OUT_DIR/larder.yaml" <<EOF
 listeners: [{ address: "127.0.0.1:0" }]
 admin: { address: "127.0.0.1:0" }
 access_log: { enabled: false }
+# The suite checks the RFC's behaviour: Set-Cookie stored like any field (Larder's default is
+# not to store such responses at all).
+resource_types:
+  - name: default
+    config: { cache_size: 256MiB, set_cookie: store }
 virtual_hosts:
   - name: all
     domains: ["*"]
@@ -106,9 +111,6 @@ virtual_hosts:
 clusters:
   - name: suite
     endpoints: ["127.0.0.1:$ORIGIN_PORT"]
-resource_types:
-  - name: default
-    config: { cache_size: 256MiB }
 EOF
 "$BIN" validate --config "$OUT_DIR/larder.yaml" >/dev/null
 "$BIN" --config "$OUT_DIR/larder.yaml" >"$OUT_DIR/larder.log" 2>&1 &

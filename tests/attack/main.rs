@@ -1,9 +1,15 @@
 //! The attack and fault suite: scripted raw clients and origins around a real Larder, each case
 //! asserting what the client and the origin saw, bounded in time and count.
 //! - `http1`: request smuggling and malformed framing, both directions.
+//! - `poisoning`: unkeyed inputs, host/port/scheme keys, path spellings, deception, CPDoS, Vary.
+//! - `privacy`: personal answers stay with their user, coalesced or not, in a randomized run.
+//! - `exhaustion`: slow clients, range amplification, big heads, floods, a cold-key stampede.
 
 #[path = "../common/mod.rs"]
 mod common;
 
+mod exhaustion;
 mod http1;
+mod poisoning;
+mod privacy;
 mod raw;

@@ -59,11 +59,11 @@ impl ResourceMatcher for MatchAll {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SetCookiePolicy {
     /// Store it, Set-Cookie included, when the origin gave explicit freshness (RFC 9111 §3.1).
-    #[default]
     Store,
     /// Store it without its Set-Cookie header.
     Strip,
-    /// Never store it.
+    /// Never store it (the default).
+    #[default]
     Bypass,
 }
 

@@ -861,11 +861,12 @@ pub struct ResourceConfig {
 #[serde(rename_all = "snake_case")]
 pub enum SetCookiePolicy {
     /// Stored with its Set-Cookie when the origin gave explicit freshness (RFC 9111 §3.1).
-    #[default]
     Store,
     /// Stored without the Set-Cookie header.
     Strip,
-    /// Never stored.
+    /// Never stored: the default, as in Varnish and nginx. A cookie is usually a session,
+    /// and an origin that forgot `private` would otherwise hand one user's session to all.
+    #[default]
     Bypass,
 }
 
@@ -893,7 +894,7 @@ impl Default for ResourceConfig {
             stale_if_error: Duration::ZERO,
             stale_if_unreachable: Duration::from_secs(30),
             keep: None,
-            set_cookie: SetCookiePolicy::Store,
+            set_cookie: SetCookiePolicy::default(),
             cache_key: CacheKeyConfig::default(),
         }
     }
