@@ -1,6 +1,7 @@
 //! The attack and fault suite: scripted raw clients and origins around a real Larder, each case
 //! asserting what the client and the origin saw, bounded in time and count.
 //! - `http1`: request smuggling and malformed framing, both directions.
+//! - `http2`: rapid reset, CONTINUATION and PING/SETTINGS floods, HPACK bomb, malformed streams.
 //! - `poisoning`: unkeyed inputs, host/port/scheme keys, path spellings, deception, CPDoS, Vary.
 //! - `privacy`: personal answers stay with their user, coalesced or not, in a randomized run.
 //! - `exhaustion`: slow clients, range amplification, big heads, floods, a cold-key stampede.
@@ -10,6 +11,7 @@ mod common;
 
 mod exhaustion;
 mod http1;
+mod http2;
 mod poisoning;
 mod privacy;
 mod raw;

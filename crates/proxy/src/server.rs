@@ -157,6 +157,8 @@ pub async fn serve(
             if let Err(e) = result {
                 if is_write_stall(&*e) {
                     metrics.connection_limited("write_stalled");
+                } else if let Some((protocol, reason)) = protocol_error(&*e) {
+                    metrics.protocol_error(protocol, reason);
                 }
                 tracing::debug!(error = %e, "connection ended with an error");
             }
@@ -307,5 +309,39 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteStallGuard
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Names the protocol error a connection ended with, for the metric: h2's error code, or what
+/// hyper's HTTP/1 side reports. None for plain I/O endings (a client going away).
+fn protocol_error(e: &(dyn std::error::Error + 'static)) -> Option<(&'static str, &'static str)> {
+    let chain = || std::iter::successors(Some(e), |e| e.source());
+    if let Some(reason) = chain().find_map(|e| e.downcast_ref::<h2::Error>()?.reason()) {
+        let name = match u32::from(reason) {
+            0 => "NO_ERROR",
+            1 => "PROTOCOL_ERROR",
+            2 => "INTERNAL_ERROR",
+            3 => "FLOW_CONTROL_ERROR",
+            4 => "SETTINGS_TIMEOUT",
+            5 => "STREAM_CLOSED",
+            6 => "FRAME_SIZE_ERROR",
+            7 => "REFUSED_STREAM",
+            8 => "CANCEL",
+            9 => "COMPRESSION_ERROR",
+            10 => "CONNECT_ERROR",
+            11 => "ENHANCE_YOUR_CALM",
+            12 => "INADEQUATE_SECURITY",
+            13 => "HTTP_1_1_REQUIRED",
+            _ => "unknown",
+        };
+        return Some(("h2", name));
+    }
+    let hyper = chain().find_map(|e| e.downcast_ref::<hyper::Error>())?;
+    if hyper.is_parse() || hyper.is_parse_too_large() {
+        Some(("http1", "parse"))
+    } else if hyper.is_timeout() {
+        Some(("http1", "header_timeout"))
+    } else {
+        None
     }
 }

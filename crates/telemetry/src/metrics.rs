@@ -45,6 +45,12 @@ struct ClusterLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolErrorLabels {
+    protocol: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BreakerLabels {
     cluster: Arc<str>,
     breaker: &'static str,
@@ -136,6 +142,7 @@ pub struct Metrics {
     purge_peers: Gauge,
     active_connections: Gauge<i64, std::sync::atomic::AtomicI64>,
     connections_refused: Family<ReasonLabels, Counter>,
+    protocol_errors: Family<ProtocolErrorLabels, Counter>,
     config_reloads: Family<ResultLabels, Counter>,
     store_source: Mutex<Option<StoreSource>>,
     hot: HotHandles,
@@ -306,6 +313,7 @@ impl Metrics {
             purge_peers: Gauge::default(),
             active_connections: Gauge::default(),
             connections_refused: Family::default(),
+            protocol_errors: Family::default(),
             config_reloads: Family::default(),
             store_source: Mutex::new(None),
             registry: Registry::default(),
@@ -485,6 +493,11 @@ impl Metrics {
                 .get_or_create(&ReasonLabels { reason })
                 .inc_by(0);
         }
+        registry.register(
+            "downstream_protocol_errors",
+            "Client connections that ended in a protocol error, by protocol and reason (http1: parse, header_timeout; h2: the error code Larder sent or received, e.g. ENHANCE_YOUR_CALM for floods and resets)",
+            m.protocol_errors.clone(),
+        );
         registry.register(
             "downstream_connections_closed_by_limit",
             "Downstream connections Larder closed to protect itself, by reason (max_connections: over limits.max_connections at accept; write_stalled: the client read nothing for limits.client_write_timeout)",
@@ -756,6 +769,13 @@ impl Metrics {
 
     pub fn connection_closed(&self) {
         self.active_connections.dec();
+    }
+
+    /// A client connection ended in a protocol error.
+    pub fn protocol_error(&self, protocol: &'static str, reason: &'static str) {
+        self.protocol_errors
+            .get_or_create(&ProtocolErrorLabels { protocol, reason })
+            .inc();
     }
 
     /// A downstream connection closed by a limit: `max_connections` or `write_stalled`.

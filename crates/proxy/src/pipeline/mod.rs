@@ -223,6 +223,16 @@ impl Proxy {
         if headers.get_all(HOST).iter().count() > 1 {
             return Err(ProxyError::BadRequest("more than one Host header"));
         }
+        // RFC 9113 §8.3.1: a Host that names another entity than :authority is malformed (one
+        // of them would key the cache, the other could pick the origin's virtual host).
+        if parts.version == http::Version::HTTP_2
+            && let (Some(authority), Some(host)) = (parts.uri.authority(), headers.get(HOST))
+            && !host
+                .as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes())
+        {
+            return Err(ProxyError::BadRequest(":authority and Host differ"));
+        }
         // The target's authority wins over Host (RFC 9112 §3.2.2); HTTP/2 has only :authority.
         let authority = match parts.uri.authority() {
             Some(a) => a.as_str().to_owned(),
