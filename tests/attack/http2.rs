@@ -298,7 +298,7 @@ async fn ping_and_settings_floods_from_a_client_that_never_reads_stay_bounded() 
         assert!(
             !finished || written < 2_000,
             "{} MiB of {} frames taken without reading a byte",
-            written * burst.len() >> 20,
+            (written * burst.len()) >> 20,
             if kind == PING { "PING" } else { "SETTINGS" }
         );
         assert_eq!(
