@@ -39,6 +39,9 @@ cargo test --workspace --all-targets --all-features --locked
 echo "== Kubernetes manifests (kustomize render, schema validation, the config in each ConfigMap)"
 ./scripts/k8s-check.sh target/debug/larder
 
+echo "== HTTP/2 conformance (httpwg-cli from crates.io; failures must be justified in tests/attack/httpwg-expected-failures.txt)"
+./scripts/httpwg.sh target/debug/larder
+
 echo "== image promises without an engine (distroless libraries, runs as 65532 with nothing writable)"
 ./scripts/image-check.sh target/debug/larder
 

@@ -7,6 +7,8 @@ pub mod coalesce;
 pub mod directives;
 pub mod fields;
 pub mod freshness;
+#[doc(hidden)]
+pub mod fuzz_checks;
 pub mod invalidate;
 pub mod key;
 pub mod status;

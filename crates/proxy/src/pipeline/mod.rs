@@ -233,6 +233,18 @@ impl Proxy {
         {
             return Err(ProxyError::BadRequest(":authority and Host differ"));
         }
+        // RFC 9113 §8.2.1: a field value may not start or end with whitespace (hyper's HTTP/1
+        // parser trims it; h2 passes it on, and an origin could read the value differently).
+        if parts.version == http::Version::HTTP_2
+            && headers.values().any(|v| {
+                let b = v.as_bytes();
+                matches!(b.first(), Some(b' ' | b'\t')) || matches!(b.last(), Some(b' ' | b'\t'))
+            })
+        {
+            return Err(ProxyError::BadRequest(
+                "a field value starts or ends with whitespace",
+            ));
+        }
         // The target's authority wins over Host (RFC 9112 §3.2.2); HTTP/2 has only :authority.
         let authority = match parts.uri.authority() {
             Some(a) => a.as_str().to_owned(),
