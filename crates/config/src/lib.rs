@@ -29,6 +29,8 @@
 //! (8 MiB) shrinks to that quarter for small budgets.
 
 mod build;
+#[doc(hidden)]
+pub mod fuzz_checks;
 mod locate;
 mod model;
 mod raw;

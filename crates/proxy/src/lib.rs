@@ -6,6 +6,8 @@ pub mod body;
 pub mod demo;
 mod discovery;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz_checks;
 pub mod headers;
 pub mod interim;
 mod pipeline;

@@ -5,7 +5,7 @@
 
 mod exchange;
 mod fill;
-mod serve;
+pub(crate) mod serve;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

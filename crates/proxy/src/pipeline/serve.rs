@@ -19,7 +19,7 @@ use crate::headers::append_via;
 const FIELDS_ADDED_ON_THE_WAY_OUT: usize = 6;
 
 /// More ranges than this in one request is abuse (or pointless); the whole body is sent.
-const MAX_RANGES: usize = 16;
+pub(crate) const MAX_RANGES: usize = 16;
 
 /// How the stored response is sent.
 pub(crate) struct ServeOptions {
@@ -132,7 +132,7 @@ pub(crate) fn not_modified_response(headers: &impl Fields) -> Response<ProxyBody
 }
 
 #[derive(Debug, PartialEq, Eq)]
-enum RangeAnswer {
+pub(crate) enum RangeAnswer {
     /// Ignore the Range header: send 200 with the whole body.
     Full,
     Unsatisfiable,
@@ -141,7 +141,7 @@ enum RangeAnswer {
 }
 
 /// Evaluates Range (and If-Range) against a complete representation of `len` bytes.
-fn ranges(request: &HeaderMap, stored: &impl Fields, len: u64) -> RangeAnswer {
+pub(crate) fn ranges(request: &HeaderMap, stored: &impl Fields, len: u64) -> RangeAnswer {
     if let Some(if_range) = request.get(IF_RANGE)
         && !if_range_matches(if_range, stored)
     {
