@@ -4,7 +4,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -17,53 +17,6 @@ fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path
-}
-
-/// Kills the child when the test ends, however it ends.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts the binary and reads its start-up lines until it says where the proxy listens.
-fn spawn(args: &[&str]) -> (Running, SocketAddr, SocketAddr) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env_remove("LARDER_CONFIG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let (mut proxy, mut admin) = (None, None);
-    while proxy.is_none() || admin.is_none() {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("start-up lines");
-        let addr = |prefix: &str| {
-            line.trim().strip_prefix(prefix).map(|rest| {
-                rest.split_whitespace()
-                    .next()
-                    .unwrap()
-                    .parse::<SocketAddr>()
-                    .unwrap()
-            })
-        };
-        proxy = proxy.or(addr("proxy listening on http://"));
-        admin = admin.or(addr("admin listening on http://"));
-    }
-    (Running(child), proxy.unwrap(), admin.unwrap())
 }
 
 #[test]

@@ -6,7 +6,8 @@ use std::path::Path;
 #[test]
 fn every_committed_fuzz_input_still_holds() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
-    let checks: [(&str, fn(&[u8])); 5] = [
+    type Check = fn(&[u8]);
+    let checks: [(&str, Check); 5] = [
         ("cache_key", larder_cache::fuzz_checks::cache_key),
         ("cache_control", larder_cache::fuzz_checks::cache_control),
         ("vary", larder_cache::fuzz_checks::vary),
@@ -20,7 +21,11 @@ fn every_committed_fuzz_input_still_holds() {
             let path = entry.unwrap().path();
             let data = std::fs::read(&path).unwrap();
             let outcome = std::panic::catch_unwind(|| check(&data));
-            assert!(outcome.is_ok(), "{target}: {} fails its property", path.display());
+            assert!(
+                outcome.is_ok(),
+                "{target}: {} fails its property",
+                path.display()
+            );
             inputs += 1;
         }
         assert!(inputs > 0, "{target}: empty corpus");

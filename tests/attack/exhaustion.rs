@@ -305,3 +305,101 @@ async fn five_hundred_misses_on_one_cold_key_reach_the_origin_once() {
     }
     assert_eq!(asked.load(Ordering::SeqCst), 1, "one fill for 500 waiters");
 }
+
+/// Resident memory of a process, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+/// A fill of unique URLs (16 KiB each) into a 32 MiB cache for 60 s under CI (15 s otherwise,
+/// `LARDER_FILL_SECS` to choose): the process's RSS levels off under the budget plus a stated
+/// 64 MiB of overhead (runtime, allocator, buffers, index).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_fill_of_unique_urls_levels_off_under_the_budget() {
+    const BUDGET: u64 = 32 << 20;
+    const OVERHEAD: u64 = 64 << 20;
+    let seconds: u64 = std::env::var("LARDER_FILL_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if std::env::var("CI").as_deref() == Ok("true") {
+            60
+        } else {
+            15
+        });
+    static BODY: [u8; 16 * 1024] = [b'f'; 16 * 1024];
+    let origin =
+        Origin::start(|_| async { response(200, &[("cache-control", "max-age=600")], &BODY[..]) })
+            .await;
+    let config = std::env::temp_dir().join(format!("larder-fill-{}.yaml", std::process::id()));
+    std::fs::write(
+        &config,
+        config_yaml(
+            origin.addr,
+            "resource_types:\n  - name: default\n    config: { cache_size: 32MiB }\n",
+        ),
+    )
+    .unwrap();
+    let (larder, proxy, _admin) =
+        tokio::task::block_in_place(|| spawn(&["--config", config.to_str().unwrap()]));
+    let pid = larder.0.id();
+    let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+    let sent = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for w in 0..8 {
+        let sent = sent.clone();
+        workers.push(tokio::spawn(async move {
+            let client = client();
+            let mut i = 0u64;
+            // Bounded by time and by count.
+            while std::time::Instant::now() < deadline && i < 250_000 {
+                let url = format!("http://{proxy}/fill/{w}/{i}");
+                let reply = send(&client, Method::GET, &url, &[], Bytes::new()).await;
+                assert_eq!(reply.body.len(), 16 * 1024);
+                sent.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        }));
+    }
+    let mut samples = Vec::new();
+    while std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        samples.push(rss_bytes(pid));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    let filled = sent.load(Ordering::Relaxed) as u64 * 16 * 1024;
+    let peak = samples.iter().copied().max().unwrap();
+    let last = *samples.last().unwrap();
+    let mid = samples[samples.len() / 2];
+    eprintln!(
+        "fill: {} MiB through a 32 MiB cache in {seconds} s; RSS mid {} MiB, last {} MiB, peak {} MiB",
+        filled >> 20,
+        mid >> 20,
+        last >> 20,
+        peak >> 20
+    );
+    assert!(
+        filled > 4 * BUDGET,
+        "the fill must overflow the budget several times"
+    );
+    assert!(
+        peak <= BUDGET + OVERHEAD,
+        "RSS peaked at {} MiB",
+        peak >> 20
+    );
+    assert!(
+        last <= mid + (16 << 20),
+        "RSS still growing: {} MiB then {} MiB",
+        mid >> 20,
+        last >> 20
+    );
+    std::fs::remove_file(&config).unwrap();
+}

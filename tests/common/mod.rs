@@ -406,3 +406,51 @@ impl GatedOrigin {
         self.gate.notify_waiters();
     }
 }
+
+/// The larder binary, started as a process (for what only a process shows: signals, RSS).
+/// Kills the child when the test ends, however it ends.
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the binary and reads its start-up lines until it says where the proxy listens.
+pub fn spawn(args: &[&str]) -> (Running, SocketAddr, SocketAddr) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_larder"))
+        .args(args)
+        .env_remove("LARDER_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let (mut proxy, mut admin) = (None, None);
+    while proxy.is_none() || admin.is_none() {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("start-up lines");
+        let addr = |prefix: &str| {
+            line.trim().strip_prefix(prefix).map(|rest| {
+                rest.split_whitespace()
+                    .next()
+                    .unwrap()
+                    .parse::<SocketAddr>()
+                    .unwrap()
+            })
+        };
+        proxy = proxy.or(addr("proxy listening on http://"));
+        admin = admin.or(addr("admin listening on http://"));
+    }
+    (Running(child), proxy.unwrap(), admin.unwrap())
+}

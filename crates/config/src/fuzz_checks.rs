@@ -15,7 +15,10 @@ pub fn load(data: &[u8]) {
             let lines = text.lines().count().max(1) as u64;
             for e in &errors.errors {
                 if let Some(line) = e.line {
-                    assert!(line >= 1 && line <= lines + 1, "line {line} of {lines}: {e}");
+                    assert!(
+                        line >= 1 && line <= lines + 1,
+                        "line {line} of {lines}: {e}"
+                    );
                 }
                 assert!(!e.message.is_empty());
             }

@@ -20,7 +20,9 @@ pub fn range(data: &[u8]) {
     let stored = HeaderMap::new();
     match ranges(&request, &stored, len) {
         RangeAnswer::Full | RangeAnswer::Unsatisfiable => {}
-        RangeAnswer::Single(start, end) => assert!(start <= end && end < len, "{start}-{end}/{len}"),
+        RangeAnswer::Single(start, end) => {
+            assert!(start <= end && end < len, "{start}-{end}/{len}")
+        }
         RangeAnswer::Multiple(parts) => {
             assert!(parts.len() >= 2 && parts.len() <= MAX_RANGES);
             for (start, end) in &parts {
@@ -28,7 +30,10 @@ pub fn range(data: &[u8]) {
             }
             let mut sorted = parts.clone();
             sorted.sort_unstable();
-            assert!(sorted.windows(2).all(|w| w[1].0 > w[0].1), "overlap: {parts:?}");
+            assert!(
+                sorted.windows(2).all(|w| w[1].0 > w[0].1),
+                "overlap: {parts:?}"
+            );
         }
     }
 }
