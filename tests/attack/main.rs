@@ -4,7 +4,9 @@
 //! - `http2`: rapid reset, CONTINUATION and PING/SETTINGS floods, HPACK bomb, malformed streams.
 //! - `poisoning`: unkeyed inputs, host/port/scheme keys, path spellings, deception, CPDoS, Vary.
 //! - `privacy`: personal answers stay with their user, coalesced or not, in a randomized run.
-//! - `exhaustion`: slow clients, range amplification, big heads, floods, a cold-key stampede.
+//! - `exhaustion`: slow clients, range amplification, big heads, floods, a cold-key stampede,
+//!   a long unique-URL fill.
+//! - `origin_faults`: truncated and reset bodies, hangs, stale-if-error.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -12,6 +14,7 @@ mod common;
 mod exhaustion;
 mod http1;
 mod http2;
+mod origin_faults;
 mod poisoning;
 mod privacy;
 mod raw;

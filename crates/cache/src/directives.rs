@@ -63,8 +63,10 @@ fn for_each_directive<'a>(
     mut f: impl FnMut(&str, Option<&str>),
 ) {
     for value in values {
-        let Ok(text) = value.to_str() else { continue };
-        for part in split_list(text) {
+        // Bytes outside ASCII spoil only the directive they are in (found by fuzzing): dropping
+        // the whole line would drop a `private` or `no-store` beside them.
+        let text = String::from_utf8_lossy(value.as_bytes());
+        for part in split_list(&text) {
             let (name, value) = match part.split_once('=') {
                 Some((n, v)) => (n.trim(), Some(unquote(v.trim()))),
                 None => (part, None),

@@ -83,12 +83,13 @@ pub fn cache_control(data: &[u8]) {
     one.insert(http::header::CACHE_CONTROL, value.clone());
     let response = effective_response_directives(&one, &[]);
     let request = request_directives(&one);
-    // Split at each top-level comma onto separate lines: the same directives.
+    // Split at each top-level comma onto separate lines (bytes as they are): the same
+    // directives.
     let text = String::from_utf8_lossy(data);
-    if !text.contains('"') {
+    if !data.contains(&b'"') {
         let mut split = HeaderMap::new();
-        for part in text.split(',') {
-            if let Ok(v) = HeaderValue::from_str(part) {
+        for part in data.split(|b| *b == b',') {
+            if let Ok(v) = HeaderValue::from_bytes(part) {
                 split.append(http::header::CACHE_CONTROL, v);
             } else {
                 return;

@@ -12,7 +12,8 @@ pub fn load(data: &[u8]) {
             serde_json::to_string(&config).expect("a loaded config serializes");
         }
         Err(errors) => {
-            let lines = text.lines().count().max(1) as u64;
+            // YAML breaks lines at CR as well as LF.
+            let lines = 1 + text.bytes().filter(|b| matches!(b, b'\n' | b'\r')).count() as u64;
             for e in &errors.errors {
                 if let Some(line) = e.line {
                     assert!(
