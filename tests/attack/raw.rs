@@ -41,7 +41,8 @@ pub fn statuses(raw: &str) -> Vec<u16> {
 pub type Heads = Arc<Mutex<Vec<String>>>;
 
 /// An origin that reads request heads (the proxy sends bodiless GETs here) on keep-alive
-/// connections and answers each with `reply(head)`, byte for byte.
+/// connections and answers each with `reply(head)`, byte for byte, closing after a reply that
+/// carries `connection: close`.
 pub async fn origin(
     reply: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static,
 ) -> (SocketAddr, Heads) {
@@ -62,7 +63,12 @@ pub async fn origin(
                         let head = String::from_utf8_lossy(&pending[..end + 4]).into_owned();
                         pending.drain(..end + 4);
                         seen.lock().unwrap().push(head.clone());
-                        if socket.write_all(&reply(&head)).await.is_err() {
+                        let bytes = reply(&head);
+                        if socket.write_all(&bytes).await.is_err() {
+                            return;
+                        }
+                        // A reply that says it closes does: how a truncated body ends.
+                        if bytes.windows(17).any(|w| w.eq_ignore_ascii_case(b"connection: close")) {
                             return;
                         }
                     }
