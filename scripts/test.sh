@@ -33,6 +33,16 @@ cargo fmt --all -- --check
 echo "== cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
+echo "== cargo deny (licenses, bans, sources; advisories with LARDER_DENY_ADVISORIES=1)"
+if ! command -v cargo-deny >/dev/null && [ ! -x target/tools/bin/cargo-deny ]; then
+  cargo install cargo-deny --locked --version 0.20.2 --root target/tools --quiet
+fi
+DENY=$(command -v cargo-deny || echo target/tools/bin/cargo-deny)
+checks="licenses bans sources"
+[ "${LARDER_DENY_ADVISORIES:-}" = 1 ] && checks="$checks advisories"
+# shellcheck disable=SC2086
+"$DENY" --log-level error check $checks
+
 echo "== cargo test (every feature: the Redis tests start their own redis-server)"
 cargo test --workspace --all-targets --all-features --locked
 

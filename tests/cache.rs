@@ -808,6 +808,9 @@ async fn set_cookie_policy_per_resource_type() {
     match: { path_prefix: /strip/ }
     config: { cache_size: 4MiB, set_cookie: strip }
   - name: rfc
+    match: { path_prefix: /rfc/ }
+    config: { cache_size: 4MiB, set_cookie: store }
+  - name: default
     config: { cache_size: 4MiB }
 "#;
     let larder = Larder::start(&config_yaml(origin.addr, types)).await;
@@ -827,9 +830,14 @@ async fn set_cookie_policy_per_resource_type() {
     let bob = larder.get_with("/strip/a", &[("x-user", "bob")]).await;
     assert!(bob.cache_status().contains("hit"));
     assert!(bob.headers.get("set-cookie").is_none());
-    // store (default, RFC 9111 §3.1): explicit freshness from the origin makes it shareable.
-    larder.get_with("/page", &[("x-user", "alice")]).await;
-    let bob = larder.get_with("/page", &[("x-user", "bob")]).await;
+    // store (RFC 9111 §3.1): explicit freshness from the origin makes it shareable.
+    larder.get_with("/rfc/a", &[("x-user", "alice")]).await;
+    let bob = larder.get_with("/rfc/a", &[("x-user", "bob")]).await;
     assert!(bob.cache_status().contains("hit"));
     assert_eq!(bob.header("set-cookie"), "session=alice");
+    // The default is bypass: never stored, each user keeps their own cookie.
+    larder.get_with("/page", &[("x-user", "alice")]).await;
+    let bob = larder.get_with("/page", &[("x-user", "bob")]).await;
+    assert_eq!(bob.header("set-cookie"), "session=bob");
+    assert!(bob.cache_status().contains("detail=set_cookie"));
 }

@@ -42,8 +42,15 @@ async fn truncated_and_reset_bodies_abort_and_are_never_stored() {
     for attempt in 1..=2 {
         let (status, body) = fetch(&larder, "/short").await;
         assert_eq!(status, 200);
-        assert!(body.is_err(), "a short body arrived as a clean one: {body:?}");
-        assert_eq!(asked.load(Ordering::SeqCst), attempt, "not stored: asked again");
+        assert!(
+            body.is_err(),
+            "a short body arrived as a clean one: {body:?}"
+        );
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            attempt,
+            "not stored: asked again"
+        );
     }
 }
 
@@ -99,7 +106,9 @@ async fn stale_if_error_covers_a_failing_origin_within_its_window_only() {
     let mut served = String::new();
     for _ in 0..50 {
         let reply = larder.get("/s").await;
-        if reply.header("age").parse::<u64>().unwrap_or(0) >= 1 || reply.cache_status().contains("stale") {
+        if reply.header("age").parse::<u64>().unwrap_or(0) >= 1
+            || reply.cache_status().contains("stale")
+        {
             served = reply.text();
             assert_eq!(reply.status, 200);
             break;

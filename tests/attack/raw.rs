@@ -68,7 +68,10 @@ pub async fn origin(
                             return;
                         }
                         // A reply that says it closes does: how a truncated body ends.
-                        if bytes.windows(17).any(|w| w.eq_ignore_ascii_case(b"connection: close")) {
+                        if bytes
+                            .windows(17)
+                            .any(|w| w.eq_ignore_ascii_case(b"connection: close"))
+                        {
                             return;
                         }
                     }
