@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 
 use super::common::*;
 use super::raw;
+use super::rss_bytes;
 
 fn with_limits(origin: std::net::SocketAddr, types: &str, limits: &str) -> String {
     format!("{}limits: {{ {limits} }}\n", config_yaml(origin, types))
@@ -304,18 +305,6 @@ async fn five_hundred_misses_on_one_cold_key_reach_the_origin_once() {
         assert_eq!(client.await.unwrap().text(), "cold");
     }
     assert_eq!(asked.load(Ordering::SeqCst), 1, "one fill for 500 waiters");
-}
-
-/// Resident memory of a process, from /proc.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        * 1024
 }
 
 /// A fill of unique URLs (16 KiB each) into a 32 MiB cache for 60 s under CI (15 s otherwise,

@@ -164,17 +164,20 @@ async fn private_pages_behind_static_looking_urls_are_never_stored() {
         let headers: &[(&str, &str)] = match seen.uri.path() {
             "/account/private.css" => &[("cache-control", "private, max-age=600")],
             "/account/cookie.css" => &[("set-cookie", "session=abc")],
+            // No cache headers at all: only the static type's ttl could keep it.
+            "/account/plain.css" => &[("content-type", "text/html; charset=utf-8")],
             _ => &[("cache-control", "no-store")],
         };
         response(200, headers, format!("account page of {user}"))
     })
     .await;
-    let types = "resource_types:\n  - name: static\n    match: { path_suffix: .css }\n    config: { ttl: 1d, override_origin_ttl: true, cache_size: 8MiB }\n";
+    let types = "resource_types:\n  - name: static\n    match: { path_suffix: .css }\n    config: { ttl: 1d, override_origin_ttl: true, cache_size: 8MiB }\n  - name: other\n    config: { cache_size: 8MiB }\n";
     let larder = Larder::start(&config_yaml(origin.addr, types)).await;
     for path in [
         "/account/private.css",
         "/account/cookie.css",
         "/account/nostore.css",
+        "/account/plain.css",
     ] {
         let victim = larder.get_with(path, &[("cookie", "user=victim")]).await;
         assert_eq!(victim.text(), "account page of user=victim");

@@ -432,6 +432,11 @@ impl Cache {
         }
 
         let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        // Web cache deception: `/account/x.css` reaching the account page. Only a lifetime the
+        // origin gave itself lets a page named like a static file be stored as HTML.
+        if !explicit && key::html_behind_static_name(target.path, content_type) {
+            return Err(NoCacheReason::ContentTypeMismatch);
+        }
         let Some(idx) = self
             .types
             .iter()

@@ -100,10 +100,13 @@ pub enum NoCacheReason {
     /// The upstream's framing was contradictory (Transfer-Encoding with Content-Length): the
     /// response is relayed re-framed but never stored (RFC 9112 §6.3).
     MalformedResponse,
+    /// An HTML answer to a URL that names a static file (`/account/x.css`) without an
+    /// origin-given lifetime: the web cache deception signature.
+    ContentTypeMismatch,
 }
 
 impl NoCacheReason {
-    pub const ALL: [NoCacheReason; 20] = [
+    pub const ALL: [NoCacheReason; 21] = [
         NoCacheReason::RouteDisabled,
         NoCacheReason::MethodNotCacheable,
         NoCacheReason::NoResourceType,
@@ -124,6 +127,7 @@ impl NoCacheReason {
         NoCacheReason::Upgrade,
         NoCacheReason::PurgedDuringFill,
         NoCacheReason::MalformedResponse,
+        NoCacheReason::ContentTypeMismatch,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -148,6 +152,7 @@ impl NoCacheReason {
             NoCacheReason::Upgrade => "upgrade",
             NoCacheReason::PurgedDuringFill => "purged_during_fill",
             NoCacheReason::MalformedResponse => "malformed_response",
+            NoCacheReason::ContentTypeMismatch => "content_type_mismatch",
         }
     }
 
@@ -164,6 +169,7 @@ impl NoCacheReason {
                 | NoCacheReason::NoFreshness
                 | NoCacheReason::TooLarge
                 | NoCacheReason::MalformedResponse
+                | NoCacheReason::ContentTypeMismatch
         )
     }
 }

@@ -837,3 +837,51 @@ fn errors_need_an_origin_lifetime_unless_heuristic_errors() {
     );
     assert!(admit(&permissive, 404, &bare).is_ok());
 }
+
+#[test]
+fn html_behind_a_static_file_name_needs_an_origin_lifetime() {
+    use crate::key::html_behind_static_name as deceptive;
+    for path in [
+        "/account/x.css",
+        "/a/b.JS",
+        "/x.css;jsessionid=1",
+        "/x.css%3Fa",
+        "/account%2Fx.png",
+    ] {
+        assert!(deceptive(path, Some("text/html; charset=utf-8")), "{path}");
+    }
+    assert!(!deceptive("/account/x.css", Some("text/css")));
+    assert!(!deceptive("/account/page", Some("text/html")));
+    assert!(!deceptive("/index.html", Some("text/html")));
+    assert!(!deceptive("/account/x.css", None));
+
+    let mut css = spec("static", 1 << 20);
+    css.freshness.ttl = Some(Duration::from_secs(86_400));
+    let cache = Cache::new(vec![css], CacheSettings::default());
+    let empty = HeaderMap::new();
+    let html = headers(&[("content-type", "text/html")]);
+    let admit = |path: &str, resp: &HeaderMap| {
+        cache.admit(
+            &Method::GET,
+            &target(path, &empty),
+            StatusCode::OK,
+            resp,
+            at(0),
+            at(0),
+            0,
+        )
+    };
+    assert_eq!(
+        admit("/account/x.css", &html).unwrap_err(),
+        NoCacheReason::ContentTypeMismatch
+    );
+    let explicit = headers(&[
+        ("content-type", "text/html"),
+        ("cache-control", "max-age=60"),
+    ]);
+    assert!(
+        admit("/account/x.css", &explicit).is_ok(),
+        "the origin said so"
+    );
+    assert!(admit("/site.css", &headers(&[("content-type", "text/css")])).is_ok());
+}
