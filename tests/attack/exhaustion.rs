@@ -19,22 +19,6 @@ fn with_limits(origin: std::net::SocketAddr, types: &str, limits: &str) -> Strin
     format!("{}limits: {{ {limits} }}\n", config_yaml(origin, types))
 }
 
-/// Reads until the peer closes (bounded); what arrived.
-async fn until_closed(stream: &mut TcpStream, within: Duration) -> Option<Vec<u8>> {
-    let mut received = Vec::new();
-    let read = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => received.extend_from_slice(&buf[..n]),
-            }
-        }
-    };
-    tokio::time::timeout(within, read).await.ok()?;
-    Some(received)
-}
-
 #[tokio::test]
 async fn slowloris_heads_are_cut_off_and_others_are_served_meanwhile() {
     let origin = Origin::fixed(200, &[("cache-control", "max-age=60")], "fine").await;
@@ -60,7 +44,7 @@ async fn slowloris_heads_are_cut_off_and_others_are_served_meanwhile() {
         "served during the attack"
     );
     for mut stream in slow {
-        let received = until_closed(&mut stream, Duration::from_secs(10))
+        let received = raw::until_closed(&mut stream, Duration::from_secs(10))
             .await
             .expect("a head that never ends is cut off");
         let text = String::from_utf8_lossy(&received);
@@ -90,7 +74,7 @@ async fn a_slow_post_gets_408() {
         )
         .await
         .unwrap();
-    let received = until_closed(&mut stream, Duration::from_secs(10))
+    let received = raw::until_closed(&mut stream, Duration::from_secs(10))
         .await
         .expect("the stalled upload ends");
     let text = String::from_utf8_lossy(&received);
@@ -137,7 +121,7 @@ async fn a_client_that_stops_reading_a_big_object_is_cut_off() {
     }
     assert!(cut, "the stalled connection was never cut off");
     // What was buffered arrives, then the connection ends short of the whole object.
-    let received = until_closed(&mut stream, Duration::from_secs(10))
+    let received = raw::until_closed(&mut stream, Duration::from_secs(10))
         .await
         .unwrap();
     assert!(received.len() < (48 << 20), "{} bytes", received.len());
@@ -226,7 +210,7 @@ async fn connections_past_the_limit_are_closed_at_once() {
         let _ = stream
             .write_all(b"GET / HTTP/1.1\r\nhost: a.example\r\n\r\n")
             .await;
-        let received = until_closed(&mut stream, Duration::from_secs(10))
+        let received = raw::until_closed(&mut stream, Duration::from_secs(10))
             .await
             .unwrap();
         assert!(

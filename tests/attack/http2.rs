@@ -67,36 +67,10 @@ async fn h2(proxy: SocketAddr) -> TcpStream {
 
 /// Frames received until the connection closes (bounded), as (type, flags, stream, payload).
 async fn frames_until_closed(stream: &mut TcpStream) -> Vec<(u8, u8, u32, Vec<u8>)> {
-    let mut bytes = Vec::new();
-    let read = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => bytes.extend_from_slice(&buf[..n]),
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), read)
+    let bytes = super::raw::until_closed(stream, Duration::from_secs(10))
         .await
         .expect("the server closes the connection");
-    let mut frames = Vec::new();
-    let mut at = 0;
-    while at + 9 <= bytes.len() {
-        let len = (usize::from(bytes[at]) << 16)
-            | (usize::from(bytes[at + 1]) << 8)
-            | usize::from(bytes[at + 2]);
-        let stream = u32::from_be_bytes(bytes[at + 5..at + 9].try_into().unwrap()) & 0x7fff_ffff;
-        let end = (at + 9 + len).min(bytes.len());
-        frames.push((
-            bytes[at + 3],
-            bytes[at + 4],
-            stream,
-            bytes[at + 9..end].to_vec(),
-        ));
-        at += 9 + len;
-    }
-    frames
+    parse(&bytes)
 }
 
 /// The error code of the GOAWAY among `frames`, if one came.

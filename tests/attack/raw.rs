@@ -7,15 +7,11 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Writes `bytes` on a fresh connection and reads until the proxy closes it (bounded: 10 s).
-/// Attacks end with `Connection: close` (or provoke an error), so a close always comes.
-pub async fn exchange(proxy: SocketAddr, bytes: &[u8]) -> String {
-    let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    // The proxy may answer and close before taking everything: not an error here.
-    let _ = stream.write_all(bytes).await;
+/// Reads until the peer closes (bounded by `within`); what arrived, or None on the timeout.
+pub async fn until_closed(stream: &mut tokio::net::TcpStream, within: Duration) -> Option<Vec<u8>> {
     let mut received = Vec::new();
     let read = async {
-        let mut buf = vec![0u8; 16 * 1024];
+        let mut buf = vec![0u8; 64 * 1024];
         loop {
             match stream.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
@@ -23,9 +19,19 @@ pub async fn exchange(proxy: SocketAddr, bytes: &[u8]) -> String {
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(10), read)
+    tokio::time::timeout(within, read).await.ok()?;
+    Some(received)
+}
+
+/// Writes `bytes` on a fresh connection and reads until the proxy closes it (bounded: 10 s).
+/// Attacks end with `Connection: close` (or provoke an error), so a close always comes.
+pub async fn exchange(proxy: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    // The proxy may answer and close before taking everything: not an error here.
+    let _ = stream.write_all(bytes).await;
+    let received = until_closed(&mut stream, Duration::from_secs(10))
         .await
-        .unwrap_or_else(|_| panic!("the proxy kept the connection open after {bytes:?}"));
+        .unwrap_or_else(|| panic!("the proxy kept the connection open after {bytes:?}"));
     String::from_utf8_lossy(&received).into_owned()
 }
 
