@@ -275,6 +275,9 @@ pin_project_lite::pin_project! {
         inner: B,
         idle: std::time::Duration,
         deadline: Option<tokio::time::Instant>,
+        // Idle time counts only while a frame is awaited: not while the reader (a slow client,
+        // an origin not yet taking the upload) has not asked for one.
+        waiting: bool,
         #[pin]
         timer: tokio::time::Sleep,
     }
@@ -303,6 +306,7 @@ impl<B> IdleTimeoutBody<B> {
             inner,
             idle,
             deadline,
+            waiting: false,
             timer: tokio::time::sleep_until(next_wake(idle, deadline)),
         }
     }
@@ -332,18 +336,32 @@ where
         let mut this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(frame) => {
-                this.timer
-                    .as_mut()
-                    .reset(next_wake(*this.idle, *this.deadline));
+                *this.waiting = false;
+                // A body that keeps coming past the deadline is cut all the same.
+                if frame.is_some()
+                    && this
+                        .deadline
+                        .is_some_and(|d| tokio::time::Instant::now() >= d)
+                {
+                    return Poll::Ready(Some(Err(BodyDeadline.into())));
+                }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
-            Poll::Pending => match this.timer.poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(match this.deadline {
-                    Some(d) if tokio::time::Instant::now() >= *d => BodyDeadline.into(),
-                    _ => BodyIdleTimeout(*this.idle).into(),
-                }))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                if !*this.waiting {
+                    *this.waiting = true;
+                    this.timer
+                        .as_mut()
+                        .reset(next_wake(*this.idle, *this.deadline));
+                }
+                match this.timer.poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(match this.deadline {
+                        Some(d) if tokio::time::Instant::now() >= *d => BodyDeadline.into(),
+                        _ => BodyIdleTimeout(*this.idle).into(),
+                    }))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
@@ -353,5 +371,61 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::time::Duration;
+
+    /// A body fed by hand, one frame per message.
+    fn fed() -> (
+        tokio::sync::mpsc::UnboundedSender<Bytes>,
+        impl Body<Data = Bytes, Error = BoxError>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+            let data = rx.recv().await?;
+            Some((Ok::<_, BoxError>(Frame::data(data)), rx))
+        });
+        (tx, http_body_util::StreamBody::new(frames))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_time_counts_only_while_a_frame_is_awaited() {
+        let (tx, inner) = fed();
+        let mut body = Box::pin(IdleTimeoutBody::new(inner, Duration::from_secs(1), None));
+        tx.send(Bytes::from_static(b"a")).unwrap();
+        assert!(body.frame().await.unwrap().is_ok());
+        // The reader is away for 5 s (a slow client): not the origin's idleness.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let sender = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            sender.send(Bytes::from_static(b"b")).unwrap();
+        });
+        assert!(body.frame().await.unwrap().is_ok(), "no false idle timeout");
+        // Now truly idle for longer than the limit.
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.is::<BodyIdleTimeout>(), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_cuts_a_body_that_never_pauses() {
+        let (tx, inner) = fed();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        let mut body = Box::pin(IdleTimeoutBody::new(
+            inner,
+            Duration::from_secs(60),
+            Some(deadline),
+        ));
+        tx.send(Bytes::from_static(b"a")).unwrap();
+        assert!(body.frame().await.unwrap().is_ok());
+        tokio::time::advance(Duration::from_secs(3)).await;
+        tx.send(Bytes::from_static(b"late")).unwrap();
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.is::<BodyDeadline>(), "{err}");
     }
 }
