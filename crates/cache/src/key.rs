@@ -232,6 +232,43 @@ pub fn vary_names(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
     Some(names)
 }
 
+/// Extensions of files that are never HTML.
+const STATIC_EXTENSIONS: &[&str] = &[
+    "css", "js", "mjs", "map", "json", "xml", "txt", "csv", "png", "jpg", "jpeg", "gif", "webp",
+    "avif", "ico", "svg", "bmp", "tif", "tiff", "woff", "woff2", "ttf", "otf", "eot", "mp3", "mp4",
+    "webm", "ogg", "wav", "pdf", "zip", "gz", "tgz", "wasm",
+];
+
+/// An HTML answer for a path whose last segment names a static file (`/a/b.css`,
+/// `/a/b.css;x`): what web cache deception looks like.
+pub fn html_behind_static_name(path: &str, content_type: Option<&str>) -> bool {
+    let Some(content_type) = content_type else {
+        return false;
+    };
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    if media != "text/html" && media != "application/xhtml+xml" {
+        return false;
+    }
+    let last = path.rsplit('/').next().unwrap_or_default();
+    // Path parameters (`;jsessionid=…`) end the file name; so does anything after the
+    // extension's letters (`x.css%3Fa`, `x.css%00`).
+    let name = last.split(';').next().unwrap_or_default();
+    name.rsplit_once('.').is_some_and(|(_, ext)| {
+        let ext = ext
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .next()
+            .unwrap_or_default();
+        STATIC_EXTENSIONS
+            .iter()
+            .any(|s| s.eq_ignore_ascii_case(ext))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,41 +384,4 @@ mod tests {
         h.append("vary", HeaderValue::from_static("*"));
         assert!(vary_names(&h).is_none());
     }
-}
-
-/// Extensions of files that are never HTML.
-const STATIC_EXTENSIONS: &[&str] = &[
-    "css", "js", "mjs", "map", "json", "xml", "txt", "csv", "png", "jpg", "jpeg", "gif", "webp",
-    "avif", "ico", "svg", "bmp", "tif", "tiff", "woff", "woff2", "ttf", "otf", "eot", "mp3", "mp4",
-    "webm", "ogg", "wav", "pdf", "zip", "gz", "tgz", "wasm",
-];
-
-/// An HTML answer for a path whose last segment names a static file (`/a/b.css`,
-/// `/a/b.css;x`): what web cache deception looks like.
-pub fn html_behind_static_name(path: &str, content_type: Option<&str>) -> bool {
-    let Some(content_type) = content_type else {
-        return false;
-    };
-    let media = content_type
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
-    if media != "text/html" && media != "application/xhtml+xml" {
-        return false;
-    }
-    let last = path.rsplit('/').next().unwrap_or_default();
-    // Path parameters (`;jsessionid=…`) end the file name; so does anything after the
-    // extension's letters (`x.css%3Fa`, `x.css%00`).
-    let name = last.split(';').next().unwrap_or_default();
-    name.rsplit_once('.').is_some_and(|(_, ext)| {
-        let ext = ext
-            .split(|c: char| !c.is_ascii_alphanumeric())
-            .next()
-            .unwrap_or_default();
-        STATIC_EXTENSIONS
-            .iter()
-            .any(|s| s.eq_ignore_ascii_case(ext))
-    })
 }
