@@ -123,6 +123,37 @@ impl Balancer {
         self.policy == LbPolicy::RingHash
     }
 
+    /// Takes over what `previous` knew of the endpoints both share (by address): a discovery
+    /// update that adds one endpoint must not bring back another that was ejected or failing
+    /// its health checks.
+    pub fn inherit(&self, previous: &Balancer) {
+        for e in &self.endpoints {
+            let Some(old) = previous.endpoints.iter().find(|o| o.display == e.display) else {
+                continue;
+            };
+            let copy32 = |to: &AtomicU32, from: &AtomicU32| {
+                to.store(from.load(Ordering::Relaxed), Ordering::Relaxed)
+            };
+            let copy64 = |to: &AtomicU64, from: &AtomicU64| {
+                to.store(from.load(Ordering::Relaxed), Ordering::Relaxed)
+            };
+            copy32(&e.consecutive_failures, &old.consecutive_failures);
+            copy32(&e.ejections, &old.ejections);
+            copy32(&e.check_streak, &old.check_streak);
+            copy64(&e.requests, &old.requests);
+            copy64(&e.failures, &old.failures);
+            e.check_failed
+                .store(old.check_failed.load(Ordering::Relaxed), Ordering::Relaxed);
+            // Ejection ends are kept relative to each balancer's own epoch.
+            let until = old.ejected_until.load(Ordering::Relaxed);
+            if until > 0 {
+                let end = previous.epoch + Duration::from_millis(until);
+                let relative = end.saturating_duration_since(self.epoch).as_millis() as u64;
+                e.ejected_until.store(relative, Ordering::Relaxed);
+            }
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
@@ -367,6 +398,29 @@ mod tests {
                 assert_ne!(now, 2);
             }
         }
+    }
+
+    #[test]
+    fn a_new_endpoint_set_keeps_what_was_known_of_the_old_endpoints() {
+        let mut old = balancer(2, LbPolicy::RoundRobin);
+        old.outlier = OutlierDetection {
+            consecutive_failures: 2,
+            base_ejection_time: Duration::from_secs(60),
+            max_ejection_percent: 100,
+        };
+        old.record(0, true);
+        assert!(old.record(0, true), "endpoint 0 ejected");
+        let fresh = balancer(3, LbPolicy::RoundRobin);
+        fresh.inherit(&old);
+        // 10.0.0.0 stays out of rotation; the others, old and new, share the traffic.
+        let picked: Vec<usize> = (0..30)
+            .map(|_| fresh.pick(b"", &[]).unwrap().index)
+            .collect();
+        assert!(!picked.contains(&0), "{picked:?}");
+        assert!(picked.contains(&1) && picked.contains(&2));
+        let snapshot = fresh.snapshot();
+        assert_eq!(snapshot[0]["healthy"], false, "{snapshot:?}");
+        assert_eq!(snapshot[0]["failures"], 2);
     }
 
     #[test]

@@ -43,11 +43,9 @@ impl Discovered {
                     Some((authority, Arc::from(a.as_str()), 1))
                 })
                 .collect();
-            current.store(Arc::new(Balancer::new(
-                endpoints,
-                self.policy,
-                self.outlier.clone(),
-            )));
+            let balancer = Balancer::new(endpoints, self.policy, self.outlier.clone());
+            balancer.inherit(&current.load());
+            current.store(Arc::new(balancer));
             tracing::info!(
                 cluster = %self.cluster,
                 endpoints = %fresh.join(","),
