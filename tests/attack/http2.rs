@@ -123,6 +123,54 @@ async fn rapid_reset_ends_in_goaway_after_a_bounded_count() {
 }
 
 #[tokio::test]
+async fn server_provoked_resets_end_in_goaway_after_a_bounded_count() {
+    // MadeYouReset (CVE-2025-8671): each stream is opened, then made invalid (DATA after the
+    // client ended it), so the server itself resets it; the work behind it goes on unless the
+    // count of such resets is bounded. h2 may also treat the frame as a connection error at
+    // once, which ends the attack sooner.
+    let (origin, larder) = proxy().await;
+    let mut stream = h2(larder.server.proxy_addrs[0]).await;
+    let mut attack = Vec::new();
+    for i in 0..2_000u32 {
+        let id = 2 * i + 1;
+        attack.extend(frame(
+            HEADERS,
+            END_STREAM | END_HEADERS,
+            id,
+            &get_block("/m", "a.example"),
+        ));
+        attack.extend(frame(DATA, 0, id, b"late"));
+    }
+    let _ = stream.write_all(&attack).await;
+    assert_eq!(
+        larder.get("/health").await.text(),
+        "fine",
+        "served during the attack"
+    );
+    let frames = frames_until_closed(&mut stream).await;
+    let resets = frames.iter().filter(|f| f.0 == RST_STREAM).count();
+    let code = goaway_code(&frames).expect("GOAWAY");
+    assert!(
+        resets <= 300,
+        "{resets} resets before the connection was closed"
+    );
+    assert!(
+        origin.count() <= 300,
+        "{} requests reached the origin",
+        origin.count()
+    );
+    let reason = if code == 11 {
+        "ENHANCE_YOUR_CALM"
+    } else {
+        "PROTOCOL_ERROR"
+    };
+    assert!(
+        h2_errors(&larder.metrics().await, reason) >= 1.0,
+        "GOAWAY {code}"
+    );
+}
+
+#[tokio::test]
 async fn a_continuation_flood_is_cut_off() {
     let (_origin, larder) = proxy().await;
     let mut stream = h2(larder.server.proxy_addrs[0]).await;
