@@ -95,8 +95,11 @@ async fn proxy() -> (Origin, Larder) {
     (origin, larder)
 }
 
-#[tokio::test]
-async fn rapid_reset_ends_in_goaway_after_a_bounded_count() {
+/// Opens 2,000 streams, each a GET followed by `then(stream id)`, checks a normal request is
+/// served meanwhile, and returns what the server sent until it closed the connection.
+async fn stream_attack(
+    then: impl Fn(u32) -> Vec<u8>,
+) -> (Origin, Larder, Vec<(u8, u8, u32, Vec<u8>)>) {
     let (origin, larder) = proxy().await;
     let mut stream = h2(larder.server.proxy_addrs[0]).await;
     let mut attack = Vec::new();
@@ -106,9 +109,9 @@ async fn rapid_reset_ends_in_goaway_after_a_bounded_count() {
             HEADERS,
             END_STREAM | END_HEADERS,
             id,
-            &get_block("/r", "a.example"),
+            &get_block("/attacked", "a.example"),
         ));
-        attack.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
+        attack.extend(then(id));
     }
     let _ = stream.write_all(&attack).await;
     assert_eq!(
@@ -117,6 +120,13 @@ async fn rapid_reset_ends_in_goaway_after_a_bounded_count() {
         "served during the attack"
     );
     let frames = frames_until_closed(&mut stream).await;
+    (origin, larder, frames)
+}
+
+#[tokio::test]
+async fn rapid_reset_ends_in_goaway_after_a_bounded_count() {
+    let (origin, larder, frames) =
+        stream_attack(|id| frame(RST_STREAM, 0, id, &8u32.to_be_bytes())).await;
     assert_eq!(goaway_code(&frames), Some(11), "GOAWAY ENHANCE_YOUR_CALM");
     assert!(origin.count() <= 2_000);
     assert!(h2_errors(&larder.metrics().await, "ENHANCE_YOUR_CALM") >= 1.0);
@@ -128,26 +138,7 @@ async fn server_provoked_resets_end_in_goaway_after_a_bounded_count() {
     // client ended it), so the server itself resets it; the work behind it goes on unless the
     // count of such resets is bounded. h2 may also treat the frame as a connection error at
     // once, which ends the attack sooner.
-    let (origin, larder) = proxy().await;
-    let mut stream = h2(larder.server.proxy_addrs[0]).await;
-    let mut attack = Vec::new();
-    for i in 0..2_000u32 {
-        let id = 2 * i + 1;
-        attack.extend(frame(
-            HEADERS,
-            END_STREAM | END_HEADERS,
-            id,
-            &get_block("/m", "a.example"),
-        ));
-        attack.extend(frame(DATA, 0, id, b"late"));
-    }
-    let _ = stream.write_all(&attack).await;
-    assert_eq!(
-        larder.get("/health").await.text(),
-        "fine",
-        "served during the attack"
-    );
-    let frames = frames_until_closed(&mut stream).await;
+    let (origin, larder, frames) = stream_attack(|id| frame(DATA, 0, id, b"late")).await;
     let resets = frames.iter().filter(|f| f.0 == RST_STREAM).count();
     let code = goaway_code(&frames).expect("GOAWAY");
     assert!(

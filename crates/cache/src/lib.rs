@@ -89,6 +89,19 @@ struct ResourceType {
     store: Arc<MemoryStore>,
 }
 
+impl ResourceType {
+    /// With `store` carried over from an earlier configuration, or an empty one of its size.
+    fn new(spec: ResourceTypeSpec, store: Option<Arc<MemoryStore>>) -> ResourceType {
+        ResourceType {
+            store: store.unwrap_or_else(|| {
+                Arc::new(MemoryStore::new(spec.capacity_bytes, spec.max_object_size))
+            }),
+            label: spec.name.as_str().into(),
+            spec,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
     /// Targeted cache-control fields in priority order (RFC 9213); the first present one
@@ -229,11 +242,7 @@ impl Cache {
     pub fn new(specs: Vec<ResourceTypeSpec>, settings: CacheSettings) -> Cache {
         let types = specs
             .into_iter()
-            .map(|spec| ResourceType {
-                store: Arc::new(MemoryStore::new(spec.capacity_bytes, spec.max_object_size)),
-                label: spec.name.as_str().into(),
-                spec,
-            })
+            .map(|spec| ResourceType::new(spec, None))
             .collect();
         Cache {
             types,
@@ -262,13 +271,7 @@ impl Cache {
                     .iter()
                     .find(|t| t.spec.name == spec.name && keep(&spec.name))
                     .map(|t| t.store.clone());
-                ResourceType {
-                    store: kept.unwrap_or_else(|| {
-                        Arc::new(MemoryStore::new(spec.capacity_bytes, spec.max_object_size))
-                    }),
-                    label: spec.name.as_str().into(),
-                    spec,
-                }
+                ResourceType::new(spec, kept)
             })
             .collect();
         Cache {

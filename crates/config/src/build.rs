@@ -47,6 +47,24 @@ fn index(parent: &str, i: usize) -> String {
 }
 
 /// Path of the `i`th entry of a one-or-many value, matching how it appears in the file.
+/// A DNS server to ask instead of the system's: `IP` (port 53) or `IP:port`.
+fn nameserver(cx: &mut Ctx, path: &str, text: Option<String>) -> Option<SocketAddr> {
+    let text = text?;
+    let t = text.trim();
+    t.parse::<SocketAddr>()
+        .or_else(|_| {
+            t.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| {
+            cx.error(
+                path,
+                format!("invalid address {t:?}: expected IP or IP:port, like 10.96.0.10:53"),
+            )
+        })
+        .ok()
+}
+
 /// `10.0.0.0/8`, `fd00::/8`, or a lone address (a /32 or /128).
 fn parse_cidr(text: &str) -> Result<ipnet::IpNet, String> {
     text.parse::<ipnet::IpNet>()
@@ -1769,21 +1787,7 @@ fn build_peers(raw: RawPeers, cx: &mut Ctx) -> Peers {
         raw.refresh_interval.as_ref(),
         d.refresh_interval,
     );
-    let nameserver = raw.nameserver.and_then(|text| {
-        let t = text.trim();
-        t.parse::<SocketAddr>()
-            .or_else(|_| {
-                t.parse::<std::net::IpAddr>()
-                    .map(|ip| SocketAddr::new(ip, 53))
-            })
-            .map_err(|_| {
-                cx.error(
-                    "purge.peers.nameserver",
-                    format!("invalid address {t:?}: expected IP or IP:port, like 10.96.0.10:53"),
-                );
-            })
-            .ok()
-    });
+    let nameserver = nameserver(cx, "purge.peers.nameserver", raw.nameserver);
     let mut r#static = Vec::new();
     if let Some(list) = &raw.r#static {
         for (i, text) in list.items.iter().enumerate() {
@@ -1990,21 +1994,7 @@ fn build_dns_discovery(cx: &mut Ctx, p: &str, raw: RawDnsDiscovery) -> DnsDiscov
             80
         }
     };
-    let nameserver = raw.nameserver.and_then(|text| {
-        let t = text.trim();
-        t.parse::<SocketAddr>()
-            .or_else(|_| {
-                t.parse::<std::net::IpAddr>()
-                    .map(|ip| SocketAddr::new(ip, 53))
-            })
-            .map_err(|_| {
-                cx.error(
-                    &key(p, "nameserver"),
-                    format!("invalid address {t:?}: expected IP or IP:port"),
-                )
-            })
-            .ok()
-    });
+    let nameserver = nameserver(cx, &key(p, "nameserver"), raw.nameserver);
     DnsDiscovery {
         name,
         port,
