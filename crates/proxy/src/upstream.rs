@@ -566,6 +566,7 @@ impl tower_service::Service<Uri> for MeteredConnector {
                         }
                         .into());
                     }
+                    // Claimed by fetch_update above; released when the wait ends, however.
                     let _queued = Held(&limit.waiting);
                     // Meanwhile the pool may hand the request a connection another finished
                     // with; this connect then completes in the background, for the pool.
