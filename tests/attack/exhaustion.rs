@@ -56,6 +56,98 @@ async fn slowloris_heads_are_cut_off_and_others_are_served_meanwhile() {
     assert_eq!(origin.count(), 1);
 }
 
+/// The head deadline runs between requests only: a response slower than
+/// `header_read_timeout` is delivered whole, the next request on the connection is due from
+/// the end of that response (not from the connection's start), and a connection then left idle
+/// is closed.
+#[tokio::test]
+async fn the_head_deadline_spares_slow_responses_and_closes_idle_connections() {
+    // An origin whose body pauses for longer than the head deadline.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = socket.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    let head = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\ncache-control: no-store\r\n\r\nhello";
+                    if socket.write_all(head).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(700)).await;
+                    if socket.write_all(b"world").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let larder = Larder::start(&with_limits(
+        origin,
+        DEFAULT_TYPES,
+        "header_read_timeout: 300ms",
+    ))
+    .await;
+    let mut client = TcpStream::connect(larder.server.proxy_addrs[0])
+        .await
+        .unwrap();
+    let request = b"GET /slow HTTP/1.1\r\nhost: a.example\r\n\r\n";
+    for round in 0..2 {
+        client.write_all(request).await.unwrap();
+        let mut received = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !received.ends_with(b"helloworld") {
+            let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf))
+                .await
+                .expect("the response arrives")
+                .unwrap();
+            assert!(n > 0, "round {round}: closed mid-response: {received:?}");
+            received.extend_from_slice(&buf[..n]);
+        }
+        assert!(received.starts_with(b"HTTP/1.1 200"), "round {round}");
+    }
+    let rest = raw::until_closed(&mut client, Duration::from_secs(10))
+        .await
+        .expect("an idle connection is closed at the head deadline");
+    assert!(rest.is_empty(), "{rest:?}");
+}
+
+/// HTTP/2 connections have no head deadline: streams have their own limits, and a client may
+/// keep an idle connection for its next requests.
+#[tokio::test]
+async fn an_idle_http2_connection_outlives_the_head_deadline() {
+    let origin = Origin::fixed(200, &[("cache-control", "max-age=60")], "fine").await;
+    let larder = Larder::start(&with_limits(
+        origin.addr,
+        DEFAULT_TYPES,
+        "header_read_timeout: 300ms",
+    ))
+    .await;
+    let stream = TcpStream::connect(larder.server.proxy_addrs[0])
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    // Idle for twice the deadline: what is tested is that nothing happens.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let request = http::Request::get(format!("http://a.example{}", "/idle"))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender
+        .send_request(request)
+        .await
+        .expect("the connection is still open");
+    assert_eq!(response.status(), 200);
+}
+
 #[tokio::test]
 async fn a_slow_post_gets_408() {
     let origin = Origin::fixed(200, &[("cache-control", "no-store")], "took it").await;

@@ -21,31 +21,47 @@ pub const VIA_VALUE: &str = "1.1 larder";
 
 /// Fields a `Connection` header may not remove: dropping them would change which resource the
 /// origin serves or how the message is framed, while the cache keys on the original.
-fn end_to_end_essential(name: &HeaderName) -> bool {
-    name == http::header::HOST || name == http::header::CONTENT_LENGTH
+fn end_to_end_essential(name: &str) -> bool {
+    name.eq_ignore_ascii_case("host") || name.eq_ignore_ascii_case("content-length")
 }
 
 /// Removes hop-by-hop fields, including any named by `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names beats nine hashed removals.
-    let any = headers
-        .keys()
-        .any(|n| HOP_BY_HOP.contains(n) || n == http::header::TRAILER);
-    if !any {
+    // Most messages carry none, and most of the rest only `Connection: keep-alive`: one pass
+    // over the names says which are present, and only those are removed (each removal is a
+    // hashed lookup).
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        } else if name == http::header::TRAILER {
+            present |= 1 << HOP_BY_HOP.len();
+        }
+    }
+    if present == 0 {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().to_ascii_lowercase().as_bytes()).ok())
-        .filter(|n| !end_to_end_essential(n))
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    if present & 1 != 0 {
+        // Values are cheap to clone (shared bytes); the names they list are removed after.
+        let listed: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
+        for value in &listed {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',').map(str::trim) {
+                // `remove` by text matches case-insensitively and ignores what is no valid name.
+                if !token.is_empty() && !end_to_end_essential(token) {
+                    headers.remove(token);
+                }
+            }
+        }
     }
-    headers.remove(http::header::TRAILER);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+    if present & (1 << HOP_BY_HOP.len()) != 0 {
+        headers.remove(http::header::TRAILER);
+    }
 }
 
 pub fn append_via(headers: &mut HeaderMap) {
@@ -65,12 +81,18 @@ pub fn add_forwarded(
     static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
     static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
     static XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
+    // Room for the four fields added here, so the map does not grow (and rehash) for them.
+    headers.reserve(4);
     if let Some(client) = client {
-        let ip = client.ip().to_string();
-        let value = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
-            Some(prev) if trusted_peer && !prev.trim().is_empty() => format!("{prev}, {ip}"),
-            _ => ip,
-        };
+        let mut value = String::with_capacity(48);
+        match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
+            Some(prev) if trusted_peer && !prev.trim().is_empty() => {
+                value.push_str(prev);
+                value.push_str(", ");
+            }
+            _ => {}
+        }
+        push_ip(&mut value, client.ip());
         if let Ok(v) = HeaderValue::from_str(&value) {
             headers.insert(XFF.clone(), v);
         }
@@ -85,6 +107,31 @@ pub fn add_forwarded(
         headers.insert(XFH.clone(), v);
     }
     append_via(headers);
+}
+
+/// Appends an address's text; IPv4 (nearly every client) without the formatting machinery,
+/// which costs more than the rest of this header's work.
+fn push_ip(out: &mut String, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                if octet >= 100 {
+                    out.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    out.push(char::from(b'0' + octet / 10 % 10));
+                }
+                out.push(char::from(b'0' + octet % 10));
+            }
+        }
+        std::net::IpAddr::V6(v6) => {
+            use std::fmt::Write;
+            let _ = write!(out, "{v6}");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -105,6 +152,41 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h[http::header::HOST], "example.com");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn addresses_are_written_as_std_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "10.0.0.1",
+            "127.0.0.2",
+            "192.168.100.255",
+            "255.9.99.100",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            let mut out = String::new();
+            push_ip(&mut out, ip);
+            assert_eq!(out, ip.to_string());
+        }
+    }
+
+    #[test]
+    fn connection_tokens_match_any_case_and_skip_garbage() {
+        let mut h = HeaderMap::new();
+        h.append(CONNECTION, HeaderValue::from_static("Keep-Alive, X-Upper"));
+        h.append(
+            CONNECTION,
+            HeaderValue::from_static(" , bad name, Content-Length"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-upper", HeaderValue::from_static("1"));
+        h.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        h.insert(http::header::TRAILER, HeaderValue::from_static("x-sum"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+        assert_eq!(left, ["content-length"]);
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod discovery;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzz_checks;
+pub mod head_deadline;
 pub mod headers;
 pub mod interim;
 mod pipeline;

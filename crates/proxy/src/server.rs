@@ -19,6 +19,7 @@ use http::{Request, Version};
 use hyper::body::Incoming;
 
 use crate::Proxy;
+use crate::head_deadline::{HeadClock, HeadDeadline, HeadTimedOut, Tracked};
 use crate::interim::{InterimIo, InterimSink};
 
 /// Connection-level limits, fixed when the listeners start (a reload does not change them).
@@ -72,7 +73,9 @@ fn builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
     let mut http1 = builder.http1();
     http1
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // `HeadDeadline` enforces `header_read_timeout` instead, without a timer per request
+        // (hyper would otherwise arm its own 30 s one).
+        .header_read_timeout(None)
         // hyper's floor for the read buffer is 8 KiB.
         .max_buf_size(limits.max_request_header_size.max(8192));
     // At hyper's own default (100) the parser uses uninitialised stack arrays; setting the
@@ -131,17 +134,23 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
+        let head_limit = limits.header_read_timeout;
         tokio::spawn(async move {
             let metrics = proxy.metrics.clone();
             metrics.connection_opened();
             let result = match tls {
-                None => serve_connection(&builder, watcher, stream, proxy, peer, "http").await,
+                None => {
+                    serve_connection(&builder, head_limit, watcher, stream, proxy, peer, "http")
+                        .await
+                }
                 Some(acceptor) => {
                     // A client that never finishes its handshake holds nothing for long.
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(tls_stream)) => {
-                            serve_connection(&builder, watcher, tls_stream, proxy, peer, "https")
-                                .await
+                            serve_connection(
+                                &builder, head_limit, watcher, tls_stream, proxy, peer, "https",
+                            )
+                            .await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, client = %peer, "TLS handshake failed");
@@ -181,6 +190,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serves one accepted connection (plain or TLS) until it ends or the drain closes it.
 async fn serve_connection<S>(
     builder: &auto::Builder<TokioExecutor>,
+    head_limit: Duration,
     watcher: hyper_util::server::graceful::Watcher,
     stream: S,
     proxy: Arc<Proxy>,
@@ -191,9 +201,17 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let interim = InterimSink::default();
-    let io = TokioIo::new(InterimIo::new(stream, interim.clone()));
+    let head_clock = HeadClock::new(head_limit);
+    let io = TokioIo::new(HeadDeadline::new(
+        InterimIo::new(stream, interim.clone()),
+        head_clock.clone(),
+    ));
     let service = service_fn(move |req: Request<Incoming>| {
         let proxy = proxy.clone();
+        let head_clock = (req.version() != Version::HTTP_2).then(|| {
+            head_clock.request_started();
+            head_clock.clone()
+        });
         // 1xx can only be relayed to HTTP/1.1 clients (never to 1.0; HTTP/2 would need
         // hyper support). Passed along directly, not in the request's extensions: that
         // would cost two allocations per request.
@@ -202,7 +220,10 @@ where
             interim.clone()
         });
         // The pipeline tells the sink when the final response and its body are done.
-        async move { Ok::<_, Infallible>(proxy.handle(req, Some(peer), relay, scheme).await) }
+        async move {
+            let response = proxy.handle(req, Some(peer), relay, scheme).await;
+            Ok::<_, Infallible>(response.map(|body| Tracked::new(body, head_clock)))
+        }
     });
     let connection = builder.serve_connection(io, service).into_owned();
     watcher.watch(connection).await
@@ -335,6 +356,15 @@ fn protocol_error(e: &(dyn std::error::Error + 'static)) -> Option<(&'static str
             _ => "unknown",
         };
         return Some(("h2", name));
+    }
+    let head_timed_out = |e: &(dyn std::error::Error + 'static)| {
+        e.is::<HeadTimedOut>()
+            || e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| inner.is::<HeadTimedOut>())
+    };
+    if chain().any(head_timed_out) {
+        return Some(("http1", "header_timeout"));
     }
     let hyper = chain().find_map(|e| e.downcast_ref::<hyper::Error>())?;
     if hyper.is_parse() || hyper.is_parse_too_large() {

@@ -260,7 +260,7 @@ impl Proxy {
         headers.insert(HOST, host_value);
         ex.host = normalize_host(&authority, ex.scheme);
         if parts.method.as_str() == "PURGE" && rt.config.purge.purge_method.enabled {
-            return self.purge_method(rt, ex, &parts.uri).await;
+            return Box::pin(self.purge_method(rt, ex, &parts.uri)).await;
         }
 
         let declared = headers
@@ -319,26 +319,22 @@ impl Proxy {
         let body = boxed(LimitedBody::new(body, rt.limits.max_request_body_size));
 
         if !route.cache {
-            return self
-                .pass(
-                    rt,
-                    ex,
-                    upstream,
-                    request,
-                    body,
-                    NoCacheReason::RouteDisabled,
-                )
-                .await;
+            return Box::pin(self.pass(
+                rt,
+                ex,
+                upstream,
+                request,
+                body,
+                NoCacheReason::RouteDisabled,
+            ))
+            .await;
         }
         if upgrade {
-            return self
-                .pass(rt, ex, upstream, request, body, NoCacheReason::Upgrade)
+            return Box::pin(self.pass(rt, ex, upstream, request, body, NoCacheReason::Upgrade))
                 .await;
         }
         if request.method != Method::GET && request.method != Method::HEAD {
-            return self
-                .unsafe_or_uncacheable(rt, ex, upstream, request, body)
-                .await;
+            return Box::pin(self.unsafe_or_uncacheable(rt, ex, upstream, request, body)).await;
         }
         self.cached(rt, ex, upstream, request, body).await
     }
@@ -495,14 +491,14 @@ impl Proxy {
         }
         match lookup {
             Lookup::NoResourceType => {
-                self.pass(
+                Box::pin(self.pass(
                     rt,
                     ex,
                     upstream,
                     request,
                     body,
                     NoCacheReason::NoResourceType,
-                )
+                ))
                 .await
             }
             Lookup::Found(hit) => {
@@ -527,15 +523,21 @@ impl Proxy {
                     Forward::Stale
                 });
                 if head {
-                    return self
-                        .pass(rt, ex, upstream, request, body, NoCacheReason::HeadMiss)
-                        .await;
+                    return Box::pin(self.pass(
+                        rt,
+                        ex,
+                        upstream,
+                        request,
+                        body,
+                        NoCacheReason::HeadMiss,
+                    ))
+                    .await;
                 }
                 let plan = FillPlan {
                     fill_key: hit.primary.clone(),
                     stale: Some(hit),
                 };
-                self.fill(rt, ex, upstream, request, body, plan).await
+                Box::pin(self.fill(rt, ex, upstream, request, body, plan)).await
             }
             Lookup::Miss {
                 fill_key,
@@ -564,7 +566,8 @@ impl Proxy {
                 match reason {
                     Some(reason) => {
                         let fwd = ex.fwd;
-                        let response = self.pass(rt, ex, upstream, request, body, reason).await;
+                        let response =
+                            Box::pin(self.pass(rt, ex, upstream, request, body, reason)).await;
                         ex.fwd = fwd;
                         response
                     }
@@ -573,7 +576,7 @@ impl Proxy {
                             fill_key,
                             stale: None,
                         };
-                        self.fill(rt, ex, upstream, request, body, plan).await
+                        Box::pin(self.fill(rt, ex, upstream, request, body, plan)).await
                     }
                 }
             }
