@@ -1906,6 +1906,14 @@ fn build_kubernetes_discovery(
     p: &str,
     raw: RawKubernetesDiscovery,
 ) -> KubernetesDiscovery {
+    // Said at validation, with the file and line, rather than when the cluster starts.
+    if !cfg!(feature = "kubernetes") {
+        cx.error(
+            p,
+            "kubernetes discovery needs a Larder built with the `kubernetes` feature \
+             (cargo build --features kubernetes; the container image has it)",
+        );
+    }
     let label = |cx: &mut Ctx, name: &str, value: Option<String>| {
         let value = value?;
         if !is_dns_label(&value) {

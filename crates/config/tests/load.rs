@@ -1041,6 +1041,7 @@ fn weighted_endpoints() {
     assert_eq!(e[0].path, "clusters[0].endpoints[0].weight");
 }
 
+#[cfg(feature = "kubernetes")]
 #[test]
 fn kubernetes_discovery_replaces_the_endpoint_list_and_names_bad_keys() {
     let good = BASE.replace(
@@ -1064,6 +1065,21 @@ fn kubernetes_discovery_replaces_the_endpoint_list_and_names_bad_keys() {
             "larder.yaml:9:5: clusters[0].kubernetes: choose one discovery: dns or kubernetes",
             "larder.yaml:9:49: clusters[0].kubernetes.namespace: invalid namespace \"Shop\": expected a DNS label like \"shop-api\"",
             "larder.yaml:9:61: clusters[0].kubernetes.port: invalid port \"HTTP_Port\": expected a port name like \"http\" or 1 to 65535",
+        ]
+    );
+}
+
+#[cfg(not(feature = "kubernetes"))]
+#[test]
+fn kubernetes_discovery_without_the_feature_is_a_validation_error() {
+    let text = BASE.replace(
+        "    endpoints: [\"127.0.0.1:9000\"]\n",
+        "    kubernetes: { service: shop-api, port: http }\n",
+    );
+    assert_eq!(
+        lines(&text),
+        [
+            "larder.yaml:9:5: clusters[0].kubernetes: kubernetes discovery needs a Larder built with the `kubernetes` feature (cargo build --features kubernetes; the container image has it)"
         ]
     );
 }
