@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Profiles Larder alone on one load scenario, the way BENCHMARKS.md's gap analysis was made:
+#
+#   bench/profile.sh perf hit|hit16k|pass|fill      # perf (cpu-clock): user/kernel split, top symbols
+#   bench/profile.sh callgrind hit|pass             # valgrind: instructions per request, top functions
+#
+# Same origin (nginx, one worker) and Larder config as bench/run.sh, on free loopback ports,
+# load from `wrk -t1`. Needs nginx, wrk, curl and perf or valgrind (Debian: nginx wrk curl
+# linux-perf valgrind); uses target/release/larder (or $LARDER_BIN). Every process it starts is
+# stopped on exit. PROFILE_SECONDS (default 5) bounds the measured load.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+tool=${1:?usage: bench/profile.sh perf|callgrind hit|hit16k|pass|fill}
+scenario=${2:?usage: bench/profile.sh perf|callgrind hit|hit16k|pass|fill}
+seconds=${PROFILE_SECONDS:-5}
+LARDER_BIN=${LARDER_BIN:-target/release/larder}
+[[ -x $LARDER_BIN ]] || { echo "no $LARDER_BIN: run cargo build --release first" >&2; exit 1; }
+for tool_bin in nginx wrk curl; do
+  command -v "$tool_bin" >/dev/null || { echo "needs $tool_bin" >&2; exit 1; }
+done
+case $tool in
+  perf) command -v perf >/dev/null || { echo "needs perf (linux-perf)" >&2; exit 1; } ;;
+  callgrind) command -v valgrind >/dev/null || { echo "needs valgrind" >&2; exit 1; } ;;
+  *) echo "unknown tool $tool" >&2; exit 1 ;;
+esac
+
+WORK=$(mktemp -d /tmp/larder-profile.XXXXXX)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+wait_for() {
+  for _ in $(seq 1 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done
+  echo "nothing answers at $1" >&2
+  exit 1
+}
+
+ORIGIN_PORT=$(free_port); PROXY_PORT=$(free_port); ADMIN_PORT=$(free_port)
+mkdir -p "$WORK/www/obj" "$WORK/www/pass" "$WORK/tmp"
+head -c 1024 /dev/urandom >"$WORK/www/obj/1k"
+head -c 16384 /dev/urandom >"$WORK/www/obj/16k"
+head -c 1024 /dev/urandom >"$WORK/www/pass/1k"
+user_line=""; [[ $(id -u) -eq 0 ]] && user_line="user root;"
+cat >"$WORK/nginx.conf" <<EOF
+$user_line
+worker_processes 1;
+daemon off;
+pid $WORK/nginx.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  default_type application/octet-stream;
+  keepalive_requests 1000000;
+  client_body_temp_path $WORK/tmp/body;
+  proxy_temp_path $WORK/tmp/proxy;
+  fastcgi_temp_path $WORK/tmp/fastcgi;
+  uwsgi_temp_path $WORK/tmp/uwsgi;
+  scgi_temp_path $WORK/tmp/scgi;
+  server {
+    listen 127.0.0.1:$ORIGIN_PORT;
+    root $WORK/www;
+    location /obj/ { add_header Cache-Control "max-age=3600"; }
+    location /pass/ { add_header Cache-Control "no-store"; }
+    location ~ ^/k16/[0-9]+\$ { add_header Cache-Control "max-age=3600"; try_files /obj/16k =404; }
+  }
+}
+EOF
+nginx -p "$WORK" -e "$WORK/error.log" -c "$WORK/nginx.conf" >/dev/null 2>&1 &
+PIDS+=($!)
+cat >"$WORK/larder.yaml" <<EOF
+listeners:
+  - address: 127.0.0.1:$PROXY_PORT
+admin:
+  address: 127.0.0.1:$ADMIN_PORT
+access_log: { enabled: false }
+virtual_hosts:
+  - name: bench
+    domains: ["*"]
+    routes:
+      - match: { prefix: "/" }
+        cluster: origin
+clusters:
+  - name: origin
+    endpoints: ["127.0.0.1:$ORIGIN_PORT"]
+    max_idle_connections: 64
+cache:
+  cache_size: 1024MiB
+resource_types:
+  - name: default
+    config:
+      cache_size: 1024MiB
+      max_object_size: 8MiB
+EOF
+wait_for "http://127.0.0.1:$ORIGIN_PORT/obj/1k"
+
+case $tool in
+  perf) "$LARDER_BIN" --config "$WORK/larder.yaml" >"$WORK/larder.log" 2>&1 & ;;
+  callgrind)
+    valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.out" \
+      "$LARDER_BIN" --config "$WORK/larder.yaml" >"$WORK/larder.log" 2>&1 & ;;
+esac
+LARDER_PID=$!
+PIDS+=("$LARDER_PID")
+URL=http://127.0.0.1:$PROXY_PORT
+case $scenario in
+  hit) path=/obj/1k ;;
+  hit16k) path=/obj/16k ;;
+  pass) path=/pass/1k ;;
+  fill) path=/k16/0 ;;
+  *) echo "unknown scenario $scenario" >&2; exit 1 ;;
+esac
+wait_for "$URL$path"
+
+load() { # load SECONDS: prints wrk's output
+  if [[ $scenario == fill ]]; then
+    FILL_PREFIX=/k16/ FILL_FIRST=1 FILL_COUNT=1000000 \
+      wrk -t1 -c16 -d"${1}s" -s bench/lua/fill.lua "$URL"
+  else
+    wrk -t1 -c50 -d"${1}s" "$URL$path"
+  fi
+}
+requests() { awk '/requests in/ {print $1}'; }
+
+case $tool in
+  perf)
+    load 1 >/dev/null
+    load "$seconds" >"$WORK/wrk.txt" &
+    wrk_pid=$!
+    perf record -q -e cpu-clock -F 2999 -p "$LARDER_PID" -o "$WORK/perf.data" -- sleep "$seconds" \
+      2>/dev/null || true
+    wait "$wrk_pid"
+    echo "== $scenario: $(requests <"$WORK/wrk.txt") requests in ${seconds}s"
+    perf report -i "$WORK/perf.data" --no-children --sort dso --stdio 2>/dev/null | grep -v '^#' | grep . | head -5
+    perf report -i "$WORK/perf.data" --no-children --sort sym --stdio 2>/dev/null | grep -v '^#' | grep . | head -40
+    ;;
+  callgrind)
+    # Under valgrind the proxy runs ~50 times slower: fewer connections, the same paths.
+    load 2 >/dev/null
+    callgrind_control -z "$LARDER_PID" >/dev/null
+    n=$(load "$seconds" | requests)
+    callgrind_control -d "$LARDER_PID" >/dev/null
+    sleep 1
+    out=$(ls -t "$WORK"/callgrind.out* | head -1)
+    total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+    echo "== $scenario: $n requests, $((total / n)) instructions per request"
+    callgrind_annotate --inclusive=yes "$out" 2>/dev/null | awk -v n="$n" '
+      /^ *[0-9,]+ \(/ { x = $1; gsub(",", "", x); if (x / n >= 300) printf "%8d  %s\n", x / n, substr($0, index($0, $3)) }' |
+      sed 's|/root/.cargo/registry/src/[^/]*/||; s|/rustc/[0-9a-f]*/library/||' | cut -c1-180 | head -60
+    ;;
+esac
