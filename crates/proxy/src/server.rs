@@ -164,7 +164,7 @@ pub async fn serve(
                 }
             };
             if let Err(e) = result {
-                if is_write_stall(&*e) {
+                if caused_by::<WriteStalled>(&*e) {
                     metrics.connection_limited("write_stalled");
                 } else if let Some((protocol, reason)) = protocol_error(&*e) {
                     metrics.protocol_error(protocol, reason);
@@ -243,12 +243,14 @@ struct WriteStallGuard<S> {
 #[error("the client read nothing for {0:?} (limits.client_write_timeout)")]
 struct WriteStalled(Duration);
 
-fn is_write_stall(e: &(dyn std::error::Error + 'static)) -> bool {
+/// Whether `T` (one of the IO wrappers' own errors) ended the connection: anywhere in the
+/// chain, directly or inside the `io::Error` hyper wraps it in.
+fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
     std::iter::successors(Some(e), |e| e.source()).any(|e| {
-        e.downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .is_some_and(|inner| inner.is::<WriteStalled>())
-            || e.is::<WriteStalled>()
+        e.is::<T>()
+            || e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| inner.is::<T>())
     })
 }
 
@@ -357,13 +359,7 @@ fn protocol_error(e: &(dyn std::error::Error + 'static)) -> Option<(&'static str
         };
         return Some(("h2", name));
     }
-    let head_timed_out = |e: &(dyn std::error::Error + 'static)| {
-        e.is::<HeadTimedOut>()
-            || e.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .is_some_and(|inner| inner.is::<HeadTimedOut>())
-    };
-    if chain().any(head_timed_out) {
+    if caused_by::<HeadTimedOut>(e) {
         return Some(("http1", "header_timeout"));
     }
     let hyper = chain().find_map(|e| e.downcast_ref::<hyper::Error>())?;
