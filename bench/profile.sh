@@ -7,7 +7,8 @@
 # Same origin (nginx, one worker) and Larder config as bench/run.sh, on free loopback ports,
 # load from `wrk -t1`. Needs nginx, wrk, curl and perf or valgrind (Debian: nginx wrk curl
 # linux-perf valgrind); uses target/release/larder (or $LARDER_BIN). Every process it starts is
-# stopped on exit. PROFILE_SECONDS (default 5) bounds the measured load.
+# stopped on exit. PROFILE_SECONDS (default 5) bounds the measured load; PROFILE_OUT=DIR keeps the
+# raw profile (perf.data, callgrind.out) there for perf report / callgrind_annotate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +31,10 @@ PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  if [[ -n ${PROFILE_OUT:-} ]]; then
+    mkdir -p "$PROFILE_OUT"
+    cp "$WORK"/perf.data "$WORK"/callgrind.out* "$PROFILE_OUT"/ 2>/dev/null || true
+  fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT

@@ -606,3 +606,227 @@ async fn an_endpoint_that_resets_is_ejected_and_a_post_it_swallowed_is_never_res
         .count();
     assert!(reset_gets <= 2, "an ejected endpoint gets no more requests");
 }
+
+/// An origin on raw sockets that numbers its connections. Each request line is recorded with
+/// the number of the connection it came on. `/close` answers with `connection: close` and
+/// closes; `/204` and `/chunked` answer as named; HEAD gets no body; `/gated…` waits for a
+/// permit of `gate`. `hang_up` makes every connection close while it waits for a request (an origin
+/// timing out idle connections). The number of a connection the proxy closes goes to `closed`.
+struct NumberingOrigin {
+    addr: SocketAddr,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(usize, String)>>>,
+    arrivals: tokio::sync::watch::Receiver<usize>,
+    gate: std::sync::Arc<tokio::sync::Semaphore>,
+    hang_up: std::sync::Arc<tokio::sync::Notify>,
+    closed: tokio::sync::mpsc::UnboundedReceiver<usize>,
+}
+
+impl NumberingOrigin {
+    async fn start() -> NumberingOrigin {
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<std::sync::Mutex<Vec<(usize, String)>>> = Default::default();
+        let (arrived, arrivals) = tokio::sync::watch::channel(0);
+        let arrived = Arc::new(arrived);
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let hang_up = Arc::new(tokio::sync::Notify::new());
+        let (closed_tx, closed) = tokio::sync::mpsc::unbounded_channel();
+        let (recorded, gated, hanging_up) = (seen.clone(), gate.clone(), hang_up.clone());
+        tokio::spawn(async move {
+            let mut number = 0;
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let connection = number;
+                number += 1;
+                let (recorded, arrived, gate, hang_up, closed_tx) = (
+                    recorded.clone(),
+                    arrived.clone(),
+                    gated.clone(),
+                    hanging_up.clone(),
+                    closed_tx.clone(),
+                );
+                tokio::spawn(async move {
+                    let mut pending = Vec::new();
+                    let mut buf = [0u8; 8192];
+                    loop {
+                        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&pending[..end + 4]).into_owned();
+                            let body_length: usize = head
+                                .lines()
+                                .find_map(|line| {
+                                    let line = line.to_ascii_lowercase();
+                                    let value = line.strip_prefix("content-length:")?;
+                                    Some(value.trim().parse().unwrap())
+                                })
+                                .unwrap_or(0);
+                            while pending.len() < end + 4 + body_length {
+                                match socket.read(&mut buf).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => pending.extend_from_slice(&buf[..n]),
+                                }
+                            }
+                            pending.drain(..end + 4 + body_length);
+                            let request_line = head.lines().next().unwrap().to_owned();
+                            let target = request_line.split(' ').nth(1).unwrap_or_default();
+                            let target = target.to_owned();
+                            recorded
+                                .lock()
+                                .unwrap()
+                                .push((connection, request_line.clone()));
+                            arrived.send_modify(|n| *n += 1);
+                            if target.starts_with("/gated") {
+                                gate.acquire().await.unwrap().forget();
+                            }
+                            let reply: &[u8] = match target.as_str() {
+                                _ if request_line.starts_with("HEAD ") => {
+                                    b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 5\r\n\r\n"
+                                }
+                                "/close" => {
+                                    b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello"
+                                }
+                                "/204" => b"HTTP/1.1 204 No Content\r\ncache-control: no-store\r\n\r\n",
+                                "/chunked" => {
+                                    b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                                }
+                                _ => b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 5\r\n\r\nhello",
+                            };
+                            if socket.write_all(reply).await.is_err() || target == "/close" {
+                                return;
+                            }
+                        }
+                        tokio::select! {
+                            read = socket.read(&mut buf) => match read {
+                                Ok(0) => {
+                                    let _ = closed_tx.send(connection);
+                                    return;
+                                }
+                                Err(_) => return,
+                                Ok(n) => pending.extend_from_slice(&buf[..n]),
+                            },
+                            () = hang_up.notified() => return,
+                        }
+                    }
+                });
+            }
+        });
+        NumberingOrigin {
+            addr,
+            seen,
+            arrivals,
+            gate,
+            hang_up,
+            closed,
+        }
+    }
+
+    /// The connection number each request came on, in order.
+    fn connections(&self) -> Vec<usize> {
+        self.seen.lock().unwrap().iter().map(|(c, _)| *c).collect()
+    }
+}
+
+async fn open_upstream_connections(larder: &Larder) -> Option<f64> {
+    metric(
+        &larder.metrics().await,
+        r#"larder_upstream_connections{cluster="pool"}"#,
+    )
+}
+
+#[tokio::test]
+async fn one_connection_carries_sequential_requests_whatever_their_bodies() {
+    let origin = NumberingOrigin::start().await;
+    let larder = Larder::start(&cluster_yaml(&[origin.addr], "")).await;
+    for path in ["/a", "/204", "/chunked", "/b"] {
+        let reply = larder.get(path).await;
+        assert!(reply.status.is_success(), "{path}: {}", reply.status);
+    }
+    let head = larder
+        .request(Method::HEAD, &larder.proxy_url("/a"), &[], Bytes::new())
+        .await;
+    assert_eq!(head.status, 200);
+    let post = larder
+        .request(
+            Method::POST,
+            &larder.proxy_url("/p"),
+            &[],
+            Bytes::from("order"),
+        )
+        .await;
+    assert_eq!(post.text(), "hello");
+    assert_eq!(larder.get("/after").await.text(), "hello");
+    // Bodiless, empty, chunked and HEAD responses all give the connection back.
+    assert_eq!(origin.connections(), [0; 7], "{:?}", origin.seen);
+    assert_eq!(open_upstream_connections(&larder).await, Some(1.0));
+    // A response that closes its connection is relayed whole; the next request opens another.
+    assert_eq!(larder.get("/close").await.text(), "hello");
+    assert_eq!(larder.get("/next").await.text(), "hello");
+    assert_eq!(origin.connections()[7..], [0, 1]);
+}
+
+#[tokio::test]
+async fn a_connection_its_origin_closed_while_idle_is_dropped_and_a_post_goes_on_a_new_one() {
+    let origin = NumberingOrigin::start().await;
+    let larder = Larder::start(&cluster_yaml(&[origin.addr], "    idle_timeout: 60s")).await;
+    assert_eq!(larder.get("/a").await.text(), "hello");
+    assert_eq!(open_upstream_connections(&larder).await, Some(1.0));
+    origin.hang_up.notify_waiters();
+    // The pool's sweep (each second at most) finds the close among its idle connections.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while open_upstream_connections(&larder).await != Some(0.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection is still pooled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let post = larder
+        .request(
+            Method::POST,
+            &larder.proxy_url("/p"),
+            &[],
+            Bytes::from("order"),
+        )
+        .await;
+    assert_eq!(post.status, 200);
+    assert_eq!(origin.connections(), [0, 1]);
+}
+
+#[tokio::test]
+async fn idle_connections_close_after_idle_timeout_and_beyond_max_idle_connections() {
+    let mut origin = NumberingOrigin::start().await;
+    let larder = Larder::start(&cluster_yaml(
+        &[origin.addr],
+        "    idle_timeout: 300ms\n    max_idle_connections: 1",
+    ))
+    .await;
+    // Two requests at once need two connections; only one stays parked after them.
+    // Distinct URLs: two requests for one would be coalesced into one.
+    let spawn_get = |path| {
+        let url = larder.proxy_url(path);
+        let client = larder.client.clone();
+        tokio::spawn(async move { send(&client, Method::GET, &url, &[], Bytes::new()).await })
+    };
+    let (first, second) = (spawn_get("/gated/1"), spawn_get("/gated/2"));
+    origin.arrivals.wait_for(|n| *n == 2).await.unwrap();
+    origin.gate.add_permits(2);
+    assert_eq!(first.await.unwrap().text(), "hello");
+    assert_eq!(second.await.unwrap().text(), "hello");
+    let mut both = origin.connections();
+    both.sort();
+    assert_eq!(both, [0, 1]);
+    let over_limit = tokio::time::timeout(Duration::from_secs(10), origin.closed.recv()).await;
+    assert!(
+        matches!(over_limit, Ok(Some(_))),
+        "the connection beyond max_idle_connections is closed"
+    );
+    let parked_since = Instant::now();
+    assert_eq!(open_upstream_connections(&larder).await, Some(1.0));
+    let idle = tokio::time::timeout(Duration::from_secs(10), origin.closed.recv()).await;
+    assert!(
+        matches!(idle, Ok(Some(_))),
+        "the parked connection is closed after idle_timeout"
+    );
+    assert!(parked_since.elapsed() >= Duration::from_millis(150));
+    assert_eq!(open_upstream_connections(&larder).await, Some(0.0));
+}

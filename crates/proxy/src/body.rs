@@ -284,7 +284,7 @@ pin_project_lite::pin_project! {
 }
 
 /// A response body from an upstream, as the pipeline receives it.
-pub type UpstreamBody = IdleTimeoutBody<hyper::body::Incoming>;
+pub type UpstreamBody = IdleTimeoutBody<crate::upstream::ResponseBody>;
 
 /// The error a stalled body ends with.
 #[derive(Debug, thiserror::Error)]

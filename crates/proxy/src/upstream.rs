@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body::Body;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -18,11 +17,17 @@ use crate::balance::Balancer;
 use crate::body::{ProxyBody, empty};
 use arc_swap::ArcSwap;
 
+mod pool;
+pub use pool::ResponseBody;
+
 pub struct Cluster {
     pub name: Arc<str>,
     /// Swapped whole when DNS discovery finds a different set of endpoints.
     balancer: Arc<ArcSwap<Balancer>>,
+    /// HTTP/2 clusters' requests, and every cluster's health checks.
     client: Client<MeteredConnector, ProxyBody>,
+    /// HTTP/1 clusters' requests.
+    http1: Option<Arc<pool::Pool>>,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     connections: Arc<ConnectionLimit>,
@@ -65,7 +70,7 @@ impl std::fmt::Debug for Cluster {
 
 #[derive(Debug)]
 pub struct UpstreamResponse {
-    pub response: Response<Incoming>,
+    pub response: Response<ResponseBody>,
     pub endpoint: Arc<str>,
     pub duration: Duration,
     /// Sends after the first (connect failures, closed pooled connections).
@@ -165,11 +170,31 @@ impl Cluster {
         } else {
             builder.enable_http1().wrap_connector(connector)
         };
+        let scheme = if config.tls.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
         let connections = Arc::new(ConnectionLimit {
             slots: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
             max: config.max_connections,
             waiting: Default::default(),
             max_waiting: config.max_pending_requests,
+        });
+        let connector = MeteredConnector {
+            inner: https,
+            metrics: metrics.upstream_connection_metrics(&name),
+            limit: connections.clone(),
+            default_connect_timeout: config.connect_timeout,
+            cluster: name.clone(),
+        };
+        let http1 = (!config.http2).then(|| {
+            pool::Pool::new(
+                connector.clone(),
+                scheme.clone(),
+                config.max_idle_connections,
+                config.idle_timeout,
+            )
         });
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.idle_timeout)
@@ -177,18 +202,7 @@ impl Cluster {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .http2_only(config.http2)
-            .build(MeteredConnector {
-                inner: https,
-                metrics: metrics.upstream_connection_metrics(&name),
-                limit: connections.clone(),
-                default_connect_timeout: config.connect_timeout,
-                cluster: name.clone(),
-            });
-        let scheme = if config.tls.is_some() {
-            Scheme::HTTPS
-        } else {
-            Scheme::HTTP
-        };
+            .build(connector);
         let endpoints = config
             .endpoints
             .iter()
@@ -232,6 +246,7 @@ impl Cluster {
             metrics: metrics.upstream_connection_metrics(&name),
             name,
             client,
+            http1,
             connect_timeout: config.connect_timeout,
             request_timeout: config.request_timeout,
             connections,
@@ -329,15 +344,8 @@ impl Cluster {
             };
             let endpoint = pick.endpoint;
             tried.push(pick.index);
-            let uri = Uri::builder()
-                .scheme(self.scheme.clone())
-                .authority(endpoint.authority.clone())
-                .path_and_query(request.path_and_query.clone())
-                .build()
-                .expect("authority and path are valid");
             let mut req = Request::new(body.take().unwrap_or_else(empty));
             *req.method_mut() = request.method.clone();
-            *req.uri_mut() = uri;
             *req.version_mut() = Version::HTTP_11;
             *req.headers_mut() = request.headers.clone();
             if let Some(sink) = interim {
@@ -347,7 +355,7 @@ impl Cluster {
                 });
             }
             let remaining = timeout.saturating_sub(start.elapsed());
-            let sent = CONNECT_TIMEOUT.scope(timeouts.connect, self.client.request(req));
+            let sent = self.attempt(&endpoint.authority, &request.path_and_query, req, timeouts);
             let error = match tokio::time::timeout(remaining, sent).await {
                 Ok(Ok(response)) => {
                     // Gateway errors count against the endpoint, though they are relayed.
@@ -380,7 +388,7 @@ impl Cluster {
                         retries: attempt,
                     });
                 }
-                Ok(Err(e)) => classify(e, &endpoint.display, start, attempt),
+                Ok(Err(e)) => classify(&e, &endpoint.display, start, attempt),
                 Err(_) => UpstreamError {
                     kind: UpstreamErrorKind::Timeout,
                     endpoint: Some(endpoint.display.clone()),
@@ -423,16 +431,54 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// One try on one endpoint: on the cluster's HTTP/1 pool, or hyper-util's for HTTP/2.
+    async fn attempt(
+        &self,
+        endpoint: &Authority,
+        path_and_query: &PathAndQuery,
+        mut req: Request<ProxyBody>,
+        timeouts: &Timeouts,
+    ) -> Result<Response<ResponseBody>, AttemptError> {
+        if let Some(pool) = &self.http1 {
+            *req.uri_mut() = Uri::from(path_and_query.clone());
+            return pool.send(endpoint, req, timeouts.connect).await;
+        }
+        *req.uri_mut() = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(endpoint.clone())
+            .path_and_query(path_and_query.clone())
+            .build()
+            .expect("authority and path are valid");
+        CONNECT_TIMEOUT
+            .scope(timeouts.connect, self.client.request(req))
+            .await
+            .map(|response| response.map(ResponseBody::detached))
+            .map_err(|e| AttemptError {
+                connect: e.is_connect(),
+                error: Box::new(e),
+            })
+    }
+}
+
+/// Why one try failed.
+struct AttemptError {
+    error: Box<dyn std::error::Error + Send + Sync>,
+    /// No connection was made (nothing reached the endpoint).
+    connect: bool,
+}
+
 fn classify(
-    e: hyper_util::client::legacy::Error,
+    attempt: &AttemptError,
     endpoint: &Arc<str>,
     start: Instant,
     retries: u32,
 ) -> UpstreamError {
-    let client_fault = if source_chain(&e).any(|s| s.is::<crate::body::BodyTooLarge>()) {
+    let e: &(dyn std::error::Error + 'static) = &*attempt.error;
+    let client_fault = if source_chain(e).any(|s| s.is::<crate::body::BodyTooLarge>()) {
         Some(ClientFault::BodyTooLarge)
-    } else if source_chain(&e).any(|s| s.is::<crate::body::ClientBodyError>()) {
-        if source_chain(&e).any(|s| s.is::<crate::body::BodyIdleTimeout>()) {
+    } else if source_chain(e).any(|s| s.is::<crate::body::ClientBodyError>()) {
+        if source_chain(e).any(|s| s.is::<crate::body::BodyIdleTimeout>()) {
             Some(ClientFault::BodyTimeout)
         } else {
             Some(ClientFault::BadBody)
@@ -442,7 +488,7 @@ fn classify(
     };
     // Closed or reset before any response byte: a pooled connection the origin had just timed
     // out, or an origin that dropped the request. An idempotent request may go again.
-    let stale_connection = source_chain(&e).any(|s| {
+    let stale_connection = source_chain(e).any(|s| {
         s.downcast_ref::<hyper::Error>()
             .is_some_and(|h| h.is_incomplete_message() || h.is_canceled())
             || s.downcast_ref::<std::io::Error>().is_some_and(|io| {
@@ -454,20 +500,20 @@ fn classify(
                 )
             })
     });
-    let breaker = source_chain(&e)
+    let breaker = source_chain(e)
         .find_map(|s| s.downcast_ref::<BreakerOpen>())
         .map(|open| open.breaker);
     let kind = if breaker.is_some() {
         UpstreamErrorKind::Overflow
-    } else if source_chain(&e).any(|s| s.is::<ConnectTimedOut>()) {
+    } else if source_chain(e).any(|s| s.is::<ConnectTimedOut>()) {
         UpstreamErrorKind::Timeout
-    } else if e.is_connect() {
+    } else if attempt.connect {
         UpstreamErrorKind::Connect
     } else {
         UpstreamErrorKind::Protocol
     };
-    let nothing_sent = e.is_connect() && kind != UpstreamErrorKind::Overflow;
-    let message = source_chain(&e)
+    let nothing_sent = attempt.connect && kind != UpstreamErrorKind::Overflow;
+    let message = source_chain(e)
         .map(|s| s.to_string())
         .collect::<Vec<_>>()
         .join(": ");
@@ -522,6 +568,92 @@ struct MeteredConnector {
     cluster: Arc<str>,
 }
 
+impl MeteredConnector {
+    /// A `max_connections` slot, waiting for one until `deadline` when all are taken (if fewer
+    /// than `max_pending_requests` already wait). With `or_parked`, the wait also ends, with
+    /// `None`, when a pooled connection comes free: the caller takes that one instead.
+    async fn slot(
+        &self,
+        connect_timeout: Duration,
+        deadline: tokio::time::Instant,
+        or_parked: Option<&tokio::sync::Notify>,
+    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, BreakerOpen> {
+        let limit = &self.limit;
+        if let Ok(slot) = limit.slots.clone().try_acquire_owned() {
+            return Ok(Some(slot));
+        }
+        self.metrics.breaker_tripped(Breaker::MaxConnections);
+        // Claim a place in the queue, or give up at once when it is full.
+        use std::sync::atomic::Ordering::Relaxed;
+        let queued = limit.waiting.fetch_update(Relaxed, Relaxed, |n| {
+            (n < limit.max_waiting).then_some(n + 1)
+        });
+        if queued.is_err() {
+            self.metrics.breaker_tripped(Breaker::MaxPendingRequests);
+            return Err(BreakerOpen {
+                breaker: Breaker::MaxPendingRequests,
+                message: format!(
+                    "{} requests already wait for a connection to cluster {} \
+                     (max_pending_requests)",
+                    limit.max_waiting, self.cluster
+                ),
+            });
+        }
+        // Claimed by fetch_update above; released when the wait ends, however.
+        let _queued = Held(&limit.waiting);
+        let parked = async {
+            match or_parked {
+                Some(parked) => parked.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        let acquired = tokio::time::timeout_at(deadline, async {
+            tokio::select! {
+                slot = limit.slots.clone().acquire_owned() => slot.ok(),
+                () = parked => None,
+            }
+        })
+        .await;
+        match acquired {
+            Ok(Some(slot)) => Ok(Some(slot)),
+            Ok(None) if or_parked.is_some() => Ok(None),
+            _ => Err(BreakerOpen {
+                breaker: Breaker::MaxConnections,
+                message: format!(
+                    "no connection to cluster {} free within {connect_timeout:?} ({} open: \
+                     max_connections)",
+                    self.cluster, limit.max
+                ),
+            }),
+        }
+    }
+
+    /// Opens a connection (TCP, and TLS for `https`) in the slot, by `deadline`.
+    async fn open(
+        &self,
+        uri: Uri,
+        slot: tokio::sync::OwnedSemaphorePermit,
+        started: Instant,
+        deadline: tokio::time::Instant,
+        connect_timeout: Duration,
+    ) -> Result<MeteredIo, Box<dyn std::error::Error + Send + Sync>> {
+        let mut inner = self.inner.clone();
+        let io =
+            match tokio::time::timeout_at(deadline, tower_service::Service::call(&mut inner, uri))
+                .await
+            {
+                Ok(io) => io?,
+                Err(_) => return Err(ConnectTimedOut(connect_timeout).into()),
+            };
+        self.metrics.connected(started.elapsed());
+        Ok(MeteredIo {
+            io,
+            metrics: self.metrics.clone(),
+            _slot: slot,
+        })
+    }
+}
+
 impl tower_service::Service<Uri> for MeteredConnector {
     type Response = MeteredIo;
     type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -539,67 +671,18 @@ impl tower_service::Service<Uri> for MeteredConnector {
         let connect_timeout = CONNECT_TIMEOUT
             .try_with(|t| *t)
             .unwrap_or(self.default_connect_timeout);
-        let mut inner = self.inner.clone();
-        let metrics = self.metrics.clone();
-        let limit = self.limit.clone();
-        let cluster = self.cluster.clone();
+        let this = self.clone();
         Box::pin(async move {
-            let start = Instant::now();
-            let slot = match limit.slots.clone().try_acquire_owned() {
-                Ok(slot) => slot,
-                Err(_) => {
-                    metrics.breaker_tripped(Breaker::MaxConnections);
-                    // Claim a place in the queue, or give up at once when it is full.
-                    use std::sync::atomic::Ordering::Relaxed;
-                    let queued = limit.waiting.fetch_update(Relaxed, Relaxed, |n| {
-                        (n < limit.max_waiting).then_some(n + 1)
-                    });
-                    if queued.is_err() {
-                        metrics.breaker_tripped(Breaker::MaxPendingRequests);
-                        return Err(BreakerOpen {
-                            breaker: Breaker::MaxPendingRequests,
-                            message: format!(
-                                "{} requests already wait for a connection to cluster {cluster} \
-                                 (max_pending_requests)",
-                                limit.max_waiting
-                            ),
-                        }
-                        .into());
-                    }
-                    // Claimed by fetch_update above; released when the wait ends, however.
-                    let _queued = Held(&limit.waiting);
-                    // Meanwhile the pool may hand the request a connection another finished
-                    // with; this connect then completes in the background, for the pool.
-                    let acquired =
-                        tokio::time::timeout(connect_timeout, limit.slots.clone().acquire_owned())
-                            .await;
-                    match acquired {
-                        Ok(Ok(slot)) => slot,
-                        _ => {
-                            return Err(BreakerOpen {
-                                breaker: Breaker::MaxConnections,
-                                message: format!(
-                                    "no connection to cluster {cluster} free within \
-                                     {connect_timeout:?} ({} open: max_connections)",
-                                    limit.max
-                                ),
-                            }
-                            .into());
-                        }
-                    }
-                }
-            };
-            let remaining = connect_timeout.saturating_sub(start.elapsed());
-            let io = match tokio::time::timeout(remaining, inner.call(uri)).await {
-                Ok(io) => io?,
-                Err(_) => return Err(ConnectTimedOut(connect_timeout).into()),
-            };
-            metrics.connected(start.elapsed());
-            Ok(MeteredIo {
-                io,
-                metrics,
-                _slot: slot,
-            })
+            let started = Instant::now();
+            let deadline = tokio::time::Instant::now() + connect_timeout;
+            // Meanwhile the pool may hand the request a connection another finished with;
+            // this connect then completes in the background, for the pool.
+            let slot = this
+                .slot(connect_timeout, deadline, None)
+                .await?
+                .expect("only a wait for a parked connection ends without a slot");
+            this.open(uri, slot, started, deadline, connect_timeout)
+                .await
         })
     }
 }
