@@ -301,6 +301,15 @@ fn own_logs_can_be_json_and_a_bad_filter_is_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_lets_every_accepted_request_finish() {
+    sigterm_under_load(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_with_connection_threads_lets_every_accepted_request_finish() {
+    sigterm_under_load(&[("LARDER_CONNECTION_THREADS", "2")]).await;
+}
+
+async fn sigterm_under_load(env: &[(&str, &str)]) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -316,7 +325,7 @@ async fn sigterm_under_load_lets_every_accepted_request_finish() {
     );
     let path = temp_file("drain.yaml", &yaml);
     let (running, proxy, admin) =
-        tokio::task::block_in_place(|| spawn(&["--config", path.to_str().unwrap()]));
+        tokio::task::block_in_place(|| spawn_with_env(&["--config", path.to_str().unwrap()], env));
     let pid = running.0.id();
 
     async fn get(
@@ -497,4 +506,104 @@ async fn the_binary_reloads_when_the_file_changes_and_on_sighup() {
     }
     assert_eq!(get(format!("http://{proxy}/x")).await.text(), "from b");
     drop(running);
+}
+
+#[test]
+fn connection_threads_serve_both_protocols_and_pool_upstream_connections() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let origin = rt.block_on(Origin::start(|seen| async move {
+        let cache_control = if seen.uri.path() == "/hit" {
+            "max-age=60"
+        } else {
+            "no-store"
+        };
+        response(200, &[("cache-control", cache_control)], "threaded")
+    }));
+    let upstream = format!("http://{}", origin.addr);
+    let (_larder, proxy, admin) = spawn_with_env(
+        &[
+            "--upstream",
+            &upstream,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+        &[("LARDER_CONNECTION_THREADS", "2")],
+    );
+    rt.block_on(async {
+        // Four client connections, handed to the two threads in turn; each sends requests
+        // one after another, so each thread needs one upstream connection at a time.
+        for _ in 0..4 {
+            let mut sender = http1_connection(proxy).await;
+            for path in ["/pass", "/hit", "/pass", "/hit"] {
+                let request = http::Request::get(path)
+                    .header("host", "threads.test")
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                sender.ready().await.unwrap();
+                let response = sender.send_request(request).await.unwrap();
+                assert_eq!(response.status(), 200);
+                let body = http_body_util::BodyExt::collect(response.into_body())
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                assert_eq!(&body[..], b"threaded");
+            }
+        }
+        // HTTP/2 (prior knowledge) on a connection thread: its streams run there too.
+        let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http::<http_body_util::Full<bytes::Bytes>>();
+        // Keyed by its authority, not the Host above: fetched once more, then hit.
+        for expect in ["fwd=uri-miss", "hit", "hit"] {
+            let reply = send(
+                &h2,
+                http::Method::GET,
+                &format!("http://{proxy}/hit"),
+                &[],
+                bytes::Bytes::new(),
+            )
+            .await;
+            assert_eq!(reply.text(), "threaded");
+            assert!(
+                reply.cache_status().contains(expect),
+                "{}",
+                reply.cache_status()
+            );
+        }
+        let metrics = send(
+            &client(),
+            http::Method::GET,
+            &format!("http://{admin}/metrics"),
+            &[],
+            bytes::Bytes::new(),
+        )
+        .await
+        .text();
+        let open = metric(
+            &metrics,
+            r#"larder_upstream_connections{cluster="upstream"}"#,
+        )
+        .expect("the upstream connections gauge");
+        assert!(
+            (1.0..=2.0).contains(&open),
+            "one pooled connection per thread at most, got {open}"
+        );
+    });
+    // Every pass-through reached the origin; each cached URL was fetched once.
+    assert_eq!(origin.count(), 4 * 2 + 2);
+}
+
+/// An HTTP/1.1 connection of its own to `proxy`.
+async fn http1_connection(
+    proxy: std::net::SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    sender
 }

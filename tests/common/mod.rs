@@ -420,9 +420,16 @@ impl Drop for Running {
 
 /// Starts the binary and reads its start-up lines until it says where the proxy listens.
 pub fn spawn(args: &[&str]) -> (Running, SocketAddr, SocketAddr) {
+    spawn_with_env(args, &[])
+}
+
+/// `spawn`, with these environment variables set for the process.
+pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> (Running, SocketAddr, SocketAddr) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_larder"))
         .args(args)
         .env_remove("LARDER_CONFIG")
+        .env_remove("LARDER_CONNECTION_THREADS")
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -16,6 +16,7 @@ pub mod router;
 pub mod server;
 pub mod tls;
 pub mod upstream;
+pub mod workers;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use crate::Proxy;
 use crate::head_deadline::{HeadClock, HeadDeadline, HeadTimedOut, Tracked};
 use crate::interim::{InterimIo, InterimSink};
+use crate::workers::Workers;
 
 /// Connection-level limits, fixed when the listeners start (a reload does not change them).
 #[derive(Debug, Clone)]
@@ -129,50 +130,33 @@ pub async fn serve(
             continue;
         }
         let _ = stream.set_nodelay(true);
-        let stream = WriteStallGuard::new(stream, limits.client_write_timeout);
-        let proxy = proxy.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let tls = tls.clone();
-        let head_limit = limits.header_read_timeout;
-        tokio::spawn(async move {
-            let metrics = proxy.metrics.clone();
-            metrics.connection_opened();
-            let result = match tls {
-                None => {
-                    serve_connection(&builder, head_limit, watcher, stream, proxy, peer, "http")
-                        .await
-                }
-                Some(acceptor) => {
-                    // A client that never finishes its handshake holds nothing for long.
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => {
-                            serve_connection(
-                                &builder, head_limit, watcher, tls_stream, proxy, peer, "https",
-                            )
-                            .await
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, client = %peer, "TLS handshake failed");
-                            Ok(())
-                        }
-                        Err(_) => {
-                            tracing::debug!(client = %peer, "TLS handshake timed out");
-                            Ok(())
-                        }
-                    }
-                }
-            };
-            if let Err(e) = result {
-                if caused_by::<WriteStalled>(&*e) {
-                    metrics.connection_limited("write_stalled");
-                } else if let Some((protocol, reason)) = protocol_error(&*e) {
-                    metrics.protocol_error(protocol, reason);
-                }
-                tracing::debug!(error = %e, "connection ended with an error");
+        let connection = Accepted {
+            proxy: proxy.clone(),
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+            tls: tls.clone(),
+            head_limit: limits.header_read_timeout,
+            write_limit: limits.client_write_timeout,
+            open,
+            peer,
+        };
+        let Some(workers) = Workers::get() else {
+            tokio::spawn(connection.run(stream));
+            continue;
+        };
+        // Served on a connection thread from here on: the socket moves to its reactor.
+        let Ok(stream) = stream.into_std() else {
+            connection.open.fetch_sub(1, Ordering::AcqRel);
+            continue;
+        };
+        workers.hand(move || match tokio::net::TcpStream::from_std(stream) {
+            Ok(stream) => {
+                tokio::spawn(connection.run(stream));
             }
-            metrics.connection_closed();
-            open.fetch_sub(1, Ordering::AcqRel);
+            Err(e) => {
+                connection.open.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!(error = %e, "could not register an accepted connection");
+            }
         });
     }
     drop(listener);
@@ -181,6 +165,70 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("drain timeout: closing remaining connections");
+    }
+}
+
+/// An accepted connection and what serving it needs, handed to a connection thread.
+struct Accepted {
+    proxy: Arc<Proxy>,
+    builder: auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    head_limit: Duration,
+    write_limit: Duration,
+    open: Arc<AtomicUsize>,
+    peer: std::net::SocketAddr,
+}
+
+impl Accepted {
+    async fn run(self, stream: tokio::net::TcpStream) {
+        let Accepted {
+            proxy,
+            builder,
+            watcher,
+            tls,
+            head_limit,
+            write_limit,
+            open,
+            peer,
+        } = self;
+        let stream = WriteStallGuard::new(stream, write_limit);
+        let metrics = proxy.metrics.clone();
+        metrics.connection_opened();
+        let result = match tls {
+            None => {
+                serve_connection(&builder, head_limit, watcher, stream, proxy, peer, "http").await
+            }
+            Some(acceptor) => {
+                // A client that never finishes its handshake holds nothing for long.
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls_stream)) => {
+                        serve_connection(
+                            &builder, head_limit, watcher, tls_stream, proxy, peer, "https",
+                        )
+                        .await
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, client = %peer, "TLS handshake failed");
+                        Ok(())
+                    }
+                    Err(_) => {
+                        tracing::debug!(client = %peer, "TLS handshake timed out");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        if let Err(e) = result {
+            if caused_by::<WriteStalled>(&*e) {
+                metrics.connection_limited("write_stalled");
+            } else if let Some((protocol, reason)) = protocol_error(&*e) {
+                metrics.protocol_error(protocol, reason);
+            }
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+        metrics.connection_closed();
+        open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

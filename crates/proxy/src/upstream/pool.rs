@@ -46,11 +46,17 @@ impl Conn {
 /// Boxed: a connection's state is large, and moves between the pool, a request and its body.
 type Parked = Box<Conn>;
 
+/// One thread's parked connections, by endpoint.
+type IdleList = Vec<(Authority, Vec<Parked>)>;
+
 pub(super) struct Pool {
-    /// Idle connections by endpoint, the most recently parked last (taken first: the others
-    /// age out, so the pool shrinks to what the load needs). A list, not a map: endpoints are
-    /// few, and hashing an `Authority` (byte by byte, case-folded) cost more than the search.
-    idle: Mutex<Vec<(Authority, Vec<Parked>)>>,
+    /// Idle connections by the connection thread that parked them, if there are any (a socket
+    /// belongs to the reactor of the thread that opened it: used from another, its every event
+    /// would cost a wake across threads), the last list for other threads; then by endpoint, the most
+    /// recently parked last (taken first: the others age out, so the pool shrinks to what the
+    /// load needs). Lists, not maps: endpoints are few, and hashing an `Authority` (byte by
+    /// byte, case-folded) cost more than the search.
+    idle: Vec<Mutex<IdleList>>,
     max_idle: usize,
     idle_timeout: Duration,
     /// Tells a request waiting for a `max_connections` slot that a connection was parked.
@@ -66,8 +72,9 @@ impl Pool {
         max_idle: usize,
         idle_timeout: Duration,
     ) -> Arc<Pool> {
+        let threads = crate::workers::Workers::get().map_or(0, |w| w.count());
         let pool = Arc::new(Pool {
-            idle: Mutex::default(),
+            idle: (0..=threads).map(|_| Mutex::default()).collect(),
             max_idle,
             idle_timeout,
             parked: tokio::sync::Notify::new(),
@@ -106,16 +113,21 @@ impl Pool {
         // A request that never left (its connection closed just before) goes on another one;
         // on a fresh connection that happens once at most.
         let mut unsent_on_fresh = 0;
+        let mut anywhere = false;
         loop {
-            let (conn, reused) = match self.checkout(endpoint) {
+            let (conn, reused) = match self.checkout(endpoint, anywhere) {
                 Some(conn) => (conn, true),
                 None => match self
                     .connect(endpoint, started, deadline, connect_timeout)
                     .await?
                 {
                     Some(conn) => (conn, false),
-                    // Parked by another request while this one waited for a slot.
-                    None => continue,
+                    // Parked by another request while this one waited for a slot, maybe on
+                    // another thread: better than none.
+                    None => {
+                        anywhere = true;
+                        continue;
+                    }
                 },
             };
             let mut conn = Some(conn);
@@ -163,11 +175,32 @@ impl Pool {
         }
     }
 
-    fn checkout(&self, endpoint: &Authority) -> Option<Box<Conn>> {
+    /// The list the calling thread parks in and takes from first.
+    fn own_list(&self) -> usize {
+        let others = self.idle.len() - 1;
+        crate::workers::Workers::current().map_or(others, |thread| thread.min(others))
+    }
+
+    /// A parked connection that can take a request: from this thread's list, or (`anywhere`)
+    /// from any.
+    fn checkout(&self, endpoint: &Authority, anywhere: bool) -> Option<Parked> {
+        let own = self.own_list();
+        if let Some(conn) = self.checkout_from(own, endpoint) {
+            return Some(conn);
+        }
+        if !anywhere {
+            return None;
+        }
+        (0..self.idle.len())
+            .filter(|list| *list != own)
+            .find_map(|list| self.checkout_from(list, endpoint))
+    }
+
+    fn checkout_from(&self, list: usize, endpoint: &Authority) -> Option<Parked> {
         let mut cx = Context::from_waker(Waker::noop());
         loop {
             let mut conn = {
-                let mut idle = self.idle.lock().expect("pool lock");
+                let mut idle = self.idle[list].lock().expect("pool lock");
                 let at = position(&idle, endpoint)?;
                 idle[at].1.pop()?
             };
@@ -185,7 +218,7 @@ impl Pool {
         started: Instant,
         deadline: tokio::time::Instant,
         connect_timeout: Duration,
-    ) -> Result<Option<Box<Conn>>, AttemptError> {
+    ) -> Result<Option<Parked>, AttemptError> {
         let refused = |error: Box<dyn std::error::Error + Send + Sync>| AttemptError {
             error,
             connect: true,
@@ -221,12 +254,21 @@ impl Pool {
     }
 
     /// Keeps the connection for the next request to `endpoint`, if it can take one.
-    fn park(&self, endpoint: Authority, mut conn: Box<Conn>, cx: &mut Context<'_>) {
+    fn park(&self, endpoint: Authority, mut conn: Parked, cx: &mut Context<'_>) {
         if !conn.usable(cx) {
             return;
         }
         conn.parked_at = Instant::now();
-        let mut idle = self.idle.lock().expect("pool lock");
+        let own = self.own_list();
+        // `max_idle_connections` counts the endpoint's connections on every thread.
+        let elsewhere: usize = (0..self.idle.len())
+            .filter(|list| *list != own)
+            .map(|list| {
+                let idle = self.idle[list].lock().expect("pool lock");
+                position(&idle, &endpoint).map_or(0, |at| idle[at].1.len())
+            })
+            .sum();
+        let mut idle = self.idle[own].lock().expect("pool lock");
         let at = match position(&idle, &endpoint) {
             Some(at) => at,
             None => {
@@ -235,7 +277,7 @@ impl Pool {
             }
         };
         let parked = &mut idle[at].1;
-        if parked.len() >= self.max_idle {
+        if parked.len() + elsewhere >= self.max_idle {
             drop(idle);
             return;
         }
@@ -250,27 +292,28 @@ impl Pool {
     fn reap(&self) {
         let mut cx = Context::from_waker(Waker::noop());
         let mut closing = Vec::new();
-        let mut idle = self.idle.lock().expect("pool lock");
-        for (_, parked) in idle.iter_mut() {
-            let mut i = 0;
-            while i < parked.len() {
-                let conn = &mut parked[i];
-                if conn.parked_at.elapsed() < self.idle_timeout && conn.usable(&mut cx) {
-                    i += 1;
-                } else {
-                    closing.push(parked.remove(i));
+        for list in &self.idle {
+            let mut idle = list.lock().expect("pool lock");
+            for (_, parked) in idle.iter_mut() {
+                let mut i = 0;
+                while i < parked.len() {
+                    let conn = &mut parked[i];
+                    if conn.parked_at.elapsed() < self.idle_timeout && conn.usable(&mut cx) {
+                        i += 1;
+                    } else {
+                        closing.push(parked.remove(i));
+                    }
                 }
             }
+            idle.retain(|(_, parked)| !parked.is_empty());
         }
-        idle.retain(|(_, parked)| !parked.is_empty());
-        drop(idle);
         drop(closing);
     }
 }
 
 /// Where `endpoint`'s connections are parked. Endpoint names come from one config or discovery
 /// source, so their bytes compare without case folding.
-fn position(idle: &[(Authority, Vec<Parked>)], endpoint: &Authority) -> Option<usize> {
+fn position(idle: &IdleList, endpoint: &Authority) -> Option<usize> {
     idle.iter()
         .position(|(name, _)| name.as_str() == endpoint.as_str())
 }
