@@ -323,7 +323,8 @@ async fn sigterm_under_load(env: &[(&str, &str)]) {
         "listeners: [{{ address: \"127.0.0.1:0\" }}]\nadmin: {{ address: \"127.0.0.1:0\" }}\naccess_log: {{ enabled: false }}\ndrain: {{ delay: 300ms, timeout: 10s }}\nvirtual_hosts:\n  - name: all\n    domains: [\"*\"]\n    routes: [{{ match: {{ prefix: / }}, cluster: origin }}]\nclusters:\n  - name: origin\n    endpoints: [\"{}\"]\n",
         origin.addr
     );
-    let path = temp_file("drain.yaml", &yaml);
+    // One file per variant: the binary watches its config, and the two variants run at once.
+    let path = temp_file(&format!("drain-{}.yaml", env.len()), &yaml);
     let (running, proxy, admin) =
         tokio::task::block_in_place(|| spawn_with_env(&["--config", path.to_str().unwrap()], env));
     let pid = running.0.id();
