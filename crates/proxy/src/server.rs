@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -69,8 +69,8 @@ const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
 /// hyper's limit on request header lines when none is set.
 const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 
-fn builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+fn builder(limits: &ServerLimits) -> auto::Builder<InlineStreams> {
+    let mut builder = auto::Builder::new(InlineStreams);
     let mut http1 = builder.http1();
     http1
         .timer(TokioTimer::new())
@@ -171,7 +171,7 @@ pub async fn serve(
 /// An accepted connection and what serving it needs, handed to a connection thread.
 struct Accepted {
     proxy: Arc<Proxy>,
-    builder: auto::Builder<TokioExecutor>,
+    builder: auto::Builder<InlineStreams>,
     watcher: hyper_util::server::graceful::Watcher,
     tls: Option<tokio_rustls::TlsAcceptor>,
     head_limit: Duration,
@@ -235,16 +235,20 @@ impl Accepted {
 /// How long a TLS client may take to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves one accepted connection (plain or TLS) until it ends or the drain closes it.
-async fn serve_connection<S>(
-    builder: &auto::Builder<TokioExecutor>,
+type ConnectionError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Serves one accepted connection (plain or TLS) until it ends or the drain closes it. Boxed:
+/// proving the connection future `Send` inside an `async fn` trips the compiler's
+/// higher-ranked lifetime check (rust-lang/rust#64552) once the stream executor is generic.
+fn serve_connection<S>(
+    builder: &auto::Builder<InlineStreams>,
     head_limit: Duration,
     watcher: hyper_util::server::graceful::Watcher,
     stream: S,
     proxy: Arc<Proxy>,
     peer: std::net::SocketAddr,
     scheme: &'static str,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+) -> Pin<Box<dyn Future<Output = Result<(), ConnectionError>> + Send>>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -274,7 +278,98 @@ where
         }
     });
     let connection = builder.serve_connection(io, service).into_owned();
-    watcher.watch(connection).await
+    Box::pin(WithStreams {
+        connection: watcher.watch(connection),
+        streams: futures_util::stream::FuturesUnordered::new(),
+        ended: None,
+    })
+}
+
+/// hyper's executor for HTTP/2 streams: a stream started while its connection is polled runs
+/// inside that connection's task ([`WithStreams`]) rather than as a tokio task of its own, so
+/// answering it costs no spawn and no wake-up of another task (often on another thread).
+#[derive(Debug, Clone, Copy)]
+pub struct InlineStreams;
+
+type StreamFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+thread_local! {
+    /// Whether a connection is being polled on this thread (a count, should polls nest).
+    static POLLING: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// The streams hyper started during that poll, for the connection's task to take.
+    static STARTED: std::cell::RefCell<Vec<StreamFuture>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl<F> hyper::rt::Executor<F> for InlineStreams
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, future: F) {
+        let future: StreamFuture = Box::pin(future);
+        if POLLING.get() > 0 {
+            STARTED.with_borrow_mut(|started| started.push(future));
+        } else {
+            // Started outside a connection's poll (hyper does not, today): a task of its own.
+            tokio::spawn(future);
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection and the HTTP/2 streams it started, polled by one task. It ends when the
+    /// connection and all its streams have.
+    struct WithStreams<C: Future> {
+        #[pin]
+        connection: C,
+        streams: futures_util::stream::FuturesUnordered<StreamFuture>,
+        ended: Option<C::Output>,
+    }
+}
+
+impl<C: Future> Future for WithStreams<C> {
+    type Output = C::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        use futures_util::StreamExt;
+        let mut this = self.project();
+        // Streams that finish give the connection frames to write: a few rounds here save a
+        // trip through the scheduler (their wake-up of this task is pending anyway).
+        for _ in 0..3 {
+            if this.ended.is_none() {
+                POLLING.set(POLLING.get() + 1);
+                let polled = this.connection.as_mut().poll(cx);
+                POLLING.set(POLLING.get() - 1);
+                if STARTED.with_borrow(|started| !started.is_empty()) {
+                    // Drained, not taken: the list keeps its capacity for the next poll.
+                    STARTED.with_borrow_mut(|started| this.streams.extend(started.drain(..)));
+                }
+                if let Poll::Ready(output) = polled {
+                    *this.ended = Some(output);
+                }
+            }
+            // HTTP/1 connections never start any: they pay for this check only.
+            if this.streams.is_empty() {
+                return match this.ended.take() {
+                    Some(output) => Poll::Ready(output),
+                    None => Poll::Pending,
+                };
+            }
+            let mut finished = false;
+            while let Poll::Ready(Some(())) = this.streams.poll_next_unpin(cx) {
+                finished = true;
+            }
+            if this.streams.is_empty()
+                && let Some(output) = this.ended.take()
+            {
+                return Poll::Ready(output);
+            }
+            if !finished {
+                break;
+            }
+        }
+        Poll::Pending
+    }
 }
 
 /// Ends a connection whose writes make no progress for `limit`: a client that stops reading
