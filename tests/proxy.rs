@@ -477,3 +477,46 @@ async fn an_origin_that_stalls_mid_body_is_cut_off_by_the_route_timeout() {
     assert!(body.is_err(), "a cut body is an error, not a short success");
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn h2c_streams_of_one_connection_do_not_wait_for_each_other() {
+    let slow = GatedOrigin::start(&[("cache-control", "no-store")], "slow").await;
+    let fast = Origin::fixed(200, &[("cache-control", "no-store")], "fast").await;
+    let larder = Larder::start(&config_yaml_with(
+        "      - match: { prefix: \"/slow\" }\n        cluster: slow\n      - match: { prefix: \"/\" }\n        cluster: fast\n",
+        &format!(
+            "  - name: slow\n    endpoints: [\"{}\"]\n  - name: fast\n    endpoints: [\"{}\"]\n",
+            slow.origin.addr, fast.addr
+        ),
+        DEFAULT_TYPES,
+    ))
+    .await;
+    // One HTTP/2 connection carries both requests (streams run inside the connection's task).
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let get = |path: &str| {
+        let client = client.clone();
+        let url = larder.proxy_url(path);
+        tokio::spawn(async move {
+            let response = client
+                .request(
+                    http::Request::get(url)
+                        .body(Full::new(Bytes::new()))
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(response.version(), http::Version::HTTP_2);
+            response.into_body().collect().await.unwrap().to_bytes()
+        })
+    };
+    let held = get("/slow");
+    slow.arrived("the slow stream's request").await;
+    for _ in 0..3 {
+        assert_eq!(get("/fast").await.unwrap(), "fast");
+    }
+    assert!(!held.is_finished(), "the slow stream is still waiting");
+    slow.release_one();
+    assert_eq!(held.await.unwrap(), "slow");
+}
