@@ -280,7 +280,7 @@ impl Cluster {
     /// moves on to the next endpoint, since nothing reached the origin.
     pub async fn send(
         &self,
-        request: UpstreamRequest,
+        mut request: UpstreamRequest,
         body: ProxyBody,
         timeouts: &Timeouts,
         interim: Option<&crate::interim::InterimSink>,
@@ -347,7 +347,12 @@ impl Cluster {
             let mut req = Request::new(body.take().unwrap_or_else(empty));
             *req.method_mut() = request.method.clone();
             *req.version_mut() = Version::HTTP_11;
-            *req.headers_mut() = request.headers.clone();
+            // Only an attempt that may be followed by another needs its own copy.
+            *req.headers_mut() = if attempt + 1 == attempts as u32 {
+                std::mem::take(&mut request.headers)
+            } else {
+                request.headers.clone()
+            };
             if let Some(sink) = interim {
                 let sink = sink.clone();
                 hyper::ext::on_informational(&mut req, move |res| {

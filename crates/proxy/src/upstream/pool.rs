@@ -108,8 +108,8 @@ impl Pool {
         mut request: Request<ProxyBody>,
         connect_timeout: Duration,
     ) -> Result<Response<ResponseBody>, AttemptError> {
-        let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + connect_timeout;
+        // Read only when a connection must be opened: a reused one needs no clock.
+        let mut connect_clock = None;
         // A request that never left (its connection closed just before) goes on another one;
         // on a fresh connection that happens once at most.
         let mut unsent_on_fresh = 0;
@@ -118,7 +118,7 @@ impl Pool {
             let (conn, reused) = match self.checkout(endpoint, anywhere) {
                 Some(conn) => (conn, true),
                 None => match self
-                    .connect(endpoint, started, deadline, connect_timeout)
+                    .connect(endpoint, &mut connect_clock, connect_timeout)
                     .await?
                 {
                     Some(conn) => (conn, false),
@@ -215,10 +215,12 @@ impl Pool {
     async fn connect(
         &self,
         endpoint: &Authority,
-        started: Instant,
-        deadline: tokio::time::Instant,
+        clock: &mut Option<(Instant, tokio::time::Instant)>,
         connect_timeout: Duration,
     ) -> Result<Option<Parked>, AttemptError> {
+        // One deadline for the request however many times it waits for a slot.
+        let (started, deadline) = *clock
+            .get_or_insert_with(|| (Instant::now(), tokio::time::Instant::now() + connect_timeout));
         let refused = |error: Box<dyn std::error::Error + Send + Sync>| AttemptError {
             error,
             connect: true,
