@@ -10,6 +10,7 @@ pub mod error;
 pub mod fuzz_checks;
 pub mod head_deadline;
 pub mod headers;
+pub mod http1;
 pub mod interim;
 mod pipeline;
 pub mod router;

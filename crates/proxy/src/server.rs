@@ -12,14 +12,15 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use http::{Request, Version};
 use hyper::body::Incoming;
 
 use crate::Proxy;
+use crate::body::boxed;
 use crate::head_deadline::{HeadClock, HeadDeadline, HeadTimedOut, Tracked};
+use crate::http1::HeadLimits;
 use crate::interim::{InterimIo, InterimSink};
 use crate::workers::Workers;
 
@@ -105,7 +106,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let builder = builder(&limits);
-    let graceful = GracefulShutdown::new();
+    // Every connection holds a receiver: the drain is told by a send, and is over when all
+    // are dropped.
+    let (drain, draining) = tokio::sync::watch::channel(());
+    let head_limits = HeadLimits {
+        max_size: limits.max_request_header_size.max(8192),
+        max_headers: limits.max_request_headers,
+    };
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -133,7 +140,8 @@ pub async fn serve(
         let connection = Accepted {
             proxy: proxy.clone(),
             builder: builder.clone(),
-            watcher: graceful.watcher(),
+            drain: draining.clone(),
+            head_limits,
             tls: tls.clone(),
             head_limit: limits.header_read_timeout,
             write_limit: limits.client_write_timeout,
@@ -160,7 +168,9 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
+    drop(draining);
+    let _ = drain.send(());
+    if tokio::time::timeout(limits.drain_timeout, drain.closed())
         .await
         .is_err()
     {
@@ -172,7 +182,8 @@ pub async fn serve(
 struct Accepted {
     proxy: Arc<Proxy>,
     builder: auto::Builder<InlineStreams>,
-    watcher: hyper_util::server::graceful::Watcher,
+    drain: tokio::sync::watch::Receiver<()>,
+    head_limits: HeadLimits,
     tls: Option<tokio_rustls::TlsAcceptor>,
     head_limit: Duration,
     write_limit: Duration,
@@ -182,38 +193,22 @@ struct Accepted {
 
 impl Accepted {
     async fn run(self, stream: tokio::net::TcpStream) {
-        let Accepted {
-            proxy,
-            builder,
-            watcher,
-            tls,
-            head_limit,
-            write_limit,
-            open,
-            peer,
-        } = self;
-        let stream = WriteStallGuard::new(stream, write_limit);
-        let metrics = proxy.metrics.clone();
+        let stream = WriteStallGuard::new(stream, self.write_limit);
+        let metrics = self.proxy.metrics.clone();
+        let open = self.open.clone();
         metrics.connection_opened();
-        let result = match tls {
-            None => {
-                serve_connection(&builder, head_limit, watcher, stream, proxy, peer, "http").await
-            }
+        let result = match self.tls.clone() {
+            None => serve_connection(self, stream, "http").await,
             Some(acceptor) => {
                 // A client that never finishes its handshake holds nothing for long.
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls_stream)) => {
-                        serve_connection(
-                            &builder, head_limit, watcher, tls_stream, proxy, peer, "https",
-                        )
-                        .await
-                    }
+                    Ok(Ok(tls_stream)) => serve_connection(self, tls_stream, "https").await,
                     Ok(Err(e)) => {
-                        tracing::debug!(error = %e, client = %peer, "TLS handshake failed");
+                        tracing::debug!(error = %e, client = %self.peer, "TLS handshake failed");
                         Ok(())
                     }
                     Err(_) => {
-                        tracing::debug!(client = %peer, "TLS handshake timed out");
+                        tracing::debug!(client = %self.peer, "TLS handshake timed out");
                         Ok(())
                     }
                 }
@@ -237,49 +232,81 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 type ConnectionError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Serves one accepted connection (plain or TLS) until it ends or the drain closes it. Boxed:
-/// proving the connection future `Send` inside an `async fn` trips the compiler's
-/// higher-ranked lifetime check (rust-lang/rust#64552) once the stream executor is generic.
+/// Serves one accepted connection (plain or TLS) until it ends or the drain closes it: HTTP/1.1
+/// requests without a body on [`crate::http1`]'s server, the rest of the connection on hyper's
+/// once one is not. Boxed: proving the connection future `Send` inside an `async fn` trips the
+/// compiler's higher-ranked lifetime check (rust-lang/rust#64552) once the stream executor is
+/// generic.
 fn serve_connection<S>(
-    builder: &auto::Builder<InlineStreams>,
-    head_limit: Duration,
-    watcher: hyper_util::server::graceful::Watcher,
+    accepted: Accepted,
     stream: S,
-    proxy: Arc<Proxy>,
-    peer: std::net::SocketAddr,
     scheme: &'static str,
 ) -> Pin<Box<dyn Future<Output = Result<(), ConnectionError>> + Send>>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let Accepted {
+        proxy,
+        builder,
+        drain,
+        head_limits,
+        head_limit,
+        peer,
+        ..
+    } = accepted;
     let interim = InterimSink::default();
     let head_clock = HeadClock::new(head_limit);
-    let io = TokioIo::new(HeadDeadline::new(
-        InterimIo::new(stream, interim.clone()),
-        head_clock.clone(),
-    ));
-    let service = service_fn(move |req: Request<Incoming>| {
-        let proxy = proxy.clone();
-        let head_clock = (req.version() != Version::HTTP_2).then(|| {
-            head_clock.request_started();
-            head_clock.clone()
-        });
-        // 1xx can only be relayed to HTTP/1.1 clients (never to 1.0; HTTP/2 would need
-        // hyper support). Passed along directly, not in the request's extensions: that
-        // would cost two allocations per request.
-        let relay = (req.version() == Version::HTTP_11).then(|| {
-            interim.request_started();
-            interim.clone()
-        });
-        // The pipeline tells the sink when the final response and its body are done.
-        async move {
-            let response = proxy.handle(req, Some(peer), relay, scheme).await;
-            Ok::<_, Infallible>(response.map(|body| Tracked::new(body, head_clock)))
+    let io = HeadDeadline::new(InterimIo::new(stream, interim.clone()), head_clock.clone());
+    let service = {
+        let (proxy, interim, head_clock) = (proxy.clone(), interim.clone(), head_clock.clone());
+        service_fn(move |req: Request<Incoming>| {
+            let proxy = proxy.clone();
+            let head_clock = (req.version() != Version::HTTP_2).then(|| {
+                head_clock.request_started();
+                head_clock.clone()
+            });
+            // 1xx can only be relayed to HTTP/1.1 clients (never to 1.0; HTTP/2 would need
+            // hyper support). Passed along directly, not in the request's extensions: that
+            // would cost two allocations per request.
+            let relay = (req.version() == Version::HTTP_11).then(|| {
+                interim.request_started();
+                interim.clone()
+            });
+            // The pipeline tells the sink when the final response and its body are done.
+            async move {
+                let response = proxy
+                    .handle(req.map(boxed), Some(peer), relay, scheme)
+                    .await;
+                Ok::<_, Infallible>(response.map(|body| Tracked::new(body, head_clock)))
+            }
+        })
+    };
+    let fallback = move |io, mut drain: tokio::sync::watch::Receiver<()>, draining: bool| async move {
+        let connection = builder.serve_connection(TokioIo::new(io), service);
+        let mut connection = std::pin::pin!(connection);
+        if !draining {
+            tokio::select! {
+                biased;
+                ended = connection.as_mut() => return ended,
+                _ = drain.changed() => {}
+            }
         }
-    });
-    let connection = builder.serve_connection(io, service).into_owned();
+        connection.as_mut().graceful_shutdown();
+        connection.await
+    };
+    let connection = crate::http1::Connection {
+        io,
+        proxy,
+        peer,
+        scheme,
+        clock: head_clock,
+        interim,
+        limits: head_limits,
+        drain,
+        fallback,
+    };
     Box::pin(WithStreams {
-        connection: watcher.watch(connection),
+        connection: connection.serve(),
         streams: futures_util::stream::FuturesUnordered::new(),
         ended: None,
     })

@@ -15,7 +15,6 @@ use http::header::{
     self, CONTENT_LENGTH, ETAG, HOST, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, RANGE,
 };
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use larder_cache::{
     CacheResult, FillGuard, Hit, Join, Key, Lookup, NoCacheReason, RequestDirectives,
     RequestTarget, SURROGATE_CONTROL, freshness::has_validator, key::normalize_host, not_modified,
@@ -113,7 +112,7 @@ struct FillPlan {
 impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<ProxyBody>,
         client: Option<SocketAddr>,
         interim: Option<InterimSink>,
         scheme: &'static str,
@@ -202,7 +201,7 @@ impl Proxy {
         &self,
         rt: &Arc<Runtime>,
         ex: &mut Exchange,
-        req: Request<Incoming>,
+        req: Request<ProxyBody>,
         interim: Option<InterimSink>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if req.method() == Method::CONNECT {
@@ -308,7 +307,7 @@ impl Proxy {
         };
         // A body still to come must keep coming (slow POST); most requests have none.
         let body = if http_body::Body::is_end_stream(&body) {
-            boxed(body)
+            body
         } else {
             boxed(IdleTimeoutBody::new(
                 body,

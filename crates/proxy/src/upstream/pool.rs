@@ -219,8 +219,12 @@ impl Pool {
         connect_timeout: Duration,
     ) -> Result<Option<Parked>, AttemptError> {
         // One deadline for the request however many times it waits for a slot.
-        let (started, deadline) = *clock
-            .get_or_insert_with(|| (Instant::now(), tokio::time::Instant::now() + connect_timeout));
+        let (started, deadline) = *clock.get_or_insert_with(|| {
+            (
+                Instant::now(),
+                tokio::time::Instant::now() + connect_timeout,
+            )
+        });
         let refused = |error: Box<dyn std::error::Error + Send + Sync>| AttemptError {
             error,
             connect: true,
