@@ -328,3 +328,131 @@ async fn malformed_origin_responses_are_never_stored_and_never_poison_the_pool()
         "{asked:?}"
     );
 }
+
+/// Larder's own HTTP/1.1 server answers bodiless requests and hands the connection to hyper at
+/// the first one that is not: pipelined requests across that hand-over are answered in order,
+/// each with its own framing, and the POST's body reaches the origin as a body.
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_across_the_hand_over_to_hyper() {
+    let origin = Origin::start(|seen| async move {
+        let cache = if seen.method == http::Method::POST {
+            "no-store"
+        } else {
+            "max-age=60"
+        };
+        response(
+            200,
+            &[("cache-control", cache)],
+            format!(
+                "{} {} [{}]\n",
+                seen.method,
+                seen.uri.path(),
+                seen.body.len()
+            ),
+        )
+    })
+    .await;
+    let larder = proxy_for(&origin).await;
+    let proxy = larder.server.proxy_addrs[0];
+    let primed = larder.get_with("/hit", &[("host", "a.example")]).await;
+    assert!(primed.cache_status().contains("stored"));
+    let raw = raw::exchange(
+        proxy,
+        b"GET /hit HTTP/1.1\r\nhost: a.example\r\n\r\n\
+          HEAD /hit HTTP/1.1\r\nhost: a.example\r\n\r\n\
+          GET /miss HTTP/1.1\r\nhost: a.example\r\n\r\n\
+          POST /post HTTP/1.1\r\nhost: a.example\r\ncontent-length: 5\r\n\r\nhello\
+          GET /hit HTTP/1.1\r\nhost: a.example\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw::statuses(&raw), [200, 200, 200, 200, 200], "{raw}");
+    let bodies: Vec<&str> = raw
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .map(|response| response.split_once("\r\n\r\n").map_or("", |(_, body)| body))
+        .collect();
+    assert_eq!(
+        bodies,
+        [
+            "GET /hit [0]\n",
+            "",
+            "GET /miss [0]\n",
+            "POST /post [5]\n",
+            "GET /hit [0]\n"
+        ],
+        "{raw}"
+    );
+    // HEAD keeps the GET's length; every response says when it ends.
+    let head = raw.split("HTTP/1.1 ").nth(2).unwrap();
+    assert!(head.contains("content-length: 13\r\n"), "{head}");
+    assert!(raw.matches("\r\ndate: ").count() == 5, "{raw}");
+    assert!(raw.ends_with("GET /hit [0]\n"), "{raw}");
+    let last = raw.rsplit("HTTP/1.1 ").next().unwrap();
+    assert!(last.contains("connection: close\r\n"), "{last}");
+    let paths: Vec<String> = origin
+        .requests()
+        .iter()
+        .map(|r| r.uri.path().to_owned())
+        .collect();
+    assert_eq!(
+        paths,
+        ["/hit", "/miss", "/post"],
+        "hits never reach the origin"
+    );
+}
+
+/// A head that arrives a few bytes at a time is read until complete; a body of unknown length
+/// from the origin is sent chunked.
+#[tokio::test]
+async fn a_head_in_pieces_is_assembled_and_an_unknown_length_is_sent_chunked() {
+    use http_body_util::StreamBody;
+    use tokio::io::AsyncWriteExt;
+    let origin = Origin::start(|_| async move {
+        let chunks = ["first ", "second"].map(|c| {
+            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from_static(
+                c.as_bytes(),
+            )))
+        });
+        let body = StreamBody::new(futures_util::stream::iter(chunks));
+        let body = http_body_util::BodyExt::map_err(body, |never| match never {});
+        http::Response::builder()
+            .header("cache-control", "no-store")
+            .body(http_body_util::BodyExt::boxed_unsync(body))
+            .unwrap()
+    })
+    .await;
+    let larder = proxy_for(&origin).await;
+    let mut stream = tokio::net::TcpStream::connect(larder.server.proxy_addrs[0])
+        .await
+        .unwrap();
+    let request = b"GET /pieces HTTP/1.1\r\nhost: a.example\r\nconnection: close\r\n\r\n";
+    for piece in request.chunks(7) {
+        stream.write_all(piece).await.unwrap();
+        stream.flush().await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    let raw = raw::until_closed(&mut stream, std::time::Duration::from_secs(10))
+        .await
+        .expect("closed after the response");
+    let raw = String::from_utf8_lossy(&raw);
+    assert_eq!(raw::statuses(&raw), [200], "{raw}");
+    assert!(raw.contains("transfer-encoding: chunked\r\n"), "{raw}");
+    assert!(!raw.contains("content-length"), "{raw}");
+    // De-chunked, the body is whole.
+    let (_, mut chunked) = raw.split_once("\r\n\r\n").unwrap();
+    let mut body = String::new();
+    loop {
+        let (size, rest) = chunked.split_once("\r\n").expect("a chunk size line");
+        let size = usize::from_str_radix(size, 16).expect("hex chunk size");
+        if size == 0 {
+            assert_eq!(rest, "\r\n", "{raw}");
+            break;
+        }
+        body.push_str(&rest[..size]);
+        chunked = rest[size..]
+            .strip_prefix("\r\n")
+            .expect("CRLF after a chunk");
+    }
+    assert_eq!(body, "first second", "{raw}");
+    assert!(raw.ends_with("0\r\n\r\n"), "{raw}");
+}
