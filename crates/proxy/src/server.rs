@@ -55,6 +55,15 @@ impl ServerLimits {
             open: Arc::default(),
         }
     }
+
+    /// The request-head limits both HTTP/1 servers (Larder's and hyper's) apply.
+    fn head_limits(&self) -> HeadLimits {
+        HeadLimits {
+            // hyper's floor for its read buffer is 8 KiB: the same limit for both.
+            max_size: self.max_request_header_size.max(8192),
+            max_headers: self.max_request_headers,
+        }
+    }
 }
 
 /// HTTP/2 streams a client may have open at once (Envoy and nginx use 100 to 128; a cache
@@ -78,8 +87,7 @@ fn builder(limits: &ServerLimits) -> auto::Builder<InlineStreams> {
         // `HeadDeadline` enforces `header_read_timeout` instead, without a timer per request
         // (hyper would otherwise arm its own 30 s one).
         .header_read_timeout(None)
-        // hyper's floor for the read buffer is 8 KiB.
-        .max_buf_size(limits.max_request_header_size.max(8192));
+        .max_buf_size(limits.head_limits().max_size);
     // At hyper's own default (100) the parser uses uninitialised stack arrays; setting the
     // limit explicitly, even to 100, makes it build and zero two 100-entry vectors per request
     // (5% of a cache hit's CPU).
@@ -109,10 +117,7 @@ pub async fn serve(
     // Every connection holds a receiver: the drain is told by a send, and is over when all
     // are dropped.
     let (drain, draining) = tokio::sync::watch::channel(());
-    let head_limits = HeadLimits {
-        max_size: limits.max_request_header_size.max(8192),
-        max_headers: limits.max_request_headers,
-    };
+    let head_limits = limits.head_limits();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
