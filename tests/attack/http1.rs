@@ -456,3 +456,100 @@ async fn a_head_in_pieces_is_assembled_and_an_unknown_length_is_sent_chunked() {
     assert_eq!(body, "first second", "{raw}");
     assert!(raw.ends_with("0\r\n\r\n"), "{raw}");
 }
+
+/// A hit over HTTP/1 writes the stored fields as encoded at store time: each must go out once,
+/// framing fields must be this hop's own, and fields the proxy sets (Cache-Status, X-Request-Id)
+/// must replace the origin's, exactly as the same hit answered over HTTP/2 by hyper.
+#[tokio::test]
+async fn a_hit_over_http1_carries_the_same_fields_as_over_http2() {
+    let origin = Origin::fixed(
+        200,
+        &[
+            ("cache-control", "max-age=600"),
+            ("etag", "\"v1\""),
+            ("x-request-id", "set-by-origin"),
+            ("cache-status", "upstream; hit"),
+            ("x-listed", "first"),
+            ("x-listed", "second"),
+            ("via", "1.1 origin-side"),
+        ],
+        "stored body",
+    )
+    .await;
+    let larder = proxy_for(&origin).await;
+    let primed = larder.get("/fields").await;
+    assert!(
+        primed.cache_status().contains("stored"),
+        "{}",
+        primed.cache_status()
+    );
+
+    let proxy = larder.server.proxy_addrs[0];
+    let request = format!(
+        "GET /fields HTTP/1.1\r\nhost: {proxy}\r\nx-request-id: asked-1\r\nconnection: close\r\n\r\n"
+    );
+    let raw = raw::exchange(proxy, request.as_bytes()).await;
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a complete head");
+    assert_eq!(body, "stored body", "{raw}");
+    let mut lines = head.lines();
+    assert_eq!(lines.next(), Some("HTTP/1.1 200 OK"), "{raw}");
+    let mut over_http1: Vec<(String, String)> = lines
+        .map(|line| {
+            let (name, value) = line.split_once(": ").expect("name: value");
+            (name.to_ascii_lowercase(), value.to_owned())
+        })
+        .collect();
+    let count = |name: &str| over_http1.iter().filter(|(n, _)| n == name).count();
+    for once in [
+        "date",
+        "content-length",
+        "x-request-id",
+        "cache-status",
+        "age",
+    ] {
+        assert_eq!(count(once), 1, "{once} once: {raw}");
+    }
+    assert_eq!(count("transfer-encoding"), 0, "{raw}");
+    let value = |name: &str| {
+        over_http1
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(value("x-request-id"), "asked-1", "{raw}");
+    assert!(value("cache-status").starts_with("larder; hit"), "{raw}");
+    assert_eq!(value("content-length"), "11", "{raw}");
+    let listed: Vec<&str> = over_http1
+        .iter()
+        .filter(|(n, _)| n == "x-listed")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(listed, ["first", "second"], "{raw}");
+
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let response = h2
+        .request(
+            http::Request::get(larder.proxy_url("/fields"))
+                .header("x-request-id", "asked-1")
+                .body(Default::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let mut over_http2: Vec<(String, String)> = response
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+        .collect();
+    // Age may tick between the two hits; Connection is HTTP/1's alone.
+    for fields in [&mut over_http1, &mut over_http2] {
+        fields.retain(|(n, _)| n != "age" && n != "connection");
+        fields.sort();
+    }
+    assert_eq!(over_http1, over_http2);
+    assert_eq!(origin.count(), 1, "both were hits");
+}

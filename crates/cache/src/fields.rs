@@ -1,17 +1,31 @@
-//! Response header fields as stored: a compact list with every value in one shared buffer.
+//! Response header fields as stored: a compact list over one shared buffer that also holds
+//! the fields encoded as HTTP/1 header lines.
 //!
 //! A `HeaderMap` costs about 1.5 KB for a typical origin response (hash index, buckets sized
 //! for growth, one allocation per value); kept per object, that was most of the memory an
 //! object cost beyond its body. Stored fields are read by linear scan (a response has a dozen
-//! fields or so) and copied into a right-sized `HeaderMap` only when a response is served,
-//! sharing the value buffer rather than copying it.
+//! fields or so). An HTTP/1 hit writes the encoded lines as they are (building a `HeaderMap`
+//! per hit and encoding it again was a seventh of a hit's instructions); other writers get a
+//! right-sized `HeaderMap` whose values share the buffer.
 
 use bytes::{Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 #[derive(Debug, Clone, Default)]
 pub struct StoredHeaders {
+    /// `name: value\r\n` for every field but the framing ones, then the framing fields' values.
+    /// Every value in `fields` is a slice of it.
+    buffer: Bytes,
+    /// Where the header lines end in `buffer`.
+    lines_end: usize,
     fields: Box<[(HeaderName, HeaderValue)]>,
+}
+
+/// Fields that frame the message on one connection (Content-Length, Transfer-Encoding,
+/// Connection): each writer decides them per response, so they are not in the encoded lines.
+fn frames_the_message(name: &HeaderName) -> bool {
+    name == CONTENT_LENGTH || name == TRANSFER_ENCODING || name == CONNECTION
 }
 
 impl StoredHeaders {
@@ -20,21 +34,45 @@ impl StoredHeaders {
     /// buffer alive per object.
     pub fn from_map(map: &HeaderMap, mut keep: impl FnMut(&HeaderName) -> bool) -> StoredHeaders {
         let kept: Vec<(&HeaderName, &HeaderValue)> = map.iter().filter(|(n, _)| keep(n)).collect();
-        let mut buffer = BytesMut::with_capacity(kept.iter().map(|(_, v)| v.len()).sum());
-        for (_, value) in &kept {
+        let size: usize = kept
+            .iter()
+            .map(|(n, v)| {
+                v.len()
+                    + if frames_the_message(n) {
+                        0
+                    } else {
+                        n.as_str().len() + 4
+                    }
+            })
+            .sum();
+        let mut buffer = BytesMut::with_capacity(size);
+        let mut spans = vec![(0, 0); kept.len()];
+        for (span, (name, value)) in spans.iter_mut().zip(&kept) {
+            if frames_the_message(name) {
+                continue;
+            }
+            buffer.extend_from_slice(name.as_str().as_bytes());
+            buffer.extend_from_slice(b": ");
+            let start = buffer.len();
             buffer.extend_from_slice(value.as_bytes());
+            *span = (start, buffer.len());
+            buffer.extend_from_slice(b"\r\n");
+        }
+        let lines_end = buffer.len();
+        for (span, (name, value)) in spans.iter_mut().zip(&kept) {
+            if frames_the_message(name) {
+                let start = buffer.len();
+                buffer.extend_from_slice(value.as_bytes());
+                *span = (start, buffer.len());
+            }
         }
         let buffer: Bytes = buffer.freeze();
-        let mut offset = 0;
         let mut fields = Vec::with_capacity(kept.len());
-        for (name, value) in kept {
-            let end = offset + value.len();
-            let slice = buffer.slice(offset..end);
-            offset = end;
+        for ((start, end), (name, value)) in spans.into_iter().zip(kept) {
             // Re-validating bytes that came from a valid value cannot fail.
             let (Ok(name), Ok(mut copy)) = (
                 HeaderName::from_bytes(name.as_str().as_bytes()),
-                HeaderValue::from_maybe_shared(slice),
+                HeaderValue::from_maybe_shared(buffer.slice(start..end)),
             ) else {
                 continue;
             };
@@ -42,8 +80,16 @@ impl StoredHeaders {
             fields.push((name, copy));
         }
         StoredHeaders {
+            buffer,
+            lines_end,
             fields: fields.into(),
         }
+    }
+
+    /// The fields as HTTP/1 header lines (`name: value\r\n` each, names in lower case), without
+    /// Content-Length, Transfer-Encoding and Connection.
+    pub fn http1_lines(&self) -> Bytes {
+        self.buffer.slice(..self.lines_end)
     }
 
     pub fn get<K: ?Sized>(&self, name: &K) -> Option<&HeaderValue>
@@ -92,12 +138,14 @@ impl StoredHeaders {
         map
     }
 
-    /// Name and value bytes, for the object's weight.
+    /// The buffer's bytes and the names', for the object's weight.
     pub fn byte_len(&self) -> usize {
-        self.fields
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len())
-            .sum()
+        self.buffer.len()
+            + self
+                .fields
+                .iter()
+                .map(|(n, _)| n.as_str().len())
+                .sum::<usize>()
     }
 }
 
@@ -140,19 +188,22 @@ mod tests {
         let mut secret = HeaderValue::from_static("s");
         secret.set_sensitive(true);
         map.append("x-secret", secret);
+        map.append("content-length", HeaderValue::from_static("12"));
         let stored = StoredHeaders::from_map(&map, |n| n != "age");
-        assert_eq!(stored.len(), 4);
+        assert_eq!(stored.len(), 5);
         assert!(!stored.contains_key("age"));
         assert_eq!(stored.get("X-A").unwrap(), "1");
         assert_eq!(stored.get_all("x-a").collect::<Vec<_>>(), ["1", "2"]);
         assert!(stored.get("x-secret").unwrap().is_sensitive());
+        assert_eq!(stored.get("content-length").unwrap(), "12");
         let served = stored.to_header_map(4);
-        assert_eq!(served.len(), 4);
-        assert!(served.capacity() >= 8);
+        assert_eq!(served.len(), 5);
+        assert!(served.capacity() >= 9);
         assert_eq!(served.get_all("x-a").iter().collect::<Vec<_>>(), ["1", "2"]);
-        assert_eq!(
-            stored.byte_len(),
-            "content-type".len() + 10 + 3 + 1 + 3 + 1 + 8 + 1
-        );
+        // Framing is each writer's own: Content-Length is not among the lines.
+        let lines = "content-type: text/plain\r\nx-a: 1\r\nx-a: 2\r\nx-secret: s\r\n";
+        assert_eq!(&stored.http1_lines()[..], lines.as_bytes());
+        let names = "content-type".len() + 3 + 3 + 8 + "content-length".len();
+        assert_eq!(stored.byte_len(), lines.len() + 2 + names);
     }
 }

@@ -18,15 +18,15 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING, UPGRADE};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
-use crate::Proxy;
 use crate::body::ProxyBody;
 use crate::head_deadline::HeadClock;
 use crate::interim::InterimSink;
+use crate::{Answer, Proxy, ResponseWriter};
 
 type ConnectionError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -131,12 +131,16 @@ where
             clock,
             interim,
             limits,
-            mut drain,
+            drain,
             fallback,
         } = self;
         let mut read = BytesMut::with_capacity(8 * 1024);
         let mut out: Vec<u8> = Vec::with_capacity(4 * 1024);
         let mut draining = false;
+        // One wait for the drain per connection, not one per request: each new wait registers
+        // with (and each dropped one leaves) a waiter list all connections share.
+        let mut drain_signal = drain.clone();
+        let mut drained = std::pin::pin!(drain_signal.changed());
         loop {
             // The next head: complete in what was read, or read until it is.
             let end = loop {
@@ -161,7 +165,7 @@ where
                     tokio::select! {
                         biased;
                         n = io.read_buf(&mut read) => n?,
-                        _ = drain.changed(), if !draining => {
+                        _ = &mut drained, if !draining => {
                             draining = true;
                             continue;
                         }
@@ -211,12 +215,16 @@ where
             let head_only = request.method() == Method::HEAD;
             clock.request_started();
             interim.request_started();
-            let handled = proxy
-                .clone()
-                .handle(request, Some(peer), Some(interim.clone()), scheme);
+            let handled = proxy.clone().handle(
+                request,
+                Some(peer),
+                Some(interim.clone()),
+                scheme,
+                ResponseWriter::Http1,
+            );
             let mut handled = std::pin::pin!(handled);
-            let response = match futures_util::FutureExt::now_or_never(handled.as_mut()) {
-                Some(response) => response,
+            let answer = match futures_util::FutureExt::now_or_never(handled.as_mut()) {
+                Some(answer) => answer,
                 None => {
                     // Earlier pipelined responses go out before this one is waited for.
                     if !out.is_empty() {
@@ -228,7 +236,7 @@ where
             };
             draining |= drain.has_changed().unwrap_or(true);
             let close = client_close || draining;
-            let close = write_response(&mut io, &mut out, response, head_only, close).await?;
+            let close = write_response(&mut io, &mut out, answer, head_only, close).await?;
             clock.request_finished();
             if close {
                 io.write_all(&out).await?;
@@ -247,9 +255,9 @@ where
 /// Waits for the response, meanwhile letting the connection's IO write 1xx interims the
 /// origin sends (`InterimIo` writes them when flushed).
 async fn await_relaying_interims<S: AsyncWrite + Unpin>(
-    mut handled: Pin<&mut impl Future<Output = Response<ProxyBody>>>,
+    mut handled: Pin<&mut impl Future<Output = Answer>>,
     io: &mut S,
-) -> Response<ProxyBody> {
+) -> Answer {
     let mut relaying = true;
     std::future::poll_fn(|cx| {
         if let Poll::Ready(response) = handled.as_mut().poll(cx) {
@@ -320,16 +328,17 @@ fn parse(head: &Bytes, max_headers: usize) -> Option<(Request<ProxyBody>, bool)>
 
 /// Writes the response into `out` (and the socket, past `WRITE_AT` or while the body waits
 /// for data). Framing follows hyper's server: Content-Length when it is known, chunked when
-/// not, no body for HEAD, 204 and 304. Returns whether the connection must close after it.
+/// not, no body for HEAD, 204 and 304. A stored response's lines go first, as they are.
+/// Returns whether the connection must close after it.
 async fn write_response<S: AsyncWrite + Unpin>(
     io: &mut S,
     out: &mut Vec<u8>,
-    response: Response<ProxyBody>,
+    answer: Answer,
     head_only: bool,
     mut close: bool,
 ) -> Result<bool, ConnectionError> {
     use std::io::Write as _;
-    let (parts, mut body) = response.into_parts();
+    let (parts, mut body) = answer.response.into_parts();
     let status = parts.status;
     // As hyper: 204 and 304 carry no length and no body; HEAD keeps the length, sends no body.
     let no_length = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
@@ -342,6 +351,11 @@ async fn write_response<S: AsyncWrite + Unpin>(
     let mut declared: Option<u64> = None;
     let mut has_date = false;
     let mut has_close = false;
+    if let Some(stored) = &answer.stored_lines {
+        // Stored without framing fields (Content-Length, Transfer-Encoding, Connection).
+        out.extend_from_slice(&stored.lines);
+        has_date = stored.has_date;
+    }
     for (name, value) in &parts.headers {
         if *name == TRANSFER_ENCODING {
             // Framing is this hop's business, decided below.

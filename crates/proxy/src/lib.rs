@@ -13,6 +13,7 @@ pub mod headers;
 pub mod http1;
 pub mod interim;
 mod pipeline;
+pub use pipeline::{Answer, ResponseWriter, StoredLines};
 pub mod router;
 pub mod server;
 pub mod tls;

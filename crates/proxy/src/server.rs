@@ -17,12 +17,12 @@ use tokio::net::TcpListener;
 use http::{Request, Version};
 use hyper::body::Incoming;
 
-use crate::Proxy;
 use crate::body::boxed;
 use crate::head_deadline::{HeadClock, HeadDeadline, HeadTimedOut, Tracked};
 use crate::http1::HeadLimits;
 use crate::interim::{InterimIo, InterimSink};
 use crate::workers::Workers;
+use crate::{Proxy, ResponseWriter};
 
 /// Connection-level limits, fixed when the listeners start (a reload does not change them).
 #[derive(Debug, Clone)]
@@ -280,8 +280,15 @@ where
             // The pipeline tells the sink when the final response and its body are done.
             async move {
                 let response = proxy
-                    .handle(req.map(boxed), Some(peer), relay, scheme)
-                    .await;
+                    .handle(
+                        req.map(boxed),
+                        Some(peer),
+                        relay,
+                        scheme,
+                        ResponseWriter::Hyper,
+                    )
+                    .await
+                    .response;
                 Ok::<_, Infallible>(response.map(|body| Tracked::new(body, head_clock)))
             }
         })

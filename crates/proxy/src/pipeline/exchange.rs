@@ -9,6 +9,8 @@ use http::{HeaderName, Method, Request, Version, header};
 use larder_cache::{CacheResult, NoCacheReason};
 use larder_telemetry::RequestEvent;
 
+use super::{ResponseWriter, StoredLines};
+
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
@@ -73,6 +75,9 @@ pub(crate) struct Exchange {
     pub span: Option<larder_telemetry::RequestSpan>,
     /// `http`, or `https` on a TLS listener.
     pub scheme: &'static str,
+    pub writer: ResponseWriter,
+    /// A hit's stored fields as HTTP/1 lines, when the writer takes them.
+    pub stored_lines: Option<StoredLines>,
 }
 
 impl Exchange {
@@ -113,6 +118,8 @@ impl Exchange {
             revalidation: None,
             span: None,
             scheme: "http",
+            writer: ResponseWriter::Hyper,
+            stored_lines: None,
         }
     }
 

@@ -73,6 +73,34 @@ impl ClientRequest {
     }
 }
 
+/// Which server writes the answer to the client, and so which form of a stored response's
+/// header fields it takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseWriter {
+    /// hyper (HTTP/2, and HTTP/1 requests Larder's own server hands over): every field in the
+    /// response's `HeaderMap`.
+    Hyper,
+    /// Larder's HTTP/1 server: a hit's stored fields as encoded lines ([`StoredLines`]), the
+    /// `HeaderMap` holding only what this response adds.
+    Http1,
+}
+
+/// A stored response's header fields as HTTP/1 lines, to be written before the fields of the
+/// response's `HeaderMap`.
+#[derive(Debug, Clone)]
+pub struct StoredLines {
+    pub lines: bytes::Bytes,
+    /// Whether the lines carry `Date` (else the writer adds one).
+    pub has_date: bool,
+}
+
+/// The response to a request, and for [`ResponseWriter::Http1`] the stored fields it carries
+/// as lines.
+pub struct Answer {
+    pub response: Response<ProxyBody>,
+    pub stored_lines: Option<StoredLines>,
+}
+
 /// Marks an upstream response that came with both Transfer-Encoding and Content-Length.
 #[derive(Clone, Copy)]
 struct ConflictingFraming;
@@ -116,10 +144,12 @@ impl Proxy {
         client: Option<SocketAddr>,
         interim: Option<InterimSink>,
         scheme: &'static str,
-    ) -> Response<ProxyBody> {
+        writer: ResponseWriter,
+    ) -> Answer {
         let runtime = self.runtime.load_full();
         let mut ex = Exchange::new(&req, client);
         ex.scheme = scheme;
+        ex.writer = writer;
         if let Some(tracing) = &self.tracing {
             let host = req
                 .uri()
@@ -135,6 +165,8 @@ impl Proxy {
         let response = match self.process(&runtime, &mut ex, req, interim.clone()).await {
             Ok(response) => response,
             Err(error) => {
+                // Lines belong to the stored response they came with, never to an error.
+                ex.stored_lines = None;
                 if let ProxyError::Upstream(e) = &error {
                     ex.upstream_address = e.endpoint.clone();
                     ex.reason.get_or_insert(NoCacheReason::UpstreamError);
@@ -152,10 +184,11 @@ impl Proxy {
     fn finish(
         &self,
         rt: &Runtime,
-        ex: Exchange,
+        mut ex: Exchange,
         mut response: Response<ProxyBody>,
         interim: Option<InterimSink>,
-    ) -> Response<ProxyBody> {
+    ) -> Answer {
+        let stored_lines = ex.stored_lines.take();
         if let Some(sink) = &interim {
             sink.response_returned();
         }
@@ -184,7 +217,6 @@ impl Proxy {
         let metrics = self.metrics.clone();
         let log = self.access_log.clone();
         let (parts, body) = response.into_parts();
-        let mut ex = ex;
         let body = ObservedBody::new(body, move |bytes, _complete| {
             if let Some(sink) = interim {
                 sink.body_finished();
@@ -194,7 +226,10 @@ impl Proxy {
             }
             ex.into_event(status, bytes).emit(&metrics, log.as_deref());
         });
-        Response::from_parts(parts, boxed(body))
+        Answer {
+            response: Response::from_parts(parts, boxed(body)),
+            stored_lines,
+        }
     }
 
     async fn process(
@@ -463,7 +498,8 @@ impl Proxy {
         request: ClientRequest,
         body: ProxyBody,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let now = SystemTime::now();
+        // The request's arrival is now enough for freshness (and saves reading the clock).
+        let now = ex.start;
         let head = request.method == Method::HEAD;
         let lookup_span = ex.span.as_ref().map(|s| s.child("cache lookup"));
         let mut lookup = rt.cache.lookup(&request.target(&ex.host));
@@ -505,14 +541,14 @@ impl Proxy {
                 self.note_key(rt, ex, &hit.key);
                 let freshness = &hit.stored().freshness;
                 if freshness.satisfies(&request.directives, now) {
-                    return Ok(self.serve_hit(ex, &request, &hit, CacheResult::Hit, now));
+                    return Ok(self.serve_hit(rt, ex, &request, &hit, CacheResult::Hit, now));
                 }
                 if request.directives.only_if_cached {
                     return Err(ProxyError::OnlyIfCached);
                 }
                 if !head && freshness.serve_while_revalidating(&request.directives, now) {
                     ex.stale_reason = Some("stale-while-revalidate");
-                    let response = self.serve_hit(ex, &request, &hit, CacheResult::Stale, now);
+                    let response = self.serve_hit(rt, ex, &request, &hit, CacheResult::Stale, now);
                     self.refresh_in_background(rt, ex, upstream, &request, hit);
                     return Ok(response);
                 }
@@ -616,6 +652,7 @@ impl Proxy {
                                 ex.collapsed = true;
                                 ex.fwd = None;
                                 return Ok(self.serve_hit(
+                                    rt,
                                     ex,
                                     &request,
                                     &hit,
@@ -747,7 +784,7 @@ impl Proxy {
                     ex.revalidation = Some("failed");
                 }
                 return match &plan.stale {
-                    Some(stale) => self.stale_on_error(ex, &request, stale, error),
+                    Some(stale) => self.stale_on_error(rt, ex, &request, stale, error),
                     None => Err(error),
                 };
             }
@@ -772,7 +809,7 @@ impl Proxy {
         {
             drop(guard);
             ex.stale_reason = Some("stale-if-error");
-            return Ok(self.serve_hit(ex, &request, stale, CacheResult::Stale, response_time));
+            return Ok(self.serve_hit(rt, ex, &request, stale, CacheResult::Stale, response_time));
         }
 
         if let Some(hit) = revalidating
@@ -799,6 +836,7 @@ impl Proxy {
                 }
             };
             return Ok(self.serve_hit(
+                rt,
                 ex,
                 &request,
                 &served,
@@ -877,6 +915,7 @@ impl Proxy {
     /// else fail — with 504 when the response demands revalidation (RFC 9111 §5.2.2.2).
     fn stale_on_error(
         &self,
+        rt: &Runtime,
         ex: &mut Exchange,
         request: &ClientRequest,
         stale: &Hit,
@@ -889,7 +928,7 @@ impl Proxy {
         if freshness.serve_on_error(&request.directives, now, unreachable) {
             ex.stale_reason = Some("stale-if-error");
             ex.reason = Some(NoCacheReason::UpstreamError);
-            return Ok(self.serve_hit(ex, request, stale, CacheResult::Stale, now));
+            return Ok(self.serve_hit(rt, ex, request, stale, CacheResult::Stale, now));
         }
         if freshness.must_revalidate {
             return Err(ProxyError::MustRevalidate(Box::new(error)));
@@ -1038,6 +1077,7 @@ impl Proxy {
 
     fn serve_hit(
         &self,
+        rt: &Runtime,
         ex: &mut Exchange,
         request: &ClientRequest,
         hit: &Hit,
@@ -1048,11 +1088,20 @@ impl Proxy {
         ex.result = result;
         let age = stored.freshness.current_age(now).as_secs();
         ex.ttl = Some(stored.freshness.lifetime.as_secs() as i64 - age as i64);
+        // Lines go out as stored, so not when a stored field must be replaced (Cache-Status or
+        // X-Request-Id from the origin: `finish` sets its own) or hidden (since a reload).
+        let as_lines = ex.writer == ResponseWriter::Http1
+            && !stored.headers.iter().any(|(n, _)| {
+                *n == CACHE_STATUS || *n == REQUEST_ID || rt.hidden_response_headers.contains(n)
+            });
         let options = ServeOptions {
             without_revalidation: result != CacheResult::Revalidated,
             age_secs: age,
+            as_lines,
         };
-        from_store(&request.method, &request.headers, stored, options)
+        let (response, lines) = from_store(&request.method, &request.headers, stored, options);
+        ex.stored_lines = lines;
+        response
     }
 }
 

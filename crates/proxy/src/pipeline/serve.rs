@@ -13,6 +13,7 @@ use larder_cache::{Fields, StoredResponse, not_modified};
 
 use crate::body::{ProxyBody, empty, full};
 use crate::headers::append_via;
+use crate::pipeline::StoredLines;
 
 /// Age, Via, Content-Length, Content-Range or Content-Type, Cache-Status, X-Request-Id: room
 /// for them in the served map up front, so a hit never regrows it.
@@ -26,57 +27,79 @@ pub(crate) struct ServeOptions {
     /// Served without asking the origin: `no-cache="field"` fields stay out.
     pub without_revalidation: bool,
     pub age_secs: u64,
+    /// The writer takes stored fields as HTTP/1 lines, and none of them is replaced or hidden.
+    pub as_lines: bool,
 }
 
+/// The response, and the stored fields as lines when `options.as_lines` and every one of them
+/// goes out unchanged (its `HeaderMap` then holds only the fields added here).
 pub(crate) fn from_store(
     method: &Method,
     request: &HeaderMap,
     stored: &StoredResponse,
     options: ServeOptions,
-) -> Response<ProxyBody> {
+) -> (Response<ProxyBody>, Option<StoredLines>) {
     // Conditions apply to a successful representation (RFC 9110 §13.2.1), never to a stored 404.
     if stored.status.is_success() && not_modified(request, &stored.headers) {
         let mut response = not_modified_response(&stored.headers);
         response
             .headers_mut()
             .insert(header::AGE, age_value(options.age_secs));
-        return response;
+        return (response, None);
     }
-    let mut headers = stored.headers.to_header_map(FIELDS_ADDED_ON_THE_WAY_OUT);
-    if options.without_revalidation {
-        for name in &stored.no_cache_fields {
-            headers.remove(name);
-        }
-    }
-    headers.insert(header::AGE, age_value(options.age_secs));
-    append_via(&mut headers);
     let mut status = stored.status;
     let mut body = stored.body.clone();
+    // What a range answer sets: Content-Range, or a multipart Content-Type.
+    let mut range_field = None;
     if method == Method::GET && stored.status == StatusCode::OK && request.contains_key(RANGE) {
         match ranges(request, &stored.headers, body.len() as u64) {
             RangeAnswer::Full => {}
             RangeAnswer::Unsatisfiable => {
                 status = StatusCode::RANGE_NOT_SATISFIABLE;
-                headers.insert(CONTENT_RANGE, content_range_value(None, body.len() as u64));
+                range_field = Some((CONTENT_RANGE, content_range_value(None, body.len() as u64)));
                 body = Bytes::new();
             }
             RangeAnswer::Single(start, end) => {
                 status = StatusCode::PARTIAL_CONTENT;
-                headers.insert(
+                range_field = Some((
                     CONTENT_RANGE,
                     content_range_value(Some((start, end)), body.len() as u64),
-                );
+                ));
                 body = body.slice(start as usize..=end as usize);
             }
             RangeAnswer::Multiple(parts) => {
                 status = StatusCode::PARTIAL_CONTENT;
                 let (content_type, multipart) =
                     multipart_byteranges(&stored.headers, &body, &parts);
-                headers.insert(CONTENT_TYPE, content_type);
+                range_field = Some((CONTENT_TYPE, content_type));
                 body = multipart;
             }
         }
     }
+    let left_out = options.without_revalidation && !stored.no_cache_fields.is_empty();
+    let (mut headers, lines) = if options.as_lines && !left_out && range_field.is_none() {
+        let lines = StoredLines {
+            lines: stored.headers.http1_lines(),
+            has_date: stored.headers.contains_key(&header::DATE),
+        };
+        (
+            HeaderMap::with_capacity(FIELDS_ADDED_ON_THE_WAY_OUT),
+            Some(lines),
+        )
+    } else {
+        let mut headers = stored.headers.to_header_map(FIELDS_ADDED_ON_THE_WAY_OUT);
+        if left_out {
+            for name in &stored.no_cache_fields {
+                headers.remove(name);
+            }
+        }
+        (headers, None)
+    };
+    if let Some((name, value)) = range_field {
+        headers.insert(name, value);
+    }
+    headers.insert(header::AGE, age_value(options.age_secs));
+    append_via(&mut headers);
     let length = if body.len() == stored.body.len() {
         stored.content_length.clone()
     } else {
@@ -91,7 +114,7 @@ pub(crate) fn from_store(
     let mut response = Response::new(body);
     *response.status_mut() = status;
     *response.headers_mut() = headers;
-    response
+    (response, lines)
 }
 
 /// The Age value: every hit sends one, so those of the first hour are made once and shared
