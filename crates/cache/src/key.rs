@@ -154,15 +154,15 @@ pub fn normalize_query(query: Option<&str>, mode: QueryMode) -> String {
 
 /// Host as keyed: lower case, default port dropped, so `Example.com:80` and `example.com` share.
 pub fn normalize_host(host: &str, scheme: &str) -> String {
-    let lower = host.trim().to_ascii_lowercase();
+    let mut lower = host.trim().to_ascii_lowercase();
     let default = match scheme {
         "https" => ":443",
         _ => ":80",
     };
-    match lower.strip_suffix(default) {
-        Some(h) if !h.is_empty() => h.to_owned(),
-        _ => lower,
+    if lower.len() > default.len() && lower.ends_with(default) {
+        lower.truncate(lower.len() - default.len());
     }
+    lower
 }
 
 /// Host without its port, as purge requests name it.

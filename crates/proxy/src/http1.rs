@@ -351,10 +351,17 @@ async fn write_response<S: AsyncWrite + Unpin>(
     let mut declared: Option<u64> = None;
     let mut has_date = false;
     let mut has_close = false;
-    if let Some(stored) = &answer.stored_lines {
+    if let Some(lines) = &answer.stored_lines {
         // Stored without framing fields (Content-Length, Transfer-Encoding, Connection).
-        out.extend_from_slice(&stored.lines);
-        has_date = stored.has_date;
+        out.extend_from_slice(&lines.stored);
+        out.extend_from_slice(&lines.added);
+        has_date = lines.has_date;
+        if !no_length {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(lines.content_length).as_bytes());
+            out.extend_from_slice(b"\r\n");
+            declared = Some(lines.content_length);
+        }
     }
     for (name, value) in &parts.headers {
         if *name == TRANSFER_ENCODING {

@@ -85,13 +85,34 @@ pub enum ResponseWriter {
     Http1,
 }
 
-/// A stored response's header fields as HTTP/1 lines, to be written before the fields of the
-/// response's `HeaderMap`.
+/// A hit's header fields as HTTP/1 lines: written before the fields of the response's
+/// `HeaderMap` (then empty but for a drain's `Connection: close`), so a hit builds no map.
 #[derive(Debug, Clone)]
 pub struct StoredLines {
-    pub lines: bytes::Bytes,
-    /// Whether the lines carry `Date` (else the writer adds one).
+    /// The stored fields, as encoded when the response was stored.
+    pub stored: bytes::Bytes,
+    /// The fields this response adds (Age, Via, Cache-Status, X-Request-Id).
+    pub added: Vec<u8>,
+    /// Whether `stored` carries `Date` (else the writer adds one).
     pub has_date: bool,
+    /// The body's length, sent for HEAD too (whose body is empty).
+    pub content_length: u64,
+}
+
+impl StoredLines {
+    /// Adds `name: value`; a value that is no valid field value is left out, as a
+    /// `HeaderValue` would refuse it.
+    pub(crate) fn add(&mut self, name: &str, value: &[u8]) {
+        if value
+            .iter()
+            .all(|&b| (b >= 0x20 && b != 0x7f) || b == b'\t')
+        {
+            self.added.extend_from_slice(name.as_bytes());
+            self.added.extend_from_slice(b": ");
+            self.added.extend_from_slice(value);
+            self.added.extend_from_slice(b"\r\n");
+        }
+    }
 }
 
 /// The response to a request, and for [`ResponseWriter::Http1`] the stored fields it carries
@@ -188,7 +209,7 @@ impl Proxy {
         mut response: Response<ProxyBody>,
         interim: Option<InterimSink>,
     ) -> Answer {
-        let stored_lines = ex.stored_lines.take();
+        let mut stored_lines = ex.stored_lines.take();
         if let Some(sink) = &interim {
             sink.response_returned();
         }
@@ -203,11 +224,20 @@ impl Proxy {
                 headers.remove(name);
             }
         }
-        if let Ok(v) = HeaderValue::from_str(&ex.cache_status()) {
-            headers.insert(CACHE_STATUS.clone(), v);
-        }
-        if let Ok(v) = HeaderValue::from_str(ex.header_id()) {
-            headers.insert(REQUEST_ID.clone(), v);
+        let cache_status = ex.cache_status();
+        match &mut stored_lines {
+            Some(lines) => {
+                lines.add(CACHE_STATUS.as_str(), cache_status.as_bytes());
+                lines.add(REQUEST_ID.as_str(), ex.header_id().as_bytes());
+            }
+            None => {
+                if let Ok(v) = HeaderValue::from_str(&cache_status) {
+                    headers.insert(CACHE_STATUS.clone(), v);
+                }
+                if let Ok(v) = HeaderValue::from_str(ex.header_id()) {
+                    headers.insert(REQUEST_ID.clone(), v);
+                }
+            }
         }
         // Draining: no HTTP/1 client should send another request on this connection.
         if self.is_draining() && ex.version < http::Version::HTTP_2 {
@@ -280,19 +310,26 @@ impl Proxy {
             ));
         }
         // The target's authority wins over Host (RFC 9112 §3.2.2); HTTP/2 has only :authority.
-        let authority = match parts.uri.authority() {
-            Some(a) => a.as_str().to_owned(),
-            None => headers
-                .get(HOST)
-                .and_then(|v| v.to_str().ok())
-                .filter(|h| !h.is_empty())
-                .ok_or(ProxyError::BadRequest("missing Host header"))?
-                .to_owned(),
-        };
-        let host_value = HeaderValue::from_str(&authority)
-            .map_err(|_| ProxyError::BadRequest("invalid Host"))?;
-        headers.insert(HOST, host_value);
-        ex.host = normalize_host(&authority, ex.scheme);
+        match parts.uri.authority() {
+            Some(authority) => {
+                let host_value = HeaderValue::from_str(authority.as_str())
+                    .map_err(|_| ProxyError::BadRequest("invalid Host"))?;
+                headers.insert(HOST, host_value);
+                ex.host = normalize_host(authority.as_str(), ex.scheme);
+            }
+            // Host stays as it came (most requests): only read, never copied or re-inserted.
+            None => {
+                let host = headers
+                    .get(HOST)
+                    .ok_or(ProxyError::BadRequest("missing Host header"))?
+                    .to_str()
+                    .map_err(|_| ProxyError::BadRequest("invalid Host"))?;
+                if host.is_empty() {
+                    return Err(ProxyError::BadRequest("missing Host header"));
+                }
+                ex.host = normalize_host(host, ex.scheme);
+            }
+        }
         if parts.method.as_str() == "PURGE" && rt.config.purge.purge_method.enabled {
             return Box::pin(self.purge_method(rt, ex, &parts.uri)).await;
         }

@@ -12,12 +12,16 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use larder_cache::{Fields, StoredResponse, not_modified};
 
 use crate::body::{ProxyBody, empty, full};
-use crate::headers::append_via;
+use crate::headers::{VIA_VALUE, append_via};
 use crate::pipeline::StoredLines;
 
 /// Age, Via, Content-Length, Content-Range or Content-Type, Cache-Status, X-Request-Id: room
 /// for them in the served map up front, so a hit never regrows it.
 const FIELDS_ADDED_ON_THE_WAY_OUT: usize = 6;
+
+/// Room for the lines a hit adds (Age, Via, Cache-Status with a TTL, a request id) without
+/// growing.
+const LINES_ADDED_CAPACITY: usize = 192;
 
 /// More ranges than this in one request is abuse (or pointless); the whole body is sent.
 pub(crate) const MAX_RANGES: usize = 16;
@@ -77,35 +81,42 @@ pub(crate) fn from_store(
         }
     }
     let left_out = options.without_revalidation && !stored.no_cache_fields.is_empty();
-    let (mut headers, lines) = if options.as_lines && !left_out && range_field.is_none() {
-        let lines = StoredLines {
-            lines: stored.headers.http1_lines(),
+    let lines = if options.as_lines && !left_out && range_field.is_none() {
+        let mut lines = StoredLines {
+            stored: stored.headers.http1_lines(),
+            added: Vec::with_capacity(LINES_ADDED_CAPACITY),
             has_date: stored.headers.contains_key(&header::DATE),
+            content_length: body.len() as u64,
         };
-        (
-            HeaderMap::with_capacity(FIELDS_ADDED_ON_THE_WAY_OUT),
-            Some(lines),
-        )
+        lines.add(
+            header::AGE.as_str(),
+            itoa::Buffer::new().format(options.age_secs).as_bytes(),
+        );
+        lines.add(header::VIA.as_str(), VIA_VALUE.as_bytes());
+        Some(lines)
     } else {
-        let mut headers = stored.headers.to_header_map(FIELDS_ADDED_ON_THE_WAY_OUT);
+        None
+    };
+    let mut headers = HeaderMap::new();
+    if lines.is_none() {
+        headers = stored.headers.to_header_map(FIELDS_ADDED_ON_THE_WAY_OUT);
         if left_out {
             for name in &stored.no_cache_fields {
                 headers.remove(name);
             }
         }
-        (headers, None)
-    };
-    if let Some((name, value)) = range_field {
-        headers.insert(name, value);
+        if let Some((name, value)) = range_field {
+            headers.insert(name, value);
+        }
+        headers.insert(header::AGE, age_value(options.age_secs));
+        append_via(&mut headers);
+        let length = if body.len() == stored.body.len() {
+            stored.content_length.clone()
+        } else {
+            HeaderValue::from(body.len())
+        };
+        headers.insert(CONTENT_LENGTH, length);
     }
-    headers.insert(header::AGE, age_value(options.age_secs));
-    append_via(&mut headers);
-    let length = if body.len() == stored.body.len() {
-        stored.content_length.clone()
-    } else {
-        HeaderValue::from(body.len())
-    };
-    headers.insert(CONTENT_LENGTH, length);
     let body = if method == Method::HEAD {
         empty()
     } else {
