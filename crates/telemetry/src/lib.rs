@@ -7,6 +7,7 @@ pub mod access_log;
 pub mod elasticsearch;
 pub mod metrics;
 pub mod otel;
+mod sharded;
 
 pub use access_log::{AccessLog, AccessLogOptions, LogTarget};
 pub use elasticsearch::EsSinkConfig;

@@ -13,7 +13,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::sharded::{ShardedCounter, ShardedHistogram};
 use crate::{FanoutEvent, PurgeEvent, RequestEvent, UpstreamEvent};
+use arc_swap::ArcSwap;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -114,19 +116,19 @@ type StoreSource = Box<dyn Fn() -> Vec<StoreGauge> + Send + Sync>;
 
 pub struct Metrics {
     registry: Registry,
-    requests: Family<RequestLabels, Counter>,
-    request_duration: Family<ServedLabels, Histogram>,
-    cache_lookups: Family<CacheLabels, Counter>,
-    cache_not_stored: Family<ReasonLabels, Counter>,
-    served_bytes: Family<ServedLabels, Counter>,
+    requests: Family<RequestLabels, ShardedCounter>,
+    request_duration: Family<ServedLabels, ShardedHistogram>,
+    cache_lookups: Family<CacheLabels, ShardedCounter>,
+    cache_not_stored: Family<ReasonLabels, ShardedCounter>,
+    served_bytes: Family<ServedLabels, ShardedCounter>,
     store_objects: Family<ResourceTypeLabels, Gauge>,
     store_bytes: Family<ResourceTypeLabels, Gauge>,
     store_capacity: Family<ResourceTypeLabels, Gauge>,
     store_evictions: Family<ResourceTypeLabels, Counter>,
-    upstream_duration: Family<ClusterLabels, Histogram>,
+    upstream_duration: Family<ClusterLabels, ShardedHistogram>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
-    stale_served: Family<ReasonLabels, Counter>,
-    revalidations: Family<OutcomeLabels, Counter>,
+    stale_served: Family<ReasonLabels, ShardedCounter>,
+    revalidations: Family<OutcomeLabels, ShardedCounter>,
     upstream_retries: Family<ClusterLabels, Counter>,
     access_log_lines: Family<ResultLabels, Counter>,
     es_documents: Family<ResultLabels, Counter>,
@@ -190,44 +192,62 @@ impl UpstreamConnectionMetrics {
 /// Route, cluster and resource-type labels are keyed by their `Arc<str>`'s address, which
 /// stays unique because the entry holds a clone of that `Arc`.
 struct HotHandles {
-    requests: Handles<RequestKey, (Arc<str>, Arc<str>, Counter)>,
-    lookups: Handles<(usize, &'static str), (Arc<str>, Counter)>,
-    not_cached: Handles<&'static str, Counter>,
-    stale_served: Handles<&'static str, Counter>,
-    revalidations: Handles<&'static str, Counter>,
-    duration_cache: Histogram,
-    duration_upstream: Histogram,
-    bytes_cache: Counter,
-    bytes_upstream: Counter,
+    requests: Handles<RequestKey, (Arc<str>, Arc<str>, ShardedCounter)>,
+    lookups: Handles<(usize, &'static str), (Arc<str>, ShardedCounter)>,
+    not_cached: Handles<&'static str, ShardedCounter>,
+    stale_served: Handles<&'static str, ShardedCounter>,
+    revalidations: Handles<&'static str, ShardedCounter>,
+    duration_cache: ShardedHistogram,
+    duration_upstream: ShardedHistogram,
+    bytes_cache: ShardedCounter,
+    bytes_upstream: ShardedCounter,
 }
 
 /// (route address, cluster address, method class, status class).
 type RequestKey = (usize, usize, &'static str, &'static str);
 
+/// Read on every request by every worker thread, written once per new label set: an
+/// `ArcSwap` read takes no lock whose cache line the threads would pass back and forth.
 struct Handles<K, V> {
-    map: parking_lot::RwLock<HashMap<K, V, rustc_hash::FxBuildHasher>>,
+    map: ArcSwap<HashMap<K, V, rustc_hash::FxBuildHasher>>,
+    /// Serialises the (rare) additions.
+    adding: Mutex<()>,
 }
 
-impl<K: std::hash::Hash + Eq, V> Handles<K, V> {
+impl<K: std::hash::Hash + Eq + Clone, V: Clone> Handles<K, V> {
     fn new() -> Self {
         Handles {
-            map: parking_lot::RwLock::new(HashMap::default()),
+            map: ArcSwap::default(),
+            adding: Mutex::new(()),
         }
     }
 
     /// Runs `f` on the entry for `key`, creating it first if needed.
     fn with(&self, key: K, create: impl FnOnce() -> V, f: impl FnOnce(&V)) {
-        if let Some(v) = self.map.read().get(&key) {
+        if let Some(v) = self.map.load().get(&key) {
             return f(v);
         }
-        let mut map = self.map.write();
-        f(map.entry(key).or_insert_with(create));
+        let _adding = self.adding.lock();
+        let current = self.map.load_full();
+        if let Some(v) = current.get(&key) {
+            return f(v);
+        }
+        let mut next = (*current).clone();
+        let v = create();
+        f(&v);
+        next.insert(key, v);
+        self.map.store(Arc::new(next));
+    }
+
+    fn clear(&self) {
+        let _adding = self.adding.lock();
+        self.map.store(Arc::default());
     }
 }
 
-impl Handles<&'static str, Counter> {
+impl Handles<&'static str, ShardedCounter> {
     /// Counts one under `key`, creating the family's series the first time.
-    fn inc(&self, key: &'static str, create: impl FnOnce() -> Counter) {
+    fn inc(&self, key: &'static str, create: impl FnOnce() -> ShardedCounter) {
         self.with(key, create, |counter| {
             counter.inc();
         });
@@ -252,9 +272,18 @@ fn empty() -> Arc<str> {
     EMPTY.get_or_init(|| Arc::from("")).clone()
 }
 
+/// 100µs .. ~13s: cache hits sit at the bottom, slow origins at the top.
+fn latency_bounds() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.0001, 2.0, 18)
+}
+
 fn latency_histogram() -> Histogram {
-    // 100µs .. ~13s: cache hits sit at the bottom, slow origins at the top.
-    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+    Histogram::new(latency_bounds())
+}
+
+/// For the series every request updates.
+fn sharded_latency_histogram() -> ShardedHistogram {
+    ShardedHistogram::new(latency_bounds())
 }
 
 fn status_class(status: u16) -> &'static str {
@@ -286,7 +315,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("larder");
         let m = Metrics {
             requests: Family::default(),
-            request_duration: Family::new_with_constructor(latency_histogram),
+            request_duration: Family::new_with_constructor(sharded_latency_histogram),
             cache_lookups: Family::default(),
             cache_not_stored: Family::default(),
             served_bytes: Family::default(),
@@ -294,7 +323,7 @@ impl Metrics {
             store_bytes: Family::default(),
             store_capacity: Family::default(),
             store_evictions: Family::default(),
-            upstream_duration: Family::new_with_constructor(latency_histogram),
+            upstream_duration: Family::new_with_constructor(sharded_latency_histogram),
             upstream_errors: Family::default(),
             stale_served: Family::default(),
             revalidations: Family::default(),
@@ -323,10 +352,10 @@ impl Metrics {
                 not_cached: Handles::new(),
                 stale_served: Handles::new(),
                 revalidations: Handles::new(),
-                duration_cache: Histogram::new(std::iter::empty()),
-                duration_upstream: Histogram::new(std::iter::empty()),
-                bytes_cache: Counter::default(),
-                bytes_upstream: Counter::default(),
+                duration_cache: ShardedHistogram::new(std::iter::empty()),
+                duration_upstream: ShardedHistogram::new(std::iter::empty()),
+                bytes_cache: ShardedCounter::default(),
+                bytes_upstream: ShardedCounter::default(),
             },
         };
         let mut m = m;
@@ -691,8 +720,8 @@ impl Metrics {
     /// Forgets the fast handles of route, cluster and resource-type series (their families keep
     /// the counts): after a reload the old labels' `Arc`s would otherwise be held forever.
     pub fn forget_hot_handles(&self) {
-        self.hot.requests.map.write().clear();
-        self.hot.lookups.map.write().clear();
+        self.hot.requests.clear();
+        self.hot.lookups.clear();
     }
 
     /// Drops a peer's series once it is no longer a peer, so churn does not grow them.
