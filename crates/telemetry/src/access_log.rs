@@ -235,7 +235,7 @@ fn write_ecs_line(e: &RequestEvent, out: &mut String, excluded: Excluded) {
     out.push_str(",\"http\":{\"version\":");
     json_str(out, e.http_version);
     out.push_str(",\"request\":{\"method\":");
-    json_str(out, &e.method);
+    json_str(out, e.method.as_str());
     out.push_str(",\"id\":");
     json_str(out, &e.request_id);
     let _ = write!(out, "}},\"response\":{{\"status_code\":{}", e.status);
@@ -343,7 +343,7 @@ mod tests {
             request_id: "abc".into(),
             trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
             client: Some("127.0.0.1:5555".parse().unwrap()),
-            method: "GET".into(),
+            method: http::Method::GET,
             http_version: "1.1",
             host: "example.com".into(),
             path: "/a".into(),

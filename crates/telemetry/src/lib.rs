@@ -27,7 +27,8 @@ pub struct RequestEvent {
     pub request_id: String,
     pub trace_id: Option<String>,
     pub client: Option<SocketAddr>,
-    pub method: String,
+    /// Cheap to move: the standard methods are not allocated.
+    pub method: http::Method,
     pub http_version: &'static str,
     pub host: String,
     pub path: String,

@@ -575,7 +575,7 @@ impl Metrics {
 
     pub(crate) fn record_request(&self, e: &RequestEvent) {
         let hot = &self.hot;
-        let method = method_class(&e.method);
+        let method = method_class(e.method.as_str());
         let class = status_class(e.status);
         hot.requests.with(
             (arc_key(&e.route), arc_key(&e.cluster), method, class),
@@ -901,7 +901,7 @@ mod tests {
             request_id: "r".into(),
             trace_id: None,
             client: None,
-            method: "BREW".into(),
+            method: http::Method::from_bytes(b"BREW").unwrap(),
             http_version: "1.1",
             host: "h".into(),
             path: "/".into(),

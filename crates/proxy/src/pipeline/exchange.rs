@@ -192,7 +192,7 @@ impl Exchange {
             request_id: self.request_id,
             trace_id: self.trace_id,
             client: self.client,
-            method: self.method.as_str().to_owned(),
+            method: self.method,
             http_version: match self.version {
                 Version::HTTP_09 => "0.9",
                 Version::HTTP_10 => "1.0",
