@@ -129,6 +129,16 @@ def fmt_ratio(v, base):
     return f" ({v / base:.2f}×)"
 
 
+def paired_ratio(runs, scenario, proxy, key):
+    """Median over rounds of proxy/Larder within one round: the proxies of a round run back to
+    back, so a shift in the machine's speed between rounds (other tenants of the host) cancels."""
+    base = {r["rep"]: r.get(key) for r in runs
+            if r["scenario"] == scenario and r["proxy"] == "larder"}
+    return median([r[key] / base[r["rep"]] for r in runs
+                   if r["scenario"] == scenario and r["proxy"] == proxy
+                   and r.get(key) is not None and base.get(r["rep"])])
+
+
 def summarize(runs, proxies):
     order = []
     for r in runs:
@@ -151,6 +161,9 @@ def summarize(runs, proxies):
                    "errors": sum((r.get("non_2xx") or 0) + (r.get("socket_errors") or 0) for r in rs)}
             notes = []
             if kind == "load":
+                row["paired_rps_vs_larder"] = paired_ratio(runs, scenario, proxy, "rps")
+                row["paired_rps_per_cpu_second_vs_larder"] = paired_ratio(
+                    runs, scenario, proxy, "rps_per_cpu_second")
                 row["mem_bytes"] = median([r["pss_kib"] * 1024 for r in rs])
                 requests = sum(r.get("requests") or 0 for r in rs)
                 origin = sum(r["origin_requests"] for r in rs)
@@ -200,17 +213,22 @@ def summarize(runs, proxies):
 
 def markdown(rows, meta):
     lines = [
-        "| scenario | proxy | req/s | req/s per proxy CPU-s | p50 ms | p99 ms | RSS MiB | notes |",
-        "|---|---|--:|--:|--:|--:|--:|---|",
+        "| scenario | proxy | req/s | req/s per proxy CPU-s | paired ratios | p50 ms | p99 ms | RSS MiB | notes |",
+        "|---|---|--:|--:|--:|--:|--:|--:|---|",
     ]
     bases = {r["scenario"]: r for r in rows if r["proxy"] == "larder"}
     for r in rows:
         base = bases.get(r["scenario"], {})
         mem = r.get("mem_bytes")
-        lines.append("| {} | {} | {}{} | {}{} | {} | {}{} | {}{} | {} |".format(
+        paired = ""
+        if r.get("paired_rps_vs_larder") is not None:
+            paired = "{:.2f}× · {:.2f}×".format(
+                r["paired_rps_vs_larder"], r.get("paired_rps_per_cpu_second_vs_larder") or 0)
+        lines.append("| {} | {} | {}{} | {}{} | {} | {} | {}{} | {}{} | {} |".format(
             r["scenario"], r["proxy"],
             fmt_num(r["rps"]), fmt_ratio(r["rps"], base.get("rps")),
             fmt_num(r["rps_per_cpu_second"]), fmt_ratio(r["rps_per_cpu_second"], base.get("rps_per_cpu_second")),
+            paired,
             fmt_num(r["p50_ms"], 2),
             fmt_num(r["p99_ms"], 2), fmt_ratio(r["p99_ms"], base.get("p99_ms")),
             fmt_num(mem / 2**20 if mem is not None else None, 1), fmt_ratio(mem, base.get("mem_bytes")),
@@ -225,7 +243,9 @@ def markdown(rows, meta):
         "",
         "Ratios in parentheses are to Larder. req/s per proxy CPU-s = requests / (utime+stime of all "
         "the proxy's processes during the run). RSS = PSS summed over the proxy's processes after the "
-        "run; for fill-16k the growth during the fill; for budget-64mib the final value.",
+        "run; for fill-16k the growth during the fill; for budget-64mib the final value. Paired "
+        "ratios (req/s · per CPU-s) are medians of each round's ratio to Larder's run in the same "
+        "round: a shift of the machine's speed between rounds cancels in them, not in the medians.",
         "",
     ]
     return "\n".join(header + lines) + "\n"

@@ -22,6 +22,11 @@ pub struct StoredHeaders {
     fields: Box<[(HeaderName, HeaderValue)]>,
 }
 
+/// What `HeaderValue` accepts in a value: visible ASCII, space, tab and obs-text.
+fn valid_value_byte(b: u8) -> bool {
+    (b >= 0x20 && b != 0x7f) || b == b'\t'
+}
+
 /// Fields that frame the message on one connection (Content-Length, Transfer-Encoding,
 /// Connection): each writer decides them per response, so they are not in the encoded lines.
 fn frames_the_message(name: &HeaderName) -> bool {
@@ -33,7 +38,14 @@ impl StoredHeaders {
     /// they are slices of the connection's read buffer, and keeping one would keep that whole
     /// buffer alive per object.
     pub fn from_map(map: &HeaderMap, mut keep: impl FnMut(&HeaderName) -> bool) -> StoredHeaders {
-        let kept: Vec<(&HeaderName, &HeaderValue)> = map.iter().filter(|(n, _)| keep(n)).collect();
+        // Everything is checked before anything is encoded, so the lines and `fields` always
+        // hold the same fields (the bytes come from valid ones: nothing is expected to fail).
+        let kept: Vec<(HeaderName, &HeaderValue)> = map
+            .iter()
+            .filter(|(n, _)| keep(n))
+            .filter(|(_, v)| v.as_bytes().iter().all(|&b| valid_value_byte(b)))
+            .filter_map(|(n, v)| Some((HeaderName::from_bytes(n.as_str().as_bytes()).ok()?, v)))
+            .collect();
         let size: usize = kept
             .iter()
             .map(|(n, v)| {
@@ -69,11 +81,8 @@ impl StoredHeaders {
         let buffer: Bytes = buffer.freeze();
         let mut fields = Vec::with_capacity(kept.len());
         for ((start, end), (name, value)) in spans.into_iter().zip(kept) {
-            // Re-validating bytes that came from a valid value cannot fail.
-            let (Ok(name), Ok(mut copy)) = (
-                HeaderName::from_bytes(name.as_str().as_bytes()),
-                HeaderValue::from_maybe_shared(buffer.slice(start..end)),
-            ) else {
+            // Checked above by the same rule.
+            let Ok(mut copy) = HeaderValue::from_maybe_shared(buffer.slice(start..end)) else {
                 continue;
             };
             copy.set_sensitive(value.is_sensitive());

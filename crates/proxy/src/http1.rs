@@ -352,6 +352,9 @@ async fn write_response<S: AsyncWrite + Unpin>(
     let mut has_date = false;
     let mut has_close = false;
     if let Some(lines) = &answer.stored_lines {
+        // The map of a response with lines holds at most a drain's `Connection: close`: any
+        // other field there could repeat one of the lines.
+        debug_assert!(parts.headers.keys().all(|n| n == CONNECTION), "{parts:?}");
         // Stored without framing fields (Content-Length, Transfer-Encoding, Connection).
         out.extend_from_slice(&lines.stored);
         out.extend_from_slice(&lines.added);

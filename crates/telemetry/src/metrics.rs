@@ -208,17 +208,30 @@ type RequestKey = (usize, usize, &'static str, &'static str);
 
 /// Read on every request by every worker thread, written once per new label set: an
 /// `ArcSwap` read takes no lock whose cache line the threads would pass back and forth.
+/// New entries wait in `added` (read under its lock) and join the shared map in batches, so
+/// filling n label sets copies O(n) entries, not O(n²).
 struct Handles<K, V> {
     map: ArcSwap<HashMap<K, V, rustc_hash::FxBuildHasher>>,
-    /// Serialises the (rare) additions.
-    adding: Mutex<()>,
+    added: Mutex<Added<K, V>>,
 }
+
+struct Added<K, V> {
+    entries: HashMap<K, V, rustc_hash::FxBuildHasher>,
+    /// Reads served from `entries` since the last merge.
+    reads: usize,
+}
+
+/// Reads of waiting entries after which they are merged even if few.
+const MERGE_AFTER_READS: usize = 64;
 
 impl<K: std::hash::Hash + Eq + Clone, V: Clone> Handles<K, V> {
     fn new() -> Self {
         Handles {
             map: ArcSwap::default(),
-            adding: Mutex::new(()),
+            added: Mutex::new(Added {
+                entries: HashMap::default(),
+                reads: 0,
+            }),
         }
     }
 
@@ -227,20 +240,26 @@ impl<K: std::hash::Hash + Eq + Clone, V: Clone> Handles<K, V> {
         if let Some(v) = self.map.load().get(&key) {
             return f(v);
         }
-        let _adding = self.adding.lock();
-        let current = self.map.load_full();
-        if let Some(v) = current.get(&key) {
+        let mut added = self.added.lock();
+        let shared = self.map.load_full();
+        if let Some(v) = shared.get(&key) {
             return f(v);
         }
-        let mut next = (*current).clone();
-        let v = create();
-        f(&v);
-        next.insert(key, v);
-        self.map.store(Arc::new(next));
+        added.reads += 1;
+        f(added.entries.entry(key).or_insert_with(create));
+        // At least half the shared map's size per merge (or entries read often enough).
+        if added.entries.len() * 2 > shared.len() || added.reads >= MERGE_AFTER_READS {
+            let mut next = (*shared).clone();
+            next.extend(added.entries.drain());
+            added.reads = 0;
+            self.map.store(Arc::new(next));
+        }
     }
 
     fn clear(&self) {
-        let _adding = self.adding.lock();
+        let mut added = self.added.lock();
+        added.entries.clear();
+        added.reads = 0;
         self.map.store(Arc::default());
     }
 }
@@ -891,6 +910,61 @@ impl Metrics {
 mod tests {
     use super::*;
     use std::time::{Duration, SystemTime};
+
+    fn event(route: &str) -> RequestEvent {
+        RequestEvent {
+            start: SystemTime::now(),
+            duration: Duration::from_millis(3),
+            request_id: "r".into(),
+            trace_id: None,
+            client: None,
+            method: http::Method::GET,
+            http_version: "1.1",
+            host: "h".into(),
+            path: "/".into(),
+            query: None,
+            user_agent: None,
+            status: 200,
+            response_body_bytes: Some(10),
+            route: Some(route.into()),
+            cluster: Some("c".into()),
+            upstream_address: None,
+            upstream_duration: None,
+            cache_result: "hit",
+            cache_reason: None,
+            stale_reason: None,
+            revalidation: None,
+            resource_type: Some("default".into()),
+        }
+    }
+
+    /// Label sets arriving one by one (each waits before joining the shared map in a batch)
+    /// and concurrently from several threads are all counted, each in its own series.
+    #[test]
+    fn counts_every_label_set_while_they_join_the_fast_map_in_batches() {
+        let m = Metrics::new("1.2.3");
+        let events: Vec<RequestEvent> = (0..150).map(|i| event(&format!("r{i}"))).collect();
+        std::thread::scope(|scope| {
+            for _ in 0..3 {
+                scope.spawn(|| {
+                    for e in &events {
+                        m.record_request(e);
+                    }
+                });
+            }
+        });
+        let text = m.encode();
+        for i in 0..150 {
+            let series = format!(
+                r#"larder_requests_total{{route="r{i}",cluster="c",method="GET",status_class="2xx"}} 3"#
+            );
+            assert!(text.contains(&series), "{series}\n{text}");
+        }
+        assert!(
+            text.contains("larder_request_duration_seconds_count{source=\"cache\"} 450"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn encodes_events_and_store_gauges() {

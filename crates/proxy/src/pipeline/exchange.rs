@@ -9,9 +9,8 @@ use http::{HeaderName, Method, Request, Version, header};
 use larder_cache::{CacheResult, NoCacheReason};
 use larder_telemetry::RequestEvent;
 
-use super::{ResponseWriter, StoredLines};
+use super::{REQUEST_ID, ResponseWriter, StoredLines};
 
-static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// RFC 9211 `fwd` values: why the request went forward.

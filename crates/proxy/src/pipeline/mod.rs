@@ -37,7 +37,7 @@ use fill::Fill;
 use serve::{ServeOptions, from_store, not_modified_response};
 
 static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
-static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(super) static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The client's request once its body has been split off. Cheap to clone for a background
 /// refresh (no body).
@@ -100,8 +100,8 @@ pub struct StoredLines {
 }
 
 impl StoredLines {
-    /// Adds `name: value`; a value that is no valid field value is left out, as a
-    /// `HeaderValue` would refuse it.
+    /// Adds `name: value`; a value `HeaderValue::from_bytes` would refuse (control bytes:
+    /// CR and LF among them) is left out.
     pub(crate) fn add(&mut self, name: &str, value: &[u8]) {
         // Without early exit, so it vectorises.
         let valid = value
@@ -254,7 +254,7 @@ impl Proxy {
                 span.finish(status, ex.result.as_str(), ex.route.as_deref());
             }
             // The proxy's own reference, moved here: cloning its metrics and log handles per
-            // request would be two more atomic counts both worker threads contend on.
+            // request would be two more atomic counts the worker threads contend on.
             ex.into_event(status, bytes)
                 .emit(&self.metrics, self.access_log.as_deref());
         });

@@ -97,9 +97,10 @@ pub(crate) fn from_store(
     } else {
         None
     };
-    let mut headers = HeaderMap::new();
-    if lines.is_none() {
-        headers = stored.headers.to_header_map(FIELDS_ADDED_ON_THE_WAY_OUT);
+    let headers = if lines.is_some() {
+        HeaderMap::new()
+    } else {
+        let mut headers = stored.headers.to_header_map(FIELDS_ADDED_ON_THE_WAY_OUT);
         if left_out {
             for name in &stored.no_cache_fields {
                 headers.remove(name);
@@ -116,7 +117,8 @@ pub(crate) fn from_store(
             HeaderValue::from(body.len())
         };
         headers.insert(CONTENT_LENGTH, length);
-    }
+        headers
+    };
     let body = if method == Method::HEAD {
         empty()
     } else {
