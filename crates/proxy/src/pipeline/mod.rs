@@ -168,7 +168,9 @@ impl Proxy {
         scheme: &'static str,
         writer: ResponseWriter,
     ) -> Answer {
-        let runtime = self.runtime.load_full();
+        // A guard, not a clone: cloning would count on the one reference count every request on
+        // every worker thread touches (the guard borrows it through a per-thread slot).
+        let runtime = self.runtime.load();
         let mut ex = Exchange::new(&req, client);
         ex.scheme = scheme;
         ex.writer = writer;
