@@ -1,6 +1,7 @@
 //! What is learnt about one request on its way through, and the one place it turns into the
 //! `Cache-Status` header and the request event.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -36,6 +37,27 @@ impl Forward {
             Forward::Stale => "stale",
         }
     }
+}
+
+/// The wall-clock time and the monotonic instant of now, for one clock read (every request needs
+/// both; clock reads were 2.5% of a cache hit's CPU): the wall clock is derived from a
+/// per-thread pair read at most a second earlier, so it trails a step of the system clock by
+/// under a second.
+fn now() -> (SystemTime, Instant) {
+    thread_local! {
+        static ANCHOR: Cell<Option<(Instant, SystemTime)>> = const { Cell::new(None) };
+    }
+    let instant = Instant::now();
+    ANCHOR.with(|anchor| match anchor.get() {
+        Some((at, wall)) if instant.saturating_duration_since(at) < Duration::from_secs(1) => {
+            (wall + instant.saturating_duration_since(at), instant)
+        }
+        _ => {
+            let wall = SystemTime::now();
+            anchor.set(Some((instant, wall)));
+            (wall, instant)
+        }
+    })
 }
 
 pub(crate) struct Exchange {
@@ -87,9 +109,10 @@ impl Exchange {
             .filter(|id| !id.is_empty() && id.len() <= 128)
             .map(str::to_owned)
             .unwrap_or_else(larder_telemetry::new_request_id);
+        let (start, started) = now();
         Exchange {
-            start: SystemTime::now(),
-            started: Instant::now(),
+            start,
+            started,
             request_id,
             trace_id: header_str(&TRACEPARENT)
                 .and_then(larder_telemetry::trace_id_from_traceparent),
@@ -217,5 +240,22 @@ impl Exchange {
                 .flatten(),
             revalidation: self.revalidation,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_clock_read_gives_both_times_close_to_the_clocks() {
+        let (wall, instant) = now();
+        let (wall_later, instant_later) = now();
+        assert!(instant_later >= instant);
+        assert!(wall_later >= wall);
+        let skew = SystemTime::now()
+            .duration_since(wall_later)
+            .unwrap_or_else(|e| e.duration());
+        assert!(skew < Duration::from_secs(2), "{skew:?}");
     }
 }
