@@ -132,3 +132,52 @@ async fn a_purge_during_a_reload_still_beats_a_fill_of_the_previous_config() {
     gated.release_one();
     assert!(!again.await.unwrap().cache_status().contains("hit"));
 }
+
+/// A stored response keeps the fields it was stored with: a reload that starts hiding tag
+/// headers must not let a hit (written from the stored fields as they are) show them.
+#[tokio::test]
+async fn a_reload_that_hides_tag_headers_never_serves_them_from_the_cache() {
+    let origin = Origin::fixed(
+        200,
+        &[("cache-control", "max-age=600"), ("surrogate-key", "tag-1")],
+        "tagged",
+    )
+    .await;
+    let with_strip = |strip: bool| {
+        config_yaml(origin.addr, DEFAULT_TYPES)
+            + &format!("purge: {{ strip_tag_headers: {strip} }}\n")
+    };
+    let dir = std::env::temp_dir().join(format!("larder-reload-tags-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("larder.yaml");
+    std::fs::write(&path, with_strip(false)).unwrap();
+    let config = larder_config::load_file(&path).unwrap();
+    let larder = Larder {
+        server: larder::start(config, larder::StartOptions::default())
+            .await
+            .unwrap(),
+        client: client(),
+    };
+    larder.get("/t").await;
+    let hit = larder.get("/t").await;
+    assert!(hit.cache_status().contains("hit"), "{}", hit.cache_status());
+    assert_eq!(
+        hit.header("surrogate-key"),
+        "tag-1",
+        "shown while not hidden"
+    );
+
+    std::fs::write(&path, with_strip(true)).unwrap();
+    assert_eq!(larder.server.reload_from_file(&path), Ok(2));
+    for _ in 0..2 {
+        let after = larder.get("/t").await;
+        assert_eq!(
+            after.header("surrogate-key"),
+            "",
+            "{}",
+            after.cache_status()
+        );
+        assert_eq!(after.text(), "tagged");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

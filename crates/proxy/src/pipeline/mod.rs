@@ -582,14 +582,14 @@ impl Proxy {
                 self.note_key(rt, ex, &hit.key);
                 let freshness = &hit.stored().freshness;
                 if freshness.satisfies(&request.directives, now) {
-                    return Ok(self.serve_hit(rt, ex, &request, &hit, CacheResult::Hit, now));
+                    return Ok(self.serve_hit(ex, &request, &hit, CacheResult::Hit, now));
                 }
                 if request.directives.only_if_cached {
                     return Err(ProxyError::OnlyIfCached);
                 }
                 if !head && freshness.serve_while_revalidating(&request.directives, now) {
                     ex.stale_reason = Some("stale-while-revalidate");
-                    let response = self.serve_hit(rt, ex, &request, &hit, CacheResult::Stale, now);
+                    let response = self.serve_hit(ex, &request, &hit, CacheResult::Stale, now);
                     self.refresh_in_background(rt, ex, upstream, &request, hit);
                     return Ok(response);
                 }
@@ -693,7 +693,6 @@ impl Proxy {
                                 ex.collapsed = true;
                                 ex.fwd = None;
                                 return Ok(self.serve_hit(
-                                    rt,
                                     ex,
                                     &request,
                                     &hit,
@@ -825,7 +824,7 @@ impl Proxy {
                     ex.revalidation = Some("failed");
                 }
                 return match &plan.stale {
-                    Some(stale) => self.stale_on_error(rt, ex, &request, stale, error),
+                    Some(stale) => self.stale_on_error(ex, &request, stale, error),
                     None => Err(error),
                 };
             }
@@ -850,7 +849,7 @@ impl Proxy {
         {
             drop(guard);
             ex.stale_reason = Some("stale-if-error");
-            return Ok(self.serve_hit(rt, ex, &request, stale, CacheResult::Stale, response_time));
+            return Ok(self.serve_hit(ex, &request, stale, CacheResult::Stale, response_time));
         }
 
         if let Some(hit) = revalidating
@@ -877,7 +876,6 @@ impl Proxy {
                 }
             };
             return Ok(self.serve_hit(
-                rt,
                 ex,
                 &request,
                 &served,
@@ -956,7 +954,6 @@ impl Proxy {
     /// else fail — with 504 when the response demands revalidation (RFC 9111 §5.2.2.2).
     fn stale_on_error(
         &self,
-        rt: &Runtime,
         ex: &mut Exchange,
         request: &ClientRequest,
         stale: &Hit,
@@ -969,7 +966,7 @@ impl Proxy {
         if freshness.serve_on_error(&request.directives, now, unreachable) {
             ex.stale_reason = Some("stale-if-error");
             ex.reason = Some(NoCacheReason::UpstreamError);
-            return Ok(self.serve_hit(rt, ex, request, stale, CacheResult::Stale, now));
+            return Ok(self.serve_hit(ex, request, stale, CacheResult::Stale, now));
         }
         if freshness.must_revalidate {
             return Err(ProxyError::MustRevalidate(Box::new(error)));
@@ -1118,7 +1115,6 @@ impl Proxy {
 
     fn serve_hit(
         &self,
-        rt: &Runtime,
         ex: &mut Exchange,
         request: &ClientRequest,
         hit: &Hit,
@@ -1129,12 +1125,15 @@ impl Proxy {
         ex.result = result;
         let age = stored.freshness.current_age(now).as_secs();
         ex.ttl = Some(stored.freshness.lifetime.as_secs() as i64 - age as i64);
-        // Lines go out as stored, so not when a stored field must be replaced (Cache-Status or
-        // X-Request-Id from the origin: `finish` sets its own) or hidden (since a reload).
+        // Lines go out as stored, so not when a stored field must be replaced: Cache-Status or
+        // X-Request-Id from the origin (`finish` sets its own). Hidden fields need no check:
+        // they are left out at storage, and a reload that hides others drops what was stored
+        // (`Runtime::rebuild`).
         let as_lines = ex.writer == ResponseWriter::Http1
-            && !stored.headers.iter().any(|(n, _)| {
-                *n == CACHE_STATUS || *n == REQUEST_ID || rt.hidden_response_headers.contains(n)
-            });
+            && !stored
+                .headers
+                .iter()
+                .any(|(n, _)| *n == CACHE_STATUS || *n == REQUEST_ID);
         let options = ServeOptions {
             without_revalidation: result != CacheResult::Revalidated,
             age_secs: age,
