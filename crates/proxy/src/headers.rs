@@ -25,6 +25,20 @@ fn end_to_end_essential(name: &str) -> bool {
     name.eq_ignore_ascii_case("host") || name.eq_ignore_ascii_case("content-length")
 }
 
+/// The members of a comma-separated field value (`Connection: keep-alive, Upgrade`), trimmed,
+/// empty ones skipped.
+pub fn list_members(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|member| !member.is_empty())
+}
+
+/// Whether a comma-separated field value lists `token` (case-insensitive).
+pub fn lists_token(value: &[u8], token: &[u8]) -> bool {
+    list_members(value).any(|member| member.eq_ignore_ascii_case(token))
+}
+
 /// Removes hop-by-hop fields, including any named by `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none, and most of the rest only `Connection: keep-alive`: one pass
@@ -45,10 +59,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         // Values are cheap to clone (shared bytes); the names they list are removed after.
         let listed: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
         for value in &listed {
-            let Ok(value) = value.to_str() else { continue };
-            for token in value.split(',').map(str::trim) {
+            let tokens = list_members(value.as_bytes()).filter_map(|t| std::str::from_utf8(t).ok());
+            for token in tokens {
                 // `remove` by text matches case-insensitively and ignores what is no valid name.
-                if !token.is_empty() && !end_to_end_essential(token) {
+                if !end_to_end_essential(token) {
                     headers.remove(token);
                 }
             }
@@ -137,6 +151,15 @@ fn push_ip(out: &mut String, ip: std::net::IpAddr) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn list_members_are_trimmed_and_empty_ones_skipped() {
+        let members: Vec<&[u8]> = list_members(b" keep-alive ,, Upgrade,\tclose ").collect();
+        assert_eq!(members, [&b"keep-alive"[..], b"Upgrade", b"close"]);
+        assert!(lists_token(b"keep-alive, CLOSE", b"close"));
+        assert!(!lists_token(b"closed, x-close", b"close"));
+        assert_eq!(list_members(b" , ").count(), 0);
+    }
 
     #[test]
     fn strips_connection_named_fields() {

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 
 use crate::body::ProxyBody;
 use crate::head_deadline::HeadClock;
+use crate::headers::lists_token;
 use crate::interim::InterimSink;
 use crate::{Answer, Proxy, ResponseWriter};
 
@@ -151,8 +152,7 @@ where
                     break None;
                 }
                 if !out.is_empty() {
-                    io.write_all(&out).await?;
-                    out.clear();
+                    flush(&mut io, &mut out).await?;
                 }
                 draining |= drain.has_changed().unwrap_or(true);
                 if draining && read.is_empty() {
@@ -228,8 +228,7 @@ where
                 None => {
                     // Earlier pipelined responses go out before this one is waited for.
                     if !out.is_empty() {
-                        io.write_all(&out).await?;
-                        out.clear();
+                        flush(&mut io, &mut out).await?;
                     }
                     await_relaying_interims(handled, &mut io).await
                 }
@@ -245,8 +244,7 @@ where
             }
             // Pipelined requests already read are answered before anything is written.
             if read.is_empty() || out.len() >= WRITE_AT {
-                io.write_all(&out).await?;
-                out.clear();
+                flush(&mut io, &mut out).await?;
             }
         }
     }
@@ -314,7 +312,7 @@ fn parse(head: &Bytes, max_headers: usize) -> Option<(Request<ProxyBody>, bool)>
             return None;
         }
         if name == CONNECTION {
-            close |= has_token(line.value, b"close");
+            close |= lists_token(line.value, b"close");
         }
         let value = HeaderValue::from_maybe_shared(head.slice_ref(line.value)).ok()?;
         headers.append(name, value);
@@ -382,7 +380,7 @@ async fn write_response<S: AsyncWrite + Unpin>(
         } else if *name == DATE {
             has_date = true;
         } else if *name == CONNECTION {
-            has_close |= has_token(value.as_bytes(), b"close");
+            has_close |= lists_token(value.as_bytes(), b"close");
         }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
@@ -427,8 +425,7 @@ async fn write_response<S: AsyncWrite + Unpin>(
             None => {
                 // Data still to come (a fill or a pass streaming from the origin): what is
                 // ready goes to the client now.
-                io.write_all(out).await?;
-                out.clear();
+                flush(io, out).await?;
                 http_body_util::BodyExt::frame(&mut body).await
             }
         };
@@ -436,8 +433,7 @@ async fn write_response<S: AsyncWrite + Unpin>(
             None => break,
             Some(Err(e)) => {
                 // Cut short: the client must not take a truncated body for a whole one.
-                io.write_all(out).await?;
-                out.clear();
+                flush(io, out).await?;
                 return Err(e);
             }
             Some(Ok(frame)) => match frame.into_data() {
@@ -451,8 +447,7 @@ async fn write_response<S: AsyncWrite + Unpin>(
         }
         sent += data.len() as u64;
         if expected.is_some_and(|len| sent > len) {
-            io.write_all(out).await?;
-            out.clear();
+            flush(io, out).await?;
             return Err("response body longer than its Content-Length".into());
         }
         if chunked {
@@ -468,19 +463,24 @@ async fn write_response<S: AsyncWrite + Unpin>(
             out.extend_from_slice(b"\r\n");
         }
         if out.len() >= WRITE_AT {
-            io.write_all(out).await?;
-            out.clear();
+            flush(io, out).await?;
         }
     }
     if chunked {
         out.extend_from_slice(b"0\r\n\r\n");
     }
     if expected.is_some_and(|len| sent < len) {
-        io.write_all(out).await?;
-        out.clear();
+        flush(io, out).await?;
         return Err("response body shorter than its Content-Length".into());
     }
     Ok(close)
+}
+
+/// Writes what is buffered in `out` and empties it.
+async fn flush<S: AsyncWrite + Unpin>(io: &mut S, out: &mut Vec<u8>) -> io::Result<()> {
+    io.write_all(out).await?;
+    out.clear();
+    Ok(())
 }
 
 /// Writes `first` then `second`, in one system call when the stream takes vectors.
@@ -505,13 +505,6 @@ async fn write_pair<S: AsyncWrite + Unpin>(
         }
     }
     io.write_all(second).await
-}
-
-/// Whether a comma-separated header value lists `token` (case-insensitive).
-fn has_token(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|b| *b == b',')
-        .any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// The `Date` header's value, formatted once a second per thread (as hyper does).

@@ -28,7 +28,7 @@ use crate::body::{
     boxed, empty, full,
 };
 use crate::error::ProxyError;
-use crate::headers::{add_forwarded, append_via, strip_hop_by_hop};
+use crate::headers::{add_forwarded, append_via, list_members, strip_hop_by_hop};
 use crate::interim::InterimSink;
 use crate::upstream::{Timeouts, UpstreamRequest};
 use crate::{Proxy, Runtime};
@@ -134,9 +134,7 @@ fn single_chunked_coding(headers: &HeaderMap) -> bool {
     let mut codings = headers
         .get_all(header::TRANSFER_ENCODING)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|c| !c.is_empty());
+        .flat_map(|v| list_members(v.as_bytes()));
     match codings.next() {
         None => true,
         Some(first) => first.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
