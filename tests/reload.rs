@@ -23,14 +23,13 @@ fn yaml(a: SocketAddr, b: SocketAddr, extra_route: bool, cache_size: &str) -> St
     )
 }
 
-#[tokio::test]
-async fn reload_swaps_routes_keeps_unchanged_caches_and_rejects_bad_files() {
-    let a = Origin::fixed(200, &[("cache-control", "max-age=600")], "from a").await;
-    let b = Origin::fixed(200, &[("cache-control", "max-age=600")], "from b").await;
-    let dir = std::env::temp_dir().join(format!("larder-reload-{}", std::process::id()));
+/// Larder started from a config file (written from `yaml` into a directory of this test's
+/// own), which the test then rewrites and reloads.
+async fn start_from_file(test: &str, yaml: &str) -> (Larder, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("larder-{test}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("larder.yaml");
-    std::fs::write(&path, yaml(a.addr, b.addr, false, "16MiB")).unwrap();
+    std::fs::write(&path, yaml).unwrap();
     let config = larder_config::load_file(&path).unwrap();
     let larder = Larder {
         server: larder::start(config, larder::StartOptions::default())
@@ -38,6 +37,14 @@ async fn reload_swaps_routes_keeps_unchanged_caches_and_rejects_bad_files() {
             .unwrap(),
         client: client(),
     };
+    (larder, path)
+}
+
+#[tokio::test]
+async fn reload_swaps_routes_keeps_unchanged_caches_and_rejects_bad_files() {
+    let a = Origin::fixed(200, &[("cache-control", "max-age=600")], "from a").await;
+    let b = Origin::fixed(200, &[("cache-control", "max-age=600")], "from b").await;
+    let (larder, path) = start_from_file("reload", &yaml(a.addr, b.addr, false, "16MiB")).await;
     larder.get("/kept").await;
     assert!(larder.get("/kept").await.cache_status().contains("hit"));
     assert_eq!(larder.get("/b/x").await.text(), "from a");
@@ -97,19 +104,8 @@ async fn a_purge_during_a_reload_still_beats_a_fill_of_the_previous_config() {
     // commits after a reload and a purge must not be stored.
     let gated = GatedOrigin::start(&[("cache-control", "max-age=600")], "old").await;
     let other = Origin::fixed(200, &[], "unused").await;
-    let dir = std::env::temp_dir().join(format!("larder-reload-race-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("larder.yaml");
-    std::fs::write(&path, yaml(gated.origin.addr, other.addr, false, "16MiB")).unwrap();
-    let larder = Larder {
-        server: larder::start(
-            larder_config::load_file(&path).unwrap(),
-            larder::StartOptions::default(),
-        )
-        .await
-        .unwrap(),
-        client: client(),
-    };
+    let yaml_first = yaml(gated.origin.addr, other.addr, false, "16MiB");
+    let (larder, path) = start_from_file("reload-race", &yaml_first).await;
     let url = larder.proxy_url("/race");
     let c = larder.client.clone();
     let fill =
@@ -147,17 +143,7 @@ async fn a_reload_that_hides_tag_headers_never_serves_them_from_the_cache() {
         config_yaml(origin.addr, DEFAULT_TYPES)
             + &format!("purge: {{ strip_tag_headers: {strip} }}\n")
     };
-    let dir = std::env::temp_dir().join(format!("larder-reload-tags-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("larder.yaml");
-    std::fs::write(&path, with_strip(false)).unwrap();
-    let config = larder_config::load_file(&path).unwrap();
-    let larder = Larder {
-        server: larder::start(config, larder::StartOptions::default())
-            .await
-            .unwrap(),
-        client: client(),
-    };
+    let (larder, path) = start_from_file("reload-tags", &with_strip(false)).await;
     larder.get("/t").await;
     let hit = larder.get("/t").await;
     assert!(hit.cache_status().contains("hit"), "{}", hit.cache_status());
@@ -179,5 +165,5 @@ async fn a_reload_that_hides_tag_headers_never_serves_them_from_the_cache() {
         );
         assert_eq!(after.text(), "tagged");
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }

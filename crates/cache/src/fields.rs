@@ -9,7 +9,7 @@
 //! right-sized `HeaderMap` whose values share the buffer.
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 #[derive(Debug, Clone, Default)]
@@ -20,11 +20,17 @@ pub struct StoredHeaders {
     /// Where the header lines end in `buffer`.
     lines_end: usize,
     fields: Box<[(HeaderName, HeaderValue)]>,
+    /// Whether there is a `Date`: a writer adds one when not, so it is asked on every hit.
+    has_date: bool,
 }
 
-/// What `HeaderValue` accepts in a value: visible ASCII, space, tab and obs-text.
-fn valid_value_byte(b: u8) -> bool {
-    (b >= 0x20 && b != 0x7f) || b == b'\t'
+/// Whether `HeaderValue::from_bytes` accepts these bytes (visible ASCII, space, tab and
+/// obs-text: no control byte, so no CR or LF), without copying them into one.
+pub fn is_field_value(bytes: &[u8]) -> bool {
+    // Without early exit, so it vectorises.
+    bytes
+        .iter()
+        .fold(true, |ok, &b| ok & ((b >= 0x20 && b != 0x7f) || b == b'\t'))
 }
 
 /// Fields that frame the message on one connection (Content-Length, Transfer-Encoding,
@@ -43,7 +49,7 @@ impl StoredHeaders {
         let kept: Vec<(HeaderName, &HeaderValue)> = map
             .iter()
             .filter(|(n, _)| keep(n))
-            .filter(|(_, v)| v.as_bytes().iter().all(|&b| valid_value_byte(b)))
+            .filter(|(_, v)| is_field_value(v.as_bytes()))
             .filter_map(|(n, v)| Some((HeaderName::from_bytes(n.as_str().as_bytes()).ok()?, v)))
             .collect();
         let size: usize = kept
@@ -88,10 +94,12 @@ impl StoredHeaders {
             copy.set_sensitive(value.is_sensitive());
             fields.push((name, copy));
         }
+        let has_date = fields.iter().any(|(n, _)| n == DATE);
         StoredHeaders {
             buffer,
             lines_end,
             fields: fields.into(),
+            has_date,
         }
     }
 
@@ -99,6 +107,10 @@ impl StoredHeaders {
     /// Content-Length, Transfer-Encoding and Connection.
     pub fn http1_lines(&self) -> Bytes {
         self.buffer.slice(..self.lines_end)
+    }
+
+    pub fn has_date(&self) -> bool {
+        self.has_date
     }
 
     pub fn get<K: ?Sized>(&self, name: &K) -> Option<&HeaderValue>
@@ -205,6 +217,12 @@ mod tests {
         assert_eq!(stored.get_all("x-a").collect::<Vec<_>>(), ["1", "2"]);
         assert!(stored.get("x-secret").unwrap().is_sensitive());
         assert_eq!(stored.get("content-length").unwrap(), "12");
+        assert!(!stored.has_date());
+        map.append(
+            "date",
+            HeaderValue::from_static("Thu, 03 Dec 2026 10:00:00 GMT"),
+        );
+        assert!(StoredHeaders::from_map(&map, |_| true).has_date());
         let served = stored.to_header_map(4);
         assert_eq!(served.len(), 5);
         assert!(served.capacity() >= 9);

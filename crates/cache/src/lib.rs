@@ -27,7 +27,7 @@ use quick_cache::sync::Cache as QuickCache;
 
 pub use coalesce::{Coalescer, FillGuard, FillWaiter, Join};
 pub use directives::{RequestDirectives, request_directives, response_directives};
-pub use fields::{Fields, StoredHeaders};
+pub use fields::{Fields, StoredHeaders, is_field_value};
 pub use freshness::{Freshness, FreshnessRules};
 use invalidate::PurgeLog;
 pub use invalidate::{Selector, response_tags};
@@ -121,6 +121,9 @@ pub struct CacheSettings {
     pub strip_tag_headers: bool,
     /// Errors (4xx, 5xx) may be stored without an origin-given lifetime.
     pub heuristic_errors: bool,
+    /// Fields the proxy sets itself on every response it serves (its Cache-Status, the
+    /// request's X-Request-Id): stored without them, so a hit can send what is stored as it is.
+    pub per_response_fields: Vec<HeaderName>,
 }
 
 impl Default for CacheSettings {
@@ -139,6 +142,7 @@ impl Default for CacheSettings {
             ],
             strip_tag_headers: true,
             heuristic_errors: false,
+            per_response_fields: Vec::new(),
         }
     }
 }
@@ -219,19 +223,22 @@ pub struct Cache {
 }
 
 /// Response headers as stored: without Age (recomputed on every hit), Surrogate-Control (meant
-/// for this cache only), and the fields `private="…"` keeps out of shared caches. Hop-by-hop
+/// for this cache only), the fields `private="…"` keeps out of shared caches, stripped tag
+/// fields and the ones the proxy sets per response. Hop-by-hop
 /// fields are already gone (the proxy strips them first).
 ///
 fn storable_headers(
     headers: &HeaderMap,
     private_fields: &[HeaderName],
     stripped: &[HeaderName],
+    per_response: &[HeaderName],
 ) -> StoredHeaders {
     StoredHeaders::from_map(headers, |name| {
         !(name == AGE
             || *name == SURROGATE_CONTROL
             || private_fields.contains(name)
-            || stripped.contains(name))
+            || stripped.contains(name)
+            || per_response.contains(name))
     })
 }
 
@@ -496,7 +503,12 @@ impl Cache {
             variant,
             status,
             tags: response_tags(headers, &self.settings.tag_headers),
-            headers: storable_headers(headers, &d.private_fields, stripped),
+            headers: storable_headers(
+                headers,
+                &d.private_fields,
+                stripped,
+                &self.settings.per_response_fields,
+            ),
             freshness,
             no_cache_fields: d.no_cache_fields,
             max_object_size: spec.max_object_size,

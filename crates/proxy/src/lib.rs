@@ -137,6 +137,7 @@ fn cache_specs(config: &Config) -> (Vec<ResourceTypeSpec>, CacheSettings) {
         tag_headers: tag_headers(config),
         strip_tag_headers: config.purge.strip_tag_headers,
         heuristic_errors: config.cache.heuristic_errors,
+        per_response_fields: vec![pipeline::CACHE_STATUS.clone(), pipeline::REQUEST_ID.clone()],
         ..defaults
     };
     (specs, settings)

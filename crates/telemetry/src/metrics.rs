@@ -970,28 +970,8 @@ mod tests {
     fn encodes_events_and_store_gauges() {
         let m = Metrics::new("1.2.3");
         let event = RequestEvent {
-            start: SystemTime::now(),
-            duration: Duration::from_millis(3),
-            request_id: "r".into(),
-            trace_id: None,
-            client: None,
             method: http::Method::from_bytes(b"BREW").unwrap(),
-            http_version: "1.1",
-            host: "h".into(),
-            path: "/".into(),
-            query: None,
-            user_agent: None,
-            status: 200,
-            response_body_bytes: Some(10),
-            route: Some("r0".into()),
-            cluster: Some("c".into()),
-            upstream_address: None,
-            upstream_duration: None,
-            cache_result: "hit",
-            cache_reason: None,
-            stale_reason: None,
-            revalidation: None,
-            resource_type: Some("default".into()),
+            ..event("r0")
         };
         m.record_request(&event);
         m.set_store_source(|| {

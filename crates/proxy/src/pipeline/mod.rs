@@ -17,8 +17,8 @@ use http::header::{
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use larder_cache::{
     CacheResult, FillGuard, Hit, Join, Key, Lookup, NoCacheReason, RequestDirectives,
-    RequestTarget, SURROGATE_CONTROL, freshness::has_validator, key::normalize_host, not_modified,
-    request_directives,
+    RequestTarget, SURROGATE_CONTROL, freshness::has_validator, is_field_value,
+    key::normalize_host, not_modified, request_directives,
 };
 use larder_telemetry::UpstreamEvent;
 use tokio::sync::mpsc;
@@ -36,8 +36,8 @@ use exchange::{Exchange, Forward};
 use fill::Fill;
 use serve::{ServeOptions, from_store, not_modified_response};
 
-static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
-pub(super) static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+pub(crate) static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The client's request once its body has been split off. Cheap to clone for a background
 /// refresh (no body).
@@ -103,11 +103,7 @@ impl StoredLines {
     /// Adds `name: value`; a value `HeaderValue::from_bytes` would refuse (control bytes:
     /// CR and LF among them) is left out.
     pub(crate) fn add(&mut self, name: &str, value: &[u8]) {
-        // Without early exit, so it vectorises.
-        let valid = value
-            .iter()
-            .fold(true, |ok, &b| ok & ((b >= 0x20 && b != 0x7f) || b == b'\t'));
-        if valid {
+        if is_field_value(value) {
             self.added.extend_from_slice(name.as_bytes());
             self.added.extend_from_slice(b": ");
             self.added.extend_from_slice(value);
@@ -1123,19 +1119,13 @@ impl Proxy {
         ex.result = result;
         let age = stored.freshness.current_age(now).as_secs();
         ex.ttl = Some(stored.freshness.lifetime.as_secs() as i64 - age as i64);
-        // Lines go out as stored, so not when a stored field must be replaced: Cache-Status or
-        // X-Request-Id from the origin (`finish` sets its own). Hidden fields need no check:
-        // they are left out at storage, and a reload that hides others drops what was stored
-        // (`Runtime::rebuild`).
-        let as_lines = ex.writer == ResponseWriter::Http1
-            && !stored
-                .headers
-                .iter()
-                .any(|(n, _)| *n == CACHE_STATUS || *n == REQUEST_ID);
+        // Lines go out as stored: nothing in them is replaced or hidden per response, as the
+        // fields `finish` sets and the hidden ones are left out at storage (and a reload that
+        // hides others drops what was stored: `Runtime::rebuild`).
         let options = ServeOptions {
             without_revalidation: result != CacheResult::Revalidated,
             age_secs: age,
-            as_lines,
+            as_lines: ex.writer == ResponseWriter::Http1,
         };
         let (response, lines) = from_store(&request.method, &request.headers, stored, options);
         ex.stored_lines = lines;

@@ -31,7 +31,7 @@ pub(crate) struct ServeOptions {
     /// Served without asking the origin: `no-cache="field"` fields stay out.
     pub without_revalidation: bool,
     pub age_secs: u64,
-    /// The writer takes stored fields as HTTP/1 lines, and none of them is replaced or hidden.
+    /// The writer takes stored fields as HTTP/1 lines.
     pub as_lines: bool,
 }
 
@@ -85,7 +85,7 @@ pub(crate) fn from_store(
         let mut lines = StoredLines {
             stored: stored.headers.http1_lines(),
             added: Vec::with_capacity(LINES_ADDED_CAPACITY),
-            has_date: stored.headers.contains_key(&header::DATE),
+            has_date: stored.headers.has_date(),
             content_length: body.len() as u64,
         };
         lines.add(
