@@ -192,7 +192,8 @@ async fn a_bad_certificate_file_stops_the_start_naming_the_file() {
     assert!(error.contains("https"), "names the listener: {error}");
 }
 
-/// An origin serving HTTPS with `cert` (HTTP/1.1 or HTTP/2 by ALPN).
+/// An origin serving HTTPS with `cert` (HTTP/1.1 or HTTP/2 by ALPN), answering `body`, the
+/// HTTP version and the length of the request body it read.
 async fn tls_origin(dir: &Path, body: &'static str) -> SocketAddr {
     use rustls_pki_types::PrivateKeyDer;
     use rustls_pki_types::pem::PemObject;
@@ -222,7 +223,14 @@ async fn tls_origin(dir: &Path, body: &'static str) -> SocketAddr {
                 };
                 let service = hyper::service::service_fn(
                     move |req: http::Request<hyper::body::Incoming>| async move {
-                        let answer = format!("{body} {:?}", req.version());
+                        let version = req.version();
+                        if req.method() == http::Method::POST {
+                            // A slow reader: the upload fills the socket buffers, so the
+                            // proxy's TLS layer is left holding what it could not send.
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                        }
+                        let read = req.into_body().collect().await.map(|b| b.to_bytes().len());
+                        let answer = format!("{body} {version:?} {}", read.unwrap_or(0));
                         Ok::<_, std::convert::Infallible>(
                             http::Response::builder()
                                 .header("cache-control", "no-store")
@@ -262,10 +270,17 @@ async fn upstream_tls_is_verified_against_the_ca_and_can_speak_http2() {
     let larder = Larder::start(&yaml("origin.crt", false)).await;
     let reply = larder.get("/s").await;
     assert_eq!(reply.status, 200);
-    assert_eq!(reply.text(), "secure HTTP/1.1");
+    assert_eq!(reply.text(), "secure HTTP/1.1 0");
+    // An upload far larger than the socket buffers arrives whole: what TLS holds back after a
+    // write goes out with a flush.
+    let upload = Bytes::from(vec![b'u'; 8 << 20]);
+    let post = larder
+        .request(http::Method::POST, &larder.proxy_url("/up"), &[], upload)
+        .await;
+    assert_eq!(post.text(), format!("secure HTTP/1.1 {}", 8 << 20));
 
     let h2 = Larder::start(&yaml("origin.crt", true)).await;
-    assert_eq!(h2.get("/s").await.text(), "secure HTTP/2.0");
+    assert_eq!(h2.get("/s").await.text(), "secure HTTP/2.0 0");
 
     // A certificate the CA bundle does not vouch for is refused.
     let untrusting = Larder::start(&yaml("other.crt", false)).await;

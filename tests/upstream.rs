@@ -568,14 +568,7 @@ async fn an_endpoint_that_resets_is_ejected_and_a_post_it_swallowed_is_never_res
     // The POSTs first, while round robin still sends every other request to the resetter.
     let mut statuses = Vec::new();
     for _ in 0..2 {
-        let reply = larder
-            .request(
-                Method::POST,
-                &larder.proxy_url("/p"),
-                &[],
-                Bytes::from("order"),
-            )
-            .await;
+        let reply = post_order(&larder, "/p").await;
         statuses.push(reply.status.as_u16());
     }
     statuses.sort();
@@ -609,7 +602,10 @@ async fn an_endpoint_that_resets_is_ejected_and_a_post_it_swallowed_is_never_res
 
 /// An origin on raw sockets that numbers its connections. Each request line is recorded with
 /// the number of the connection it came on. `/close` answers with `connection: close` and
-/// closes; `/204` and `/chunked` answer as named; HEAD gets no body; `/gated…` waits for a
+/// closes; `/until-close` sends a body ended by closing; `/204`, `/chunked`, `/trailers` (chunk
+/// extensions and a trailer field), `/interim` (a 100 first), `/extra` (bytes after the body),
+/// `/two-lengths` (differing Content-Length values), `/both` (Content-Length and chunked) and
+/// `/interim-then-close` (a 103, then the connection closes) answer as named; HEAD gets no body; `/gated…` waits for a
 /// permit of `gate`. `hang_up` makes every connection close while it waits for a request (an origin
 /// timing out idle connections). The number of a connection the proxy closes goes to `closed`.
 struct NumberingOrigin {
@@ -689,9 +685,34 @@ impl NumberingOrigin {
                                 "/chunked" => {
                                     b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
                                 }
+                                "/trailers" => {
+                                    b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ntransfer-encoding: chunked\r\n\r\n2;x=y\r\nhe\r\n3\r\nllo\r\n0\r\nx-sum: 5\r\n\r\n"
+                                }
+                                "/interim" => {
+                                    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 5\r\n\r\nhello"
+                                }
+                                "/interim-then-close" => {
+                                    b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n"
+                                }
+                                "/until-close" => {
+                                    b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\n\r\nhello"
+                                }
+                                "/extra" => {
+                                    b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nforged"
+                                }
+                                "/two-lengths" => {
+                                    b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 5, 6\r\n\r\nhello!"
+                                }
+                                "/both" => {
+                                    b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                                }
                                 _ => b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 5\r\n\r\nhello",
                             };
-                            if socket.write_all(reply).await.is_err() || target == "/close" {
+                            if socket.write_all(reply).await.is_err()
+                                || target == "/close"
+                                || target == "/until-close"
+                                || target == "/interim-then-close"
+                            {
                                 return;
                             }
                         }
@@ -726,6 +747,18 @@ impl NumberingOrigin {
     }
 }
 
+/// A POST of a small body (`order`), which the proxy must never send twice.
+async fn post_order(larder: &Larder, path: &str) -> Reply {
+    larder
+        .request(
+            Method::POST,
+            &larder.proxy_url(path),
+            &[],
+            Bytes::from("order"),
+        )
+        .await
+}
+
 async fn open_upstream_connections(larder: &Larder) -> Option<f64> {
     metric(
         &larder.metrics().await,
@@ -745,14 +778,7 @@ async fn one_connection_carries_sequential_requests_whatever_their_bodies() {
         .request(Method::HEAD, &larder.proxy_url("/a"), &[], Bytes::new())
         .await;
     assert_eq!(head.status, 200);
-    let post = larder
-        .request(
-            Method::POST,
-            &larder.proxy_url("/p"),
-            &[],
-            Bytes::from("order"),
-        )
-        .await;
+    let post = post_order(&larder, "/p").await;
     assert_eq!(post.text(), "hello");
     assert_eq!(larder.get("/after").await.text(), "hello");
     // Bodiless, empty, chunked and HEAD responses all give the connection back.
@@ -762,6 +788,178 @@ async fn one_connection_carries_sequential_requests_whatever_their_bodies() {
     assert_eq!(larder.get("/close").await.text(), "hello");
     assert_eq!(larder.get("/next").await.text(), "hello");
     assert_eq!(origin.connections()[7..], [0, 1]);
+}
+
+#[tokio::test]
+async fn every_response_framing_is_read_to_its_end_and_only_a_clean_end_reuses_the_connection() {
+    let origin = NumberingOrigin::start().await;
+    let larder = Larder::start(&cluster_yaml(&[origin.addr], "")).await;
+    // Reused after each: chunk extensions and trailers are read past, a 100 is skipped.
+    for path in ["/a", "/trailers", "/interim", "/b"] {
+        let reply = larder.get(path).await;
+        assert_eq!(
+            (reply.status.as_u16(), reply.text().as_str()),
+            (200, "hello"),
+            "{path}"
+        );
+    }
+    assert_eq!(origin.connections(), [0; 4]);
+    // A body that ends with the connection is relayed whole; the connection is not reused.
+    assert_eq!(larder.get("/until-close").await.text(), "hello");
+    assert_eq!(larder.get("/c").await.text(), "hello");
+    assert_eq!(origin.connections()[4..], [0, 1]);
+    // Bytes after the body are never read as the next response: the connection is closed.
+    assert_eq!(larder.get("/extra").await.text(), "hello");
+    assert_eq!(larder.get("/d").await.text(), "hello");
+    assert_eq!(origin.connections()[6..], [1, 2]);
+    // Chunked wins over a Content-Length beside it, and the connection is not trusted after.
+    let both = larder.get("/both").await;
+    assert_eq!(both.text(), "hello");
+    assert_eq!(both.header("content-length"), "");
+    assert_eq!(larder.get("/e").await.text(), "hello");
+    assert_eq!(origin.connections()[8..], [2, 3]);
+    // Differing lengths: no way to know where the body ends.
+    assert_eq!(larder.get("/two-lengths").await.status, 502);
+    assert_eq!(larder.get("/f").await.text(), "hello");
+    assert_eq!(origin.connections()[10..], [3, 4]);
+}
+
+#[tokio::test]
+async fn a_connection_closed_after_an_interim_resends_only_an_idempotent_request() {
+    let origin = NumberingOrigin::start().await;
+    let larder = Larder::start(&cluster_yaml(&[origin.addr], "")).await;
+    // No final response: the GET may go again (it did nothing the origin finished), once.
+    assert_eq!(larder.get("/interim-then-close").await.status, 502);
+    assert_eq!(origin.connections(), [0, 1]);
+    let post = post_order(&larder, "/interim-then-close").await;
+    assert_eq!(post.status, 502);
+    assert_eq!(
+        origin.connections(),
+        [0, 1, 2],
+        "a POST is never sent twice"
+    );
+}
+
+#[tokio::test]
+async fn a_request_body_of_unknown_length_goes_upstream_chunked() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = Origin::fixed(200, &[("cache-control", "no-store")], "stored").await;
+    let larder = Larder::start(&cluster_yaml(&[origin.addr], "")).await;
+    let mut client = tokio::net::TcpStream::connect(larder.server.proxy_addrs[0])
+        .await
+        .unwrap();
+    client
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nhost: a.example\r\ntransfer-encoding: chunked\r\n\r\n\
+              5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    while !reply.ends_with(b"stored") {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf))
+            .await
+            .expect("a reply within 10s")
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&reply));
+        reply.extend_from_slice(&buf[..n]);
+    }
+    assert!(reply.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    let seen = origin.last();
+    assert_eq!(&seen.body[..], b"hello, world");
+    assert_eq!(seen.headers["transfer-encoding"], "chunked");
+    assert!(seen.headers.get("content-length").is_none());
+}
+
+#[tokio::test]
+async fn an_upload_goes_on_after_the_origin_answers_early() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The origin answers as soon as it has the head, then reads the whole upload and reports
+    // how much it got as the response body.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let head_end = loop {
+            let n = socket.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the request head");
+            seen.extend_from_slice(&buf[..n]);
+            if let Some(at) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&seen[..head_end]).to_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .expect("a declared length")
+            .trim()
+            .parse()
+            .unwrap();
+        socket
+            .write_all(
+                b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ntransfer-encoding: chunked\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut got = seen.len() - head_end;
+        while got < length {
+            let n = socket.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        let report = got.to_string();
+        let _ = socket
+            .write_all(format!("{:x}\r\n{report}\r\n0\r\n\r\n", report.len()).as_bytes())
+            .await;
+    });
+    let larder = Larder::start(&cluster_yaml(&[origin], "")).await;
+    let mut client = tokio::net::TcpStream::connect(larder.server.proxy_addrs[0])
+        .await
+        .unwrap();
+    let half = 1 << 20;
+    client
+        .write_all(
+            format!(
+                "POST /up HTTP/1.1\r\nhost: a.example\r\ncontent-length: {}\r\n\r\n",
+                2 * half
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    client.write_all(&vec![b'x'; half]).await.unwrap();
+    // The response head comes back before the second half is even sent.
+    let mut reply = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    while !reply.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(20), client.read(&mut buf))
+            .await
+            .expect("the response head within 20s")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&reply));
+        reply.extend_from_slice(&buf[..n]);
+    }
+    assert!(reply.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    client.write_all(&vec![b'y'; half]).await.unwrap();
+    while !reply.ends_with(b"0\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(20), client.read(&mut buf))
+            .await
+            .expect("the end of the response within 20s")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&reply));
+        reply.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&reply);
+    assert!(
+        text.contains(&format!("\r\n{}\r\n", 2 * half)),
+        "the origin got the whole upload: {text}"
+    );
 }
 
 #[tokio::test]
@@ -780,14 +978,7 @@ async fn a_connection_its_origin_closed_while_idle_is_dropped_and_a_post_goes_on
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let post = larder
-        .request(
-            Method::POST,
-            &larder.proxy_url("/p"),
-            &[],
-            Bytes::from("order"),
-        )
-        .await;
+    let post = post_order(&larder, "/p").await;
     assert_eq!(post.status, 200);
     assert_eq!(origin.connections(), [0, 1]);
 }

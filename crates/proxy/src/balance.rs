@@ -199,6 +199,21 @@ impl Balancer {
         if n == 0 {
             return None;
         }
+        // One endpoint (a sidecar's, a Service's VIP): every fallback of `choose` ends on it.
+        let index = if n == 1 {
+            0
+        } else {
+            self.choose(hash_key, tried)
+        };
+        let endpoint = &self.endpoints[index];
+        endpoint.active.fetch_add(1, Ordering::Relaxed);
+        endpoint.requests.fetch_add(1, Ordering::Relaxed);
+        Some(Pick { index, endpoint })
+    }
+
+    /// The endpoint among several, by policy (see `pick`).
+    fn choose(&self, hash_key: &[u8], tried: &[usize]) -> usize {
+        let n = self.endpoints.len();
         let now = self.now_ms();
         let usable = |i: usize| !tried.contains(&i) && !self.is_ejected(&self.endpoints[i], now);
         let mut candidates: Vec<usize> = (0..n).filter(|i| usable(*i)).collect();
@@ -208,7 +223,7 @@ impl Balancer {
         if candidates.is_empty() {
             candidates = (0..n).collect();
         }
-        let index = match self.policy {
+        match self.policy {
             LbPolicy::RoundRobin => {
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
                 let len = self.schedule.len();
@@ -252,11 +267,7 @@ impl Balancer {
                     .find(|i| candidates.contains(i))
                     .unwrap_or(candidates[0])
             }
-        };
-        let endpoint = &self.endpoints[index];
-        endpoint.active.fetch_add(1, Ordering::Relaxed);
-        endpoint.requests.fetch_add(1, Ordering::Relaxed);
-        Some(Pick { index, endpoint })
+        }
     }
 
     /// Records how a request to `index` went; returns true when this failure ejected it.

@@ -39,6 +39,22 @@ pub fn lists_token(value: &[u8], token: &[u8]) -> bool {
     list_members(value).any(|member| member.eq_ignore_ascii_case(token))
 }
 
+/// Appends one HTTP/1 field line, `name: value\r\n`: the one encoding every head this proxy
+/// writes uses (responses, interims, a hit's added fields, upstream requests).
+pub(crate) fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Whether a name this long may be hop-by-hop: the names above and Trailer are 2, 7, 10 and
+/// 16 to 19 bytes long, so the length (at hand for any name) rules out nearly every other
+/// field without a comparison.
+fn hop_by_hop_length(len: usize) -> bool {
+    matches!(len, 2 | 7 | 10 | 16..=19)
+}
+
 /// Removes hop-by-hop fields, including any named by `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none, and most of the rest only `Connection: keep-alive`: one pass
@@ -46,6 +62,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // hashed lookup).
     let mut present = 0u16;
     for name in headers.keys() {
+        if !hop_by_hop_length(name.as_str().len()) {
+            continue;
+        }
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
             present |= 1 << i;
         } else if name == http::header::TRAILER {
@@ -57,12 +76,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     if present & 1 != 0 {
         // Values are cheap to clone (shared bytes); the names they list are removed after.
-        let listed: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
-        for value in &listed {
+        // Nearly always one value: the rest are gathered only when there are (an empty
+        // `Vec` allocates nothing).
+        let mut values = headers.get_all(CONNECTION).iter();
+        let first = values.next().cloned();
+        let rest: Vec<HeaderValue> = values.cloned().collect();
+        for value in first.iter().chain(&rest) {
             let tokens = list_members(value.as_bytes()).filter_map(|t| std::str::from_utf8(t).ok());
             for token in tokens {
+                // A listed hop-by-hop name (`keep-alive`, `Upgrade`) goes with the others
+                // below; `remove` by text parses and hashes the name, for nothing if absent.
+                let listed_below = HOP_BY_HOP
+                    .iter()
+                    .chain([&http::header::TRAILER])
+                    .any(|name| name.as_str().eq_ignore_ascii_case(token));
                 // `remove` by text matches case-insensitively and ignores what is no valid name.
-                if !end_to_end_essential(token) {
+                if !listed_below && !end_to_end_essential(token) {
                     headers.remove(token);
                 }
             }
@@ -89,7 +118,7 @@ pub fn add_forwarded(
     headers: &mut HeaderMap,
     client: Option<SocketAddr>,
     trusted_peer: bool,
-    host: &str,
+    host: Option<HeaderValue>,
     scheme: &'static str,
 ) {
     static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -107,7 +136,8 @@ pub fn add_forwarded(
             _ => {}
         }
         push_ip(&mut value, client.ip());
-        if let Ok(v) = HeaderValue::from_str(&value) {
+        // The string's buffer becomes the value's: no second allocation and copy.
+        if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
             headers.insert(XFF.clone(), v);
         }
     }
@@ -117,8 +147,9 @@ pub fn add_forwarded(
     headers.insert(XFP.clone(), HeaderValue::from_static(scheme));
     headers.remove(&XFH);
     headers.remove(http::header::FORWARDED);
-    if let Ok(v) = HeaderValue::from_str(host) {
-        headers.insert(XFH.clone(), v);
+    // The request's own Host value, shared rather than copied.
+    if let Some(host) = host {
+        headers.insert(XFH.clone(), host);
     }
     append_via(headers);
 }
@@ -151,6 +182,13 @@ fn push_ip(out: &mut String, ip: std::net::IpAddr) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_hop_by_hop_name_passes_the_length_filter() {
+        for name in HOP_BY_HOP.iter().chain([&http::header::TRAILER]) {
+            assert!(hop_by_hop_length(name.as_str().len()), "{name}");
+        }
+    }
 
     #[test]
     fn list_members_are_trimmed_and_empty_ones_skipped() {
@@ -220,7 +258,7 @@ mod tests {
             &mut h,
             Some("127.0.0.2:1".parse().unwrap()),
             true,
-            "example.com",
+            Some(HeaderValue::from_static("example.com")),
             "http",
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.2");
@@ -231,14 +269,20 @@ mod tests {
             &mut spoofed,
             Some("127.0.0.2:1".parse().unwrap()),
             false,
-            "example.com",
+            Some(HeaderValue::from_static("example.com")),
             "http",
         );
         assert_eq!(spoofed["x-forwarded-for"], "127.0.0.2");
         assert_eq!(h["x-forwarded-host"], "example.com");
         h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
         h.insert("forwarded", HeaderValue::from_static("host=evil.example"));
-        add_forwarded(&mut h, None, true, "example.com", "http");
+        add_forwarded(
+            &mut h,
+            None,
+            true,
+            Some(HeaderValue::from_static("example.com")),
+            "http",
+        );
         assert_eq!(h["x-forwarded-host"], "example.com");
         assert!(!h.contains_key("forwarded"));
         assert_eq!(h["via"], VIA_VALUE);

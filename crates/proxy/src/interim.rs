@@ -48,10 +48,7 @@ impl InterimSink {
         let mut headers = headers.clone();
         crate::headers::strip_hop_by_hop(&mut headers);
         for (name, value) in &headers {
-            head.extend_from_slice(name.as_str().as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value.as_bytes());
-            head.extend_from_slice(b"\r\n");
+            crate::headers::push_field(&mut head, name.as_str().as_bytes(), value.as_bytes());
         }
         head.extend_from_slice(b"\r\n");
         let mut state = self.0.lock();

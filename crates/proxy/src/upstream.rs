@@ -17,7 +17,9 @@ use crate::balance::Balancer;
 use crate::body::{ProxyBody, empty};
 use arc_swap::ArcSwap;
 
+mod http1;
 mod pool;
+pub use http1::Http1Error;
 pub use pool::ResponseBody;
 
 pub struct Cluster {
@@ -344,23 +346,15 @@ impl Cluster {
             };
             let endpoint = pick.endpoint;
             tried.push(pick.index);
-            let mut req = Request::new(body.take().unwrap_or_else(empty));
-            *req.method_mut() = request.method.clone();
-            *req.version_mut() = Version::HTTP_11;
-            // Only an attempt that may be followed by another needs its own copy.
-            *req.headers_mut() = if attempt + 1 == attempts as u32 {
-                std::mem::take(&mut request.headers)
-            } else {
-                request.headers.clone()
-            };
-            if let Some(sink) = interim {
-                let sink = sink.clone();
-                hyper::ext::on_informational(&mut req, move |res| {
-                    sink.send(res.status(), res.headers())
-                });
-            }
             let remaining = timeout.saturating_sub(start.elapsed());
-            let sent = self.attempt(&endpoint.authority, &request.path_and_query, req, timeouts);
+            let sent = self.attempt(
+                &endpoint.authority,
+                &mut request,
+                attempt + 1 == attempts as u32,
+                body.take().unwrap_or_else(empty),
+                interim,
+                timeouts,
+            );
             let error = match tokio::time::timeout(remaining, sent).await {
                 Ok(Ok(response)) => {
                     // Gateway errors count against the endpoint, though they are relayed.
@@ -437,22 +431,49 @@ impl Cluster {
 }
 
 impl Cluster {
-    /// One try on one endpoint: on the cluster's HTTP/1 pool, or hyper-util's for HTTP/2.
+    /// One try on one endpoint: on the cluster's HTTP/1 pool (which writes the fields from
+    /// where they are), or hyper-util's for HTTP/2. `last`: no other attempt follows.
     async fn attempt(
         &self,
         endpoint: &Authority,
-        path_and_query: &PathAndQuery,
-        mut req: Request<ProxyBody>,
+        request: &mut UpstreamRequest,
+        last: bool,
+        body: ProxyBody,
+        interim: Option<&crate::interim::InterimSink>,
         timeouts: &Timeouts,
     ) -> Result<Response<ResponseBody>, AttemptError> {
         if let Some(pool) = &self.http1 {
-            *req.uri_mut() = Uri::from(path_and_query.clone());
-            return pool.send(endpoint, req, timeouts.connect).await;
+            return pool
+                .send(
+                    endpoint,
+                    &request.method,
+                    &request.path_and_query,
+                    &request.headers,
+                    body,
+                    interim,
+                    timeouts.connect,
+                )
+                .await;
+        }
+        let mut req = Request::new(body);
+        *req.method_mut() = request.method.clone();
+        *req.version_mut() = Version::HTTP_11;
+        // hyper takes the fields: only an attempt that may be followed by another copies them.
+        *req.headers_mut() = if last {
+            std::mem::take(&mut request.headers)
+        } else {
+            request.headers.clone()
+        };
+        if let Some(sink) = interim {
+            let sink = sink.clone();
+            hyper::ext::on_informational(&mut req, move |res| {
+                sink.send(res.status(), res.headers())
+            });
         }
         *req.uri_mut() = Uri::builder()
             .scheme(self.scheme.clone())
             .authority(endpoint.clone())
-            .path_and_query(path_and_query.clone())
+            .path_and_query(request.path_and_query.clone())
             .build()
             .expect("authority and path are valid");
         CONNECT_TIMEOUT
@@ -496,6 +517,10 @@ fn classify(
     let stale_connection = source_chain(e).any(|s| {
         s.downcast_ref::<hyper::Error>()
             .is_some_and(|h| h.is_incomplete_message() || h.is_canceled())
+            || matches!(
+                s.downcast_ref::<Http1Error>(),
+                Some(Http1Error::IncompleteHead)
+            )
             || s.downcast_ref::<std::io::Error>().is_some_and(|io| {
                 matches!(
                     io.kind(),

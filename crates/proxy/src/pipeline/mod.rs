@@ -104,10 +104,7 @@ impl StoredLines {
     /// CR and LF among them) is left out.
     pub(crate) fn add(&mut self, name: &str, value: &[u8]) {
         if is_field_value(value) {
-            self.added.extend_from_slice(name.as_bytes());
-            self.added.extend_from_slice(b": ");
-            self.added.extend_from_slice(value);
-            self.added.extend_from_slice(b"\r\n");
+            crate::headers::push_field(&mut self.added, name.as_bytes(), value);
         }
     }
 }
@@ -1007,12 +1004,12 @@ impl Proxy {
         let cluster = &rt.clusters[upstream.cluster];
         // Here, not on arrival: a cache hit never pays for formatting them.
         let mut request = request;
+        // Visible ASCII only, as the host routed on.
         let host = request
             .headers
             .get(HOST)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
+            .filter(|v| v.to_str().is_ok())
+            .cloned();
         let trusted_peer = ex.client.is_some_and(|c| {
             rt.limits
                 .trusted_proxies
@@ -1031,7 +1028,7 @@ impl Proxy {
             &mut request.headers,
             ex.client,
             trusted_peer,
-            &host,
+            host,
             ex.scheme,
         );
         let upstream_span = match (&ex.span, &self.tracing) {

@@ -9,39 +9,19 @@
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::uri::{Authority, Scheme};
-use http::{Request, Response, Uri};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, Method, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
 
-use super::{AttemptError, MeteredConnector, MeteredIo};
-use crate::body::ProxyBody;
-
-/// One open connection: the half that sends requests and the state machine to poll.
-struct Conn {
-    sender: http1::SendRequest<ProxyBody>,
-    driver: http1::Connection<MeteredIo, ProxyBody>,
-    /// Since when it has been idle, while parked.
-    parked_at: Instant,
-}
-
-impl Conn {
-    /// Reads, writes and moves the connection's state on; ready once it has closed.
-    fn drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        Pin::new(&mut self.driver).poll(cx).map(drop)
-    }
-
-    /// Whether it can take a request now. The poll first lets an idle connection read the end
-    /// its origin may have sent meanwhile, and a finished exchange settle into idle.
-    fn usable(&mut self, cx: &mut Context<'_>) -> bool {
-        self.drive(cx).is_pending() && self.sender.is_ready()
-    }
-}
+use super::http1::{Conn, Framing, SendError};
+use super::{AttemptError, MeteredConnector};
+use crate::body::{BoxError, ProxyBody};
+use crate::interim::InterimSink;
 
 /// Boxed: a connection's state is large, and moves between the pool, a request and its body.
 type Parked = Box<Conn>;
@@ -100,12 +80,17 @@ impl Pool {
         pool
     }
 
-    /// Sends `request` (origin-form URI, Host set) to `endpoint`, on a parked connection or a
+    /// Sends the request (`headers` with Host) to `endpoint`, on a parked connection or a
     /// new one, the request's own task polling it.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn send(
         self: &Arc<Self>,
         endpoint: &Authority,
-        mut request: Request<ProxyBody>,
+        method: &Method,
+        target: &PathAndQuery,
+        headers: &HeaderMap,
+        body: ProxyBody,
+        interim: Option<&InterimSink>,
         connect_timeout: Duration,
     ) -> Result<Response<ResponseBody>, AttemptError> {
         // Read only when a connection must be opened: a reused one needs no clock.
@@ -114,8 +99,11 @@ impl Pool {
         // on a fresh connection that happens once at most.
         let mut unsent_on_fresh = 0;
         let mut anywhere = false;
+        // Only a request without a body can go again: a body is read as it is sent.
+        let mut body = Some(body);
+        let replayable = body.as_ref().is_some_and(Body::is_end_stream);
         loop {
-            let (conn, reused) = match self.checkout(endpoint, anywhere) {
+            let (mut conn, reused) = match self.checkout(endpoint, anywhere) {
                 Some(conn) => (conn, true),
                 None => match self
                     .connect(endpoint, &mut connect_clock, connect_timeout)
@@ -130,47 +118,41 @@ impl Pool {
                     }
                 },
             };
-            let mut conn = Some(conn);
-            let sent = conn
-                .as_mut()
-                .expect("just set")
-                .sender
-                .try_send_request(request);
-            let mut sent = std::pin::pin!(sent);
-            let result = std::future::poll_fn(|cx| {
-                if let Poll::Ready(result) = sent.as_mut().poll(cx) {
-                    return Poll::Ready(result);
-                }
-                if let Some(open) = &mut conn
-                    && open.drive(cx).is_ready()
-                {
-                    // Dropping the closed connection answers the request, if it has not been.
-                    conn = None;
-                }
-                sent.as_mut().poll(cx)
-            })
-            .await;
-            match result {
-                Ok(response) => {
-                    let lease = conn.map(|conn| Lease {
+            let this_body = body.take().unwrap_or_else(crate::body::empty);
+            match conn
+                .send(method, target.as_str(), headers, this_body, interim)
+                .await
+            {
+                Ok(head) => {
+                    let (parts, ()) = head.response.into_parts();
+                    let lease = Lease {
                         conn,
                         pool: self.clone(),
                         endpoint: endpoint.clone(),
-                    });
-                    return Ok(response.map(|inner| ResponseBody { inner, lease }));
+                        reusable: head.reusable,
+                    };
+                    let mut body = ResponseBody {
+                        inner: Inner::Pooled {
+                            framing: head.framing,
+                            lease: Some(lease),
+                        },
+                    };
+                    if body.is_end_stream() {
+                        // Nothing to read (HEAD, 204, 304, empty): the connection is free now.
+                        body.release();
+                    }
+                    return Ok(Response::from_parts(parts, body));
                 }
-                Err(mut unsent) => match unsent.take_message() {
-                    Some(again) if reused || unsent_on_fresh == 0 => {
+                Err(SendError { error, unsent }) => {
+                    if unsent && replayable && (reused || unsent_on_fresh == 0) {
                         unsent_on_fresh += usize::from(!reused);
-                        request = again;
+                        continue;
                     }
-                    _ => {
-                        return Err(AttemptError {
-                            error: Box::new(unsent.into_error()),
-                            connect: false,
-                        });
-                    }
-                },
+                    return Err(AttemptError {
+                        error,
+                        connect: false,
+                    });
+                }
             }
         }
     }
@@ -197,14 +179,13 @@ impl Pool {
     }
 
     fn checkout_from(&self, list: usize, endpoint: &Authority) -> Option<Parked> {
-        let mut cx = Context::from_waker(Waker::noop());
         loop {
             let mut conn = {
                 let mut idle = self.idle[list].lock().expect("pool lock");
                 let at = position(&idle, endpoint)?;
                 idle[at].1.pop()?
             };
-            if conn.parked_at.elapsed() < self.idle_timeout && conn.usable(&mut cx) {
+            if conn.parked_at.elapsed() < self.idle_timeout && conn.usable() {
                 return Some(conn);
             }
             // Closed by its origin or idle too long: dropped (closed) here, outside the lock.
@@ -248,22 +229,11 @@ impl Pool {
             .open(uri, slot, started, deadline, connect_timeout)
             .await
             .map_err(refused)?;
-        let (sender, driver) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|e| refused(Box::new(e)))?;
-        Ok(Some(Box::new(Conn {
-            sender,
-            driver,
-            parked_at: started,
-        })))
+        Ok(Some(Box::new(Conn::new(io, started))))
     }
 
     /// Keeps the connection for the next request to `endpoint`, if it can take one.
-    fn park(&self, endpoint: Authority, mut conn: Parked, cx: &mut Context<'_>) {
-        if !conn.usable(cx) {
-            return;
-        }
+    fn park(&self, endpoint: Authority, mut conn: Parked) {
         conn.parked_at = Instant::now();
         let own = self.own_list();
         // `max_idle_connections` counts the endpoint's connections on every thread.
@@ -296,7 +266,6 @@ impl Pool {
     }
 
     fn reap(&self) {
-        let mut cx = Context::from_waker(Waker::noop());
         let mut closing = Vec::new();
         for list in &self.idle {
             let mut idle = list.lock().expect("pool lock");
@@ -304,7 +273,7 @@ impl Pool {
                 let mut i = 0;
                 while i < parked.len() {
                     let conn = &mut parked[i];
-                    if conn.parked_at.elapsed() < self.idle_timeout && conn.usable(&mut cx) {
+                    if conn.parked_at.elapsed() < self.idle_timeout && conn.usable() {
                         i += 1;
                     } else {
                         closing.push(parked.remove(i));
@@ -329,84 +298,119 @@ struct Lease {
     conn: Box<Conn>,
     pool: Arc<Pool>,
     endpoint: Authority,
+    /// Whether the response lets the connection take another request.
+    reusable: bool,
 }
 
-/// An upstream response body; from the HTTP/1 pool, it polls its connection as it is read.
+/// An upstream response body: read off a pooled HTTP/1 connection as it is polled, or from
+/// hyper's HTTP/2 client.
 pub struct ResponseBody {
-    inner: Incoming,
-    lease: Option<Lease>,
+    inner: Inner,
+}
+
+enum Inner {
+    Detached(Incoming),
+    Pooled {
+        framing: Framing,
+        /// Gone once the body has ended (the connection parked or closed) or failed.
+        lease: Option<Lease>,
+    },
 }
 
 impl ResponseBody {
     /// A body whose connection is polled elsewhere (hyper-util's pool).
     pub(super) fn detached(inner: Incoming) -> ResponseBody {
-        ResponseBody { inner, lease: None }
+        ResponseBody {
+            inner: Inner::Detached(inner),
+        }
     }
 
-    fn release(&mut self, cx: &mut Context<'_>) {
-        if let Some(Lease {
-            conn,
-            pool,
-            endpoint,
-        }) = self.lease.take()
+    /// The body has ended: its connection goes back to the pool, if the response allows.
+    fn release(&mut self) {
+        if let Inner::Pooled { lease, .. } = &mut self.inner
+            && let Some(Lease {
+                conn,
+                pool,
+                endpoint,
+                reusable,
+            }) = lease.take()
+            && reusable
+            && !conn.has_leftover()
         {
-            pool.park(endpoint, conn, cx);
+            pool.park(endpoint, conn);
         }
     }
 }
 
 impl std::fmt::Debug for ResponseBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseBody")
-            .field("inner", &self.inner)
-            .field("pooled", &self.lease.is_some())
-            .finish()
+        match &self.inner {
+            Inner::Detached(inner) => f.debug_tuple("ResponseBody").field(inner).finish(),
+            Inner::Pooled { framing, lease } => f
+                .debug_struct("ResponseBody")
+                .field("framing", framing)
+                .field("pooled", &lease.is_some())
+                .finish(),
+        }
     }
 }
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if polled.is_pending()
-            && let Some(lease) = &mut this.lease
-        {
-            // The frame comes off the connection, which nothing else polls.
-            if lease.conn.drive(cx).is_ready() {
-                this.lease = None;
+        let (framing, lease) = match &mut this.inner {
+            Inner::Detached(inner) => {
+                return Pin::new(inner).poll_frame(cx).map_err(Into::into);
             }
-            polled = Pin::new(&mut this.inner).poll_frame(cx);
-        }
+            Inner::Pooled { framing, lease } => (framing, lease),
+        };
+        let Some(open) = lease else {
+            return Poll::Ready(None);
+        };
+        let polled = std::task::ready!(open.conn.poll_body(framing, cx));
         match &polled {
-            Poll::Ready(None) => this.release(cx),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(cx),
-            Poll::Ready(Some(Err(_))) => this.lease = None,
+            Some(Err(_)) => *lease = None,
+            _ if *framing == Framing::Length(0) => this.release(),
             _ => {}
         }
-        polled
+        Poll::Ready(polled.map(|frame| frame.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Inner::Detached(inner) => inner.is_end_stream(),
+            // Not after a failure: only a body that reached its framing's end has ended.
+            Inner::Pooled { framing, .. } => *framing == Framing::Length(0),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::Detached(inner) => inner.size_hint(),
+            Inner::Pooled {
+                framing: Framing::Length(n),
+                ..
+            } => SizeHint::with_exact(*n),
+            Inner::Pooled { .. } => SizeHint::default(),
+        }
     }
 }
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
-        // A body nobody had to read (HEAD, 204, 304, empty) has still ended; one dropped
-        // half-read has not, and its connection closes with it.
-        if self.lease.is_some() && self.inner.is_end_stream() {
-            self.release(&mut Context::from_waker(Waker::noop()));
+        // One dropped half-read has not ended, and its connection closes with it.
+        if let Inner::Pooled {
+            framing: Framing::Length(0),
+            lease: Some(_),
+        } = &self.inner
+        {
+            self.release();
         }
     }
 }
