@@ -88,6 +88,15 @@ selected() {
 }
 
 wants_proxy() { [[ " $PROXIES " == *" $1 "* ]]; }
+# The proxies in the order round $1 runs them: the list rotated by one per round.
+rotated() {
+  local -a list
+  read -r -a list <<<"$PROXIES"
+  local n=${#list[@]} i
+  for ((i = 0; i < n; i++)); do
+    printf '%s ' "${list[(i + $1 - 1) % n]}"
+  done
+}
 
 # --- dependencies ---------------------------------------------------------------------------
 install_deps() {
@@ -649,22 +658,25 @@ main() {
     selected "$id" && any_load=1
   done
   log "proxies: $PROXIES; scenarios: $SCENARIOS; duration $DURATION; repeats $REPEATS"
-  # Interleaved: every round runs each proxy in turn (A B C A B C …), each from a fresh process.
+  # Interleaved: every round runs each proxy in turn, each from a fresh process, the order
+  # rotated from round to round (A B C, B C A, C A B …): no proxy always runs first.
   for ((rep = 1; rep <= REPEATS; rep++)); do
-    for proxy in $PROXIES; do
+    local order
+    order=$(rotated "$rep")
+    for proxy in $order; do
       if ((any_load)); then
         log "round $rep/$REPEATS: $proxy"
         throughput_round "$proxy" "$rep"
       fi
     done
     if selected "$FILL_SCENARIO"; then
-      for proxy in $PROXIES; do
+      for proxy in $order; do
         log "round $rep/$REPEATS: $proxy $FILL_SCENARIO"
         fill_round "$proxy" "$rep"
       done
     fi
     if selected "$BUDGET_SCENARIO"; then
-      for proxy in $PROXIES; do
+      for proxy in $order; do
         log "round $rep/$REPEATS: $proxy $BUDGET_SCENARIO"
         budget_round "$proxy" "$rep"
       done
