@@ -3,6 +3,7 @@
 #
 #   bench/profile.sh perf hit|hit16k|pass|fill      # perf (cpu-clock): user/kernel split, top symbols
 #   bench/profile.sh callgrind hit|pass             # valgrind: instructions per request, top functions
+#   bench/profile.sh syscalls hit|pass              # strace: system calls per request, by name
 #
 # Same origin (nginx, one worker) and Larder config as bench/run.sh, on free loopback ports,
 # load from `wrk -t1`. Needs nginx, wrk, curl and perf or valgrind (Debian: nginx wrk curl
@@ -12,8 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-tool=${1:?usage: bench/profile.sh perf|callgrind hit|hit16k|pass|fill}
-scenario=${2:?usage: bench/profile.sh perf|callgrind hit|hit16k|pass|fill}
+tool=${1:?usage: bench/profile.sh perf|callgrind|syscalls hit|hit16k|pass|fill}
+scenario=${2:?usage: bench/profile.sh perf|callgrind|syscalls hit|hit16k|pass|fill}
 seconds=${PROFILE_SECONDS:-5}
 LARDER_BIN=${LARDER_BIN:-target/release/larder}
 [[ -x $LARDER_BIN ]] || { echo "no $LARDER_BIN: run cargo build --release first" >&2; exit 1; }
@@ -23,6 +24,7 @@ done
 case $tool in
   perf) command -v perf >/dev/null || { echo "needs perf (linux-perf)" >&2; exit 1; } ;;
   callgrind) command -v valgrind >/dev/null || { echo "needs valgrind" >&2; exit 1; } ;;
+  syscalls) command -v strace >/dev/null || { echo "needs strace" >&2; exit 1; } ;;
   *) echo "unknown tool $tool" >&2; exit 1 ;;
 esac
 
@@ -107,7 +109,7 @@ EOF
 wait_for "http://127.0.0.1:$ORIGIN_PORT/obj/1k"
 
 case $tool in
-  perf) "$LARDER_BIN" --config "$WORK/larder.yaml" >"$WORK/larder.log" 2>&1 & ;;
+  perf | syscalls) "$LARDER_BIN" --config "$WORK/larder.yaml" >"$WORK/larder.log" 2>&1 & ;;
   callgrind)
     valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.out" \
       "$LARDER_BIN" --config "$WORK/larder.yaml" >"$WORK/larder.log" 2>&1 & ;;
@@ -159,5 +161,19 @@ case $tool in
     callgrind_annotate --inclusive=yes "$out" 2>/dev/null | awk -v n="$n" '
       /^ *[0-9,]+ \(/ { x = $1; gsub(",", "", x); if (x / n >= 300) printf "%8d  %s\n", x / n, substr($0, index($0, $3)) }' |
       sed 's|/root/.cargo/registry/src/[^/]*/||; s|/rustc/[0-9a-f]*/library/||' | cut -c1-180 | head -60
+    ;;
+  syscalls)
+    # strace slows every call down; the counts per request are what matter, not the rate.
+    load 1 >/dev/null
+    strace -c -f -p "$LARDER_PID" -o "$WORK/strace.txt" &
+    strace_pid=$!
+    sleep 0.5
+    n=$(load "$seconds" | requests)
+    kill -INT "$strace_pid"
+    wait "$strace_pid" 2>/dev/null || true
+    echo "== $scenario: $n requests; system calls per request"
+    awk -v n="$n" '$NF ~ /^[a-z_0-9]+$/ && $4 ~ /^[0-9]+$/ && $NF != "total" {
+        printf "%8.3f  %s%s\n", $4 / n, $NF, ($5 ~ /^[0-9]+$/ ? "  (" $5 " errors)" : "") }' \
+      "$WORK/strace.txt" | sort -rn | head -20
     ;;
 esac

@@ -18,6 +18,7 @@ async fn forwards_with_proxy_headers_and_without_hop_by_hop() {
             ("cache-control", "no-store"),
             ("connection", "x-origin-private"),
             ("x-origin-private", "1"),
+            ("keep-alive", "timeout=5"),
             ("x-kept", "yes"),
         ],
         "ok",
@@ -44,6 +45,7 @@ async fn forwards_with_proxy_headers_and_without_hop_by_hop() {
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("x-kept"), "yes");
     assert!(reply.headers.get("x-origin-private").is_none());
+    assert!(reply.headers.get("keep-alive").is_none());
     assert!(reply.header("via").contains("larder"));
     let seen = origin.last();
     assert_eq!(seen.uri.path_and_query().unwrap().as_str(), "/fwd?q=1");
@@ -224,6 +226,65 @@ async fn h2c_prior_knowledge_is_served_and_cached() {
         origin.last().headers["host"],
         larder.server.proxy_addrs[0].to_string()
     );
+}
+
+/// This hop's Via goes after the ones the origin's side added (RFC 9110 §7.6.3: in the order
+/// the hops forwarded), whichever server writes the response, and only once on a 304 a fill
+/// answers from the stored validators.
+#[tokio::test]
+async fn via_lists_this_hop_last_over_http1_and_http2() {
+    let origin = Origin::start(|seen| async move {
+        let cacheable = seen.uri.path() == "/filled";
+        response(
+            200,
+            &[
+                ("via", "1.0 gateway-a, 1.1 gateway-b"),
+                ("etag", "\"v1\""),
+                (
+                    "cache-control",
+                    if cacheable { "max-age=60" } else { "no-store" },
+                ),
+            ],
+            "ok",
+        )
+    })
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    let vias = |headers: &http::HeaderMap| -> Vec<String> {
+        headers
+            .get_all("via")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    };
+    let expected = ["1.0 gateway-a, 1.1 gateway-b", "1.1 larder"];
+    let reply = larder.get("/passed").await;
+    assert!(reply.cache_status().contains("fwd="), "{}", reply.cache_status());
+    assert_eq!(vias(&reply.headers), expected, "HTTP/1 pass");
+
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let response = h2
+        .request(
+            http::Request::get(larder.proxy_url("/passed"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(vias(response.headers()), expected, "HTTP/2 pass");
+
+    // A conditional request that fills: the client already has the representation.
+    let reply = larder
+        .get_with("/filled", &[("if-none-match", "\"v1\"")])
+        .await;
+    assert_eq!(reply.status, 304);
+    assert_eq!(vias(&reply.headers), ["1.1 larder"], "the 304 a fill answers");
+    let hit = larder.get("/filled").await;
+    assert!(hit.cache_status().contains("hit"), "{}", hit.cache_status());
+    assert_eq!(vias(&hit.headers), expected, "a hit");
 }
 
 #[tokio::test]

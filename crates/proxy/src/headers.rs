@@ -111,47 +111,105 @@ pub fn append_via(headers: &mut HeaderMap) {
     headers.append(VIA, HeaderValue::from_static(VIA_VALUE));
 }
 
-/// Adds the forwarding headers an origin behind a proxy expects. A client's X-Forwarded-For
-/// is kept (and extended) only when `trusted_peer`: from anyone else it would let a client
-/// choose the address the origin logs, rate-limits or allows.
+static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The fields this hop sets on a request it forwards (X-Forwarded-For, -Proto, -Host and Via),
+/// kept out of the client's map: Larder's HTTP/1 client writes them as lines after the map's
+/// fields, and hyper's (HTTP/2 clusters) gets them inserted. Four hashed inserts into the map
+/// (custom names hash every byte) and its regrowth were a pass-through's costliest header work.
+#[derive(Debug, Clone, Default)]
+pub struct HopFields {
+    pub forwarded_for: Option<HeaderValue>,
+    pub proto: Option<&'static str>,
+    pub host: Option<HeaderValue>,
+}
+
+impl HopFields {
+    /// Each field and its value, in the order they are written; Via last, after any the
+    /// client's side added.
+    pub fn each(&self, mut field: impl FnMut(&HeaderName, &[u8])) {
+        if let Some(value) = &self.forwarded_for {
+            field(&XFF, value.as_bytes());
+        }
+        if let Some(proto) = self.proto {
+            field(&XFP, proto.as_bytes());
+        }
+        if let Some(value) = &self.host {
+            field(&XFH, value.as_bytes());
+        }
+        if self.proto.is_some() {
+            field(&VIA, VIA_VALUE.as_bytes());
+        }
+    }
+
+    /// For a client that takes a map (hyper's).
+    pub fn insert_into(&self, headers: &mut HeaderMap) {
+        if let Some(value) = &self.forwarded_for {
+            headers.insert(XFF.clone(), value.clone());
+        }
+        if let Some(proto) = self.proto {
+            headers.insert(XFP.clone(), HeaderValue::from_static(proto));
+        }
+        if let Some(value) = &self.host {
+            headers.insert(XFH.clone(), value.clone());
+        }
+        if self.proto.is_some() {
+            append_via(headers);
+        }
+    }
+}
+
+/// The forwarding fields an origin behind a proxy expects, and the client's claims to them
+/// removed from its map. A client's X-Forwarded-For is kept (and extended) only when
+/// `trusted_peer`: from anyone else it would let a client choose the address the origin logs,
+/// rate-limits or allows.
 pub fn add_forwarded(
     headers: &mut HeaderMap,
     client: Option<SocketAddr>,
     trusted_peer: bool,
     host: Option<HeaderValue>,
     scheme: &'static str,
-) {
-    static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
-    static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
-    static XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
-    // Room for the four fields added here, so the map does not grow (and rehash) for them.
-    headers.reserve(4);
-    if let Some(client) = client {
+) -> HopFields {
+    // Usually none of them is there: one pass over the request's few names, not four hashed
+    // removals.
+    let claimed = |n: &HeaderName| {
+        *n == XFF || *n == XFP || *n == XFH || *n == http::header::FORWARDED
+    };
+    let mut previous = None;
+    if headers.keys().any(claimed) {
+        if trusted_peer {
+            previous = headers
+                .get(&XFF)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|prev| !prev.is_empty())
+                .map(str::to_owned);
+        }
+        // Set, not appended: this hop knows the scheme and host it received. A client-supplied
+        // X-Forwarded-Host or Forwarded would let one request change the links an origin
+        // writes into a page the cache then serves to everyone under the real host's key.
+        for name in [&XFF, &XFP, &XFH, &http::header::FORWARDED] {
+            headers.remove(name);
+        }
+    }
+    let forwarded_for = client.and_then(|client| {
         let mut value = String::with_capacity(48);
-        match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
-            Some(prev) if trusted_peer && !prev.trim().is_empty() => {
-                value.push_str(prev);
-                value.push_str(", ");
-            }
-            _ => {}
+        if let Some(prev) = &previous {
+            value.push_str(prev);
+            value.push_str(", ");
         }
         push_ip(&mut value, client.ip());
         // The string's buffer becomes the value's: no second allocation and copy.
-        if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
-            headers.insert(XFF.clone(), v);
-        }
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok()
+    });
+    HopFields {
+        forwarded_for,
+        proto: Some(scheme),
+        // The request's own Host value, shared rather than copied.
+        host,
     }
-    // Set, not appended: this hop knows the scheme and host it received. A client-supplied
-    // X-Forwarded-Host or Forwarded would let one request change the links an origin writes
-    // into a page the cache then serves to everyone under the real host's key.
-    headers.insert(XFP.clone(), HeaderValue::from_static(scheme));
-    headers.remove(&XFH);
-    headers.remove(http::header::FORWARDED);
-    // The request's own Host value, shared rather than copied.
-    if let Some(host) = host {
-        headers.insert(XFH.clone(), host);
-    }
-    append_via(headers);
 }
 
 /// Appends an address's text; IPv4 (nearly every client) without the formatting machinery,
@@ -250,41 +308,72 @@ mod tests {
         assert_eq!(left, ["content-length"]);
     }
 
+    /// What an origin sees: the map with the hop's fields in it.
+    fn forwarded(
+        mut h: HeaderMap,
+        client: Option<&str>,
+        trusted_peer: bool,
+        host: &'static str,
+    ) -> HeaderMap {
+        let client = client.map(|c| c.parse().unwrap());
+        let hop = add_forwarded(
+            &mut h,
+            client,
+            trusted_peer,
+            Some(HeaderValue::from_static(host)),
+            "http",
+        );
+        hop.insert_into(&mut h);
+        h
+    }
+
     #[test]
     fn forwarded_headers_chain() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        add_forwarded(
-            &mut h,
-            Some("127.0.0.2:1".parse().unwrap()),
-            true,
-            Some(HeaderValue::from_static("example.com")),
-            "http",
-        );
+        let h = forwarded(h, Some("127.0.0.2:1"), true, "example.com");
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.2");
         // From an untrusted peer, the chain it claims is dropped.
         let mut spoofed = HeaderMap::new();
         spoofed.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
-        add_forwarded(
-            &mut spoofed,
-            Some("127.0.0.2:1".parse().unwrap()),
-            false,
-            Some(HeaderValue::from_static("example.com")),
-            "http",
-        );
+        let spoofed = forwarded(spoofed, Some("127.0.0.2:1"), false, "example.com");
         assert_eq!(spoofed["x-forwarded-for"], "127.0.0.2");
         assert_eq!(h["x-forwarded-host"], "example.com");
+        let mut h = h;
         h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
         h.insert("forwarded", HeaderValue::from_static("host=evil.example"));
-        add_forwarded(
-            &mut h,
-            None,
-            true,
-            Some(HeaderValue::from_static("example.com")),
-            "http",
-        );
+        h.remove("via");
+        let h = forwarded(h, None, true, "example.com");
         assert_eq!(h["x-forwarded-host"], "example.com");
+        assert_eq!(h["x-forwarded-proto"], "http");
         assert!(!h.contains_key("forwarded"));
+        // No client address: no X-Forwarded-For made up, none of the client's kept.
+        assert!(!h.contains_key("x-forwarded-for"));
         assert_eq!(h["via"], VIA_VALUE);
+    }
+
+    #[test]
+    fn hop_fields_come_out_the_same_as_lines_and_in_a_map() {
+        let mut h = HeaderMap::new();
+        h.insert("via", HeaderValue::from_static("1.0 client-side"));
+        let hop = add_forwarded(
+            &mut h,
+            Some("10.1.2.3:9".parse().unwrap()),
+            false,
+            Some(HeaderValue::from_static("example.com")),
+            "https",
+        );
+        let mut lines = Vec::new();
+        hop.each(|name, value| push_field(&mut lines, name.as_str().as_bytes(), value));
+        assert_eq!(
+            String::from_utf8(lines).unwrap(),
+            "x-forwarded-for: 10.1.2.3\r\nx-forwarded-proto: https\r\n\
+             x-forwarded-host: example.com\r\nvia: 1.1 larder\r\n"
+        );
+        hop.insert_into(&mut h);
+        let via: Vec<_> = h.get_all("via").iter().collect();
+        assert_eq!(via, ["1.0 client-side", VIA_VALUE]);
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
     }
 }

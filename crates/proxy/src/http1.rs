@@ -309,8 +309,8 @@ fn parse(head: &Bytes, max_headers: usize) -> Option<(Request<ProxyBody>, bool)>
         return None;
     }
     let uri = Uri::from_maybe_shared(head.slice_ref(path.as_bytes())).ok()?;
-    // Room for the four fields a forwarded request gains (`headers::add_forwarded`): growing
-    // the map then would move every entry (a few hundred instructions per miss or pass).
+    // Room for the fields a forwarded request may gain in its map (a revalidation's
+    // validators, a trace context): growing the map then would move every entry.
     let mut headers = HeaderMap::with_capacity(parsed.headers.len() + 4);
     let mut close = false;
     for line in parsed.headers.iter() {
@@ -366,7 +366,6 @@ async fn write_response<S: AsyncWrite + Unpin>(
         debug_assert!(parts.headers.keys().all(|n| n == CONNECTION), "{parts:?}");
         // Stored without framing fields (Content-Length, Transfer-Encoding, Connection).
         out.extend_from_slice(&lines.stored);
-        out.extend_from_slice(&lines.added);
         has_date = lines.has_date;
         if !no_length {
             out.extend_from_slice(b"content-length: ");
@@ -395,6 +394,7 @@ async fn write_response<S: AsyncWrite + Unpin>(
         }
         crate::headers::push_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
+    out.extend_from_slice(&answer.added_lines);
     if !has_date {
         out.extend_from_slice(b"date: ");
         date::append(out);

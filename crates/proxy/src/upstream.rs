@@ -136,6 +136,8 @@ pub struct UpstreamRequest {
     pub method: Method,
     pub path_and_query: PathAndQuery,
     pub headers: HeaderMap,
+    /// The fields this hop adds, written after `headers`.
+    pub hop: crate::headers::HopFields,
 }
 
 impl Cluster {
@@ -449,6 +451,7 @@ impl Cluster {
                     &request.method,
                     &request.path_and_query,
                     &request.headers,
+                    &request.hop,
                     body,
                     interim,
                     timeouts.connect,
@@ -464,6 +467,7 @@ impl Cluster {
         } else {
             request.headers.clone()
         };
+        request.hop.insert_into(req.headers_mut());
         if let Some(sink) = interim {
             let sink = sink.clone();
             hyper::ext::on_informational(&mut req, move |res| {

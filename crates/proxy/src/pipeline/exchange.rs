@@ -99,6 +99,8 @@ pub(crate) struct Exchange {
     pub writer: ResponseWriter,
     /// A hit's stored fields as HTTP/1 lines, when the writer takes them.
     pub stored_lines: Option<StoredLines>,
+    /// The fields this hop adds, as lines (see [`super::Answer::added_lines`]).
+    pub added_lines: Vec<u8>,
 }
 
 impl Exchange {
@@ -142,6 +144,7 @@ impl Exchange {
             scheme: "http",
             writer: ResponseWriter::Hyper,
             stored_lines: None,
+            added_lines: Vec::new(),
         }
     }
 
@@ -163,6 +166,27 @@ impl Exchange {
             NoCacheReason::RequestNoStore => Forward::Request,
             _ => Forward::Bypass,
         });
+    }
+
+    /// Adds this hop's Via to a response from upstream: as a line for Larder's HTTP/1 writer
+    /// (it then goes after the origin's own Via fields), else to the map.
+    pub fn add_via(&mut self, headers: &mut http::HeaderMap) {
+        match self.writer {
+            ResponseWriter::Http1 => super::add_line(
+                self.added_lines(),
+                header::VIA.as_str(),
+                crate::headers::VIA_VALUE.as_bytes(),
+            ),
+            ResponseWriter::Hyper => crate::headers::append_via(headers),
+        }
+    }
+
+    /// The lines, with room for all this response adds (one allocation, not one per growth).
+    pub fn added_lines(&mut self) -> &mut Vec<u8> {
+        if self.added_lines.capacity() == 0 {
+            self.added_lines.reserve(super::ADDED_LINES_CAPACITY);
+        }
+        &mut self.added_lines
     }
 
     pub fn header_id(&self) -> &str {

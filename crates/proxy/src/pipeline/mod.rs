@@ -28,7 +28,7 @@ use crate::body::{
     boxed, empty, full,
 };
 use crate::error::ProxyError;
-use crate::headers::{add_forwarded, append_via, list_members, strip_hop_by_hop};
+use crate::headers::{add_forwarded, list_members, strip_hop_by_hop};
 use crate::interim::InterimSink;
 use crate::upstream::{Timeouts, UpstreamRequest};
 use crate::{Proxy, Runtime};
@@ -91,29 +91,34 @@ pub enum ResponseWriter {
 pub struct StoredLines {
     /// The stored fields, as encoded when the response was stored.
     pub stored: bytes::Bytes,
-    /// The fields this response adds (Age, Via, Cache-Status, X-Request-Id).
-    pub added: Vec<u8>,
     /// Whether `stored` carries `Date` (else the writer adds one).
     pub has_date: bool,
     /// The body's length, sent for HEAD too (whose body is empty).
     pub content_length: u64,
 }
 
-impl StoredLines {
-    /// Adds `name: value`; a value `HeaderValue::from_bytes` would refuse (control bytes:
-    /// CR and LF among them) is left out.
-    pub(crate) fn add(&mut self, name: &str, value: &[u8]) {
-        if is_field_value(value) {
-            crate::headers::push_field(&mut self.added, name.as_bytes(), value);
-        }
+/// Room for the lines a response gets from this hop (Age, Via, Cache-Status with a TTL, a
+/// request id) without growing.
+pub(crate) const ADDED_LINES_CAPACITY: usize = 192;
+
+/// Adds `name: value` to HTTP/1 lines; a value `HeaderValue::from_bytes` would refuse
+/// (control bytes: CR and LF among them) is left out.
+pub(crate) fn add_line(lines: &mut Vec<u8>, name: &str, value: &[u8]) {
+    if is_field_value(value) {
+        crate::headers::push_field(lines, name.as_bytes(), value);
     }
 }
 
-/// The response to a request, and for [`ResponseWriter::Http1`] the stored fields it carries
-/// as lines.
+/// The response to a request, and for [`ResponseWriter::Http1`] the fields it carries as
+/// lines rather than in its `HeaderMap`.
 pub struct Answer {
     pub response: Response<ProxyBody>,
     pub stored_lines: Option<StoredLines>,
+    /// The fields this hop adds (Via, Cache-Status, X-Request-Id; Age on a hit) as HTTP/1
+    /// lines, written after all others (a Via list stays in hop order). Only for
+    /// [`ResponseWriter::Http1`]: inserting them into the map and encoding that again cost
+    /// a hashed insert and an allocation each.
+    pub added_lines: Vec<u8>,
 }
 
 /// Marks an upstream response that came with both Transfer-Encoding and Content-Length.
@@ -180,8 +185,9 @@ impl Proxy {
         let response = match self.process(&runtime, &mut ex, req, interim.clone()).await {
             Ok(response) => response,
             Err(error) => {
-                // Lines belong to the stored response they came with, never to an error.
+                // Lines belong to the response they came with, never to an error.
                 ex.stored_lines = None;
+                ex.added_lines.clear();
                 if let ProxyError::Upstream(e) = &error {
                     ex.upstream_address = e.endpoint.clone();
                     ex.reason.get_or_insert(NoCacheReason::UpstreamError);
@@ -203,7 +209,11 @@ impl Proxy {
         mut response: Response<ProxyBody>,
         interim: Option<InterimSink>,
     ) -> Answer {
-        let mut stored_lines = ex.stored_lines.take();
+        let stored_lines = ex.stored_lines.take();
+        if ex.writer == ResponseWriter::Http1 {
+            ex.added_lines();
+        }
+        let mut added_lines = std::mem::take(&mut ex.added_lines);
         if let Some(sink) = &interim {
             sink.response_returned();
         }
@@ -219,12 +229,12 @@ impl Proxy {
             }
         }
         let cache_status = ex.cache_status();
-        match &mut stored_lines {
-            Some(lines) => {
-                lines.add(CACHE_STATUS.as_str(), cache_status.as_bytes());
-                lines.add(REQUEST_ID.as_str(), ex.header_id().as_bytes());
+        match ex.writer {
+            ResponseWriter::Http1 => {
+                add_line(&mut added_lines, CACHE_STATUS.as_str(), cache_status.as_bytes());
+                add_line(&mut added_lines, REQUEST_ID.as_str(), ex.header_id().as_bytes());
             }
-            None => {
+            ResponseWriter::Hyper => {
                 if let Ok(v) = HeaderValue::from_str(&cache_status) {
                     headers.insert(CACHE_STATUS.clone(), v);
                 }
@@ -254,6 +264,7 @@ impl Proxy {
         Answer {
             response: Response::from_parts(parts, boxed(body)),
             stored_lines,
+            added_lines,
         }
     }
 
@@ -796,6 +807,7 @@ impl Proxy {
             method: request.method.clone(),
             path_and_query: request.path_and_query.clone(),
             headers,
+            hop: Default::default(),
         };
         let fetched = match self
             .forward(
@@ -906,7 +918,7 @@ impl Proxy {
                     rt.cache.remove(stale);
                 }
                 drop(guard);
-                append_via(&mut parts.headers);
+                ex.add_via(&mut parts.headers);
                 return Ok(Response::from_parts(parts, boxed(upstream_body)));
             }
         };
@@ -929,12 +941,13 @@ impl Proxy {
             }
             .run(upstream_body, admission),
         );
-        append_via(&mut parts.headers);
         if parts.status == StatusCode::OK && not_modified(&request.headers, &parts.headers) {
-            // The client already has it; the fill goes on without this client.
+            // The client already has it; the fill goes on without this client. (The 304
+            // carries its own Via.)
             drop(rx);
             return Ok(not_modified_response(&parts.headers));
         }
+        ex.add_via(&mut parts.headers);
         Ok(Response::from_parts(
             parts,
             boxed(ChannelBody::new(rx, flow, exact_len)),
@@ -981,13 +994,14 @@ impl Proxy {
             method: request.method,
             path_and_query: request.path_and_query,
             headers: request.headers,
+            hop: Default::default(),
         };
         let response = self
             .forward(rt, ex, upstream, upstream_request, body, interim.as_ref())
             .await?;
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        append_via(&mut parts.headers);
+        ex.add_via(&mut parts.headers);
         Ok(Response::from_parts(parts, boxed(body)))
     }
 
@@ -1024,7 +1038,7 @@ impl Proxy {
                 request.headers.remove(name);
             }
         }
-        add_forwarded(
+        request.hop = add_forwarded(
             &mut request.headers,
             ex.client,
             trusted_peer,
@@ -1124,7 +1138,14 @@ impl Proxy {
             age_secs: age,
             as_lines: ex.writer == ResponseWriter::Http1,
         };
-        let (response, lines) = from_store(&request.method, &request.headers, stored, options);
+        ex.added_lines.clear();
+        let (response, lines) = from_store(
+            &request.method,
+            &request.headers,
+            stored,
+            options,
+            &mut ex.added_lines,
+        );
         ex.stored_lines = lines;
         response
     }

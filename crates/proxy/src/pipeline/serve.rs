@@ -13,15 +13,11 @@ use larder_cache::{Fields, StoredResponse, not_modified};
 
 use crate::body::{ProxyBody, empty, full};
 use crate::headers::{VIA_VALUE, append_via};
-use crate::pipeline::StoredLines;
+use crate::pipeline::{StoredLines, add_line};
 
 /// Age, Via, Content-Length, Content-Range or Content-Type, Cache-Status, X-Request-Id: room
 /// for them in the served map up front, so a hit never regrows it.
 const FIELDS_ADDED_ON_THE_WAY_OUT: usize = 6;
-
-/// Room for the lines a hit adds (Age, Via, Cache-Status with a TTL, a request id) without
-/// growing.
-const LINES_ADDED_CAPACITY: usize = 192;
 
 /// More ranges than this in one request is abuse (or pointless); the whole body is sent.
 pub(crate) const MAX_RANGES: usize = 16;
@@ -42,6 +38,7 @@ pub(crate) fn from_store(
     request: &HeaderMap,
     stored: &StoredResponse,
     options: ServeOptions,
+    added_lines: &mut Vec<u8>,
 ) -> (Response<ProxyBody>, Option<StoredLines>) {
     // Conditions apply to a successful representation (RFC 9110 §13.2.1), never to a stored 404.
     if stored.status.is_success() && not_modified(request, &stored.headers) {
@@ -82,18 +79,18 @@ pub(crate) fn from_store(
     }
     let left_out = options.without_revalidation && !stored.no_cache_fields.is_empty();
     let lines = if options.as_lines && !left_out && range_field.is_none() {
-        let mut lines = StoredLines {
-            stored: stored.headers.http1_lines(),
-            added: Vec::with_capacity(LINES_ADDED_CAPACITY),
-            has_date: stored.headers.has_date(),
-            content_length: body.len() as u64,
-        };
-        lines.add(
+        added_lines.reserve(super::ADDED_LINES_CAPACITY);
+        add_line(
+            added_lines,
             header::AGE.as_str(),
             itoa::Buffer::new().format(options.age_secs).as_bytes(),
         );
-        lines.add(header::VIA.as_str(), VIA_VALUE.as_bytes());
-        Some(lines)
+        add_line(added_lines, header::VIA.as_str(), VIA_VALUE.as_bytes());
+        Some(StoredLines {
+            stored: stored.headers.http1_lines(),
+            has_date: stored.headers.has_date(),
+            content_length: body.len() as u64,
+        })
     } else {
         None
     };

@@ -25,7 +25,7 @@ use tokio::io::AsyncWrite;
 
 use super::MeteredIo;
 use crate::body::{BoxError, ProxyBody};
-use crate::headers::{list_members, lists_token};
+use crate::headers::{HopFields, list_members, lists_token};
 use crate::interim::InterimSink;
 
 /// As many response header lines as hyper's client accepts by default.
@@ -161,11 +161,12 @@ impl Conn {
         method: &Method,
         target: &str,
         headers: &HeaderMap,
+        hop: &HopFields,
         body: ProxyBody,
         interim: Option<&InterimSink>,
     ) -> Result<Head, SendError> {
         let mut body = (!body.is_end_stream()).then_some(body);
-        let framing = self.write_head(method, target, headers, body.as_ref());
+        let framing = self.write_head(method, target, headers, hop, body.as_ref());
         let mut writing = RequestWriter {
             written: 0,
             wrote_any: false,
@@ -261,6 +262,7 @@ impl Conn {
         method: &Method,
         target: &str,
         headers: &HeaderMap,
+        hop: &HopFields,
         body: Option<&ProxyBody>,
     ) -> Option<u64> {
         let out = &mut self.out;
@@ -276,6 +278,7 @@ impl Conn {
             }
             crate::headers::push_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
+        hop.each(|name, value| crate::headers::push_field(out, name.as_str().as_bytes(), value));
         let length = match body {
             None => {
                 // RFC 9112 §6.3: a method that defines content says it has none.
@@ -517,6 +520,8 @@ fn hex(mut n: usize, buf: &mut [u8; 16]) -> &[u8] {
 
 /// Takes a complete response head off the front of `read`, if it is all there.
 /// `searched`: how much of `read` holds no head end (see `head_end`).
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
 fn parse_head(
     read: &mut BytesMut,
     method: &Method,
@@ -572,6 +577,16 @@ fn parse_head(
         if name == CONNECTION {
             close_token |= lists_token(line.value, b"close");
             keep_alive_token |= lists_token(line.value, b"keep-alive");
+            // This hop's alone, and read here: left out of the map (where the relay would
+            // look it up and remove it again) unless it names other fields to drop.
+            if list_members(line.value).all(|token| {
+                token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive")
+            }) {
+                continue;
+            }
+        } else if name == KEEP_ALIVE {
+            // Hop-by-hop whatever Connection says (RFC 9112 §9.6 / RFC 2068 §19.7.1).
+            continue;
         } else if name == TRANSFER_ENCODING {
             // Only the last coding says how the message ends.
             let last = list_members(line.value).last();

@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use super::http1::{Conn, Framing, SendError};
 use super::{AttemptError, MeteredConnector};
 use crate::body::{BoxError, ProxyBody};
+use crate::headers::HopFields;
 use crate::interim::InterimSink;
 
 /// Boxed: a connection's state is large, and moves between the pool, a request and its body.
@@ -89,6 +90,7 @@ impl Pool {
         method: &Method,
         target: &PathAndQuery,
         headers: &HeaderMap,
+        hop: &HopFields,
         body: ProxyBody,
         interim: Option<&InterimSink>,
         connect_timeout: Duration,
@@ -120,7 +122,7 @@ impl Pool {
             };
             let this_body = body.take().unwrap_or_else(crate::body::empty);
             match conn
-                .send(method, target.as_str(), headers, this_body, interim)
+                .send(method, target.as_str(), headers, hop, this_body, interim)
                 .await
             {
                 Ok(head) => {
