@@ -4,6 +4,7 @@
 #   bench/profile.sh perf hit|hit16k|pass|fill      # perf (cpu-clock): user/kernel split, top symbols
 #   bench/profile.sh callgrind hit|pass             # valgrind: instructions per request, top functions
 #   bench/profile.sh syscalls hit|pass              # strace: system calls per request, by name
+#   bench/profile.sh stat hit|pass                  # perf stat: CPU time and context switches per request
 #
 # Same origin (nginx, one worker) and Larder config as bench/run.sh, on free loopback ports,
 # load from `wrk -t1`. Needs nginx, wrk, curl and perf or valgrind (Debian: nginx wrk curl
@@ -13,8 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-tool=${1:?usage: bench/profile.sh perf|callgrind|syscalls hit|hit16k|pass|fill}
-scenario=${2:?usage: bench/profile.sh perf|callgrind|syscalls hit|hit16k|pass|fill}
+tool=${1:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit16k|pass|fill}
+scenario=${2:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit16k|pass|fill}
 seconds=${PROFILE_SECONDS:-5}
 LARDER_BIN=${LARDER_BIN:-target/release/larder}
 [[ -x $LARDER_BIN ]] || { echo "no $LARDER_BIN: run cargo build --release first" >&2; exit 1; }
@@ -25,6 +26,7 @@ case $tool in
   perf) command -v perf >/dev/null || { echo "needs perf (linux-perf)" >&2; exit 1; } ;;
   callgrind) command -v valgrind >/dev/null || { echo "needs valgrind" >&2; exit 1; } ;;
   syscalls) command -v strace >/dev/null || { echo "needs strace" >&2; exit 1; } ;;
+  stat) command -v perf >/dev/null || { echo "needs perf (linux-perf)" >&2; exit 1; } ;;
   *) echo "unknown tool $tool" >&2; exit 1 ;;
 esac
 
@@ -109,7 +111,7 @@ EOF
 wait_for "http://127.0.0.1:$ORIGIN_PORT/obj/1k"
 
 case $tool in
-  perf | syscalls) "$LARDER_BIN" --config "$WORK/larder.yaml" >"$WORK/larder.log" 2>&1 & ;;
+  perf | syscalls | stat) "$LARDER_BIN" --config "$WORK/larder.yaml" >"$WORK/larder.log" 2>&1 & ;;
   callgrind)
     valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.out" \
       "$LARDER_BIN" --config "$WORK/larder.yaml" >"$WORK/larder.log" 2>&1 & ;;
@@ -161,6 +163,18 @@ case $tool in
     callgrind_annotate --inclusive=yes "$out" 2>/dev/null | awk -v n="$n" '
       /^ *[0-9,]+ \(/ { x = $1; gsub(",", "", x); if (x / n >= 300) printf "%8d  %s\n", x / n, substr($0, index($0, $3)) }' |
       sed 's|/root/.cargo/registry/src/[^/]*/||; s|/rustc/[0-9a-f]*/library/||' | cut -c1-180 | head -60
+    ;;
+  stat)
+    load 1 >/dev/null
+    perf stat -x, -e task-clock,context-switches,cpu-migrations -p "$LARDER_PID" -o "$WORK/stat.txt" &
+    stat_pid=$!
+    sleep 0.2
+    n=$(load "$seconds" | requests)
+    kill -INT "$stat_pid"
+    wait "$stat_pid" 2>/dev/null || true
+    echo "== $scenario: $n requests in ${seconds}s; per request:"
+    awk -F, -v n="$n" '$3 == "task-clock" { printf "%8.2f  us of CPU\n", $1 * 1000 / n }
+      $3 ~ /context-switches|cpu-migrations/ { printf "%8.3f  %s\n", $1 / n, $3 }' "$WORK/stat.txt"
     ;;
   syscalls)
     # strace slows every call down; the counts per request are what matter, not the rate.

@@ -76,7 +76,7 @@ for v in REPEATS CACHE_MIB BUDGET_MIB KEYS FILL_KEYS BUDGET_KEYS BUDGET_SAMPLE H
 done
 case $BUDGET_OBJ in 1k | 16k) ;; *) die "BENCH_BUDGET_OBJ must be 1k or 16k" ;; esac
 for p in $PROXIES; do
-  case $p in larder | nginx | varnish | haproxy) ;; *) die "unknown proxy '$p' in BENCH_PROXIES" ;; esac
+  case $p in larder | larder-threads | nginx | varnish | haproxy) ;; *) die "unknown proxy '$p' in BENCH_PROXIES" ;; esac
 done
 
 selected() {
@@ -313,6 +313,8 @@ start_proxy() {
   NGINX_CACHE_DIR=""
   case $name in
     larder) start_larder "$d" "$mib" ;;
+    # The same binary and config with connection threads (LARDER_CONNECTION_THREADS=auto).
+    larder-threads) start_larder "$d" "$mib" auto ;;
     nginx) start_nginx "$d" "$mib" ;;
     varnish) start_varnish "$d" "$mib" ;;
     haproxy) start_haproxy "$d" "$mib" ;;
@@ -334,7 +336,7 @@ stop_proxy() {
 }
 
 start_larder() {
-  local d=$1 mib=$2 access="enabled: false"
+  local d=$1 mib=$2 threads=${3:-} access="enabled: false"
   if [[ $LARDER_ACCESS_LOG != 0 ]]; then access="{ enabled: true, output: $d/access.log }"; fi
   [[ $access == "enabled: false" ]] && access="{ enabled: false }"
   cat >"$d/larder.yaml" <<EOF
@@ -363,7 +365,13 @@ resource_types:
 EOF
   "$LARDER_BIN" validate --config "$d/larder.yaml" >"$d/validate.log" 2>&1 ||
     die "larder rejected its config: $(cat "$d/validate.log")"
-  RUST_LOG=${RUST_LOG:-warn} "$LARDER_BIN" --config "$d/larder.yaml" >"$d/stdout.log" 2>"$d/stderr.log" &
+  if [[ -n $threads ]]; then
+    LARDER_CONNECTION_THREADS=$threads RUST_LOG=${RUST_LOG:-warn} "$LARDER_BIN" --config "$d/larder.yaml" \
+      >"$d/stdout.log" 2>"$d/stderr.log" &
+  else
+    env -u LARDER_CONNECTION_THREADS RUST_LOG="${RUST_LOG:-warn}" "$LARDER_BIN" --config "$d/larder.yaml" \
+      >"$d/stdout.log" 2>"$d/stderr.log" &
+  fi
   PROXY_PID=$!
   PROXY_PORT=$LARDER_PORT
   PROXY_H2_PORT=$LARDER_PORT
@@ -620,7 +628,7 @@ budget_round() {
 
 version_of() {
   case $1 in
-    larder) "$LARDER_BIN" --version 2>&1 | head -1 ;;
+    larder | larder-threads) "$LARDER_BIN" --version 2>&1 | head -1 ;;
     nginx) nginx -v 2>&1 | head -1 ;;
     varnish) varnishd -V 2>&1 | head -1 ;;
     haproxy) haproxy -v 2>&1 | head -1 ;;
@@ -632,7 +640,7 @@ version_of() {
 # --- main -------------------------------------------------------------------------------------
 main() {
   install_deps
-  if wants_proxy larder; then
+  if wants_proxy larder || wants_proxy larder-threads; then
     [[ -x $LARDER_BIN ]] || die "no larder binary at $LARDER_BIN: run 'cargo build --release' or set LARDER_BIN"
   fi
   ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
