@@ -197,6 +197,9 @@ struct HotHandles {
     not_cached: Handles<&'static str, ShardedCounter>,
     stale_served: Handles<&'static str, ShardedCounter>,
     revalidations: Handles<&'static str, ShardedCounter>,
+    /// By cluster address: the family's own lookup takes a read lock whose word both worker
+    /// threads write on every pass-through, and hashes the labels with SipHash.
+    upstream_duration: Handles<usize, (Arc<str>, ShardedHistogram)>,
     duration_cache: ShardedHistogram,
     duration_upstream: ShardedHistogram,
     bytes_cache: ShardedCounter,
@@ -371,6 +374,7 @@ impl Metrics {
                 not_cached: Handles::new(),
                 stale_served: Handles::new(),
                 revalidations: Handles::new(),
+                upstream_duration: Handles::new(),
                 duration_cache: ShardedHistogram::new(std::iter::empty()),
                 duration_upstream: ShardedHistogram::new(std::iter::empty()),
                 bytes_cache: ShardedCounter::default(),
@@ -675,23 +679,33 @@ impl Metrics {
     }
 
     pub(crate) fn record_upstream(&self, e: &UpstreamEvent<'_>) {
-        let cluster = e.cluster.clone();
+        // The cluster's name is cloned only for a series' first use (or a rare retry or
+        // error): its reference count is a cache line every worker thread would write.
         if e.retries > 0 {
             self.upstream_retries
                 .get_or_create(&ClusterLabels {
-                    cluster: cluster.clone(),
+                    cluster: e.cluster.clone(),
                 })
                 .inc_by(u64::from(e.retries));
         }
         match e.error {
-            None => self
-                .upstream_duration
-                .get_or_create(&ClusterLabels { cluster })
-                .observe(e.duration.as_secs_f64()),
+            None => self.hot.upstream_duration.with(
+                Arc::as_ptr(e.cluster) as *const u8 as usize,
+                || {
+                    let histogram = self
+                        .upstream_duration
+                        .get_or_create(&ClusterLabels {
+                            cluster: e.cluster.clone(),
+                        })
+                        .clone();
+                    (e.cluster.clone(), histogram)
+                },
+                |(_, histogram)| histogram.observe(e.duration.as_secs_f64()),
+            ),
             Some(kind) => {
                 self.upstream_errors
                     .get_or_create(&UpstreamErrorLabels {
-                        cluster,
+                        cluster: e.cluster.clone(),
                         kind: kind.as_str(),
                     })
                     .inc();
@@ -741,6 +755,7 @@ impl Metrics {
     pub fn forget_hot_handles(&self) {
         self.hot.requests.clear();
         self.hot.lookups.clear();
+        self.hot.upstream_duration.clear();
     }
 
     /// Drops a peer's series once it is no longer a peer, so churn does not grow them.
@@ -964,6 +979,37 @@ mod tests {
             text.contains("larder_request_duration_seconds_count{source=\"cache\"} 450"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn upstream_durations_keep_to_their_cluster_across_a_reload() {
+        let m = Metrics::new("1.2.3");
+        let record = |cluster: &Arc<str>, n: usize| {
+            for _ in 0..n {
+                m.record_upstream(&UpstreamEvent {
+                    cluster,
+                    duration: Duration::from_millis(3),
+                    error: None,
+                    retries: 0,
+                });
+            }
+        };
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        record(&a, 2);
+        record(&b, 3);
+        // A reload makes new names; the old ones may be freed and their addresses reused.
+        m.forget_hot_handles();
+        drop((a, b));
+        let (b, c): (Arc<str>, Arc<str>) = ("b".into(), "c".into());
+        record(&b, 1);
+        record(&c, 4);
+        let text = m.encode();
+        for (cluster, count) in [("a", 2), ("b", 4), ("c", 4)] {
+            let series = format!(
+                r#"larder_upstream_request_duration_seconds_count{{cluster="{cluster}"}} {count}"#
+            );
+            assert!(text.contains(&series), "{series}\n{text}");
+        }
     }
 
     #[test]

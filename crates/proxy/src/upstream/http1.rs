@@ -25,7 +25,7 @@ use tokio::io::AsyncWrite;
 
 use super::MeteredIo;
 use crate::body::{BoxError, ProxyBody};
-use crate::headers::{HopFields, list_members, lists_token};
+use crate::headers::{HopFields, list_members};
 use crate::interim::InterimSink;
 
 /// As many response header lines as hyper's client accepts by default.
@@ -575,13 +575,19 @@ fn parse_head(
         let value = HeaderValue::from_maybe_shared(head.slice_ref(line.value))
             .map_err(|_| Http1Error::BadHead("field value"))?;
         if name == CONNECTION {
-            close_token |= lists_token(line.value, b"close");
-            keep_alive_token |= lists_token(line.value, b"keep-alive");
             // This hop's alone, and read here: left out of the map (where the relay would
             // look it up and remove it again) unless it names other fields to drop.
-            if list_members(line.value).all(|token| {
-                token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive")
-            }) {
+            let mut names_others = false;
+            for token in list_members(line.value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close_token = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive_token = true;
+                } else {
+                    names_others = true;
+                }
+            }
+            if !names_others {
                 continue;
             }
         } else if name == KEEP_ALIVE {
