@@ -4,12 +4,12 @@
 //! (discovery, health checks, reloads) stay on the main runtime.
 //!
 //! On tokio's work-stealing runtime (the default) idle workers are woken to steal whatever is
-//! queued. Measured on the 2-core bench machine, where the load generator shares the cores
-//! (BENCHMARKS.md): one thread per connection served 20% more pass-through and (while HTTP/2
-//! streams were still tasks of their own) 30% more HTTP/2 requests per CPU-second, but
-//! HTTP/1 cache hits 5–12% fewer, with a worse p99 (a thread preempted by the load generator
-//! stalls its connections, where a work-stealing runtime moves them). Hence opt-in: for
-//! dedicated cores, or proxies that mostly pass through.
+//! queued. Measured side by side on the 2-core bench machine, where the load generator shares
+//! the cores (BENCHMARKS.md, twelfth run): connection threads served as many HTTP/1 cache hits,
+//! 29% more pass-through and 9% more HTTP/2 requests, with a p99 at 50 connections 1.5–2.6×
+//! worse (a thread preempted by the load generator stalls its connections, where a
+//! work-stealing runtime moves them). Hence opt-in: for dedicated cores, or proxies that mostly
+//! pass through.
 
 use std::cell::Cell;
 use std::sync::OnceLock;
