@@ -156,6 +156,7 @@ case $tool in
     callgrind_control -z "$LARDER_PID" >/dev/null
     n=$(load "$seconds" | requests)
     callgrind_control -d "$LARDER_PID" >/dev/null
+    [[ ${n:-0} -gt 0 ]] || { echo "no request completed under load: see $WORK/larder.log" >&2; exit 1; }
     sleep 1
     out=$(ls -t "$WORK"/callgrind.out* | head -1)
     total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
@@ -171,6 +172,7 @@ case $tool in
     sleep 0.2
     n=$(load "$seconds" | requests)
     kill -INT "$stat_pid"
+    [[ ${n:-0} -gt 0 ]] || { echo "no request completed under load: see $WORK/larder.log" >&2; exit 1; }
     wait "$stat_pid" 2>/dev/null || true
     echo "== $scenario: $n requests in ${seconds}s; per request:"
     awk -F, -v n="$n" '$3 == "task-clock" { printf "%8.2f  us of CPU\n", $1 * 1000 / n }
@@ -184,6 +186,7 @@ case $tool in
     sleep 0.5
     n=$(load "$seconds" | requests)
     kill -INT "$strace_pid"
+    [[ ${n:-0} -gt 0 ]] || { echo "no request completed under load: see $WORK/larder.log" >&2; exit 1; }
     wait "$strace_pid" 2>/dev/null || true
     echo "== $scenario: $n requests; system calls per request"
     awk -v n="$n" '$NF ~ /^[a-z_0-9]+$/ && $4 ~ /^[0-9]+$/ && $NF != "total" {

@@ -230,7 +230,7 @@ async fn h2c_prior_knowledge_is_served_and_cached() {
 
 /// This hop's Via goes after the ones the origin's side added (RFC 9110 §7.6.3: in the order
 /// the hops forwarded), whichever server writes the response, and only once on a 304 a fill
-/// answers from the stored validators.
+/// answers from the stored validators; its X-Request-Id and Cache-Status replace the origin's.
 #[tokio::test]
 async fn via_lists_this_hop_last_over_http1_and_http2() {
     let origin = Origin::start(|seen| async move {
@@ -239,6 +239,8 @@ async fn via_lists_this_hop_last_over_http1_and_http2() {
             200,
             &[
                 ("via", "1.0 gateway-a, 1.1 gateway-b"),
+                ("x-request-id", "origin-id"),
+                ("cache-status", "upstream; hit"),
                 ("etag", "\"v1\""),
                 (
                     "cache-control",
@@ -258,9 +260,21 @@ async fn via_lists_this_hop_last_over_http1_and_http2() {
             .collect()
     };
     let expected = ["1.0 gateway-a, 1.1 gateway-b", "1.1 larder"];
+    let one = |headers: &http::HeaderMap, name: &str| -> String {
+        let values: Vec<_> = headers.get_all(name).iter().collect();
+        assert_eq!(values.len(), 1, "{name}: {values:?}");
+        values[0].to_str().unwrap().to_owned()
+    };
     let reply = larder.get("/passed").await;
-    assert!(reply.cache_status().contains("fwd="), "{}", reply.cache_status());
+    assert!(
+        reply.cache_status().contains("fwd="),
+        "{}",
+        reply.cache_status()
+    );
     assert_eq!(vias(&reply.headers), expected, "HTTP/1 pass");
+    // The origin's own X-Request-Id and Cache-Status give way to this hop's.
+    assert_ne!(one(&reply.headers, "x-request-id"), "origin-id");
+    assert!(one(&reply.headers, "cache-status").starts_with("larder;"));
 
     let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
@@ -275,16 +289,24 @@ async fn via_lists_this_hop_last_over_http1_and_http2() {
         .unwrap();
     assert_eq!(response.version(), http::Version::HTTP_2);
     assert_eq!(vias(response.headers()), expected, "HTTP/2 pass");
+    assert_ne!(one(response.headers(), "x-request-id"), "origin-id");
+    assert!(one(response.headers(), "cache-status").starts_with("larder;"));
 
     // A conditional request that fills: the client already has the representation.
     let reply = larder
         .get_with("/filled", &[("if-none-match", "\"v1\"")])
         .await;
     assert_eq!(reply.status, 304);
-    assert_eq!(vias(&reply.headers), ["1.1 larder"], "the 304 a fill answers");
+    assert_eq!(
+        vias(&reply.headers),
+        ["1.1 larder"],
+        "the 304 a fill answers"
+    );
     let hit = larder.get("/filled").await;
     assert!(hit.cache_status().contains("hit"), "{}", hit.cache_status());
     assert_eq!(vias(&hit.headers), expected, "a hit");
+    assert_ne!(one(&hit.headers, "x-request-id"), "origin-id");
+    assert!(one(&hit.headers, "cache-status").starts_with("larder; hit"));
 }
 
 #[tokio::test]

@@ -372,9 +372,21 @@ async fn the_circuit_breaker_answers_503_instead_of_queueing() {
 async fn http2_to_a_cleartext_upstream_uses_prior_knowledge() {
     let origin = Origin::fixed(200, &[("cache-control", "no-store")], "h2c").await;
     let larder = Larder::start(&cluster_yaml(&[origin.addr], "    http2: true")).await;
-    assert_eq!(larder.get("/two").await.text(), "h2c");
+    let reply = larder
+        .get_with(
+            "/two",
+            &[("x-forwarded-for", "6.6.6.6"), ("via", "1.0 client-side")],
+        )
+        .await;
+    assert_eq!(reply.text(), "h2c");
+    let seen = origin.last();
     // An HTTP/2 request carries its scheme and authority; HTTP/1.1 sends only the path.
-    assert_eq!(origin.last().uri.scheme_str(), Some("http"));
+    assert_eq!(seen.uri.scheme_str(), Some("http"));
+    // The hop's fields reach an HTTP/2 origin too, a client's claim replaced.
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    let via: Vec<_> = seen.headers.get_all("via").iter().collect();
+    assert_eq!(via, ["1.0 client-side", "1.1 larder"]);
 }
 
 /// Polls `/clusters` (bounded) until the first cluster's breaker usage satisfies `ready`.

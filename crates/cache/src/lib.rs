@@ -759,10 +759,11 @@ impl Cache {
     }
 }
 
-/// A key's hash for the hit-for-pass table, seeded per process (a client cannot aim
-/// collisions at a known function). foldhash, not SipHash: hashed twice per pass-through,
-/// where SipHash cost 280 instructions a time. A collision only sends a request forward
-/// without waiting for a concurrent fetch of another key, never serves anything.
+/// A key's hash for the hit-for-pass table, seeded per process. foldhash, not SipHash: hashed
+/// twice per pass-through, where SipHash cost 280 instructions a time. foldhash does not
+/// claim resistance to crafted collisions; one only marks another key hit-for-pass for a
+/// while (its requests go forward without coalescing and are still admitted if storable),
+/// never serves anything.
 fn key_hash(key: &Key) -> u64 {
     use std::hash::BuildHasher;
     static SEED: std::sync::OnceLock<foldhash::fast::RandomState> = std::sync::OnceLock::new();

@@ -119,6 +119,7 @@ static XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// kept out of the client's map: Larder's HTTP/1 client writes them as lines after the map's
 /// fields, and hyper's (HTTP/2 clusters) gets them inserted. Four hashed inserts into the map
 /// (custom names hash every byte) and its regrowth were a pass-through's costliest header work.
+/// A default one (before `add_forwarded` filled it in) adds nothing, Via included.
 #[derive(Debug, Clone, Default)]
 pub struct HopFields {
     pub forwarded_for: Option<HeaderValue>,
@@ -174,9 +175,8 @@ pub fn add_forwarded(
 ) -> HopFields {
     // Usually none of them is there: one pass over the request's few names, not four hashed
     // removals.
-    let claimed = |n: &HeaderName| {
-        *n == XFF || *n == XFP || *n == XFH || *n == http::header::FORWARDED
-    };
+    let claimed =
+        |n: &HeaderName| *n == XFF || *n == XFP || *n == XFH || *n == http::header::FORWARDED;
     let mut previous = None;
     if headers.keys().any(claimed) {
         if trusted_peer {
@@ -351,6 +351,39 @@ mod tests {
         // No client address: no X-Forwarded-For made up, none of the client's kept.
         assert!(!h.contains_key("x-forwarded-for"));
         assert_eq!(h["via"], VIA_VALUE);
+    }
+
+    #[test]
+    fn a_clients_forwarding_claims_leave_the_map_whoever_it_is() {
+        for trusted_peer in [false, true] {
+            let mut h = HeaderMap::new();
+            for (name, value) in [
+                ("x-forwarded-for", "6.6.6.6"),
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-host", "evil.example"),
+                ("forwarded", "for=6.6.6.6"),
+                ("x-kept", "1"),
+            ] {
+                h.insert(name, HeaderValue::from_static(value));
+            }
+            let hop = add_forwarded(
+                &mut h,
+                Some("10.0.0.2:1".parse().unwrap()),
+                trusted_peer,
+                Some(HeaderValue::from_static("example.com")),
+                "http",
+            );
+            // What the HTTP/1 client writes: the map's fields, then the hop's lines.
+            let left: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+            assert_eq!(left, ["x-kept"], "trusted: {trusted_peer}");
+            let expected = if trusted_peer {
+                "6.6.6.6, 10.0.0.2"
+            } else {
+                "10.0.0.2"
+            };
+            assert_eq!(hop.forwarded_for.as_ref().unwrap(), expected);
+            assert_eq!(hop.host.as_ref().unwrap(), "example.com");
+        }
     }
 
     #[test]

@@ -101,14 +101,6 @@ pub struct StoredLines {
 /// request id) without growing.
 pub(crate) const ADDED_LINES_CAPACITY: usize = 192;
 
-/// Adds `name: value` to HTTP/1 lines; a value `HeaderValue::from_bytes` would refuse
-/// (control bytes: CR and LF among them) is left out.
-pub(crate) fn add_line(lines: &mut Vec<u8>, name: &str, value: &[u8]) {
-    if is_field_value(value) {
-        crate::headers::push_field(lines, name.as_bytes(), value);
-    }
-}
-
 /// The response to a request, and for [`ResponseWriter::Http1`] the fields it carries as
 /// lines rather than in its `HeaderMap`.
 pub struct Answer {
@@ -228,13 +220,38 @@ impl Proxy {
                 headers.remove(name);
             }
         }
-        let cache_status = ex.cache_status();
         match ex.writer {
             ResponseWriter::Http1 => {
-                add_line(&mut added_lines, CACHE_STATUS.as_str(), cache_status.as_bytes());
-                add_line(&mut added_lines, REQUEST_ID.as_str(), ex.header_id().as_bytes());
+                // This hop's values replace any the origin sent, as inserting them into the
+                // map would (stored responses never carry them; a relayed one may).
+                if headers
+                    .keys()
+                    .any(|n| *n == CACHE_STATUS || *n == REQUEST_ID)
+                {
+                    headers.remove(&CACHE_STATUS);
+                    headers.remove(&REQUEST_ID);
+                }
+                // Written in place (no String); a value that could not be a field value (a
+                // cache key shown in it, say) is taken back out.
+                let line_at = added_lines.len();
+                added_lines.extend_from_slice(CACHE_STATUS.as_str().as_bytes());
+                added_lines.extend_from_slice(b": ");
+                let value_at = added_lines.len();
+                ex.write_cache_status(&mut added_lines);
+                if is_field_value(&added_lines[value_at..]) {
+                    added_lines.extend_from_slice(b"\r\n");
+                } else {
+                    added_lines.truncate(line_at);
+                }
+                // Our own hex digits, or the client's value, which read as visible ASCII.
+                crate::headers::push_field(
+                    &mut added_lines,
+                    REQUEST_ID.as_str().as_bytes(),
+                    ex.header_id().as_bytes(),
+                );
             }
             ResponseWriter::Hyper => {
+                let cache_status = ex.cache_status();
                 if let Ok(v) = HeaderValue::from_str(&cache_status) {
                     headers.insert(CACHE_STATUS.clone(), v);
                 }

@@ -12,8 +12,9 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use larder_cache::{Fields, StoredResponse, not_modified};
 
 use crate::body::{ProxyBody, empty, full};
+use crate::headers::push_field;
 use crate::headers::{VIA_VALUE, append_via};
-use crate::pipeline::{StoredLines, add_line};
+use crate::pipeline::StoredLines;
 
 /// Age, Via, Content-Length, Content-Range or Content-Type, Cache-Status, X-Request-Id: room
 /// for them in the served map up front, so a hit never regrows it.
@@ -80,12 +81,17 @@ pub(crate) fn from_store(
     let left_out = options.without_revalidation && !stored.no_cache_fields.is_empty();
     let lines = if options.as_lines && !left_out && range_field.is_none() {
         added_lines.reserve(super::ADDED_LINES_CAPACITY);
-        add_line(
+        // Digits and a constant: valid field values without a check.
+        push_field(
             added_lines,
-            header::AGE.as_str(),
+            header::AGE.as_str().as_bytes(),
             itoa::Buffer::new().format(options.age_secs).as_bytes(),
         );
-        add_line(added_lines, header::VIA.as_str(), VIA_VALUE.as_bytes());
+        push_field(
+            added_lines,
+            header::VIA.as_str().as_bytes(),
+            VIA_VALUE.as_bytes(),
+        );
         Some(StoredLines {
             stored: stored.headers.http1_lines(),
             has_date: stored.headers.has_date(),

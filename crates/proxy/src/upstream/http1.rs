@@ -41,6 +41,8 @@ const MAX_CHUNK_EXTENSIONS: usize = 16 * 1024;
 /// How much is read at once: enough for a small response whole, bounded for large bodies.
 const READ_MIN: usize = 8 * 1024;
 const READ_MAX: usize = 64 * 1024;
+/// Hop-by-hop, read by this client and never relayed (RFC 9110 §7.6.1).
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// What went wrong on the connection. `IncompleteHead` (closed or reset before a whole
 /// response head) is what a pooled connection its origin had just closed looks like: an
@@ -520,8 +522,6 @@ fn hex(mut n: usize, buf: &mut [u8; 16]) -> &[u8] {
 
 /// Takes a complete response head off the front of `read`, if it is all there.
 /// `searched`: how much of `read` holds no head end (see `head_end`).
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-
 fn parse_head(
     read: &mut BytesMut,
     method: &Method,
@@ -844,6 +844,37 @@ mod tests {
 
     fn head(text: &str, method: Method) -> Result<Option<Head>, Http1Error> {
         parse_head(&mut BytesMut::from(text.as_bytes()), &method, &mut 0)
+    }
+
+    #[test]
+    fn this_hops_connection_fields_are_read_and_left_out_of_the_map() {
+        let fields = |text: &str| {
+            let head = head(text, Method::GET).unwrap().unwrap();
+            let names: Vec<String> = head
+                .response
+                .headers()
+                .keys()
+                .map(|n| n.to_string())
+                .collect();
+            (names, head.reusable)
+        };
+        let (names, reusable) = fields(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+             Content-Length: 0\r\nX-Kept: 1\r\n\r\n",
+        );
+        assert_eq!(names, ["content-length", "x-kept"]);
+        assert!(reusable);
+        let (names, reusable) =
+            fields("HTTP/1.1 200 OK\r\nConnection: Close\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(names, ["content-length"]);
+        assert!(!reusable);
+        // Naming another field: kept, so the relay drops that field too.
+        let (names, reusable) = fields(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Private\r\nX-Private: 1\r\n\
+             Content-Length: 0\r\n\r\n",
+        );
+        assert_eq!(names, ["connection", "x-private", "content-length"]);
+        assert!(reusable);
     }
 
     #[test]
