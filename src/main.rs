@@ -88,6 +88,7 @@ fn main() -> ExitCode {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("larder")
+        .max_io_events_per_tick(IO_EVENTS_PER_TICK)
         .build()
         .expect("building the tokio runtime");
     match runtime.block_on(run(cli, setup)) {
@@ -98,6 +99,14 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// How many ready sockets a worker takes from the poller at once (tokio's default: 1024). With
+/// hundreds of busy connections, the worker that polls took readiness for all of them and
+/// queued their tasks behind each other on itself; a worker preempted meanwhile (by another
+/// process on its core) held them all. Taking 16 at a time keeps the rest with the poller for
+/// whichever worker is running: on the 2-core bench, 1 KiB hits at 200 connections went from a
+/// p99 of 3.0–5.3 ms to 2.1–2.9 ms at the same throughput (BENCHMARKS.md, twelfth run).
+const IO_EVENTS_PER_TICK: usize = 16;
 
 /// Larder's own diagnostics on stderr: the config's `log.level` filter (`RUST_LOG` wins when
 /// set) and `log.format`, text or one JSON object per line.
