@@ -105,7 +105,7 @@ fn main() -> ExitCode {
 /// queued their tasks behind each other on itself; a worker preempted meanwhile (by another
 /// process on its core) held them all. Taking 16 at a time keeps the rest with the poller for
 /// whichever worker is running: on the 2-core bench, 1 KiB hits at 200 connections went from a
-/// p99 of 3.0–5.3 ms to 2.1–2.9 ms at the same throughput (BENCHMARKS.md, twelfth run).
+/// p99 of 3.0–5.3 ms to 2.1–2.9 ms at the same throughput (BENCHMARKS.md, thirteenth run).
 const IO_EVENTS_PER_TICK: usize = 16;
 
 /// Larder's own diagnostics on stderr: the config's `log.level` filter (`RUST_LOG` wins when
