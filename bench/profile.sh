@@ -137,6 +137,21 @@ load() { # load SECONDS: prints wrk's output
   fi
 }
 requests() { awk '/requests in/ {print $1}'; }
+no_requests_is_an_error() {
+  [[ ${n:-0} -gt 0 ]] || { echo "no request completed under load: see $WORK/larder.log" >&2; exit 1; }
+}
+# traced TRACER ARGS...: the tracer attached to Larder around one measured load, stopped with
+# SIGINT (so it prints its totals); sets n, the requests served meanwhile.
+traced() {
+  load 1 >/dev/null
+  "$@" &
+  local tracer=$!
+  sleep 0.5
+  n=$(load "$seconds" | requests)
+  kill -INT "$tracer"
+  wait "$tracer" 2>/dev/null || true
+  no_requests_is_an_error
+}
 
 case $tool in
   perf)
@@ -156,7 +171,7 @@ case $tool in
     callgrind_control -z "$LARDER_PID" >/dev/null
     n=$(load "$seconds" | requests)
     callgrind_control -d "$LARDER_PID" >/dev/null
-    [[ ${n:-0} -gt 0 ]] || { echo "no request completed under load: see $WORK/larder.log" >&2; exit 1; }
+    no_requests_is_an_error
     sleep 1
     out=$(ls -t "$WORK"/callgrind.out* | head -1)
     total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
@@ -166,28 +181,14 @@ case $tool in
       sed 's|/root/.cargo/registry/src/[^/]*/||; s|/rustc/[0-9a-f]*/library/||' | cut -c1-180 | head -60
     ;;
   stat)
-    load 1 >/dev/null
-    perf stat -x, -e task-clock,context-switches,cpu-migrations -p "$LARDER_PID" -o "$WORK/stat.txt" &
-    stat_pid=$!
-    sleep 0.2
-    n=$(load "$seconds" | requests)
-    kill -INT "$stat_pid"
-    [[ ${n:-0} -gt 0 ]] || { echo "no request completed under load: see $WORK/larder.log" >&2; exit 1; }
-    wait "$stat_pid" 2>/dev/null || true
+    traced perf stat -x, -e task-clock,context-switches,cpu-migrations -p "$LARDER_PID" -o "$WORK/stat.txt"
     echo "== $scenario: $n requests in ${seconds}s; per request:"
     awk -F, -v n="$n" '$3 == "task-clock" { printf "%8.2f  us of CPU\n", $1 * 1000 / n }
       $3 ~ /context-switches|cpu-migrations/ { printf "%8.3f  %s\n", $1 / n, $3 }' "$WORK/stat.txt"
     ;;
   syscalls)
     # strace slows every call down; the counts per request are what matter, not the rate.
-    load 1 >/dev/null
-    strace -c -f -p "$LARDER_PID" -o "$WORK/strace.txt" &
-    strace_pid=$!
-    sleep 0.5
-    n=$(load "$seconds" | requests)
-    kill -INT "$strace_pid"
-    [[ ${n:-0} -gt 0 ]] || { echo "no request completed under load: see $WORK/larder.log" >&2; exit 1; }
-    wait "$strace_pid" 2>/dev/null || true
+    traced strace -c -f -p "$LARDER_PID" -o "$WORK/strace.txt"
     echo "== $scenario: $n requests; system calls per request"
     awk -v n="$n" '$NF ~ /^[a-z_0-9]+$/ && $4 ~ /^[0-9]+$/ && $NF != "total" {
         printf "%8.3f  %s%s\n", $4 / n, $NF, ($5 ~ /^[0-9]+$/ ? "  (" $5 " errors)" : "") }' \

@@ -119,11 +119,10 @@ static XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// kept out of the client's map: Larder's HTTP/1 client writes them as lines after the map's
 /// fields, and hyper's (HTTP/2 clusters) gets them inserted. Four hashed inserts into the map
 /// (custom names hash every byte) and its regrowth were a pass-through's costliest header work.
-/// A default one (before `add_forwarded` filled it in) adds nothing, Via included.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct HopFields {
     pub forwarded_for: Option<HeaderValue>,
-    pub proto: Option<&'static str>,
+    pub proto: &'static str,
     pub host: Option<HeaderValue>,
 }
 
@@ -134,15 +133,11 @@ impl HopFields {
         if let Some(value) = &self.forwarded_for {
             field(&XFF, value.as_bytes());
         }
-        if let Some(proto) = self.proto {
-            field(&XFP, proto.as_bytes());
-        }
+        field(&XFP, self.proto.as_bytes());
         if let Some(value) = &self.host {
             field(&XFH, value.as_bytes());
         }
-        if self.proto.is_some() {
-            field(&VIA, VIA_VALUE.as_bytes());
-        }
+        field(&VIA, VIA_VALUE.as_bytes());
     }
 
     /// For a client that takes a map (hyper's).
@@ -150,15 +145,11 @@ impl HopFields {
         if let Some(value) = &self.forwarded_for {
             headers.insert(XFF.clone(), value.clone());
         }
-        if let Some(proto) = self.proto {
-            headers.insert(XFP.clone(), HeaderValue::from_static(proto));
-        }
+        headers.insert(XFP.clone(), HeaderValue::from_static(self.proto));
         if let Some(value) = &self.host {
             headers.insert(XFH.clone(), value.clone());
         }
-        if self.proto.is_some() {
-            append_via(headers);
-        }
+        append_via(headers);
     }
 }
 
@@ -206,7 +197,7 @@ pub fn add_forwarded(
     });
     HopFields {
         forwarded_for,
-        proto: Some(scheme),
+        proto: scheme,
         // The request's own Host value, shared rather than copied.
         host,
     }

@@ -136,8 +136,9 @@ pub struct UpstreamRequest {
     pub method: Method,
     pub path_and_query: PathAndQuery,
     pub headers: HeaderMap,
-    /// The fields this hop adds, written after `headers`.
-    pub hop: crate::headers::HopFields,
+    /// The fields this hop adds, written after `headers`; set as the request goes upstream
+    /// (`Proxy::forward`).
+    pub hop: Option<crate::headers::HopFields>,
 }
 
 impl Cluster {
@@ -451,7 +452,7 @@ impl Cluster {
                     &request.method,
                     &request.path_and_query,
                     &request.headers,
-                    &request.hop,
+                    request.hop.as_ref(),
                     body,
                     interim,
                     timeouts.connect,
@@ -467,7 +468,9 @@ impl Cluster {
         } else {
             request.headers.clone()
         };
-        request.hop.insert_into(req.headers_mut());
+        if let Some(hop) = &request.hop {
+            hop.insert_into(req.headers_mut());
+        }
         if let Some(sink) = interim {
             let sink = sink.clone();
             hyper::ext::on_informational(&mut req, move |res| {

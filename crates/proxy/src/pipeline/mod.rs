@@ -202,10 +202,6 @@ impl Proxy {
         interim: Option<InterimSink>,
     ) -> Answer {
         let stored_lines = ex.stored_lines.take();
-        if ex.writer == ResponseWriter::Http1 {
-            ex.added_lines();
-        }
-        let mut added_lines = std::mem::take(&mut ex.added_lines);
         if let Some(sink) = &interim {
             sink.response_returned();
         }
@@ -220,8 +216,10 @@ impl Proxy {
                 headers.remove(name);
             }
         }
-        match ex.writer {
+        // Only Larder's HTTP/1 writer takes lines: hyper's responses get every field in the map.
+        let added_lines = match ex.writer {
             ResponseWriter::Http1 => {
+                let mut added_lines = std::mem::take(ex.added_lines());
                 // This hop's values replace any the origin sent, as inserting them into the
                 // map would (stored responses never carry them; a relayed one may).
                 if headers
@@ -249,6 +247,7 @@ impl Proxy {
                     REQUEST_ID.as_str().as_bytes(),
                     ex.header_id().as_bytes(),
                 );
+                added_lines
             }
             ResponseWriter::Hyper => {
                 let cache_status = ex.cache_status();
@@ -258,8 +257,9 @@ impl Proxy {
                 if let Ok(v) = HeaderValue::from_str(ex.header_id()) {
                     headers.insert(REQUEST_ID.clone(), v);
                 }
+                Vec::new()
             }
-        }
+        };
         // Draining: no HTTP/1 client should send another request on this connection.
         if self.is_draining() && ex.version < http::Version::HTTP_2 {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -824,7 +824,7 @@ impl Proxy {
             method: request.method.clone(),
             path_and_query: request.path_and_query.clone(),
             headers,
-            hop: Default::default(),
+            hop: None,
         };
         let fetched = match self
             .forward(
@@ -1011,7 +1011,7 @@ impl Proxy {
             method: request.method,
             path_and_query: request.path_and_query,
             headers: request.headers,
-            hop: Default::default(),
+            hop: None,
         };
         let response = self
             .forward(rt, ex, upstream, upstream_request, body, interim.as_ref())
@@ -1055,13 +1055,13 @@ impl Proxy {
                 request.headers.remove(name);
             }
         }
-        request.hop = add_forwarded(
+        request.hop = Some(add_forwarded(
             &mut request.headers,
             ex.client,
             trusted_peer,
             host,
             ex.scheme,
-        );
+        ));
         let upstream_span = match (&ex.span, &self.tracing) {
             (Some(span), Some(tracing)) => Some(span.upstream(
                 tracing,

@@ -163,7 +163,7 @@ impl Conn {
         method: &Method,
         target: &str,
         headers: &HeaderMap,
-        hop: &HopFields,
+        hop: Option<&HopFields>,
         body: ProxyBody,
         interim: Option<&InterimSink>,
     ) -> Result<Head, SendError> {
@@ -264,7 +264,7 @@ impl Conn {
         method: &Method,
         target: &str,
         headers: &HeaderMap,
-        hop: &HopFields,
+        hop: Option<&HopFields>,
         body: Option<&ProxyBody>,
     ) -> Option<u64> {
         let out = &mut self.out;
@@ -280,7 +280,11 @@ impl Conn {
             }
             crate::headers::push_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
-        hop.each(|name, value| crate::headers::push_field(out, name.as_str().as_bytes(), value));
+        if let Some(hop) = hop {
+            hop.each(|name, value| {
+                crate::headers::push_field(out, name.as_str().as_bytes(), value)
+            });
+        }
         let length = match body {
             None => {
                 // RFC 9112 §6.3: a method that defines content says it has none.
@@ -883,65 +887,73 @@ mod tests {
             let head = head(text, method).unwrap().unwrap();
             (head.framing, head.reusable)
         };
-        assert_eq!(
-            framing("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", Method::GET),
-            (Framing::Length(5), true)
-        );
-        assert_eq!(
-            framing("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", Method::HEAD),
-            (Framing::Length(0), true)
-        );
-        assert_eq!(
-            framing(
+        // (head, method, framing, whether the connection may be reused after it)
+        let cases = [
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                Method::GET,
+                Framing::Length(5),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                Method::HEAD,
+                Framing::Length(0),
+                true,
+            ),
+            (
                 "HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
-                Method::GET
+                Method::GET,
+                Framing::Length(0),
+                true,
             ),
-            (Framing::Length(0), true)
-        );
-        assert_eq!(
-            framing(
+            (
                 "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
-                Method::GET
+                Method::GET,
+                Framing::Chunked(Chunk::Size),
+                true,
             ),
-            (Framing::Chunked(Chunk::Size), true)
-        );
-        // Both: chunked wins, and the connection is not trusted after it.
-        assert_eq!(
-            framing(
+            // Both: chunked wins, and the connection is not trusted after it.
+            (
                 "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
-                Method::GET
+                Method::GET,
+                Framing::Chunked(Chunk::Size),
+                false,
             ),
-            (Framing::Chunked(Chunk::Size), false)
-        );
-        assert_eq!(
-            framing(
+            (
                 "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
-                Method::GET
+                Method::GET,
+                Framing::Close,
+                false,
             ),
-            (Framing::Close, false)
-        );
-        assert_eq!(
-            framing("HTTP/1.1 200 OK\r\n\r\n", Method::GET),
-            (Framing::Close, false)
-        );
-        assert_eq!(
-            framing(
+            (
+                "HTTP/1.1 200 OK\r\n\r\n",
+                Method::GET,
+                Framing::Close,
+                false,
+            ),
+            (
                 "HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nConnection: close\r\n\r\n",
-                Method::GET
+                Method::GET,
+                Framing::Length(5),
+                false,
             ),
-            (Framing::Length(5), false)
-        );
-        assert_eq!(
-            framing("HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n", Method::GET),
-            (Framing::Length(5), false)
-        );
-        assert_eq!(
-            framing(
+            (
+                "HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n",
+                Method::GET,
+                Framing::Length(5),
+                false,
+            ),
+            (
                 "HTTP/1.0 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\n",
-                Method::GET
+                Method::GET,
+                Framing::Length(5),
+                true,
             ),
-            (Framing::Length(5), true)
-        );
+        ];
+        for (text, method, expected, reusable) in cases {
+            assert_eq!(framing(text, method), (expected, reusable), "{text:?}");
+        }
         for bad in ["5, 6", "-1", "+5", "5x", ""] {
             let text = format!("HTTP/1.1 200 OK\r\nContent-Length: {bad}\r\n\r\n");
             assert!(

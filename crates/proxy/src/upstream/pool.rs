@@ -90,7 +90,7 @@ impl Pool {
         method: &Method,
         target: &PathAndQuery,
         headers: &HeaderMap,
-        hop: &HopFields,
+        hop: Option<&HopFields>,
         body: ProxyBody,
         interim: Option<&InterimSink>,
         connect_timeout: Duration,
