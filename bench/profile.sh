@@ -2,20 +2,20 @@
 # Profiles Larder alone on one load scenario, the way BENCHMARKS.md's gap analysis was made:
 #
 #   bench/profile.sh perf hit|hit16k|pass|fill      # perf (cpu-clock): user/kernel split, top symbols
-#   bench/profile.sh callgrind hit|pass             # valgrind: instructions per request, top functions
+#   bench/profile.sh callgrind hit|pass|h2c         # valgrind: instructions per request, top functions
 #   bench/profile.sh syscalls hit|pass              # strace: system calls per request, by name
 #   bench/profile.sh stat hit|pass                  # perf stat: CPU time and context switches per request
 #
 # Same origin (nginx, one worker) and Larder config as bench/run.sh, on free loopback ports,
-# load from `wrk -t1`. Needs nginx, wrk, curl and perf or valgrind (Debian: nginx wrk curl
-# linux-perf valgrind); uses target/release/larder (or $LARDER_BIN). Every process it starts is
+# load from `wrk -t1` (h2c: `h2load -m10`, HTTP/2 hits). Needs nginx, wrk, curl, h2load for h2c,
+# and perf or valgrind (Debian: nginx wrk curl nghttp2-client linux-perf valgrind); uses target/release/larder (or $LARDER_BIN). Every process it starts is
 # stopped on exit. PROFILE_SECONDS (default 5) bounds the measured load; PROFILE_OUT=DIR keeps the
 # raw profile (perf.data, callgrind.out) there for perf report / callgrind_annotate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-tool=${1:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit16k|pass|fill}
-scenario=${2:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit16k|pass|fill}
+tool=${1:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit16k|h2c|pass|fill}
+scenario=${2:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit16k|h2c|pass|fill}
 seconds=${PROFILE_SECONDS:-5}
 LARDER_BIN=${LARDER_BIN:-target/release/larder}
 [[ -x $LARDER_BIN ]] || { echo "no $LARDER_BIN: run cargo build --release first" >&2; exit 1; }
@@ -122,6 +122,9 @@ URL=http://127.0.0.1:$PROXY_PORT
 case $scenario in
   hit) path=/obj/1k ;;
   hit16k) path=/obj/16k ;;
+  h2c)
+    command -v h2load >/dev/null || { echo "needs h2load (nghttp2-client)" >&2; exit 1; }
+    path=/obj/1k ;;
   pass) path=/pass/1k ;;
   fill) path=/k16/0 ;;
   *) echo "unknown scenario $scenario" >&2; exit 1 ;;
@@ -129,7 +132,10 @@ esac
 wait_for "$URL$path"
 
 load() { # load SECONDS: prints wrk's output
-  if [[ $scenario == fill ]]; then
+  if [[ $scenario == h2c ]]; then
+    # The same shape as bench/run.sh's h2c scenario; prints wrk's "N requests in" line.
+    h2load -c50 -m10 -D "$1" "$URL$path" | awk '/^requests:/ { print $8, "requests in" }'
+  elif [[ $scenario == fill ]]; then
     FILL_PREFIX=/k16/ FILL_FIRST=1 FILL_COUNT=1000000 \
       wrk -t1 -c16 -d"${1}s" -s bench/lua/fill.lua "$URL"
   else

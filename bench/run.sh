@@ -19,6 +19,9 @@ REPEATS=${BENCH_REPEATS:-3}
 PROXIES=${BENCH_PROXIES:-larder nginx varnish haproxy}
 SCENARIOS=${BENCH_SCENARIOS:-all}
 LARDER_BIN=${LARDER_BIN:-$REPO_DIR/target/release/larder}
+# Proxy id `larder-base`: another Larder build (say, the commit before a change), same config,
+# for an A/B interleaved in one run.
+LARDER_BASE_BIN=${LARDER_BASE_BIN:-}
 LARDER_ACCESS_LOG=${BENCH_LARDER_ACCESS_LOG:-0}
 CACHE_MIB=${BENCH_CACHE_MIB:-1024}
 BUDGET_MIB=${BENCH_BUDGET_MIB:-64}
@@ -76,7 +79,7 @@ for v in REPEATS CACHE_MIB BUDGET_MIB KEYS FILL_KEYS BUDGET_KEYS BUDGET_SAMPLE H
 done
 case $BUDGET_OBJ in 1k | 16k) ;; *) die "BENCH_BUDGET_OBJ must be 1k or 16k" ;; esac
 for p in $PROXIES; do
-  case $p in larder | larder-threads | nginx | varnish | haproxy) ;; *) die "unknown proxy '$p' in BENCH_PROXIES" ;; esac
+  case $p in larder | larder-threads | larder-base | nginx | varnish | haproxy) ;; *) die "unknown proxy '$p' in BENCH_PROXIES" ;; esac
 done
 
 selected() {
@@ -315,6 +318,7 @@ start_proxy() {
     larder) start_larder "$d" "$mib" ;;
     # The same binary and config with connection threads (LARDER_CONNECTION_THREADS=auto).
     larder-threads) start_larder "$d" "$mib" auto ;;
+    larder-base) LARDER_BIN=$LARDER_BASE_BIN start_larder "$d" "$mib" ;;
     nginx) start_nginx "$d" "$mib" ;;
     varnish) start_varnish "$d" "$mib" ;;
     haproxy) start_haproxy "$d" "$mib" ;;
@@ -629,6 +633,7 @@ budget_round() {
 version_of() {
   case $1 in
     larder | larder-threads) "$LARDER_BIN" --version 2>&1 | head -1 ;;
+    larder-base) echo "$("$LARDER_BASE_BIN" --version 2>&1 | head -1) ($LARDER_BASE_BIN)" ;;
     nginx) nginx -v 2>&1 | head -1 ;;
     varnish) varnishd -V 2>&1 | head -1 ;;
     haproxy) haproxy -v 2>&1 | head -1 ;;
@@ -642,6 +647,10 @@ main() {
   install_deps
   if wants_proxy larder || wants_proxy larder-threads; then
     [[ -x $LARDER_BIN ]] || die "no larder binary at $LARDER_BIN: run 'cargo build --release' or set LARDER_BIN"
+  fi
+  if wants_proxy larder-base; then
+    [[ -n $LARDER_BASE_BIN && -x $LARDER_BASE_BIN ]] ||
+      die "proxy larder-base needs LARDER_BASE_BIN, another larder binary (got '$LARDER_BASE_BIN')"
   fi
   ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
   CLK_TCK=$(getconf CLK_TCK)
