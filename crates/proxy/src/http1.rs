@@ -69,6 +69,14 @@ pub struct Rewind<S> {
     inner: S,
 }
 
+impl<S> Rewind<S> {
+    /// Whether the connection opened with HTTP/2's preface (its request line, which is all the
+    /// head search needed to see).
+    pub fn is_http2(&self) -> bool {
+        self.read.starts_with(b"PRI * HTTP/2.0\r\n")
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,

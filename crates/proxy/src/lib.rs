@@ -3,6 +3,7 @@
 
 pub mod balance;
 pub mod body;
+mod cork;
 pub mod demo;
 mod discovery;
 pub mod error;

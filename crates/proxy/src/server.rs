@@ -18,6 +18,7 @@ use http::{Request, Version};
 use hyper::body::Incoming;
 
 use crate::body::boxed;
+use crate::cork::{Batch, Corked};
 use crate::head_deadline::{HeadClock, HeadDeadline, HeadTimedOut, Tracked};
 use crate::http1::HeadLimits;
 use crate::interim::{InterimIo, InterimSink};
@@ -293,8 +294,15 @@ where
             }
         })
     };
-    let fallback = move |io, mut drain: tokio::sync::watch::Receiver<()>, draining: bool| async move {
-        let connection = builder.serve_connection(TokioIo::new(io), service);
+    let fallback = move |io: crate::http1::Rewind<HeadDeadline<InterimIo<S>>>,
+                         mut drain: tokio::sync::watch::Receiver<()>,
+                         draining: bool| async move {
+        // HTTP/2's writes wait for the end of the task's poll (`WithStreams`): one system call
+        // for all the responses a poll finished. Not HTTP/1's: hyper may end such a
+        // connection without the shutdown that sends what is held.
+        let http2 = io.is_http2();
+        let corked = Corked::new(io, http2);
+        let connection = builder.serve_connection(TokioIo::new(corked), service);
         let mut connection = std::pin::pin!(connection);
         if !draining {
             tokio::select! {
@@ -369,7 +377,37 @@ pin_project_lite::pin_project! {
 impl<C: Future> Future for WithStreams<C> {
     type Output = C::Output;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        let batch = Batch::begin();
+        let polled = self.as_mut().poll_batch(cx);
+        if batch.end() && polled.is_pending() {
+            // What the batch wrote is held (`Corked`): the connection's flush sends it now.
+            let this = self.project();
+            if this.ended.is_none() {
+                POLLING.set(POLLING.get() + 1);
+                let flushed = this.connection.poll(cx);
+                POLLING.set(POLLING.get() - 1);
+                let mut again = false;
+                if STARTED.with_borrow(|started| !started.is_empty()) {
+                    STARTED.with_borrow_mut(|started| this.streams.extend(started.drain(..)));
+                    again = true;
+                }
+                if let Poll::Ready(output) = flushed {
+                    *this.ended = Some(output);
+                    again = true;
+                }
+                if again {
+                    // New streams to start, or an end to report: the next poll does it.
+                    cx.waker().wake_by_ref();
+                }
+            }
+        }
+        polled
+    }
+}
+
+impl<C: Future> WithStreams<C> {
+    fn poll_batch(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
         use futures_util::StreamExt;
         let mut this = self.project();
         // Streams that finish give the connection frames to write: a few rounds here save a
