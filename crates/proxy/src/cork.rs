@@ -151,9 +151,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Corked<S> {
     }
 
     fn is_write_vectored(&self) -> bool {
-        // Held writes take every slice; the rest go to an inner IO that may not be vectored,
-        // which tokio's default `poll_write_vectored` (first slice only) handles.
-        true
+        // Held writes take every slice whatever this says; the rest go to the inner IO.
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
