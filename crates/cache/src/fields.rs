@@ -151,10 +151,17 @@ impl StoredHeaders {
 
     /// A `HeaderMap` of these fields with room for `extra` more without growing (the fields a
     /// response gains on its way out: Age, Via, Content-Length, Cache-Status, X-Request-Id…).
+    ///
+    /// The values are copied, not shared: a shared value's clone and drop are two atomic
+    /// operations on the stored buffer's count, which every worker serving the object bounces
+    /// between cores. Copying a dozen short values was cheaper (HTTP/2 hits: 5.97 → 5.77 µs of
+    /// CPU each, `bench/profile.sh stat h2c`).
     pub fn to_header_map(&self, extra: usize) -> HeaderMap {
         let mut map = HeaderMap::with_capacity(self.fields.len() + extra);
         for (name, value) in self.fields.iter() {
-            map.append(name.clone(), value.clone());
+            // Stored values were valid field values when stored; the fallback never runs.
+            let copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+            map.append(name.clone(), copy);
         }
         map
     }
