@@ -19,11 +19,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const COPY_MAX: usize = 4096;
 /// Held bytes past this go out before more are taken: the batch stays bounded.
 const HOLD_MAX: usize = 64 * 1024;
+/// Capacity the held buffer keeps once drained: a batch of a few small responses reuses it,
+/// while a connection that once held `HOLD_MAX` does not keep that much for the rest of its life.
+const KEEP_CAPACITY: usize = 8 * 1024;
 
 thread_local! {
     /// Whether this thread is inside a batch (a [`Batch`] is open).
     static OPEN: Cell<bool> = const { Cell::new(false) };
-    /// Whether a [`Corked`] IO held bytes back during the open batch.
+    /// Whether a [`Corked`] IO holds bytes back in the open batch.
     static HELD: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -60,7 +63,11 @@ impl Drop for Batch {
 }
 
 /// An IO whose small writes wait, during a [`Batch`], for the batch's end.
-pub(crate) struct Corked<S> {
+///
+/// Held bytes leave on the next flush, write outside a batch, or shutdown; a connection that
+/// ends without any of those (hyper's HTTP/2 server returns early on some errors, and on a
+/// client's EOF) has them written, best effort, when it is dropped.
+pub(crate) struct Corked<S: AsyncWrite + Unpin> {
     inner: S,
     /// Off: every write goes straight through. Only for protocols whose connections always
     /// end with a shutdown (which sends what is held), or are polled again after a batch.
@@ -68,7 +75,7 @@ pub(crate) struct Corked<S> {
     held: Vec<u8>,
 }
 
-impl<S> Corked<S> {
+impl<S: AsyncWrite + Unpin> Corked<S> {
     pub(crate) fn new(inner: S, enabled: bool) -> Self {
         Corked {
             inner,
@@ -76,12 +83,15 @@ impl<S> Corked<S> {
             held: Vec::new(),
         }
     }
-}
 
-impl<S: AsyncWrite + Unpin> Corked<S> {
     /// Takes `len` bytes aside if a batch is open and they fit.
     fn hold(&mut self, len: usize, copy: impl FnOnce(&mut Vec<u8>)) -> bool {
-        if !self.enabled || !OPEN.get() || len > COPY_MAX || self.held.len() + len > HOLD_MAX {
+        if !self.enabled
+            || !OPEN.get()
+            || len == 0
+            || len > COPY_MAX
+            || self.held.len() + len > HOLD_MAX
+        {
             return false;
         }
         copy(&mut self.held);
@@ -105,12 +115,34 @@ impl<S: AsyncWrite + Unpin> Corked<S> {
                 }
             }
         }
-        self.held.clear();
+        if written > 0 {
+            self.held.clear();
+            if self.held.capacity() > KEEP_CAPACITY {
+                self.held.shrink_to(KEEP_CAPACITY);
+            }
+            if OPEN.get() {
+                // Sent within the batch (a big write went after it): its end owes no flush.
+                HELD.set(false);
+            }
+        }
         Poll::Ready(Ok(()))
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Corked<S> {
+impl<S: AsyncWrite + Unpin> Drop for Corked<S> {
+    fn drop(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        // Nobody will poll this IO again: one try, without waiting, at what a flush would do.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if let Poll::Ready(Ok(())) = self.poll_drain(&mut cx) {
+            let _ = Pin::new(&mut self.inner).poll_flush(&mut cx);
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Corked<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -209,7 +241,10 @@ mod tests {
             corked.held.is_empty(),
             "a big write sends what was held first"
         );
-        assert!(batch.end(), "bytes were held during the batch");
+        assert!(
+            !batch.end(),
+            "what was held went out: no flushing poll is owed"
+        );
         corked.write_all(b" tail").await.unwrap();
         assert!(corked.held.is_empty(), "no batch: written through");
         corked.shutdown().await.unwrap();
@@ -230,6 +265,76 @@ mod tests {
         let mut got = [0u8; 3];
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"now");
+    }
+
+    #[tokio::test]
+    async fn held_bytes_go_out_in_order_through_a_pipe_that_takes_a_few_at_a_time() {
+        // 16 bytes of pipe: the drain is partial and pending until the reader makes room.
+        let (client, mut server) = tokio::io::duplex(16);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let mut corked = Corked::new(client, true);
+        let mut expected = Vec::new();
+        let batch = Batch::begin();
+        for i in 0..50u8 {
+            let write = [i; 37];
+            corked.write_all(&write).await.unwrap();
+            expected.extend_from_slice(&write);
+        }
+        assert_eq!(corked.held.len(), 50 * 37, "all held: no byte waited");
+        assert!(batch.end());
+        corked.write_all(b"after").await.unwrap();
+        expected.extend_from_slice(b"after");
+        corked.shutdown().await.unwrap();
+        drop(corked);
+        assert_eq!(reader.await.unwrap(), expected);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_cork_still_sends_what_it_held() {
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        let mut corked = Corked::new(client, true);
+        let batch = Batch::begin();
+        corked.write_all(b"last frame").await.unwrap();
+        assert!(batch.end());
+        drop(corked);
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"last frame");
+    }
+
+    #[tokio::test]
+    async fn a_drained_cork_gives_back_a_big_batch_buffer() {
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        let mut corked = Corked::new(client, true);
+        let batch = Batch::begin();
+        for _ in 0..HOLD_MAX / COPY_MAX {
+            corked.write_all(&[b'x'; COPY_MAX]).await.unwrap();
+        }
+        assert!(corked.held.capacity() >= HOLD_MAX);
+        assert!(batch.end());
+        corked.flush().await.unwrap();
+        assert!(corked.held.is_empty());
+        assert!(
+            corked.held.capacity() <= KEEP_CAPACITY,
+            "kept {} bytes of capacity",
+            corked.held.capacity()
+        );
+        let mut got = vec![0u8; HOLD_MAX];
+        server.read_exact(&mut got).await.unwrap();
+        assert!(got.iter().all(|&b| b == b'x'));
+    }
+
+    #[tokio::test]
+    async fn an_empty_write_is_not_held() {
+        let (client, _server) = tokio::io::duplex(64);
+        let mut corked = Corked::new(client, true);
+        let batch = Batch::begin();
+        assert_eq!(corked.write(b"").await.unwrap(), 0);
+        assert!(!batch.end(), "nothing held, no flushing poll");
     }
 
     #[tokio::test]

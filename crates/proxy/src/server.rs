@@ -384,19 +384,12 @@ impl<C: Future> Future for WithStreams<C> {
             // What the batch wrote is held (`Corked`): the connection's flush sends it now.
             let this = self.project();
             if this.ended.is_none() {
-                POLLING.set(POLLING.get() + 1);
-                let flushed = this.connection.poll(cx);
-                POLLING.set(POLLING.get() - 1);
-                let mut again = false;
-                if STARTED.with_borrow(|started| !started.is_empty()) {
-                    STARTED.with_borrow_mut(|started| this.streams.extend(started.drain(..)));
-                    again = true;
-                }
+                let (flushed, started) = poll_connection(this.connection, this.streams, cx);
+                let ended = flushed.is_ready();
                 if let Poll::Ready(output) = flushed {
                     *this.ended = Some(output);
-                    again = true;
                 }
-                if again {
+                if started || ended {
                     // New streams to start, or an end to report: the next poll does it.
                     cx.waker().wake_by_ref();
                 }
@@ -414,13 +407,7 @@ impl<C: Future> WithStreams<C> {
         // trip through the scheduler (their wake-up of this task is pending anyway).
         for _ in 0..3 {
             if this.ended.is_none() {
-                POLLING.set(POLLING.get() + 1);
-                let polled = this.connection.as_mut().poll(cx);
-                POLLING.set(POLLING.get() - 1);
-                if STARTED.with_borrow(|started| !started.is_empty()) {
-                    // Drained, not taken: the list keeps its capacity for the next poll.
-                    STARTED.with_borrow_mut(|started| this.streams.extend(started.drain(..)));
-                }
+                let (polled, _) = poll_connection(this.connection.as_mut(), this.streams, cx);
                 if let Poll::Ready(output) = polled {
                     *this.ended = Some(output);
                 }
@@ -447,6 +434,35 @@ impl<C: Future> WithStreams<C> {
         }
         Poll::Pending
     }
+}
+
+/// Polls a connection, moving the HTTP/2 streams hyper started meanwhile into `streams`.
+/// Also says whether any started.
+fn poll_connection<C: Future>(
+    connection: Pin<&mut C>,
+    streams: &mut futures_util::stream::FuturesUnordered<StreamFuture>,
+    cx: &mut Context<'_>,
+) -> (Poll<C::Output>, bool) {
+    /// Ends the poll's mark, even when it unwinds.
+    struct Polling;
+    impl Drop for Polling {
+        fn drop(&mut self) {
+            POLLING.set(POLLING.get() - 1);
+        }
+    }
+    POLLING.set(POLLING.get() + 1);
+    let polling = Polling;
+    let polled = connection.poll(cx);
+    drop(polling);
+    let started = STARTED.with_borrow_mut(|started| {
+        if started.is_empty() {
+            return false;
+        }
+        // Drained, not taken: the list keeps its capacity for the next poll.
+        streams.extend(started.drain(..));
+        true
+    });
+    (polled, started)
 }
 
 /// Ends a connection whose writes make no progress for `limit`: a client that stops reading
