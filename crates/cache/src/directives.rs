@@ -376,29 +376,32 @@ mod sf {
 pub fn request_directives(headers: &HeaderMap) -> RequestDirectives {
     let mut d = RequestDirectives::default();
     let mut any = false;
-    for_each_directive(headers.get_all(CACHE_CONTROL).iter(), |name, value| {
-        any = true;
-        match name {
-            "max-age" => d.max_age = merge_seconds(d.max_age, delta_seconds(value)),
-            "max-stale" => {
-                d.max_stale = match value {
-                    None => Some(None),
-                    Some(v) => merge_seconds(d.max_stale, delta_seconds(Some(v))),
+    for_each_directive(
+        crate::fields::find_all(headers, &CACHE_CONTROL),
+        |name, value| {
+            any = true;
+            match name {
+                "max-age" => d.max_age = merge_seconds(d.max_age, delta_seconds(value)),
+                "max-stale" => {
+                    d.max_stale = match value {
+                        None => Some(None),
+                        Some(v) => merge_seconds(d.max_stale, delta_seconds(Some(v))),
+                    }
                 }
+                "min-fresh" => d.min_fresh = merge_seconds(d.min_fresh, delta_seconds(value)),
+                "no-cache" => d.no_cache = true,
+                "no-store" => d.no_store = true,
+                "only-if-cached" => d.only_if_cached = true,
+                "stale-if-error" => {
+                    d.stale_if_error = merge_seconds(d.stale_if_error, delta_seconds(value))
+                }
+                _ => {}
             }
-            "min-fresh" => d.min_fresh = merge_seconds(d.min_fresh, delta_seconds(value)),
-            "no-cache" => d.no_cache = true,
-            "no-store" => d.no_store = true,
-            "only-if-cached" => d.only_if_cached = true,
-            "stale-if-error" => {
-                d.stale_if_error = merge_seconds(d.stale_if_error, delta_seconds(value))
-            }
-            _ => {}
-        }
-    });
+        },
+    );
     // RFC 9111 §5.4: Pragma: no-cache counts only when Cache-Control is absent.
     if !any
-        && headers.get_all(PRAGMA).iter().any(|v| {
+        && crate::fields::find_all(headers, &PRAGMA).any(|v| {
             v.to_str()
                 .is_ok_and(|s| split_list(s).any(|p| p.eq_ignore_ascii_case("no-cache")))
         })

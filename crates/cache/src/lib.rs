@@ -787,7 +787,7 @@ impl Invalidator for Cache {
 /// Conditional-request evaluation against a stored response (RFC 9110 §13.2.2), so the cache can
 /// answer 304 itself.
 pub fn not_modified(request: &HeaderMap, stored: &impl Fields) -> bool {
-    if let Some(inm) = request.get(http::header::IF_NONE_MATCH) {
+    if let Some(inm) = fields::find(request, &http::header::IF_NONE_MATCH) {
         let Some(etag) = stored.first(&ETAG).and_then(|v| v.to_str().ok()) else {
             return false;
         };
@@ -795,8 +795,7 @@ pub fn not_modified(request: &HeaderMap, stored: &impl Fields) -> bool {
         let weak = |t: &str| t.trim().trim_start_matches("W/").to_owned();
         return inm.trim() == "*" || inm.split(',').any(|t| weak(t) == weak(etag));
     }
-    if let Some(ims) = request
-        .get(http::header::IF_MODIFIED_SINCE)
+    if let Some(ims) = fields::find(request, &http::header::IF_MODIFIED_SINCE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| httpdate::parse_http_date(v).ok())
     {

@@ -17,7 +17,7 @@ use http::header::{
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use larder_cache::{
     CacheResult, FillGuard, Hit, Join, Key, Lookup, NoCacheReason, RequestDirectives,
-    RequestTarget, SURROGATE_CONTROL, freshness::has_validator, is_field_value,
+    RequestTarget, SURROGATE_CONTROL, fields, freshness::has_validator, is_field_value,
     key::normalize_host, not_modified, request_directives,
 };
 use larder_telemetry::UpstreamEvent;
@@ -121,9 +121,7 @@ struct ConflictingFraming;
 /// but `chunked` alone (no other coding is supported), so a list, a repeat or an unknown coding
 /// is a smuggling probe aimed at whatever reads the message next.
 fn single_chunked_coding(headers: &HeaderMap) -> bool {
-    let mut codings = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
+    let mut codings = fields::find_all(headers, &header::TRANSFER_ENCODING)
         .flat_map(|v| list_members(v.as_bytes()));
     match codings.next() {
         None => true,
@@ -299,7 +297,7 @@ impl Proxy {
         }
         let (parts, body) = req.into_parts();
         let mut headers = parts.headers;
-        let upgrade = headers.contains_key(header::UPGRADE);
+        let upgrade = fields::has(&headers, &header::UPGRADE);
         if !single_chunked_coding(&headers) {
             return Err(ProxyError::BadRequest(
                 "Transfer-Encoding must be \"chunked\" alone",
@@ -307,13 +305,14 @@ impl Proxy {
         }
         // Before anything is added: a client's `Connection` may only name its own hop's fields.
         strip_hop_by_hop(&mut headers);
-        if headers.get_all(HOST).iter().count() > 1 {
+        if fields::find_all(&headers, &HOST).nth(1).is_some() {
             return Err(ProxyError::BadRequest("more than one Host header"));
         }
         // RFC 9113 §8.3.1: a Host that names another entity than :authority is malformed (one
         // of them would key the cache, the other could pick the origin's virtual host).
         if parts.version == http::Version::HTTP_2
-            && let (Some(authority), Some(host)) = (parts.uri.authority(), headers.get(HOST))
+            && let (Some(authority), Some(host)) =
+                (parts.uri.authority(), fields::find(&headers, &HOST))
             && !host
                 .as_bytes()
                 .eq_ignore_ascii_case(authority.as_str().as_bytes())
@@ -342,8 +341,7 @@ impl Proxy {
             }
             // Host stays as it came (most requests): only read, never copied or re-inserted.
             None => {
-                let host = headers
-                    .get(HOST)
+                let host = fields::find(&headers, &HOST)
                     .ok_or(ProxyError::BadRequest("missing Host header"))?
                     .to_str()
                     .map_err(|_| ProxyError::BadRequest("invalid Host"))?;
@@ -357,8 +355,7 @@ impl Proxy {
             return Box::pin(self.purge_method(rt, ex, &parts.uri)).await;
         }
 
-        let declared = headers
-            .get(CONTENT_LENGTH)
+        let declared = fields::find(&headers, &CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|len| len > rt.limits.max_request_body_size) {

@@ -9,7 +9,7 @@ use http::header::{
     self, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE,
 };
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
-use larder_cache::{Fields, StoredResponse, not_modified};
+use larder_cache::{Fields, StoredResponse, fields, not_modified};
 
 use crate::body::{ProxyBody, empty, full};
 use crate::headers::push_field;
@@ -53,7 +53,7 @@ pub(crate) fn from_store(
     let mut body = stored.body.clone();
     // What a range answer sets: Content-Range, or a multipart Content-Type.
     let mut range_field = None;
-    if method == Method::GET && stored.status == StatusCode::OK && request.contains_key(RANGE) {
+    if method == Method::GET && stored.status == StatusCode::OK && fields::has(request, &RANGE) {
         match ranges(request, &stored.headers, body.len() as u64) {
             RangeAnswer::Full => {}
             RangeAnswer::Unsatisfiable => {
@@ -181,12 +181,12 @@ pub(crate) enum RangeAnswer {
 
 /// Evaluates Range (and If-Range) against a complete representation of `len` bytes.
 pub(crate) fn ranges(request: &HeaderMap, stored: &impl Fields, len: u64) -> RangeAnswer {
-    if let Some(if_range) = request.get(IF_RANGE)
+    if let Some(if_range) = fields::find(request, &IF_RANGE)
         && !if_range_matches(if_range, stored)
     {
         return RangeAnswer::Full;
     }
-    let mut values = request.get_all(RANGE).iter();
+    let mut values = fields::find_all(request, &RANGE);
     let (Some(value), None) = (values.next(), values.next()) else {
         return RangeAnswer::Full;
     };
