@@ -200,6 +200,7 @@ struct Accepted {
 impl Accepted {
     async fn run(self, stream: tokio::net::TcpStream) {
         let stream = WriteStallGuard::new(stream, self.write_limit);
+        let write_stalled = stream.tripped.clone();
         let metrics = self.proxy.metrics.clone();
         let open = self.open.clone();
         metrics.connection_opened();
@@ -220,10 +221,15 @@ impl Accepted {
                 }
             }
         };
+        // Asked of the guard, not found in the error: h2 keeps only an I/O error's kind and
+        // text, so the error an HTTP/2 connection ends with no longer names the stall.
+        if write_stalled.load(Ordering::Relaxed) {
+            metrics.connection_limited("write_stalled");
+        }
         if let Err(e) = result {
-            if caused_by::<WriteStalled>(&*e) {
-                metrics.connection_limited("write_stalled");
-            } else if let Some((protocol, reason)) = protocol_error(&*e) {
+            if !write_stalled.load(Ordering::Relaxed)
+                && let Some((protocol, reason)) = protocol_error(&*e)
+            {
                 metrics.protocol_error(protocol, reason);
             }
             tracing::debug!(error = %e, "connection ended with an error");
@@ -472,6 +478,8 @@ struct WriteStallGuard<S> {
     inner: S,
     limit: Duration,
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Set when the limit ended the connection.
+    tripped: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The error a stalled write ends the connection with.
@@ -496,6 +504,7 @@ impl<S> WriteStallGuard<S> {
             inner,
             limit,
             stalled: None,
+            tripped: Arc::default(),
         }
     }
 
@@ -517,10 +526,13 @@ impl<S> WriteStallGuard<S> {
                     .stalled
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
                 match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        WriteStalled(limit),
-                    ))),
+                    Poll::Ready(()) => {
+                        self.tripped.store(true, Ordering::Relaxed);
+                        Poll::Ready(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            WriteStalled(limit),
+                        )))
+                    }
                     Poll::Pending => Poll::Pending,
                 }
             }
