@@ -206,7 +206,11 @@ pub fn find<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h HeaderV
 
 /// Whether `headers` has `name`, as [`HeaderMap::contains_key`] says.
 pub fn has(headers: &HeaderMap, name: &HeaderName) -> bool {
-    find(headers, name).is_some()
+    if headers.keys_len() > SCAN_UP_TO {
+        return headers.contains_key(name);
+    }
+    // Names only: no value to find, so no walk through each name's extra values.
+    headers.keys().any(|n| n == name)
 }
 
 /// Every value of `name` in `headers`, in order, as [`HeaderMap::get_all`] gives them.

@@ -225,13 +225,34 @@ impl FanoutEvent<'_> {
 
 /// A new random request id (128 bits, hex), used when the client sent none.
 pub fn new_request_id() -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut id = [0u8; 32];
-    let random = u128::from(fastrand::u64(..)) << 64 | u128::from(fastrand::u64(..));
-    for (i, digit) in id.iter_mut().enumerate() {
-        *digit = HEX[((random >> (124 - 4 * i)) & 0xf) as usize];
-    }
+    id[..16].copy_from_slice(&hex_digits(fastrand::u64(..)));
+    id[16..].copy_from_slice(&hex_digits(fastrand::u64(..)));
     String::from_utf8(id.to_vec()).expect("hex digits are ASCII")
+}
+
+/// `x` as 16 lower-case hex digits, all at once in a 128-bit word (a digit at a time was most
+/// of the cost of a request id, itself 2% of a cache hit's instructions).
+fn hex_digits(x: u64) -> [u8; 16] {
+    const fn repeat(byte_pattern: u128, width: u32) -> u128 {
+        let mut v = 0;
+        let mut shift = 0;
+        while shift < 128 {
+            v |= byte_pattern << shift;
+            shift += width;
+        }
+        v
+    }
+    // Spread the nibbles one to a byte, the most significant first.
+    let mut v = u128::from(x);
+    v = ((v & 0xffff_ffff_0000_0000) << 32) | (v & 0xffff_ffff);
+    v = ((v & repeat(0xffff_0000, 64)) << 16) | (v & repeat(0xffff, 64));
+    v = ((v & repeat(0xff00, 32)) << 8) | (v & repeat(0xff, 32));
+    v = ((v & repeat(0xf0, 16)) << 4) | (v & repeat(0xf, 16));
+    // 0..=9 become '0'..='9'; 10..=15 (those that carry out of their nibble when 6 is added)
+    // get 39 more, to land on 'a'..='f'.
+    let letters = ((v + repeat(0x06, 8)) >> 4) & repeat(0x01, 8);
+    (v + repeat(0x30, 8) + letters * 0x27).to_be_bytes()
 }
 
 /// The trace id of a W3C `traceparent` header, if well formed.
@@ -267,6 +288,21 @@ mod tests {
                 .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
         );
         assert_ne!(id, new_request_id());
+        for x in [
+            0,
+            1,
+            9,
+            10,
+            15,
+            0x0123_4567_89ab_cdef,
+            u64::MAX,
+            fastrand::u64(..),
+        ] {
+            assert_eq!(
+                std::str::from_utf8(&hex_digits(x)).unwrap(),
+                format!("{x:016x}")
+            );
+        }
     }
 
     #[test]

@@ -49,8 +49,11 @@ fn now() -> (SystemTime, Instant) {
     }
     let instant = Instant::now();
     ANCHOR.with(|anchor| match anchor.get() {
-        Some((at, wall)) if instant.saturating_duration_since(at) < Duration::from_secs(1) => {
-            (wall + instant.saturating_duration_since(at), instant)
+        Some((at, wall))
+            if let since = instant.saturating_duration_since(at)
+                && since < Duration::from_secs(1) =>
+        {
+            (wall + since, instant)
         }
         _ => {
             let wall = SystemTime::now();
