@@ -117,11 +117,15 @@ impl<S: AsyncWrite + Unpin> Corked<S> {
         }
         if written > 0 {
             self.held.clear();
-            if self.held.capacity() > KEEP_CAPACITY {
+            // After a small batch only: a connection busy with big ones keeps its buffer
+            // rather than regrow it every batch.
+            if written <= KEEP_CAPACITY && self.held.capacity() > KEEP_CAPACITY {
                 self.held.shrink_to(KEEP_CAPACITY);
             }
             if OPEN.get() {
-                // Sent within the batch (a big write went after it): its end owes no flush.
+                // Sent within the batch (a big write went after it): its end owes no flush
+                // for it. h2 ends its writes with a flush anyway, which is what sends anything
+                // an inner IO (TLS) buffered.
                 HELD.set(false);
             }
         }
@@ -131,7 +135,9 @@ impl<S: AsyncWrite + Unpin> Corked<S> {
 
 impl<S: AsyncWrite + Unpin> Drop for Corked<S> {
     fn drop(&mut self) {
-        if self.held.is_empty() {
+        // Not while unwinding: the write could panic in turn (a timer after its driver), and
+        // a panic then aborts.
+        if self.held.is_empty() || std::thread::panicking() {
             return;
         }
         // Nobody will poll this IO again: one try, without waiting, at what a flush would do.
@@ -159,6 +165,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Corked<S> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
+        if buf.is_empty() {
+            // Nothing to send: what is held stays held.
+            return Poll::Ready(Ok(0));
+        }
         if this.hold(buf.len(), |held| held.extend_from_slice(buf)) {
             return Poll::Ready(Ok(buf.len()));
         }
@@ -173,6 +183,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Corked<S> {
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
         let len = bufs.iter().map(|b| b.len()).sum();
+        if len == 0 {
+            return Poll::Ready(Ok(0));
+        }
         if this.hold(len, |held| {
             bufs.iter().for_each(|b| held.extend_from_slice(b))
         }) {
@@ -307,31 +320,47 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_drained_cork_gives_back_a_big_batch_buffer() {
+    async fn a_big_batch_buffer_is_kept_while_batches_are_big_and_given_back_after_a_small_one() {
         let (client, mut server) = tokio::io::duplex(1 << 20);
         let mut corked = Corked::new(client, true);
-        let batch = Batch::begin();
-        for _ in 0..HOLD_MAX / COPY_MAX {
-            corked.write_all(&[b'x'; COPY_MAX]).await.unwrap();
+        for _ in 0..2 {
+            let batch = Batch::begin();
+            for _ in 0..HOLD_MAX / COPY_MAX {
+                corked.write_all(&[b'x'; COPY_MAX]).await.unwrap();
+            }
+            assert!(batch.end());
+            corked.flush().await.unwrap();
+            assert!(corked.held.is_empty());
+            assert!(
+                corked.held.capacity() >= HOLD_MAX,
+                "kept for the next big batch"
+            );
         }
-        assert!(corked.held.capacity() >= HOLD_MAX);
+        let batch = Batch::begin();
+        corked.write_all(b"small").await.unwrap();
         assert!(batch.end());
         corked.flush().await.unwrap();
-        assert!(corked.held.is_empty());
         assert!(
             corked.held.capacity() <= KEEP_CAPACITY,
-            "kept {} bytes of capacity",
+            "kept {} bytes of capacity after a small batch",
             corked.held.capacity()
         );
-        let mut got = vec![0u8; HOLD_MAX];
+        let mut got = vec![0u8; 2 * HOLD_MAX + 5];
         server.read_exact(&mut got).await.unwrap();
-        assert!(got.iter().all(|&b| b == b'x'));
+        assert!(got[..2 * HOLD_MAX].iter().all(|&b| b == b'x'));
+        assert_eq!(&got[2 * HOLD_MAX..], b"small");
     }
 
     #[tokio::test]
     async fn an_empty_write_is_not_held() {
         let (client, _server) = tokio::io::duplex(64);
         let mut corked = Corked::new(client, true);
+        let batch = Batch::begin();
+        corked.write_all(b"held").await.unwrap();
+        assert_eq!(corked.write(b"").await.unwrap(), 0);
+        assert_eq!(corked.held, b"held", "an empty write sends nothing held");
+        assert!(batch.end());
+        corked.flush().await.unwrap();
         let batch = Batch::begin();
         assert_eq!(corked.write(b"").await.unwrap(), 0);
         assert!(!batch.end(), "nothing held, no flushing poll");

@@ -70,13 +70,11 @@ pub struct Rewind<S> {
 }
 
 impl<S> Rewind<S> {
-    /// Whether the connection opened with HTTP/2's preface, as far as it was read: the head
-    /// search stops at its first blank line, hyper's protocol choice looks at all 24 bytes.
-    /// Corking relies on this: hyper's HTTP/1 may end a connection without flushing.
+    /// Whether the connection opened with HTTP/2's whole preface, the 24 bytes hyper's protocol
+    /// choice reads. Corking relies on this: hyper's HTTP/1 may end a connection without
+    /// flushing. A preface read only in part is not corked (it costs batching, nothing else).
     pub fn is_http2(&self) -> bool {
-        const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-        let seen = self.read.len().min(PREFACE.len());
-        seen >= b"PRI * HTTP/2.0\r\n\r\n".len() && self.read[..seen] == PREFACE[..seen]
+        self.read.starts_with(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
     }
 }
 

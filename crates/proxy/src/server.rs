@@ -221,15 +221,12 @@ impl Accepted {
                 }
             }
         };
-        // Asked of the guard, not found in the error: h2 keeps only an I/O error's kind and
-        // text, so the error an HTTP/2 connection ends with no longer names the stall.
-        if write_stalled.load(Ordering::Relaxed) {
-            metrics.connection_limited("write_stalled");
-        }
         if let Err(e) = result {
-            if !write_stalled.load(Ordering::Relaxed)
-                && let Some((protocol, reason)) = protocol_error(&*e)
-            {
+            // Asked of the guard, not found in the error: h2 keeps only an I/O error's kind
+            // and text, so the error an HTTP/2 connection ends with no longer names the stall.
+            if write_stalled.load(Ordering::Relaxed) {
+                metrics.connection_limited("write_stalled");
+            } else if let Some((protocol, reason)) = protocol_error(&*e) {
                 metrics.protocol_error(protocol, reason);
             }
             tracing::debug!(error = %e, "connection ended with an error");
@@ -449,11 +446,15 @@ fn poll_connection<C: Future>(
     streams: &mut futures_util::stream::FuturesUnordered<StreamFuture>,
     cx: &mut Context<'_>,
 ) -> (Poll<C::Output>, bool) {
-    /// Ends the poll's mark, even when it unwinds.
+    /// Ends the poll's mark, even when it unwinds (and then drops what the failed poll
+    /// started: the next connection polled on this thread must not take it).
     struct Polling;
     impl Drop for Polling {
         fn drop(&mut self) {
             POLLING.set(POLLING.get() - 1);
+            if std::thread::panicking() {
+                STARTED.with_borrow_mut(Vec::clear);
+            }
         }
     }
     POLLING.set(POLLING.get() + 1);

@@ -48,18 +48,16 @@ fn now() -> (SystemTime, Instant) {
         static ANCHOR: Cell<Option<(Instant, SystemTime)>> = const { Cell::new(None) };
     }
     let instant = Instant::now();
-    ANCHOR.with(|anchor| match anchor.get() {
-        Some((at, wall))
-            if let since = instant.saturating_duration_since(at)
-                && since < Duration::from_secs(1) =>
-        {
-            (wall + since, instant)
+    ANCHOR.with(|anchor| {
+        if let Some((at, wall)) = anchor.get() {
+            let since = instant.saturating_duration_since(at);
+            if since < Duration::from_secs(1) {
+                return (wall + since, instant);
+            }
         }
-        _ => {
-            let wall = SystemTime::now();
-            anchor.set(Some((instant, wall)));
-            (wall, instant)
-        }
+        let wall = SystemTime::now();
+        anchor.set(Some((instant, wall)));
+        (wall, instant)
     })
 }
 
