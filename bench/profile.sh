@@ -3,6 +3,7 @@
 #
 #   bench/profile.sh perf hit|hit16k|pass|fill      # perf (cpu-clock): user/kernel split, top symbols
 #   bench/profile.sh callgrind hit|pass|h2c         # valgrind: instructions per request, top functions
+#                                                   # (inclusive, then self cost: bench/callgrind_self.py)
 #   bench/profile.sh syscalls hit|pass              # strace: system calls per request, by name
 #   bench/profile.sh stat hit|pass                  # perf stat: CPU time and context switches per request
 #
@@ -185,6 +186,7 @@ case $tool in
     callgrind_annotate --inclusive=yes "$out" 2>/dev/null | awk -v n="$n" '
       /^ *[0-9,]+ \(/ { x = $1; gsub(",", "", x); if (x / n >= 300) printf "%8d  %s\n", x / n, substr($0, index($0, $3)) }' |
       sed 's|/root/.cargo/registry/src/[^/]*/||; s|/rustc/[0-9a-f]*/library/||' | cut -c1-180 | head -60
+    python3 bench/callgrind_self.py "$out" "$n" 40
     ;;
   stat)
     traced perf stat -x, -e task-clock,context-switches,cpu-migrations -p "$LARDER_PID" -o "$WORK/stat.txt"
