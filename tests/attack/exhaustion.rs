@@ -177,11 +177,14 @@ async fn a_slow_post_gets_408() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_stops_reading_a_big_object_is_cut_off() {
-    static BIG: [u8; 1 << 20] = [b'x'; 1 << 20];
+/// Size of the object the slow-reader tests ask for: far more than socket buffers hold.
+pub(super) const BIG_OBJECT: usize = 48 << 20;
+
+/// A proxy with a short `client_write_timeout`, `/big` ([`BIG_OBJECT`] bytes) already cached.
+pub(super) async fn big_object_cached() -> (Origin, Larder) {
+    static MIB: [u8; 1 << 20] = [b'x'; 1 << 20];
     let origin = Origin::start(|_| async {
-        let body: Vec<u8> = BIG.iter().copied().cycle().take(48 << 20).collect();
+        let body: Vec<u8> = MIB.iter().copied().cycle().take(BIG_OBJECT).collect();
         response(200, &[("cache-control", "max-age=600")], body)
     })
     .await;
@@ -193,15 +196,13 @@ async fn a_client_that_stops_reading_a_big_object_is_cut_off() {
     ))
     .await;
     // Stored first, so the stalled reader is served from cache.
-    assert_eq!(larder.get("/big").await.body.len(), 48 << 20);
-    let mut stream = TcpStream::connect(larder.server.proxy_addrs[0])
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET /big HTTP/1.1\r\nhost: a.example\r\n\r\n")
-        .await
-        .unwrap();
-    // Nothing is read: the socket buffers fill, then the proxy's writes stall.
+    assert_eq!(larder.get("/big").await.body.len(), BIG_OBJECT);
+    (origin, larder)
+}
+
+/// Waits (bounded) until a connection has been closed for a stalled write, then checks that
+/// `stream` got less than the whole object before its end and that the proxy serves on.
+pub(super) async fn assert_cut_off_for_a_stalled_write(larder: &Larder, stream: &mut TcpStream) {
     let series = r#"larder_downstream_connections_closed_by_limit_total{reason="write_stalled"}"#;
     let mut cut = false;
     for _ in 0..500 {
@@ -213,11 +214,25 @@ async fn a_client_that_stops_reading_a_big_object_is_cut_off() {
     }
     assert!(cut, "the stalled connection was never cut off");
     // What was buffered arrives, then the connection ends short of the whole object.
-    let received = raw::until_closed(&mut stream, Duration::from_secs(10))
+    let received = raw::until_closed(stream, Duration::from_secs(10))
+        .await
+        .expect("the server closes the connection");
+    assert!(received.len() < BIG_OBJECT, "{} bytes", received.len());
+    assert_eq!(larder.get("/big").await.body.len(), BIG_OBJECT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_a_big_object_is_cut_off() {
+    let (_origin, larder) = big_object_cached().await;
+    let mut stream = TcpStream::connect(larder.server.proxy_addrs[0])
         .await
         .unwrap();
-    assert!(received.len() < (48 << 20), "{} bytes", received.len());
-    assert_eq!(larder.get("/big").await.body.len(), 48 << 20);
+    stream
+        .write_all(b"GET /big HTTP/1.1\r\nhost: a.example\r\n\r\n")
+        .await
+        .unwrap();
+    // Nothing is read: the socket buffers fill, then the proxy's writes stall.
+    assert_cut_off_for_a_stalled_write(&larder, &mut stream).await;
 }
 
 #[tokio::test]

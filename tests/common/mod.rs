@@ -461,3 +461,43 @@ pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> (Running, SocketAd
     }
     (Running(child), proxy.unwrap(), admin.unwrap())
 }
+
+/// Body sizes either side of what an HTTP/2 connection's write batch copies (4 KiB) and holds
+/// (64 KiB), so held, direct and mixed writes all carry bodies.
+const BATCH_SIZES: [usize; 5] = [10, 1024, 5000, 70_000, 300_000];
+
+/// The body an origin serves for `/obj/<n>`: one of [`BATCH_SIZES`], its bytes repeating the
+/// path, so a byte out of place shows.
+pub fn batch_body_for(path: &str) -> Bytes {
+    let n: usize = path.rsplit('/').next().unwrap().parse().unwrap();
+    let pattern = format!("{path};");
+    Bytes::from(
+        pattern
+            .bytes()
+            .cycle()
+            .take(BATCH_SIZES[n % BATCH_SIZES.len()])
+            .collect::<Vec<u8>>(),
+    )
+}
+
+/// An origin answering `/obj/<n>` with [`batch_body_for`], cacheable for a minute.
+pub async fn batch_origin() -> Origin {
+    Origin::start(|seen| async move {
+        response(
+            200,
+            &[("cache-control", "max-age=60")],
+            batch_body_for(seen.uri.path()),
+        )
+    })
+    .await
+}
+
+/// Checks one of a batch's responses: whole, in place, and a hit in the `hit` round.
+pub fn check_batch_response(round: &str, path: &str, cache_status: &str, body: &Bytes) {
+    let expected = batch_body_for(path);
+    assert_eq!(body.len(), expected.len(), "{round} {path}");
+    assert!(*body == expected, "{round} {path}: bytes out of place");
+    if round == "hit" {
+        assert!(cache_status.contains("hit"), "{path}: {cache_status}");
+    }
+}
