@@ -11,13 +11,15 @@
 # load from `wrk -t1` (h2c: `h2load -m10`, HTTP/2 hits). Needs nginx, wrk, curl, h2load for h2c,
 # and perf or valgrind (Debian: nginx wrk curl nghttp2-client linux-perf valgrind); uses target/release/larder (or $LARDER_BIN). Every process it starts is
 # stopped on exit. PROFILE_SECONDS (default 5) bounds the measured load; PROFILE_OUT=DIR keeps the
-# raw profile (perf.data, callgrind.out) there for perf report / callgrind_annotate.
+# raw profile (perf.data, callgrind.out) there for perf report / callgrind_annotate;
+# PROFILE_CONNECTIONS (default 50) sets wrk's connections (hit, hit16k, pass).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 tool=${1:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit16k|h2c|pass|fill}
 scenario=${2:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit16k|h2c|pass|fill}
 seconds=${PROFILE_SECONDS:-5}
+connections=${PROFILE_CONNECTIONS:-50}
 LARDER_BIN=${LARDER_BIN:-target/release/larder}
 [[ -x $LARDER_BIN ]] || { echo "no $LARDER_BIN: run cargo build --release first" >&2; exit 1; }
 for tool_bin in nginx wrk curl; do
@@ -140,7 +142,7 @@ load() { # load SECONDS: prints wrk's output
     FILL_PREFIX=/k16/ FILL_FIRST=1 FILL_COUNT=1000000 \
       wrk -t1 -c16 -d"${1}s" -s bench/lua/fill.lua "$URL"
   else
-    wrk -t1 -c50 -d"${1}s" "$URL$path"
+    wrk -t1 -c"$connections" -d"${1}s" "$URL$path"
   fi
 }
 requests() { awk '/requests in/ {print $1}'; }

@@ -1033,3 +1033,51 @@ async fn idle_connections_close_after_idle_timeout_and_beyond_max_idle_connectio
     assert!(parked_since.elapsed() >= Duration::from_millis(150));
     assert_eq!(open_upstream_connections(&larder).await, Some(0.0));
 }
+
+/// A pooled connection's response-head timer stays armed between requests and moves only
+/// when it must: a later request still gets its own deadline, whether it is later than the
+/// armed one (the armed one fires, and the request goes on) or earlier (it moves at once).
+#[tokio::test]
+async fn a_reused_connection_times_out_at_each_requests_own_deadline() {
+    let origin = Origin::start(|seen| async move {
+        match seen.uri.path() {
+            "/slow" => tokio::time::sleep(Duration::from_millis(700)).await,
+            // Never answers (bounded by the test's life).
+            "/quick/hang" => tokio::time::sleep(Duration::from_secs(600)).await,
+            _ => {}
+        }
+        response(200, &[("cache-control", "no-store")], "answered")
+    })
+    .await;
+    let larder = Larder::start(&config_yaml_with(
+        "      - match: { prefix: \"/quick/\" }\n        cluster: pool\n        timeout: 300ms\n\
+         \x20     - match: { prefix: \"/\" }\n        cluster: pool\n        timeout: 30s\n",
+        &format!(
+            "  - name: pool\n    endpoints: [\"{}\"]\n    connect_timeout: 1s\n",
+            origin.addr
+        ),
+        DEFAULT_TYPES,
+    ))
+    .await;
+    // Arms the connection's timer 300ms out; the next request outlives that deadline.
+    assert_eq!(larder.get("/quick/a").await.text(), "answered");
+    let slow = larder.get("/slow").await;
+    assert_eq!(slow.status, 200, "{}", slow.text());
+    assert_eq!(
+        open_upstream_connections(&larder).await,
+        Some(1.0),
+        "reused"
+    );
+    // Armed 30s out now: a 300ms deadline must not wait for it.
+    let hung = tokio::time::timeout(Duration::from_secs(10), larder.get("/quick/hang"))
+        .await
+        .expect("answered at the route's 300ms timeout, not at the armed 30s one");
+    assert_eq!(hung.status, 504, "{}", hung.text());
+    assert_eq!(
+        metric(
+            &larder.metrics().await,
+            r#"larder_upstream_errors_total{cluster="pool",kind="timeout"}"#
+        ),
+        Some(1.0)
+    );
+}

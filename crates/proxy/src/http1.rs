@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING, UPGRADE};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
@@ -323,7 +323,7 @@ fn parse(head: &Bytes, max_headers: usize) -> Option<(Request<ProxyBody>, bool)>
     let mut headers = HeaderMap::with_capacity(parsed.headers.len() + 4);
     let mut close = false;
     for line in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(line.name.as_bytes()).ok()?;
+        let name = crate::headers::field_name(line.name.as_bytes()).ok()?;
         if name == TRANSFER_ENCODING || name == EXPECT || name == UPGRADE {
             return None;
         }

@@ -297,6 +297,8 @@ impl Cluster {
             Some(total) if total < timeouts.first_byte => (total, "total_timeout"),
             _ => (timeouts.first_byte, "timeout"),
         };
+        // One deadline for every attempt, from the one clock reading.
+        let deadline = tokio::time::Instant::from_std(start) + timeout;
         // Circuit breaking: a struggling upstream gets no queue of requests behind it.
         if self.in_flight.load(Relaxed) >= self.max_requests {
             self.metrics.breaker_tripped(Breaker::MaxRequests);
@@ -349,17 +351,19 @@ impl Cluster {
             };
             let endpoint = pick.endpoint;
             tried.push(pick.index);
-            let remaining = timeout.saturating_sub(start.elapsed());
-            let sent = self.attempt(
-                &endpoint.authority,
-                &mut request,
-                attempt + 1 == attempts as u32,
-                body.take().unwrap_or_else(empty),
-                interim,
-                timeouts,
-            );
-            let error = match tokio::time::timeout(remaining, sent).await {
-                Ok(Ok(response)) => {
+            let sent = self
+                .attempt(
+                    &endpoint.authority,
+                    &mut request,
+                    attempt + 1 == attempts as u32,
+                    body.take().unwrap_or_else(empty),
+                    interim,
+                    timeouts,
+                    deadline,
+                )
+                .await;
+            let error = match sent {
+                Ok(response) => {
                     // Gateway errors count against the endpoint, though they are relayed.
                     let status = response.status().as_u16();
                     let failed = matches!(status, 502..=504);
@@ -390,7 +394,9 @@ impl Cluster {
                         retries: attempt,
                     });
                 }
-                Ok(Err(e)) => classify(&e, &endpoint.display, start, attempt),
+                Err(e) if !e.error.is::<HeadTimedOut>() => {
+                    classify(&e, &endpoint.display, start, attempt)
+                }
                 Err(_) => UpstreamError {
                     kind: UpstreamErrorKind::Timeout,
                     endpoint: Some(endpoint.display.clone()),
@@ -436,6 +442,8 @@ impl Cluster {
 impl Cluster {
     /// One try on one endpoint: on the cluster's HTTP/1 pool (which writes the fields from
     /// where they are), or hyper-util's for HTTP/2. `last`: no other attempt follows.
+    /// `deadline`: when the response head is due (`HeadTimedOut` after it).
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         endpoint: &Authority,
@@ -444,6 +452,7 @@ impl Cluster {
         body: ProxyBody,
         interim: Option<&crate::interim::InterimSink>,
         timeouts: &Timeouts,
+        deadline: tokio::time::Instant,
     ) -> Result<Response<ResponseBody>, AttemptError> {
         if let Some(pool) = &self.http1 {
             return pool
@@ -456,6 +465,7 @@ impl Cluster {
                     body,
                     interim,
                     timeouts.connect,
+                    deadline,
                 )
                 .await;
         }
@@ -483,14 +493,21 @@ impl Cluster {
             .path_and_query(request.path_and_query.clone())
             .build()
             .expect("authority and path are valid");
-        CONNECT_TIMEOUT
-            .scope(timeouts.connect, self.client.request(req))
-            .await
-            .map(|response| response.map(ResponseBody::detached))
-            .map_err(|e| AttemptError {
+        let sent = tokio::time::timeout_at(
+            deadline,
+            CONNECT_TIMEOUT.scope(timeouts.connect, self.client.request(req)),
+        );
+        match sent.await {
+            Ok(Ok(response)) => Ok(response.map(ResponseBody::detached)),
+            Ok(Err(e)) => Err(AttemptError {
                 connect: e.is_connect(),
                 error: Box::new(e),
-            })
+            }),
+            Err(_) => Err(AttemptError {
+                error: Box::new(HeadTimedOut),
+                connect: false,
+            }),
+        }
     }
 }
 
@@ -593,6 +610,12 @@ struct BreakerOpen {
 #[derive(Debug, thiserror::Error)]
 #[error("connect timed out after {0:?}")]
 struct ConnectTimedOut(Duration);
+
+/// The attempt's response head was not in by the request's deadline (first-byte or total
+/// timeout): turned into the timeout error by `Cluster::send`, which knows which one it was.
+#[derive(Debug, thiserror::Error)]
+#[error("no response headers by the deadline")]
+struct HeadTimedOut;
 
 /// Wraps the TCP connector to bound, time and count connections: the pool does none of it.
 #[derive(Clone)]

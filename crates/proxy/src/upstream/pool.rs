@@ -94,6 +94,7 @@ impl Pool {
         body: ProxyBody,
         interim: Option<&InterimSink>,
         connect_timeout: Duration,
+        deadline: tokio::time::Instant,
     ) -> Result<Response<ResponseBody>, AttemptError> {
         // Read only when a connection must be opened: a reused one needs no clock.
         let mut connect_clock = None;
@@ -107,10 +108,16 @@ impl Pool {
         loop {
             let (mut conn, reused) = match self.checkout(endpoint, anywhere) {
                 Some(conn) => (conn, true),
-                None => match self
-                    .connect(endpoint, &mut connect_clock, connect_timeout)
-                    .await?
-                {
+                // The response-head deadline bounds the wait for a connection too.
+                None => match tokio::time::timeout_at(
+                    deadline,
+                    self.connect(endpoint, &mut connect_clock, connect_timeout),
+                )
+                .await
+                .map_err(|_| AttemptError {
+                    error: Box::new(super::HeadTimedOut),
+                    connect: false,
+                })?? {
                     Some(conn) => (conn, false),
                     // Parked by another request while this one waited for a slot, maybe on
                     // another thread: better than none.
@@ -122,7 +129,15 @@ impl Pool {
             };
             let this_body = body.take().unwrap_or_else(crate::body::empty);
             match conn
-                .send(method, target.as_str(), headers, hop, this_body, interim)
+                .send(
+                    method,
+                    target.as_str(),
+                    headers,
+                    hop,
+                    this_body,
+                    interim,
+                    deadline,
+                )
                 .await
             {
                 Ok(head) => {
