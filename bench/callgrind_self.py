@@ -7,6 +7,8 @@ proxy's profiles (threads started before the measurement), so this reads the fil
 
 Usage: callgrind_self.py CALLGRIND.OUT REQUESTS [TOP]
        callgrind_self.py CALLGRIND.OUT REQUESTS --callers NAME_PART
+       callgrind_self.py CALLGRIND.OUT REQUESTS --callsites NAME_PART   (by source line: which
+           moves are the memcpy calls, say; the line is where the call was inlined to)
 """
 import collections
 import re
@@ -15,7 +17,9 @@ import sys
 
 def main():
     path, requests = sys.argv[1], max(int(sys.argv[2]), 1)
-    callers_of = sys.argv[4] if len(sys.argv) > 4 and sys.argv[3] == "--callers" else None
+    mode = sys.argv[3] if len(sys.argv) > 4 else None
+    callers_of = sys.argv[4] if mode in ("--callers", "--callsites") else None
+    by_site = mode == "--callsites"
     top = int(sys.argv[3]) if len(sys.argv) > 3 and callers_of is None else 40
     names = {}
 
@@ -33,9 +37,23 @@ def main():
     calls = collections.Counter()
     fn = callee = None
     pending_calls = None
+    file = None
+    files = {}
+    position = 0
+
+    def file_name(token):
+        m = re.match(r"\((\d+)\)(?: (.*))?", token)
+        if not m:
+            return token
+        if m.group(2):
+            files[m.group(1)] = m.group(2)
+        return files.get(m.group(1), m.group(1))
+
     with open(path) as f:
         for line in f:
-            if line.startswith("fn="):
+            if line.startswith(("fl=", "fi=", "fe=")):
+                file = file_name(line[3:].strip())
+            elif line.startswith("fn="):
                 fn = name(line[3:].strip())
             elif line.startswith("cfn="):
                 callee = name(line[4:].strip())
@@ -45,18 +63,28 @@ def main():
                 parts = line.split()
                 if len(parts) < 2:
                     continue
+                # Positions are compressed: `+n`/`-n` relative to the last one, `*` the same.
+                token = parts[0]
+                if token == "*":
+                    pass
+                elif token[0] in "+-":
+                    position += int(token)
+                else:
+                    position = int(token)
                 if pending_calls is not None:
                     # The line after calls= is the call's inclusive cost, not the caller's own.
                     if callers_of and callers_of in callee:
-                        called[fn] += int(parts[1])
-                        calls[fn] += pending_calls
+                        site = f"{file}:{position}  ({fn[:80]})" if by_site else fn
+                        called[site] += int(parts[1])
+                        calls[site] += pending_calls
                     pending_calls = None
                 else:
                     own[fn] += int(parts[1])
     if callers_of:
-        print(f"== callers of *{callers_of}*: instructions per request, calls per request")
+        what = "call sites" if by_site else "callers"
+        print(f"== {what} of *{callers_of}*: instructions per request, calls per request")
         for caller, cost in called.most_common(top):
-            print(f"{cost // requests:8d} {calls[caller] / requests:6.2f}  {caller[:150]}")
+            print(f"{cost // requests:8d} {calls[caller] / requests:6.2f}  {caller[-170:]}")
         return
     print(f"== self cost, instructions per request (total {sum(own.values()) // requests})")
     for function, cost in own.most_common(top):

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Profiles Larder alone on one load scenario, the way BENCHMARKS.md's gap analysis was made:
 #
-#   bench/profile.sh perf hit|hit16k|pass|fill      # perf (cpu-clock): user/kernel split, top symbols
-#   bench/profile.sh callgrind hit|pass|h2c         # valgrind: instructions per request, top functions
+#   bench/profile.sh perf hit|hit-browser|hit16k|pass|fill  # perf (cpu-clock): user/kernel split, top symbols
+#   bench/profile.sh callgrind hit|hit-browser|pass|h2c  # valgrind: instructions per request, top functions
 #                                                   # (inclusive, then self cost: bench/callgrind_self.py)
 #   bench/profile.sh syscalls hit|pass              # strace: system calls per request, by name
 #   bench/profile.sh stat hit|pass                  # perf stat: CPU time and context switches per request
@@ -16,8 +16,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-tool=${1:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit16k|h2c|pass|fill}
-scenario=${2:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit16k|h2c|pass|fill}
+tool=${1:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit-browser|hit16k|h2c|pass|fill}
+scenario=${2:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit-browser|hit16k|h2c|pass|fill}
 seconds=${PROFILE_SECONDS:-5}
 connections=${PROFILE_CONNECTIONS:-50}
 LARDER_BIN=${LARDER_BIN:-target/release/larder}
@@ -123,7 +123,7 @@ LARDER_PID=$!
 PIDS+=("$LARDER_PID")
 URL=http://127.0.0.1:$PROXY_PORT
 case $scenario in
-  hit) path=/obj/1k ;;
+  hit | hit-browser) path=/obj/1k ;;
   hit16k) path=/obj/16k ;;
   h2c)
     command -v h2load >/dev/null || { echo "needs h2load (nghttp2-client)" >&2; exit 1; }
@@ -141,6 +141,9 @@ load() { # load SECONDS: prints wrk's output
   elif [[ $scenario == fill ]]; then
     FILL_PREFIX=/k16/ FILL_FIRST=1 FILL_COUNT=1000000 \
       wrk -t1 -c16 -d"${1}s" -s bench/lua/fill.lua "$URL"
+  elif [[ $scenario == hit-browser ]]; then
+    # 1 KiB hits for requests with a browser's dozen fields (bench/lua/browser.lua).
+    wrk -t1 -c"$connections" -d"${1}s" -s bench/lua/browser.lua "$URL$path"
   else
     wrk -t1 -c"$connections" -d"${1}s" "$URL$path"
   fi

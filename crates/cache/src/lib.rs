@@ -792,8 +792,13 @@ pub fn not_modified(request: &HeaderMap, stored: &impl Fields) -> bool {
             return false;
         };
         let Ok(inm) = inm.to_str() else { return false };
-        let weak = |t: &str| t.trim().trim_start_matches("W/").to_owned();
-        return inm.trim() == "*" || inm.split(',').any(|t| weak(t) == weak(etag));
+        // Weak comparison (§13.1.2 of RFC 9110): the opaque tags, `W/` or not.
+        fn opaque(tag: &str) -> &str {
+            let tag = tag.trim();
+            tag.strip_prefix("W/").unwrap_or(tag)
+        }
+        let etag = opaque(etag);
+        return inm.trim() == "*" || inm.split(',').any(|t| opaque(t) == etag);
     }
     if let Some(ims) = fields::find(request, &http::header::IF_MODIFIED_SINCE)
         .and_then(|v| v.to_str().ok())

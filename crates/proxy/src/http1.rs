@@ -13,7 +13,7 @@ use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -284,17 +284,43 @@ async fn await_relaying_interims<S: AsyncWrite + Unpin>(
 /// Where the head in `read` ends (after its empty line), if it is all there. `searched`: how
 /// much of `read` an earlier call already found no end in, so a head arriving in many small
 /// reads is scanned once, not once per read (quadratic in its size).
+///
+/// The end is the first line end followed by an empty line, `\n\r\n` or (bare) `\n\n`.
 pub(crate) fn head_end(read: &[u8], searched: usize) -> Option<usize> {
     // An end found now may begin up to two bytes before the new ones (`\n\r` + `\n`).
     let from = searched.saturating_sub(2).min(read.len());
-    memchr::memchr_iter(b'\n', &read[from..]).find_map(|at| {
-        let at = from + at;
-        match read.get(at + 1) {
-            Some(b'\n') => Some(at + 2),
-            Some(b'\r') if read.get(at + 2) == Some(&b'\n') => Some(at + 3),
-            _ => None,
-        }
+    let rest = &read[from..];
+    // Line by line (a `memchr` each) costs less for a few lines, as a load generator's bare
+    // GET has; a browser's dozen fields take two vectorised substring searches instead
+    // (callgrind hit-browser: 27.7k -> 26.9k instructions per request).
+    let end = if rest.len() <= 128 {
+        end_by_lines(rest)
+    } else {
+        end_by_search(rest)
+    };
+    end.map(|end| from + end)
+}
+
+fn end_by_lines(rest: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(b'\n', rest).find_map(|at| match rest.get(at + 1) {
+        Some(b'\n') => Some(at + 2),
+        Some(b'\r') if rest.get(at + 2) == Some(&b'\n') => Some(at + 3),
+        _ => None,
     })
+}
+
+fn end_by_search(rest: &[u8]) -> Option<usize> {
+    static CRLF_END: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(b"\n\r\n"));
+    static LF_END: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(b"\n\n"));
+    let crlf = CRLF_END.find(rest);
+    // A bare one counts only before the first CRLF one (it may not be there at all).
+    let before = crlf.map_or(rest.len(), |at| at + 1);
+    match LF_END.find(&rest[..before]) {
+        Some(at) => Some(at + 2),
+        None => crlf.map(|at| at + 3),
+    }
 }
 
 /// The request in a complete head, if it is one this server takes, with whether the client
@@ -332,7 +358,19 @@ fn parse(head: &Bytes, max_headers: usize) -> Option<(Request<ProxyBody>, bool)>
             return None;
         }
         if name == CONNECTION {
-            close |= lists_token(line.value, b"close");
+            // Read here, and left out of the map (where the relay would only remove it again)
+            // unless it names fields to drop with it.
+            let mut names_others = false;
+            for token in crate::headers::list_members(line.value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                    names_others = true;
+                }
+            }
+            if !names_others {
+                continue;
+            }
         }
         let value = HeaderValue::from_maybe_shared(head.slice_ref(line.value)).ok()?;
         headers.append(name, value);
@@ -543,5 +581,60 @@ mod date {
             }
             out.extend_from_slice(text.as_bytes());
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::head_end;
+
+    /// The definition: the first `\n` followed by `\n` or `\r\n`, looking from two bytes
+    /// before what was searched already.
+    fn head_end_by_lines(read: &[u8], searched: usize) -> Option<usize> {
+        let from = searched.saturating_sub(2).min(read.len());
+        (from..read.len()).find_map(|at| match (read[at], read.get(at + 1), read.get(at + 2)) {
+            (b'\n', Some(b'\n'), _) => Some(at + 2),
+            (b'\n', Some(b'\r'), Some(b'\n')) => Some(at + 3),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn head_ends_are_found_as_the_definition_finds_them() {
+        // Every string of up to 9 bytes over the three that matter, from every resume point,
+        // as is and behind 200 bytes of a long head (the other way of searching).
+        let alphabet = [b'a', b'\r', b'\n'];
+        let long_start = [b'x'; 200];
+        for len in 0..=9u32 {
+            for mut code in 0..3usize.pow(len) {
+                let mut read = Vec::with_capacity(len as usize);
+                for _ in 0..len {
+                    read.push(alphabet[code % 3]);
+                    code /= 3;
+                }
+                let long = [&long_start[..], &read].concat();
+                for searched in 0..=read.len() + 1 {
+                    assert_eq!(
+                        head_end(&read, searched),
+                        head_end_by_lines(&read, searched),
+                        "{read:?} searched {searched}"
+                    );
+                    let searched = searched + long_start.len();
+                    assert_eq!(
+                        head_end(&long, searched),
+                        head_end_by_lines(&long, searched),
+                        "long {read:?} searched {searched}"
+                    );
+                    assert_eq!(
+                        super::end_by_search(&read),
+                        head_end_by_lines(&read, 0),
+                        "{read:?}"
+                    );
+                }
+            }
+        }
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\nGET /next HTTP/1.1\r\n\r\n";
+        assert_eq!(head_end(head, 0), Some(40));
+        assert_eq!(head_end(&head[..39], 0), None);
     }
 }
