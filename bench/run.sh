@@ -47,6 +47,7 @@ THROUGHPUT_SCENARIOS=(
   "hit-256k-c50 wrk /obj/256k 50"
   "hit-256k-c200 wrk /obj/256k 200"
   "keys10k-c50 wrk-keys /k1/ 50"
+  "browser-1k-c50 wrk-browser /obj/1k 50"
   "h2c-1k-c50 h2load /obj/1k $H2_CONNS"
   "pass-1k-c50 wrk /pass/1k 50"
 )
@@ -540,6 +541,11 @@ measure() {
       KEYS_PREFIX=$path KEYS_COUNT=$KEYS timeout $((DSECS + 60)) \
         wrk -t1 -c"$conns" -d"$DURATION" --timeout 5s --latency -s "$BENCH_DIR/lua/random_keys.lua" \
         "$PROXY_URL/" >"$out.txt" 2>&1 || log "WARNING: wrk failed for $id on $proxy"
+      ;;
+    wrk-browser)
+      timeout $((DSECS + 60)) wrk -t1 -c"$conns" -d"$DURATION" --timeout 5s --latency \
+        -s "$BENCH_DIR/lua/browser.lua" "$PROXY_URL$path" >"$out.txt" 2>&1 ||
+        log "WARNING: wrk failed for $id on $proxy"
       ;;
     h2load)
       timeout $((DSECS + 60)) h2load -t1 -c"$conns" -m"$H2_STREAMS" -D "$DSECS" \
