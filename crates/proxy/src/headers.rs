@@ -6,9 +6,16 @@ use std::net::SocketAddr;
 use http::HeaderMap;
 use http::header::{CONNECTION, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE, VIA};
 
+/// Names without an `http` constant, used in more than one place.
+pub(crate) const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+pub(crate) const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 static HOP_BY_HOP: [HeaderName; 8] = [
     CONNECTION,
-    HeaderName::from_static("keep-alive"),
+    KEEP_ALIVE,
     HeaderName::from_static("proxy-connection"),
     http::header::PROXY_AUTHENTICATE,
     http::header::PROXY_AUTHORIZATION,
@@ -62,7 +69,6 @@ pub(crate) fn field_name(raw: &[u8]) -> Result<HeaderName, http::header::Invalid
 fn common_field_name(raw: &[u8]) -> Option<HeaderName> {
     use http::header::*;
     // Names the http crate has no constant for, without an allocation (static bytes).
-    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
     const PRIORITY: HeaderName = HeaderName::from_static("priority");
     const SEC_CH_UA: HeaderName = HeaderName::from_static("sec-ch-ua");
     const SEC_CH_UA_MOBILE: HeaderName = HeaderName::from_static("sec-ch-ua-mobile");
@@ -71,13 +77,8 @@ fn common_field_name(raw: &[u8]) -> Option<HeaderName> {
     const SEC_FETCH_MODE: HeaderName = HeaderName::from_static("sec-fetch-mode");
     const SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
     const SEC_FETCH_USER: HeaderName = HeaderName::from_static("sec-fetch-user");
-    const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
     const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
-    const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-    const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-    const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
     const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-    const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
     Some(match raw.len() {
         2 => match <&[u8; 2]>::try_from(raw).ok()? {
             b"TE" | b"Te" | b"te" => TE,
@@ -139,7 +140,9 @@ fn common_field_name(raw: &[u8]) -> Option<HeaderName> {
         },
         12 => match <&[u8; 12]>::try_from(raw).ok()? {
             b"Content-Type" | b"content-type" => CONTENT_TYPE,
-            b"X-Request-ID" | b"X-Request-Id" | b"x-request-id" => X_REQUEST_ID,
+            b"X-Request-ID" | b"X-Request-Id" | b"x-request-id" => {
+                crate::pipeline::REQUEST_ID.clone()
+            }
             _ => return None,
         },
         13 => match <&[u8; 13]>::try_from(raw).ok()? {
@@ -162,19 +165,19 @@ fn common_field_name(raw: &[u8]) -> Option<HeaderName> {
             b"Accept-Encoding" | b"accept-encoding" => ACCEPT_ENCODING,
             b"Accept-Language" | b"accept-language" => ACCEPT_LANGUAGE,
             b"X-Frame-Options" | b"x-frame-options" => X_FRAME_OPTIONS,
-            b"X-Forwarded-For" | b"x-forwarded-for" => X_FORWARDED_FOR,
+            b"X-Forwarded-For" | b"x-forwarded-for" => XFF,
             _ => return None,
         },
         16 => match <&[u8; 16]>::try_from(raw).ok()? {
             b"Content-Encoding" | b"content-encoding" => CONTENT_ENCODING,
             b"Sec-Ch-Ua-Mobile" | b"sec-ch-ua-mobile" => SEC_CH_UA_MOBILE,
-            b"X-Forwarded-Host" | b"x-forwarded-host" => X_FORWARDED_HOST,
+            b"X-Forwarded-Host" | b"x-forwarded-host" => XFH,
             _ => return None,
         },
         17 => match <&[u8; 17]>::try_from(raw).ok()? {
             b"If-Modified-Since" | b"if-modified-since" => IF_MODIFIED_SINCE,
             b"Transfer-Encoding" | b"transfer-encoding" => TRANSFER_ENCODING,
-            b"X-Forwarded-Proto" | b"x-forwarded-proto" => X_FORWARDED_PROTO,
+            b"X-Forwarded-Proto" | b"x-forwarded-proto" => XFP,
             _ => return None,
         },
         18 => match <&[u8; 18]>::try_from(raw).ok()? {
@@ -266,10 +269,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub fn append_via(headers: &mut HeaderMap) {
     headers.append(VIA, HeaderValue::from_static(VIA_VALUE));
 }
-
-static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
-static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// The fields this hop sets on a request it forwards (X-Forwarded-For, -Proto, -Host and Via),
 /// kept out of the client's map: Larder's HTTP/1 client writes them as lines after the map's

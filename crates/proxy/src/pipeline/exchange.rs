@@ -6,13 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use http::{HeaderName, Method, Request, Version, header};
+use http::{Method, Request, Version, header};
 use larder_cache::{CacheResult, NoCacheReason};
 use larder_telemetry::RequestEvent;
 
 use super::{REQUEST_ID, ResponseWriter, StoredLines};
-
-static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// RFC 9211 `fwd` values: why the request went forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,7 +106,11 @@ impl Exchange {
     pub fn new<B>(req: &Request<B>, client: Option<SocketAddr>) -> Exchange {
         let [id, traceparent, user_agent] = larder_cache::fields::find_each(
             req.headers(),
-            [&REQUEST_ID, &TRACEPARENT, &header::USER_AGENT],
+            [
+                &REQUEST_ID,
+                &crate::headers::TRACEPARENT,
+                &header::USER_AGENT,
+            ],
         );
         fn text(value: Option<&http::HeaderValue>) -> Option<&str> {
             value.and_then(|v| v.to_str().ok())

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWrite;
@@ -41,8 +41,6 @@ const MAX_CHUNK_EXTENSIONS: usize = 16 * 1024;
 /// How much is read at once: enough for a small response whole, bounded for large bodies.
 const READ_MIN: usize = 8 * 1024;
 const READ_MAX: usize = 64 * 1024;
-/// Hop-by-hop, read by this client and never relayed (RFC 9110 §7.6.1).
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// What went wrong on the connection. `IncompleteHead` (closed or reset before a whole
 /// response head) is what a pooled connection its origin had just closed looks like: an
@@ -633,7 +631,7 @@ fn parse_head(
             if !names_others {
                 continue;
             }
-        } else if name == KEEP_ALIVE {
+        } else if name == crate::headers::KEEP_ALIVE {
             // Hop-by-hop whatever Connection says (RFC 9112 §9.6 / RFC 2068 §19.7.1).
             continue;
         } else if name == TRANSFER_ENCODING {
