@@ -21,16 +21,21 @@ def main():
     callers_of = sys.argv[4] if mode in ("--callers", "--callsites") else None
     by_site = mode == "--callsites"
     top = int(sys.argv[3]) if len(sys.argv) > 3 and callers_of is None else 40
-    names = {}
+    def decoder():
+        # Function and file names are written once in full as "(id) name", then as "(id)".
+        seen = {}
 
-    def name(token):
-        # Names are written once in full as "(id) name", then as "(id)".
-        m = re.match(r"\((\d+)\)(?: (.*))?", token)
-        if not m:
-            return token
-        if m.group(2):
-            names[m.group(1)] = m.group(2)
-        return names.get(m.group(1), m.group(1))
+        def decode(token):
+            m = re.match(r"\((\d+)\)(?: (.*))?", token)
+            if not m:
+                return token
+            if m.group(2):
+                seen[m.group(1)] = m.group(2)
+            return seen.get(m.group(1), m.group(1))
+
+        return decode
+
+    name, file_name = decoder(), decoder()
 
     own = collections.Counter()
     called = collections.Counter()
@@ -38,16 +43,7 @@ def main():
     fn = callee = None
     pending_calls = None
     file = None
-    files = {}
     position = 0
-
-    def file_name(token):
-        m = re.match(r"\((\d+)\)(?: (.*))?", token)
-        if not m:
-            return token
-        if m.group(2):
-            files[m.group(1)] = m.group(2)
-        return files.get(m.group(1), m.group(1))
 
     with open(path) as f:
         for line in f:

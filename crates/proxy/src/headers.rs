@@ -9,6 +9,7 @@ use http::header::{CONNECTION, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, U
 /// Names without an `http` constant, used in more than one place.
 pub(crate) const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 pub(crate) const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
 const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -39,6 +40,30 @@ pub fn list_members(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .split(|b| *b == b',')
         .map(<[u8]>::trim_ascii)
         .filter(|member| !member.is_empty())
+}
+
+/// What one `Connection` field line says. A parser reads it as it goes and leaves the field
+/// out of the map (where the relay would only look it up and remove it again) unless it
+/// `names_fields`: those are hop-by-hop too, for `strip_hop_by_hop` to remove with it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConnectionTokens {
+    pub close: bool,
+    pub keep_alive: bool,
+    pub names_fields: bool,
+}
+
+pub(crate) fn connection_tokens(value: &[u8]) -> ConnectionTokens {
+    let mut tokens = ConnectionTokens::default();
+    for token in list_members(value) {
+        if token.eq_ignore_ascii_case(b"close") {
+            tokens.close = true;
+        } else if token.eq_ignore_ascii_case(b"keep-alive") {
+            tokens.keep_alive = true;
+        } else {
+            tokens.names_fields = true;
+        }
+    }
+    tokens
 }
 
 /// Whether a comma-separated field value lists `token` (case-insensitive).
@@ -140,9 +165,7 @@ fn common_field_name(raw: &[u8]) -> Option<HeaderName> {
         },
         12 => match <&[u8; 12]>::try_from(raw).ok()? {
             b"Content-Type" | b"content-type" => CONTENT_TYPE,
-            b"X-Request-ID" | b"X-Request-Id" | b"x-request-id" => {
-                crate::pipeline::REQUEST_ID.clone()
-            }
+            b"X-Request-ID" | b"X-Request-Id" | b"x-request-id" => REQUEST_ID,
             _ => return None,
         },
         13 => match <&[u8; 13]>::try_from(raw).ok()? {

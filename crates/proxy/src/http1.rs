@@ -358,17 +358,9 @@ fn parse(head: &Bytes, max_headers: usize) -> Option<(Request<ProxyBody>, bool)>
             return None;
         }
         if name == CONNECTION {
-            // Read here, and left out of the map (where the relay would only remove it again)
-            // unless it names fields to drop with it.
-            let mut names_others = false;
-            for token in crate::headers::list_members(line.value) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if !token.eq_ignore_ascii_case(b"keep-alive") {
-                    names_others = true;
-                }
-            }
-            if !names_others {
+            let tokens = crate::headers::connection_tokens(line.value);
+            close |= tokens.close;
+            if !tokens.names_fields {
                 continue;
             }
         }

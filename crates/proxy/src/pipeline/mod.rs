@@ -37,7 +37,7 @@ use fill::Fill;
 use serve::{ServeOptions, from_store, not_modified_response};
 
 pub(crate) static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
-pub(crate) static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) use crate::headers::REQUEST_ID;
 
 /// The client's request once its body has been split off. Cheap to clone for a background
 /// refresh (no body).

@@ -616,19 +616,10 @@ fn parse_head(
         let value = HeaderValue::from_maybe_shared(head.slice_ref(line.value))
             .map_err(|_| Http1Error::BadHead("field value"))?;
         if name == CONNECTION {
-            // This hop's alone, and read here: left out of the map (where the relay would
-            // look it up and remove it again) unless it names other fields to drop.
-            let mut names_others = false;
-            for token in list_members(line.value) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    close_token = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    keep_alive_token = true;
-                } else {
-                    names_others = true;
-                }
-            }
-            if !names_others {
+            let tokens = crate::headers::connection_tokens(line.value);
+            close_token |= tokens.close;
+            keep_alive_token |= tokens.keep_alive;
+            if !tokens.names_fields {
                 continue;
             }
         } else if name == crate::headers::KEEP_ALIVE {
