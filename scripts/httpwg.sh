@@ -60,7 +60,7 @@ Server(("127.0.0.1", int(sys.argv[1])), Slow).serve_forever()
 PY
 origin_pid=$!
 trap 'kill "$origin_pid" 2>/dev/null; rm -f "$out" "$server_log"' EXIT
-expected=$(grep -v '^#' tests/attack/httpwg-expected-failures.txt | sed 's/ | .*//' | sort)
+expected=$( (grep -v '^#' tests/attack/httpwg-expected-failures.txt || true) | sed 's/ | .*//' | sort)
 listed=$(echo "$expected" | sed '/^$/d' | wc -l)
 
 # One run of the suite, judged: 0 when every failure is a justified one.

@@ -12,6 +12,7 @@ pub mod fuzz_checks;
 pub mod head_deadline;
 pub mod headers;
 pub mod http1;
+mod http2;
 pub mod interim;
 mod pipeline;
 pub use pipeline::{Answer, ResponseWriter, StoredLines};

@@ -39,6 +39,9 @@ pub struct ServerLimits {
     pub max_connections: usize,
     /// A response write making no progress this long ends the connection.
     pub client_write_timeout: Duration,
+    /// Which server answers HTTP/2: Larder's own ([`crate::http2`]), unless
+    /// `LARDER_HTTP2_SERVER=hyper` asks for hyper's (kept to compare the two).
+    pub own_http2: bool,
     /// Connections open now, shared by the listeners.
     open: Arc<AtomicUsize>,
 }
@@ -53,11 +56,19 @@ impl ServerLimits {
             drain_timeout: config.drain.timeout,
             max_connections: config.limits.max_connections,
             client_write_timeout: config.limits.client_write_timeout,
+            own_http2: std::env::var("LARDER_HTTP2_SERVER").map_or(true, |v| v != "hyper"),
             open: Arc::default(),
         }
     }
 
     /// The request-head limits both HTTP/1 servers (Larder's and hyper's) apply.
+    fn http2_settings(&self) -> crate::http2::Settings {
+        crate::http2::Settings {
+            max_concurrent_streams: self.max_concurrent_streams,
+            max_header_list_size: self.max_request_header_size,
+        }
+    }
+
     fn head_limits(&self) -> HeadLimits {
         HeadLimits {
             // hyper's floor for its read buffer is 8 KiB: the same limit for both.
@@ -119,6 +130,7 @@ pub async fn serve(
     // are dropped.
     let (drain, draining) = tokio::sync::watch::channel(());
     let head_limits = limits.head_limits();
+    let http2 = limits.own_http2.then(|| limits.http2_settings());
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -148,6 +160,7 @@ pub async fn serve(
             builder: builder.clone(),
             drain: draining.clone(),
             head_limits,
+            http2,
             tls: tls.clone(),
             head_limit: limits.header_read_timeout,
             write_limit: limits.client_write_timeout,
@@ -190,6 +203,8 @@ struct Accepted {
     builder: auto::Builder<InlineStreams>,
     drain: tokio::sync::watch::Receiver<()>,
     head_limits: HeadLimits,
+    /// Larder's HTTP/2 server's settings; None: hyper's serves HTTP/2.
+    http2: Option<crate::http2::Settings>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     head_limit: Duration,
     write_limit: Duration,
@@ -261,6 +276,7 @@ where
         head_limits,
         head_limit,
         peer,
+        http2: own_http2,
         ..
     } = accepted;
     let interim = InterimSink::default();
@@ -297,9 +313,16 @@ where
             }
         })
     };
+    let http2_proxy = proxy.clone();
     let fallback = move |io: crate::http1::Rewind<HeadDeadline<InterimIo<S>>>,
                          mut drain: tokio::sync::watch::Receiver<()>,
                          draining: bool| async move {
+        if let Some(settings) = own_http2
+            && io.is_http2()
+        {
+            return crate::http2::serve(io, http2_proxy, peer, scheme, settings, drain, draining)
+                .await;
+        }
         // HTTP/2's writes wait for the end of the task's poll (`WithStreams`): one system call
         // for all the responses a poll finished. Not HTTP/1's: hyper may end such a
         // connection without the shutdown that sends what is held.
