@@ -643,3 +643,119 @@ async fn h2c_responses_finished_together_all_arrive_whole_whatever_their_size() 
     }
     assert_eq!(origin.count(), 40);
 }
+
+fn h2c_client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>()
+}
+
+/// A request body three times the stream's and the connection's windows: it only arrives
+/// whole if the proxy gives the windows back as the upstream request takes the bytes.
+#[tokio::test]
+async fn h2c_request_bodies_larger_than_the_windows_reach_the_origin_whole() {
+    let origin = Origin::fixed(200, &[("cache-control", "no-store")], "stored").await;
+    let yaml =
+        config_yaml(origin.addr, DEFAULT_TYPES) + "limits: { max_request_body_size: 8MiB }\n";
+    let larder = Larder::start(&yaml).await;
+    let body: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let request = h2c_client().request(
+        http::Request::post(larder.proxy_url("/upload"))
+            .body(Full::new(Bytes::from(body.clone())))
+            .unwrap(),
+    );
+    // Windows never given back would stall the upload for good.
+    let response = tokio::time::timeout(Duration::from_secs(30), request)
+        .await
+        .expect("the upload stalled")
+        .unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.into_body().collect().await.unwrap().to_bytes(),
+        "stored"
+    );
+    let seen = origin.last();
+    assert_eq!(seen.body.len(), body.len());
+    assert!(seen.body == body, "the body arrived altered");
+}
+
+/// An answer given before the request body is all sent (413 here) reaches the client, and the
+/// rest of the body is refused with a reset the client takes as "stop sending" (RFC 9113 §8.1).
+#[tokio::test]
+async fn h2c_an_early_answer_to_a_long_upload_reaches_the_client() {
+    let origin = Origin::fixed(200, &[], "ok").await;
+    let yaml =
+        config_yaml(origin.addr, DEFAULT_TYPES) + "limits: { max_request_body_size: 1KiB }\n";
+    let larder = Larder::start(&yaml).await;
+    let client = h2c_client();
+    let response = client
+        .request(
+            http::Request::post(larder.proxy_url("/up"))
+                .body(Full::new(Bytes::from(vec![b'x'; 512 * 1024])))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    assert_eq!(origin.count(), 0);
+    // The connection goes on serving.
+    let next = client
+        .request(
+            http::Request::get(larder.proxy_url("/after"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(next.status(), 200);
+}
+
+#[tokio::test]
+async fn h2c_head_of_a_cached_object_has_its_length_and_no_body() {
+    let origin = Origin::fixed(200, &[("cache-control", "max-age=60")], "twelve bytes").await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    let client = h2c_client();
+    let get = client
+        .request(
+            http::Request::get(larder.proxy_url("/h"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        get.into_body().collect().await.unwrap().to_bytes(),
+        "twelve bytes"
+    );
+    let head = client
+        .request(
+            http::Request::head(larder.proxy_url("/h"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"], "12");
+    assert!(
+        head.headers()["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("hit"),
+        "{:?}",
+        head.headers()
+    );
+    assert!(
+        head.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .is_empty()
+    );
+    assert_eq!(origin.count(), 1);
+}
