@@ -39,26 +39,55 @@ pub enum Name {
 #[derive(Debug, Clone)]
 pub struct Field {
     pub name: Name,
-    /// None when the value holds bytes no field value may (CR, LF, NUL, other controls).
+    /// A regular field's value; None when it holds bytes no field value may (CR, LF, NUL,
+    /// other controls), or for a pseudo-header field.
     pub value: Option<HeaderValue>,
+    /// A pseudo-header field's value, as sent: the URI's and method's parsers check it.
+    pub raw: Bytes,
 }
 
 impl Field {
     fn parse(name: &[u8], value: Bytes) -> Field {
-        let name = match name {
-            [b':', pseudo @ ..] => Name::Pseudo(match pseudo {
-                b"method" => Pseudo::Method,
-                b"scheme" => Pseudo::Scheme,
-                b"authority" => Pseudo::Authority,
-                b"path" => Pseudo::Path,
-                _ => Pseudo::Other,
-            }),
+        match name {
+            [b':', pseudo @ ..] => Field::pseudo(
+                match pseudo {
+                    b"method" => Pseudo::Method,
+                    b"scheme" => Pseudo::Scheme,
+                    b"authority" => Pseudo::Authority,
+                    b"path" => Pseudo::Path,
+                    _ => Pseudo::Other,
+                },
+                value,
+            ),
             // Only lowercase names are valid in HTTP/2 (§8.2.1): `from_lowercase` refuses others.
-            _ => HeaderName::from_lowercase(name).map_or(Name::Invalid, Name::Field),
-        };
+            _ => Field::regular(
+                HeaderName::from_lowercase(name).map_or(Name::Invalid, Name::Field),
+                value,
+            ),
+        }
+    }
+
+    fn pseudo(pseudo: Pseudo, value: Bytes) -> Field {
+        Field {
+            name: Name::Pseudo(pseudo),
+            value: None,
+            raw: value,
+        }
+    }
+
+    fn regular(name: Name, value: Bytes) -> Field {
         Field {
             name,
             value: HeaderValue::from_maybe_shared(value).ok(),
+            raw: Bytes::new(),
+        }
+    }
+
+    /// The same name with another value.
+    fn with_value(name: Name, value: Bytes) -> Field {
+        match name {
+            Name::Pseudo(pseudo) => Field::pseudo(pseudo, value),
+            name => Field::regular(name, value),
         }
     }
 }
@@ -169,7 +198,6 @@ pub struct Decoder {
     max_size: usize,
     /// What this server's SETTINGS_HEADER_TABLE_SIZE allows (the default, 4096).
     allowed_max: usize,
-    scratch: Vec<u8>,
 }
 
 impl Default for Decoder {
@@ -179,7 +207,6 @@ impl Default for Decoder {
             size: 0,
             max_size: 4096,
             allowed_max: 4096,
-            scratch: Vec::new(),
         }
     }
 }
@@ -266,15 +293,11 @@ impl Decoder {
         let (named, name_len, _) = self.get(index)?;
         let value = self.string(block)?;
         let size = name_len + value.len() + 32;
-        let field = Field {
-            name: named.name,
-            value: HeaderValue::from_maybe_shared(value).ok(),
-        };
-        Ok((field, name_len, size))
+        Ok((Field::with_value(named.name, value), name_len, size))
     }
 
     /// A string literal (§5.2), Huffman-decoded if marked so.
-    fn string(&mut self, block: &mut &[u8]) -> Result<Bytes, DecodeError> {
+    fn string(&self, block: &mut &[u8]) -> Result<Bytes, DecodeError> {
         let huffman = block.first().ok_or(DecodeError::Truncated)? & 0x80 != 0;
         let len = integer(block, 7)?;
         if block.len() < len {
@@ -285,9 +308,10 @@ impl Decoder {
         if !huffman {
             return Ok(Bytes::copy_from_slice(raw));
         }
-        self.scratch.clear();
-        huffman::decode(raw, &mut self.scratch).map_err(|_| DecodeError::Huffman)?;
-        Ok(Bytes::copy_from_slice(&self.scratch))
+        // Huffman codes are at least 5 bits a byte.
+        let mut decoded = Vec::with_capacity(raw.len() * 8 / 5 + 1);
+        huffman::decode(raw, &mut decoded).map_err(|_| DecodeError::Huffman)?;
+        Ok(Bytes::from(decoded))
     }
 
     fn insert(&mut self, entry: Entry) {
@@ -334,6 +358,7 @@ fn integer(block: &mut &[u8], prefix: u8) -> Result<usize, DecodeError> {
     Ok(value)
 }
 
+#[inline]
 fn put_integer(out: &mut Vec<u8>, mut value: usize, prefix: u8, first_bits: u8) {
     let mask = (1usize << prefix) - 1;
     if value < mask {
@@ -349,9 +374,19 @@ fn put_integer(out: &mut Vec<u8>, mut value: usize, prefix: u8, first_bits: u8) 
     out.push(value as u8);
 }
 
-/// The static-table index of a name, for a literal that refers to it.
-fn static_name(name: &str) -> Option<usize> {
-    Some(match name {
+/// How a response field's name is sent.
+enum Named {
+    /// By its static-table index.
+    Static(u8),
+    /// As a string.
+    Literal,
+    /// Not at all: connection-specific fields never travel in HTTP/2 (RFC 9113 §8.2.2).
+    Skipped,
+}
+
+/// One match on the name decides both its static index and whether it is sent.
+fn named(name: &str) -> Named {
+    Named::Static(match name {
         "accept-charset" => 15,
         "accept-encoding" => 16,
         "accept-language" => 17,
@@ -394,12 +429,14 @@ fn static_name(name: &str) -> Option<usize> {
         "server" => 54,
         "set-cookie" => 55,
         "strict-transport-security" => 56,
-        "transfer-encoding" => 57,
         "user-agent" => 58,
         "vary" => 59,
         "via" => 60,
         "www-authenticate" => 61,
-        _ => return None,
+        "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "upgrade" => {
+            return Named::Skipped;
+        }
+        _ => return Named::Literal,
     })
 }
 
@@ -432,16 +469,21 @@ pub fn encode_status(status: StatusCode, out: &mut Vec<u8>) {
 }
 
 /// Appends a field as a literal without indexing (never indexed when marked sensitive), its
-/// name by static index when it has one, its value as is.
+/// name by static index when it has one, its value as is. Connection-specific fields are left
+/// out.
 pub fn encode_field(name: &HeaderName, value: &HeaderValue, out: &mut Vec<u8>) {
     let first_bits = if value.is_sensitive() { 0x10 } else { 0x00 };
-    match static_name(name.as_str()) {
-        Some(index) => put_integer(out, index, 4, first_bits),
-        None => {
+    let name = name.as_str();
+    out.reserve(name.len() + value.len() + 8);
+    match named(name) {
+        Named::Static(index) if index < 15 => out.push(first_bits | index),
+        Named::Static(index) => out.extend_from_slice(&[first_bits | 0x0f, index - 15]),
+        Named::Literal => {
             out.push(first_bits);
-            put_integer(out, name.as_str().len(), 7, 0);
-            out.extend_from_slice(name.as_str().as_bytes());
+            put_integer(out, name.len(), 7, 0);
+            out.extend_from_slice(name.as_bytes());
         }
+        Named::Skipped => return,
     }
     put_integer(out, value.len(), 7, 0);
     out.extend_from_slice(value.as_bytes());
@@ -457,7 +499,7 @@ mod tests {
     ) -> Result<Vec<(String, String)>, DecodeError> {
         let mut fields = Vec::new();
         decoder.decode(block, |field, _| {
-            let name = match field.name {
+            let name = match &field.name {
                 Name::Pseudo(Pseudo::Method) => ":method".to_owned(),
                 Name::Pseudo(Pseudo::Scheme) => ":scheme".to_owned(),
                 Name::Pseudo(Pseudo::Authority) => ":authority".to_owned(),
@@ -466,9 +508,11 @@ mod tests {
                 Name::Field(name) => name.as_str().to_owned(),
                 Name::Invalid => "!invalid".to_owned(),
             };
-            let value = field.value.map_or("!invalid".to_owned(), |v| {
-                String::from_utf8(v.as_bytes().to_vec()).unwrap()
-            });
+            let value = match (&field.name, field.value) {
+                (Name::Pseudo(_), _) => String::from_utf8(field.raw.to_vec()).unwrap(),
+                (_, Some(v)) => String::from_utf8(v.as_bytes().to_vec()).unwrap(),
+                (_, None) => "!invalid".to_owned(),
+            };
             fields.push((name, value));
         })?;
         Ok(fields)
@@ -618,6 +662,17 @@ mod tests {
         let mut secret = HeaderValue::from_static("s3cr3t");
         secret.set_sensitive(true);
         encode_field(&HeaderName::from_static("x-custom"), &secret, &mut out);
+        // Connection-specific: never sent.
+        encode_field(
+            &http::header::TRANSFER_ENCODING,
+            &HeaderValue::from_static("chunked"),
+            &mut out,
+        );
+        encode_field(
+            &http::header::CONNECTION,
+            &HeaderValue::from_static("close"),
+            &mut out,
+        );
         let long = "v".repeat(300);
         encode_field(
             &http::header::VIA,

@@ -866,7 +866,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     self.on_trailers(id, end_stream, &fields)
                 } else {
                     self.last_stream_id = id;
-                    self.open_stream(id, end_stream, self_dependent, &fields);
+                    self.open_stream(id, end_stream, self_dependent, &mut fields);
                     Ok(())
                 }
             }
@@ -925,7 +925,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         id: u32,
         end_stream: bool,
         self_dependent: bool,
-        fields: &[(Field, usize)],
+        fields: &mut [(Field, usize)],
     ) {
         if self.goaway_sent || self.peer_goaway {
             // Past the last stream the GOAWAY named: never processed, safe to retry (§6.8).
@@ -1242,9 +1242,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.encode_block_start();
         hpack::encode_status(parts.status, &mut self.scratch);
         for (name, value) in &parts.headers {
-            if !is_connection_specific(name) {
-                hpack::encode_field(name, value, &mut self.scratch);
-            }
+            hpack::encode_field(name, value, &mut self.scratch);
         }
         let stream = &mut self.streams[i];
         let end = stream.head || body.is_end_stream();
@@ -1324,9 +1322,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                                 self.scratch.clear();
                                 self.encode_block_start();
                                 for (name, value) in &trailers {
-                                    if !is_connection_specific(name) {
-                                        hpack::encode_field(name, value, &mut self.scratch);
-                                    }
+                                    hpack::encode_field(name, value, &mut self.scratch);
                                 }
                                 self.write_header_block(id, true);
                                 self.finish_local(i);
@@ -1539,12 +1535,11 @@ fn field_allowed(name: &HeaderName, value: &HeaderValue) -> bool {
 
 /// The request a header block describes, and its Content-Length; None when it is malformed
 /// (§8.1.1), which resets the stream.
-fn build_request(fields: &[(Field, usize)]) -> Option<(Request<()>, Option<u64>)> {
+fn build_request(fields: &mut [(Field, usize)]) -> Option<(Request<()>, Option<u64>)> {
     let (mut method, mut scheme, mut authority, mut path) = (None, None, None, None);
     let mut headers: HeaderMap = HeaderMap::with_capacity(fields.len());
     let mut regular_seen = false;
     for (field, _) in fields {
-        let value = field.value.as_ref()?;
         match &field.name {
             Name::Pseudo(pseudo) => {
                 if regular_seen {
@@ -1557,13 +1552,14 @@ fn build_request(fields: &[(Field, usize)]) -> Option<(Request<()>, Option<u64>)
                     Pseudo::Path => &mut path,
                     Pseudo::Other => return None,
                 };
-                if slot.replace(value).is_some() {
+                if slot.replace(std::mem::take(&mut field.raw)).is_some() {
                     return None;
                 }
             }
             Name::Field(name) => {
                 regular_seen = true;
-                if !field_allowed(name, value) {
+                let value = field.value.take()?;
+                if !field_allowed(name, &value) {
                     return None;
                 }
                 if *name == header::COOKIE
@@ -1577,12 +1573,12 @@ fn build_request(fields: &[(Field, usize)]) -> Option<(Request<()>, Option<u64>)
                     *earlier = HeaderValue::from_bytes(&joined).ok()?;
                     continue;
                 }
-                headers.append(name.clone(), value.clone());
+                headers.append(name.clone(), value);
             }
             Name::Invalid => return None,
         }
     }
-    let method = match method?.as_bytes() {
+    let method = match &method?[..] {
         b"GET" => Method::GET,
         b"HEAD" => Method::HEAD,
         b"POST" => Method::POST,
@@ -1593,30 +1589,22 @@ fn build_request(fields: &[(Field, usize)]) -> Option<(Request<()>, Option<u64>)
         if scheme.is_some() || path.is_some() {
             return None;
         }
-        Uri::from_maybe_shared(Bytes::copy_from_slice(authority?.as_bytes())).ok()?
+        Uri::from_maybe_shared(authority?).ok()?
     } else {
         let (scheme, path) = (scheme?, path?);
         if path.is_empty() {
             return None;
         }
         let mut parts = http::uri::Parts::default();
-        parts.path_and_query = Some(
-            http::uri::PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(path.as_bytes()))
-                .ok()?,
-        );
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_maybe_shared(path).ok()?);
         if let Some(authority) = authority {
             if let Some(host) = headers.get(header::HOST)
-                && host != authority
+                && host.as_bytes() != authority
             {
                 return None;
             }
-            parts.authority = Some(
-                http::uri::Authority::from_maybe_shared(Bytes::copy_from_slice(
-                    authority.as_bytes(),
-                ))
-                .ok()?,
-            );
-            parts.scheme = Some(match scheme.as_bytes() {
+            parts.authority = Some(http::uri::Authority::from_maybe_shared(authority).ok()?);
+            parts.scheme = Some(match &scheme[..] {
                 b"https" => http::uri::Scheme::HTTPS,
                 b"http" => http::uri::Scheme::HTTP,
                 other => std::str::from_utf8(other).ok()?.parse().ok()?,
