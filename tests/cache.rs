@@ -53,13 +53,15 @@ async fn miss_then_hit_with_age_and_cache_status() {
 
 #[tokio::test]
 async fn section_4_2_ttl_expiry_refetches() {
-    let origin = Origin::fixed(200, &[("cache-control", "max-age=1")], "short-lived").await;
+    // Three seconds, not one: Date has whole seconds, so a response stored late in a second
+    // is already most of a second old, and a one-second lifetime could end before the hit.
+    let origin = Origin::fixed(200, &[("cache-control", "max-age=3")], "short-lived").await;
     let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
     larder.get("/t").await;
     assert!(larder.get("/t").await.cache_status().contains("hit"));
     // Expiry is time passing; poll (bounded) until the stored response goes stale.
     let mut refetched = false;
-    for _ in 0..40 {
+    for _ in 0..80 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         if larder.get("/t").await.cache_status().contains("fwd=") {
             refetched = true;
