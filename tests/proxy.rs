@@ -759,3 +759,24 @@ async fn h2c_head_of_a_cached_object_has_its_length_and_no_body() {
     );
     assert_eq!(origin.count(), 1);
 }
+
+/// A response Larder makes itself has no Date from an origin: the HTTP/2 server adds one (RFC
+/// 9110 §6.6.1), and the body's length, as the HTTP/1 server does.
+#[tokio::test]
+async fn h2c_answers_made_by_larder_carry_date_and_length() {
+    let larder = Larder::start(&config_yaml(closed_address(), DEFAULT_TYPES)).await;
+    let response = h2c_client()
+        .request(
+            http::Request::get(larder.proxy_url("/down"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    let date = response.headers()["date"].to_str().unwrap().to_owned();
+    assert!(date.len() == 29 && date.ends_with(" GMT"), "{date}");
+    let body = b"upstream connect error\n";
+    assert_eq!(response.headers()["content-length"], body.len().to_string());
+    assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), &body[..]);
+}

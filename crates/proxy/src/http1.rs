@@ -232,7 +232,7 @@ where
                 Some(peer),
                 Some(interim.clone()),
                 scheme,
-                ResponseWriter::Http1,
+                ResponseWriter::Lines,
             ));
             let answer = match futures_util::FutureExt::now_or_never(handled.as_mut()) {
                 Some(answer) => answer,
@@ -555,7 +555,7 @@ async fn write_pair<S: AsyncWrite + Unpin>(
 }
 
 /// The `Date` header's value, formatted once a second per thread (as hyper does).
-mod date {
+pub(crate) mod date {
     use std::cell::RefCell;
     use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -385,55 +385,55 @@ enum Named {
 }
 
 /// One match on the name decides both its static index and whether it is sent.
-fn named(name: &str) -> Named {
+fn named(name: &[u8]) -> Named {
     Named::Static(match name {
-        "accept-charset" => 15,
-        "accept-encoding" => 16,
-        "accept-language" => 17,
-        "accept-ranges" => 18,
-        "accept" => 19,
-        "access-control-allow-origin" => 20,
-        "age" => 21,
-        "allow" => 22,
-        "authorization" => 23,
-        "cache-control" => 24,
-        "content-disposition" => 25,
-        "content-encoding" => 26,
-        "content-language" => 27,
-        "content-length" => 28,
-        "content-location" => 29,
-        "content-range" => 30,
-        "content-type" => 31,
-        "cookie" => 32,
-        "date" => 33,
-        "etag" => 34,
-        "expect" => 35,
-        "expires" => 36,
-        "from" => 37,
-        "host" => 38,
-        "if-match" => 39,
-        "if-modified-since" => 40,
-        "if-none-match" => 41,
-        "if-range" => 42,
-        "if-unmodified-since" => 43,
-        "last-modified" => 44,
-        "link" => 45,
-        "location" => 46,
-        "max-forwards" => 47,
-        "proxy-authenticate" => 48,
-        "proxy-authorization" => 49,
-        "range" => 50,
-        "referer" => 51,
-        "refresh" => 52,
-        "retry-after" => 53,
-        "server" => 54,
-        "set-cookie" => 55,
-        "strict-transport-security" => 56,
-        "user-agent" => 58,
-        "vary" => 59,
-        "via" => 60,
-        "www-authenticate" => 61,
-        "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "upgrade" => {
+        b"accept-charset" => 15,
+        b"accept-encoding" => 16,
+        b"accept-language" => 17,
+        b"accept-ranges" => 18,
+        b"accept" => 19,
+        b"access-control-allow-origin" => 20,
+        b"age" => 21,
+        b"allow" => 22,
+        b"authorization" => 23,
+        b"cache-control" => 24,
+        b"content-disposition" => 25,
+        b"content-encoding" => 26,
+        b"content-language" => 27,
+        b"content-length" => 28,
+        b"content-location" => 29,
+        b"content-range" => 30,
+        b"content-type" => 31,
+        b"cookie" => 32,
+        b"date" => 33,
+        b"etag" => 34,
+        b"expect" => 35,
+        b"expires" => 36,
+        b"from" => 37,
+        b"host" => 38,
+        b"if-match" => 39,
+        b"if-modified-since" => 40,
+        b"if-none-match" => 41,
+        b"if-range" => 42,
+        b"if-unmodified-since" => 43,
+        b"last-modified" => 44,
+        b"link" => 45,
+        b"location" => 46,
+        b"max-forwards" => 47,
+        b"proxy-authenticate" => 48,
+        b"proxy-authorization" => 49,
+        b"range" => 50,
+        b"referer" => 51,
+        b"refresh" => 52,
+        b"retry-after" => 53,
+        b"server" => 54,
+        b"set-cookie" => 55,
+        b"strict-transport-security" => 56,
+        b"user-agent" => 58,
+        b"vary" => 59,
+        b"via" => 60,
+        b"www-authenticate" => 61,
+        b"connection" | b"keep-alive" | b"proxy-connection" | b"transfer-encoding" | b"upgrade" => {
             return Named::Skipped;
         }
         _ => return Named::Literal,
@@ -472,8 +472,17 @@ pub fn encode_status(status: StatusCode, out: &mut Vec<u8>) {
 /// name by static index when it has one, its value as is. Connection-specific fields are left
 /// out.
 pub fn encode_field(name: &HeaderName, value: &HeaderValue, out: &mut Vec<u8>) {
-    let first_bits = if value.is_sensitive() { 0x10 } else { 0x00 };
-    let name = name.as_str();
+    encode_bytes(
+        name.as_str().as_bytes(),
+        value.as_bytes(),
+        value.is_sensitive(),
+        out,
+    );
+}
+
+/// [`encode_field`] for a lowercase name and a valid value as bytes (a stored line's).
+pub fn encode_bytes(name: &[u8], value: &[u8], sensitive: bool, out: &mut Vec<u8>) {
+    let first_bits = if sensitive { 0x10 } else { 0x00 };
     out.reserve(name.len() + value.len() + 8);
     match named(name) {
         Named::Static(index) if index < 15 => out.push(first_bits | index),
@@ -481,12 +490,37 @@ pub fn encode_field(name: &HeaderName, value: &HeaderValue, out: &mut Vec<u8>) {
         Named::Literal => {
             out.push(first_bits);
             put_integer(out, name.len(), 7, 0);
-            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(name);
         }
         Named::Skipped => return,
     }
     put_integer(out, value.len(), 7, 0);
-    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(value);
+}
+
+/// Appends the fields of HTTP/1 lines (`name: value\r\n` each, names in lower case, as
+/// Larder encodes them when storing a response).
+pub fn encode_lines(mut lines: &[u8], out: &mut Vec<u8>) {
+    while let Some(colon) = memchr::memchr(b':', lines) {
+        let name = &lines[..colon];
+        let rest = &lines[colon + 1..];
+        let end = memchr::memchr(b'\r', rest).unwrap_or(rest.len());
+        let value = rest[..end].trim_ascii_start();
+        encode_bytes(name, value, false, out);
+        lines = rest.get(end + 2..).unwrap_or_default();
+    }
+}
+
+/// Appends a `date` field; `append_value` writes its 29-byte IMF-fixdate value.
+pub fn encode_date(out: &mut Vec<u8>, append_value: impl FnOnce(&mut Vec<u8>)) {
+    // `date` is static index 33: above the 4-bit prefix's 15.
+    out.extend_from_slice(&[0x0f, 33 - 15]);
+    let len_at = out.len();
+    out.push(0);
+    append_value(out);
+    let len = out.len() - len_at - 1;
+    debug_assert!(len < 127);
+    out[len_at] = len as u8;
 }
 
 #[cfg(test)]
@@ -646,6 +680,25 @@ mod tests {
         block.extend_from_slice(&[1, b'\n']);
         let fields = decode_all(&mut d, &block).unwrap();
         assert_eq!(fields, pairs(&[("!invalid", "x"), ("foo", "!invalid")]));
+    }
+
+    #[test]
+    fn stored_lines_encode_as_their_fields() {
+        let mut out = Vec::new();
+        encode_lines(b"content-type: text/plain\r\nx-custom: a b\r\nconnection: close\r\nvia: 1.1 larder\r\n", &mut out);
+        encode_date(&mut out, |v| {
+            v.extend_from_slice(b"Mon, 07 Dec 2026 05:29:19 GMT")
+        });
+        let fields = decode_all(&mut Decoder::default(), &out).unwrap();
+        assert_eq!(
+            fields,
+            pairs(&[
+                ("content-type", "text/plain"),
+                ("x-custom", "a b"),
+                ("via", "1.1 larder"),
+                ("date", "Mon, 07 Dec 2026 05:29:19 GMT")
+            ])
+        );
     }
 
     #[test]

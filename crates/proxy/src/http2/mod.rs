@@ -26,7 +26,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use h2::Reason;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Uri, Version};
+use http::{Method, Request, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -994,7 +994,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Some(self.peer),
             None,
             self.scheme,
-            ResponseWriter::Hyper,
+            ResponseWriter::Lines,
         );
         stream.handler = Some(Box::pin(handler));
         self.streams.push(stream);
@@ -1236,16 +1236,56 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
+    /// Sends the response's HEADERS, with the framing HTTP/2 leaves to this server: Date when
+    /// the response has none (RFC 9110 §6.6.1) and Content-Length when the body's length is
+    /// known, as hyper's server does.
     fn start_response(&mut self, i: usize, answer: Answer) {
         let (parts, body) = answer.response.into_parts();
+        let status = parts.status;
+        let no_length = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+        let head = self.streams[i].head;
         self.scratch.clear();
         self.encode_block_start();
-        hpack::encode_status(parts.status, &mut self.scratch);
+        hpack::encode_status(status, &mut self.scratch);
+        let mut has_date = false;
+        let mut has_length = false;
+        if let Some(lines) = &answer.stored_lines {
+            // Stored without the framing fields (Content-Length among them).
+            hpack::encode_lines(&lines.stored, &mut self.scratch);
+            has_date = lines.has_date;
+            if !no_length {
+                let mut digits = itoa::Buffer::new();
+                let digits = digits.format(lines.content_length).as_bytes();
+                hpack::encode_bytes(b"content-length", digits, false, &mut self.scratch);
+                has_length = true;
+            }
+        }
         for (name, value) in &parts.headers {
+            if *name == header::CONTENT_LENGTH {
+                if no_length || has_length {
+                    continue;
+                }
+                has_length = true;
+            } else if *name == header::DATE {
+                has_date = true;
+            }
             hpack::encode_field(name, value, &mut self.scratch);
         }
+        hpack::encode_lines(&answer.added_lines, &mut self.scratch);
+        if !has_date {
+            hpack::encode_date(&mut self.scratch, crate::http1::date::append);
+        }
+        if !has_length
+            && !no_length
+            && let Some(len) = body.size_hint().exact()
+            && (len > 0 || !head)
+        {
+            let mut digits = itoa::Buffer::new();
+            let digits = digits.format(len).as_bytes();
+            hpack::encode_bytes(b"content-length", digits, false, &mut self.scratch);
+        }
         let stream = &mut self.streams[i];
-        let end = stream.head || body.is_end_stream();
+        let end = head || no_length || body.is_end_stream();
         let id = stream.id;
         if end {
             stream.local_ended = true;

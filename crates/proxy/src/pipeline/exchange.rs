@@ -179,7 +179,7 @@ impl Exchange {
     /// (it then goes after the origin's own Via fields), else to the map.
     pub fn add_via(&mut self, headers: &mut http::HeaderMap) {
         match self.writer {
-            ResponseWriter::Http1 => crate::headers::push_field(
+            ResponseWriter::Lines => crate::headers::push_field(
                 self.added_lines(),
                 header::VIA.as_str().as_bytes(),
                 crate::headers::VIA_VALUE.as_bytes(),

@@ -77,12 +77,14 @@ impl ClientRequest {
 /// header fields it takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResponseWriter {
-    /// hyper (HTTP/2, and HTTP/1 requests Larder's own server hands over): every field in the
-    /// response's `HeaderMap`.
+    /// hyper (HTTP/1 requests Larder's own server hands over; HTTP/2 with
+    /// `LARDER_HTTP2_SERVER=hyper`): every field in the response's `HeaderMap`.
     Hyper,
-    /// Larder's HTTP/1 server: a hit's stored fields as encoded lines ([`StoredLines`]), the
-    /// `HeaderMap` holding only what this response adds.
-    Http1,
+    /// Larder's servers (HTTP/1 and HTTP/2): a hit's stored fields as the HTTP/1 lines encoded
+    /// when it was stored ([`StoredLines`]), this hop's fields as lines too
+    /// ([`Answer::added_lines`]), the `HeaderMap` holding only what else this response adds.
+    /// The HTTP/2 server reads the lines into HPACK literals, cheaper than building a map.
+    Lines,
 }
 
 /// A hit's header fields as HTTP/1 lines: written before the fields of the response's
@@ -101,14 +103,14 @@ pub struct StoredLines {
 /// request id) without growing.
 pub(crate) const ADDED_LINES_CAPACITY: usize = 192;
 
-/// The response to a request, and for [`ResponseWriter::Http1`] the fields it carries as
+/// The response to a request, and for [`ResponseWriter::Lines`] the fields it carries as
 /// lines rather than in its `HeaderMap`.
 pub struct Answer {
     pub response: Response<ProxyBody>,
     pub stored_lines: Option<StoredLines>,
     /// The fields this hop adds (Via, Cache-Status, X-Request-Id; Age on a hit) as HTTP/1
     /// lines, written after all others (a Via list stays in hop order). Only for
-    /// [`ResponseWriter::Http1`]: inserting them into the map and encoding that again cost
+    /// [`ResponseWriter::Lines`]: inserting them into the map and encoding that again cost
     /// a hashed insert and an allocation each.
     pub added_lines: Vec<u8>,
 }
@@ -216,7 +218,7 @@ impl Proxy {
         }
         // Only Larder's HTTP/1 writer takes lines: hyper's responses get every field in the map.
         let added_lines = match ex.writer {
-            ResponseWriter::Http1 => {
+            ResponseWriter::Lines => {
                 let mut added_lines = std::mem::take(ex.added_lines());
                 // This hop's values replace any the origin sent, as inserting them into the
                 // map would (stored responses never carry them; a relayed one may).
@@ -1150,7 +1152,7 @@ impl Proxy {
         let options = ServeOptions {
             without_revalidation: result != CacheResult::Revalidated,
             age_secs: age,
-            as_lines: ex.writer == ResponseWriter::Http1,
+            as_lines: ex.writer == ResponseWriter::Lines,
         };
         ex.added_lines.clear();
         let (response, lines) = from_store(
