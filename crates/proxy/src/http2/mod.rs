@@ -21,6 +21,7 @@ use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -86,6 +87,8 @@ const WRITE_HIGH_WATER: usize = 256 * 1024;
 /// Buffered output above which the connection stops reading: a client that sends PINGs or
 /// SETTINGS and never reads the answers stops being read (and the write timeout ends it).
 const READ_PAUSE_AT: usize = 1 << 20;
+/// Request DATA payloads shorter than this are copied together (see `Inbound::small`).
+const SMALL_DATA: usize = 1024;
 /// Body chunks at least this long are written from their own buffer, not copied.
 const ZERO_COPY_AT: usize = 2048;
 /// Streams this server reset whose late frames are still expected, and ignored (§5.4.2).
@@ -102,6 +105,8 @@ const MAX_LOCAL_RESETS: u32 = 256;
 /// How long, and how much, a connection ended by an error still reads (see `poll_linger`).
 const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 const LINGER_READ_LIMIT: usize = 1 << 20;
+/// CONTINUATION frames one header block may take (a full 64 KiB list needs 4 or 5).
+const MAX_CONTINUATIONS: u32 = 64;
 /// Reads per poll before the connection yields to other tasks.
 const READS_PER_POLL: usize = 16;
 
@@ -172,6 +177,14 @@ struct Stream {
     reset: bool,
 }
 
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // However the stream ends (the connection closing, dropped, failing), a request body's
+        // reader on another task learns of it now.
+        self.abort_inbound();
+    }
+}
+
 impl Stream {
     fn new(id: u32, send_window: i64) -> Stream {
         Stream {
@@ -213,12 +226,18 @@ impl Stream {
 #[derive(Default)]
 struct Inbound {
     chunks: VecDeque<Bytes>,
+    /// Small DATA payloads, copied after `chunks`: kept as slices, a client's 1-byte frames
+    /// would each pin a read buffer and a queue entry.
+    small: BytesMut,
     trailers: Option<HeaderMap>,
     ended: bool,
     aborted: bool,
     reader_gone: bool,
-    /// Bytes read since the connection last looked: its WINDOW_UPDATE to send.
+    /// Bytes read since the connection last looked: the stream's WINDOW_UPDATE to send.
     released: i64,
+    /// The same for the connection's window, shared by all its request bodies: a body read
+    /// after its stream ended (or was reset) still gives its bytes back.
+    connection_released: Arc<AtomicI64>,
     reader: Option<Waker>,
     connection: Option<Waker>,
 }
@@ -243,11 +262,13 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut inbound = self.shared.lock();
-        if let Some(chunk) = inbound.chunks.pop_front() {
-            inbound.released += chunk.len() as i64;
-            if let Some(connection) = &inbound.connection {
-                connection.wake_by_ref();
-            }
+        let chunk = match inbound.chunks.pop_front() {
+            Some(chunk) => Some(chunk),
+            None if !inbound.small.is_empty() => Some(inbound.small.split().freeze()),
+            None => None,
+        };
+        if let Some(chunk) = chunk {
+            inbound.release(chunk.len());
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
         if let Some(trailers) = inbound.trailers.take() {
@@ -268,7 +289,10 @@ impl Body for RequestBody {
 
     fn is_end_stream(&self) -> bool {
         let inbound = self.shared.lock();
-        inbound.ended && inbound.chunks.is_empty() && inbound.trailers.is_none()
+        inbound.ended
+            && inbound.chunks.is_empty()
+            && inbound.small.is_empty()
+            && inbound.trailers.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -279,23 +303,49 @@ impl Body for RequestBody {
     }
 }
 
+impl Inbound {
+    /// Counts bytes taken from (or dropped with) the body against both windows, and wakes the
+    /// connection to send the WINDOW_UPDATEs.
+    fn release(&mut self, n: usize) {
+        self.released += n as i64;
+        self.connection_released
+            .fetch_add(n as i64, std::sync::atomic::Ordering::Relaxed);
+        if let Some(connection) = &self.connection {
+            connection.wake_by_ref();
+        }
+    }
+
+    /// Adds a DATA payload for the reader.
+    fn push(&mut self, payload: Bytes) {
+        if payload.len() < SMALL_DATA {
+            self.small.extend_from_slice(&payload);
+            return;
+        }
+        if !self.small.is_empty() {
+            let small = self.small.split().freeze();
+            self.chunks.push_back(small);
+        }
+        self.chunks.push_back(payload);
+    }
+}
+
 impl Drop for RequestBody {
     fn drop(&mut self) {
         let mut inbound = self.shared.lock();
         inbound.reader_gone = true;
         // What was never read is given back all the same: the client must not stall on it.
-        let unread: usize = inbound.chunks.iter().map(Bytes::len).sum();
+        let unread = inbound.chunks.iter().map(Bytes::len).sum::<usize>() + inbound.small.len();
         inbound.chunks.clear();
-        inbound.released += unread as i64;
-        if let Some(connection) = inbound.connection.take() {
-            connection.wake();
-        }
+        inbound.small = BytesMut::new();
+        inbound.release(unread);
     }
 }
 
 /// A header block whose CONTINUATION frames are still to come.
 struct PartialBlock {
     id: u32,
+    /// CONTINUATION frames so far: empty ones add no bytes, so they are counted.
+    frames: u32,
     end_stream: bool,
     self_dependent: bool,
     block: Vec<u8>,
@@ -331,6 +381,8 @@ struct Connection<S> {
     send_window: i64,
     recv_window: i64,
     recv_released: i64,
+    /// What request bodies gave back of the connection's window (see `Inbound`).
+    connection_released: Arc<AtomicI64>,
     peer_initial_window: i64,
     peer_max_frame: usize,
     recent_resets: VecDeque<u32>,
@@ -338,6 +390,8 @@ struct Connection<S> {
     excess_client_resets: u32,
     local_resets: u32,
     goaway_sent: bool,
+    /// The last stream the GOAWAY named.
+    goaway_last_id: u32,
     peer_goaway: bool,
     eof: bool,
     failed: Option<Reason>,
@@ -379,6 +433,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             send_window: DEFAULT_WINDOW,
             recv_window: CONNECTION_WINDOW,
             recv_released: 0,
+            connection_released: Arc::default(),
             peer_initial_window: DEFAULT_WINDOW,
             peer_max_frame: MAX_FRAME_SIZE,
             recent_resets: VecDeque::with_capacity(RECENT_RESETS),
@@ -386,6 +441,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             excess_client_resets: 0,
             local_resets: 0,
             goaway_sent: false,
+            goaway_last_id: 0,
             peer_goaway: false,
             eof: false,
             failed: None,
@@ -422,8 +478,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     fn start_drain(&mut self) {
         if !self.goaway_sent && self.failed.is_none() {
             self.goaway_sent = true;
+            self.goaway_last_id = self.last_stream_id;
             self.write_goaway(Reason::NO_ERROR);
         }
+    }
+
+    /// A stream the client opened after this server's GOAWAY: never processed, so its frames
+    /// are dropped (after flow-control accounting), not errors (§6.8).
+    fn beyond_goaway(&self, id: u32) -> bool {
+        self.goaway_sent && id > self.goaway_last_id
     }
 
     fn buffered(&self) -> usize {
@@ -436,7 +499,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             _ => self.waker = Some(cx.waker().clone()),
         }
         let mut reads = 0;
-        while !self.eof && self.failed.is_none() && self.buffered() < READ_PAUSE_AT {
+        // Reading stopped for a full buffer registers no wake-up: the writes that empty it
+        // must bring the connection back to reading.
+        let mut read_paused = false;
+        while !self.eof && self.failed.is_none() {
+            if self.buffered() >= READ_PAUSE_AT {
+                read_paused = true;
+                break;
+            }
             if reads == READS_PER_POLL {
                 cx.waker().wake_by_ref();
                 break;
@@ -464,7 +534,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 self.sweep();
                 match self.poll_write(cx) {
                     Poll::Ready(Ok(())) if full => continue,
-                    Poll::Ready(Ok(())) => break,
+                    Poll::Ready(Ok(())) => {
+                        if read_paused {
+                            cx.waker().wake_by_ref();
+                        }
+                        break;
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
                     Poll::Pending => return Poll::Pending,
                 }
@@ -716,10 +791,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         let Some(i) = self.stream_index(id) else {
             self.recv_released += content_len as i64;
-            if self.recently_reset(id) {
+            if self.recently_reset(id) || self.beyond_goaway(id) {
                 return Ok(());
             }
-            return Err(self.not_open(id, "DATA on a stream not open"));
+            return match self.not_open(id, "DATA on a stream not open") {
+                // One that ended normally: the client sent after its own END_STREAM.
+                fault @ ConnectionFault(Reason::STREAM_CLOSED, _) => Err(fault),
+                // One reset too long ago to remember, or never opened below the last: closed
+                // either way, and said so on the stream alone (as h2 does).
+                _ => {
+                    self.write_reset(id, Reason::STREAM_CLOSED);
+                    Ok(())
+                }
+            };
         };
         let stream = &mut self.streams[i];
         if stream.remote_ended {
@@ -757,7 +841,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             let mut payload = payload.freeze();
             payload.advance(start);
             payload.truncate(content_len);
-            inbound.chunks.push_back(payload);
+            inbound.push(payload);
         }
         if inbound.connection.is_none() {
             inbound.connection = self.waker.clone();
@@ -807,6 +891,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         self.partial = Some(PartialBlock {
             id,
+            frames: 0,
             end_stream,
             self_dependent,
             block: fragment.to_vec(),
@@ -823,6 +908,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         };
         debug_assert_eq!(partial.id, id);
         partial.block.extend_from_slice(payload);
+        partial.frames += 1;
+        if partial.frames > MAX_CONTINUATIONS {
+            return Err(ConnectionFault(
+                Reason::ENHANCE_YOUR_CALM,
+                "a header block in too many CONTINUATION frames",
+            ));
+        }
         // A block cannot decode to less than a third of its size of fields, so one this large is
         // over any header list this server accepts (CONTINUATION flood).
         if partial.block.len() > 3 * self.settings.max_header_list_size + MAX_FRAME_SIZE {
@@ -853,9 +945,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         // Decoded whatever becomes of the stream: the table must follow the client's.
         let mut fields = std::mem::take(&mut self.fields);
         fields.clear();
-        let decoded = self
-            .decoder
-            .decode(block, |field, size| fields.push((field, size)));
+        // Fields past the list-size limit are decoded (the table must follow) but not kept: a
+        // block of one-byte indices would otherwise hold a hundred times its size.
+        let limit = self.settings.max_header_list_size;
+        let mut list_size = 0usize;
+        let decoded = self.decoder.decode(block, |field, size| {
+            list_size = list_size.saturating_add(size);
+            if list_size <= limit {
+                fields.push((field, size));
+            }
+        });
         let result = match decoded {
             Err(_) => Err(ConnectionFault(
                 Reason::COMPRESSION_ERROR,
@@ -863,20 +962,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             )),
             Ok(()) => {
                 if id <= self.last_stream_id {
-                    self.on_trailers(id, end_stream, &fields)
+                    if list_size > limit {
+                        self.refuse_trailers(id);
+                        Ok(())
+                    } else {
+                        self.on_trailers(id, end_stream, &fields)
+                    }
                 } else {
                     self.last_stream_id = id;
-                    self.open_stream(id, end_stream, self_dependent, &mut fields);
+                    self.open_stream(id, end_stream, self_dependent, list_size, &mut fields);
                     Ok(())
                 }
             }
         };
         fields.clear();
+        fields.shrink_to(64);
         self.fields = fields;
         result
     }
 
+    /// Trailers over the header-list limit: the stream is reset.
+    fn refuse_trailers(&mut self, id: u32) {
+        if let Some(i) = self.stream_index(id) {
+            self.reset(i, Reason::PROTOCOL_ERROR);
+        }
+    }
+
     fn on_trailers(&mut self, id: u32, end_stream: bool, fields: &[(Field, usize)]) -> FrameResult {
+        if self.beyond_goaway(id) {
+            return Ok(());
+        }
         let Some(i) = self.stream_index(id) else {
             if self.recently_reset(id) {
                 return Ok(());
@@ -925,6 +1040,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         id: u32,
         end_stream: bool,
         self_dependent: bool,
+        list_size: usize,
         fields: &mut [(Field, usize)],
     ) {
         if self.goaway_sent || self.peer_goaway {
@@ -945,7 +1061,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             self.remember_reset(id);
             return;
         }
-        let list_size: usize = fields.iter().map(|(_, size)| size).sum();
         if list_size > self.settings.max_header_list_size {
             // Answered, not reset: the client learns why (as hyper's h2 does).
             self.scratch.clear();
@@ -981,6 +1096,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         } else {
             let shared = Arc::new(Mutex::new(Inbound {
                 connection: self.waker.clone(),
+                connection_released: self.connection_released.clone(),
                 ..Inbound::default()
             }));
             stream.inbound = Some(shared.clone());
@@ -1299,86 +1415,98 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    /// Sends bodies as far as the windows and the buffer allow. Says whether it stopped
-    /// because the buffer is full (more would follow a write).
+    /// Sends bodies as far as the windows and the buffer allow, one DATA frame per stream per
+    /// round so one large body does not hold back the others. Says whether it stopped because
+    /// the buffer is full (more would follow a write).
     fn pump_bodies(&mut self, cx: &mut Context<'_>) -> bool {
-        for i in 0..self.streams.len() {
-            loop {
+        loop {
+            let mut progressed = false;
+            let mut i = 0;
+            // A failure (a reset past the limit) empties the list meanwhile.
+            while i < self.streams.len() && self.failed.is_none() {
                 if self.buffered() >= WRITE_HIGH_WATER {
                     return true;
                 }
-                let stream = &mut self.streams[i];
-                if stream.done || stream.local_ended {
-                    break;
+                progressed |= self.pump_one(i, cx);
+                i += 1;
+            }
+            if !progressed || self.failed.is_some() {
+                return false;
+            }
+        }
+    }
+
+    /// Sends at most one frame of stream `i`'s body, polling the body for data first if none is
+    /// waiting. Says whether it sent anything.
+    fn pump_one(&mut self, i: usize, cx: &mut Context<'_>) -> bool {
+        let stream = &mut self.streams[i];
+        if stream.done || stream.local_ended {
+            return false;
+        }
+        while stream.pending.is_empty() && !stream.pending_end {
+            let Some(body) = stream.body.as_mut() else {
+                return false;
+            };
+            match Pin::new(body).poll_frame(cx) {
+                Poll::Pending => return false,
+                Poll::Ready(None) => {
+                    stream.body = None;
+                    stream.pending_end = true;
                 }
-                if !stream.pending.is_empty() {
-                    let allowed = stream
-                        .send_window
-                        .min(self.send_window)
-                        .min(self.peer_max_frame as i64);
-                    if allowed <= 0 {
-                        break;
-                    }
-                    let n = (allowed as usize).min(stream.pending.len());
-                    let chunk = stream.pending.split_to(n);
-                    stream.send_window -= n as i64;
-                    self.send_window -= n as i64;
-                    let end = stream.pending.is_empty() && stream.pending_end;
-                    let id = stream.id;
-                    self.write_data(id, end, chunk);
-                    if end {
-                        self.finish_local(i);
-                        break;
-                    }
-                    continue;
-                }
-                if stream.pending_end {
-                    let id = stream.id;
-                    self.write_data(id, true, Bytes::new());
-                    self.finish_local(i);
-                    break;
-                }
-                let Some(body) = stream.body.as_mut() else {
-                    break;
-                };
-                match Pin::new(body).poll_frame(cx) {
-                    Poll::Pending => break,
-                    Poll::Ready(None) => {
-                        stream.body = None;
-                        stream.pending_end = true;
-                    }
-                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                        Ok(data) => {
-                            if stream.body.as_ref().is_some_and(Body::is_end_stream) {
-                                stream.body = None;
-                                stream.pending_end = true;
-                            }
-                            stream.pending = data;
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        if stream.body.as_ref().is_some_and(Body::is_end_stream) {
+                            stream.body = None;
+                            stream.pending_end = true;
                         }
-                        Err(frame) => {
-                            if let Ok(trailers) = frame.into_trailers() {
-                                stream.body = None;
-                                let id = stream.id;
-                                self.scratch.clear();
-                                self.encode_block_start();
-                                for (name, value) in &trailers {
-                                    hpack::encode_field(name, value, &mut self.scratch);
-                                }
-                                self.write_header_block(id, true);
-                                self.finish_local(i);
-                                break;
-                            }
-                        }
-                    },
-                    Poll::Ready(Some(Err(e))) => {
-                        tracing::debug!(error = %e, stream = stream.id, "response body failed");
-                        self.reset(i, Reason::INTERNAL_ERROR);
-                        break;
+                        stream.pending = data;
                     }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            stream.body = None;
+                            let id = stream.id;
+                            self.scratch.clear();
+                            self.encode_block_start();
+                            for (name, value) in &trailers {
+                                hpack::encode_field(name, value, &mut self.scratch);
+                            }
+                            self.write_header_block(id, true);
+                            self.finish_local(i);
+                            return true;
+                        }
+                    }
+                },
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::debug!(error = %e, stream = stream.id, "response body failed");
+                    self.reset(i, Reason::INTERNAL_ERROR);
+                    return true;
                 }
             }
         }
-        false
+        let id = stream.id;
+        if stream.pending.is_empty() {
+            // The body ended after the last chunk went out.
+            self.write_data(id, true, Bytes::new());
+            self.finish_local(i);
+            return true;
+        }
+        let allowed = stream
+            .send_window
+            .min(self.send_window)
+            .min(self.peer_max_frame as i64);
+        if allowed <= 0 {
+            return false;
+        }
+        let n = (allowed as usize).min(stream.pending.len());
+        let chunk = stream.pending.split_to(n);
+        stream.send_window -= n as i64;
+        self.send_window -= n as i64;
+        let end = stream.pending.is_empty() && stream.pending_end;
+        self.write_data(id, end, chunk);
+        if end {
+            self.finish_local(i);
+        }
+        true
     }
 
     /// This side has sent END_STREAM: the stream is over, or the client's request body is
@@ -1402,11 +1530,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Gives back the window of request bodies the pipeline has read.
     fn release_windows(&mut self) {
+        self.recv_released += self
+            .connection_released
+            .swap(0, std::sync::atomic::Ordering::Relaxed);
         for stream in &mut self.streams {
             if let Some(shared) = &stream.inbound {
-                let released = std::mem::take(&mut shared.lock().released);
-                stream.recv_released += released;
-                self.recv_released += released;
+                stream.recv_released += std::mem::take(&mut shared.lock().released);
             }
             if stream.recv_released >= WINDOW_UPDATE_AT && !stream.remote_ended && !stream.done {
                 let n = std::mem::take(&mut stream.recv_released);
@@ -1456,7 +1585,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let id = self.streams[i].id;
         self.write_reset(id, reason);
         self.reset_quietly(i);
-        if reason != Reason::NO_ERROR {
+        // Only resets the client's frames caused count (an origin's failing body is not the
+        // client's doing).
+        if reason != Reason::NO_ERROR && reason != Reason::INTERNAL_ERROR {
             self.local_resets += 1;
             if self.local_resets > MAX_LOCAL_RESETS {
                 self.fail(Reason::ENHANCE_YOUR_CALM, "too many malformed streams");
@@ -1579,6 +1710,7 @@ fn build_request(fields: &mut [(Field, usize)]) -> Option<(Request<()>, Option<u
     let (mut method, mut scheme, mut authority, mut path) = (None, None, None, None);
     let mut headers: HeaderMap = HeaderMap::with_capacity(fields.len());
     let mut regular_seen = false;
+    let mut cookies: Vec<HeaderValue> = Vec::new();
     for (field, _) in fields {
         match &field.name {
             Name::Pseudo(pseudo) => {
@@ -1602,20 +1734,30 @@ fn build_request(fields: &mut [(Field, usize)]) -> Option<(Request<()>, Option<u
                 if !field_allowed(name, &value) {
                     return None;
                 }
-                if *name == header::COOKIE
-                    && let Some(earlier) = headers.get_mut(header::COOKIE)
-                {
-                    // Cookie crumbs are one field again for HTTP/1 (§8.2.3).
-                    let mut joined = Vec::with_capacity(earlier.len() + 2 + value.len());
-                    joined.extend_from_slice(earlier.as_bytes());
-                    joined.extend_from_slice(b"; ");
-                    joined.extend_from_slice(value.as_bytes());
-                    *earlier = HeaderValue::from_bytes(&joined).ok()?;
+                if *name == header::COOKIE {
+                    // Cookie crumbs are one field again for HTTP/1 (§8.2.3), joined once.
+                    cookies.push(value);
                     continue;
                 }
                 headers.append(name.clone(), value);
             }
             Name::Invalid => return None,
+        }
+    }
+    match cookies.len() {
+        0 => {}
+        1 => {
+            headers.append(header::COOKIE, cookies.pop().expect("one"));
+        }
+        _ => {
+            let mut joined = Vec::new();
+            for (n, crumb) in cookies.iter().enumerate() {
+                if n > 0 {
+                    joined.extend_from_slice(b"; ");
+                }
+                joined.extend_from_slice(crumb.as_bytes());
+            }
+            headers.append(header::COOKIE, HeaderValue::from_bytes(&joined).ok()?);
         }
     }
     let method = match &method?[..] {
