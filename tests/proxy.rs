@@ -815,3 +815,37 @@ async fn h2c_many_small_uploads_on_one_connection_never_exhaust_its_window() {
     assert_eq!(origin.count(), 150);
     assert_eq!(origin.last().body.len(), 10 * 1024);
 }
+
+/// A drain sends GOAWAY to an HTTP/2 client, lets the stream in flight finish whole, then
+/// closes the connection, so the shutdown completes.
+#[tokio::test]
+async fn h2c_drain_finishes_the_stream_in_flight_then_closes() {
+    let slow = GatedOrigin::start(&[("cache-control", "no-store")], "slow answer").await;
+    let larder = Larder::start(&config_yaml(slow.origin.addr, DEFAULT_TYPES)).await;
+    let client = h2c_client();
+    let url = larder.proxy_url("/slow");
+    let in_flight = tokio::spawn(async move {
+        let response = client
+            .request(
+                http::Request::get(url)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        response.into_body().collect().await.unwrap().to_bytes()
+    });
+    slow.arrived("the request in flight").await;
+    let Larder { server, .. } = larder;
+    let shutdown = tokio::spawn(server.shutdown());
+    // The drain waits for the stream: nothing ends while the origin holds the answer.
+    tokio::task::yield_now().await;
+    assert!(!shutdown.is_finished());
+    slow.release_one();
+    assert_eq!(in_flight.await.unwrap(), "slow answer");
+    tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .expect("the drain did not end once the stream finished")
+        .unwrap();
+}

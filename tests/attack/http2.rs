@@ -450,3 +450,52 @@ async fn an_http2_client_that_opens_its_window_and_stops_reading_is_cut_off() {
     stream.write_all(&wire).await.unwrap();
     super::exhaustion::assert_cut_off_for_a_stalled_write(&larder, &mut stream).await;
 }
+
+/// `Expect: 100-continue` over HTTP/2: the client is told to go on (`:status 100`) as soon as
+/// the request body is waited for, and the request is then answered.
+#[tokio::test]
+async fn an_expect_continue_upload_gets_its_100_before_sending_the_body() {
+    let (origin, larder) = proxy().await;
+    let mut stream = h2(larder.server.proxy_addrs[0]).await;
+    let mut block = vec![0x83, 0x86]; // :method POST, :scheme http
+    block.extend(literal(4, "", "/upload"));
+    block.extend(literal(1, "", "a.example"));
+    block.extend(literal(35, "", "100-continue")); // expect
+    block.extend(literal(28, "", "5")); // content-length
+    stream
+        .write_all(&frame(HEADERS, END_HEADERS, 1, &block))
+        .await
+        .unwrap();
+    // Frames until the 100 (a literal :status, name index 8, possibly after a table size
+    // update), bounded in time.
+    let mut read = Vec::new();
+    let got_100 = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the 100: {:?}", parse(&read));
+            read.extend_from_slice(&buf[..n]);
+            let continued = parse(&read)
+                .iter()
+                .any(|f| f.0 == HEADERS && f.2 == 1 && f.3.ends_with(&[0x08, 3, b'1', b'0', b'0']));
+            if continued {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(got_100.is_ok(), "no 100: {:?}", parse(&read));
+    assert_eq!(origin.count(), 0, "the body is not sent yet");
+    stream
+        .write_all(&frame(DATA, END_STREAM, 1, b"hello"))
+        .await
+        .unwrap();
+    let frames = frames_until_closed_or_answer(&mut stream).await;
+    assert!(
+        frames
+            .iter()
+            .any(|f| f.0 == HEADERS && f.2 == 1 && f.3.first() == Some(&0x88)),
+        "no 200: {frames:?}"
+    );
+    assert_eq!(origin.last().body, "hello");
+}

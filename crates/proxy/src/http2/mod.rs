@@ -240,6 +240,17 @@ struct Inbound {
     connection_released: Arc<AtomicI64>,
     reader: Option<Waker>,
     connection: Option<Waker>,
+    /// `Expect: 100-continue`: the 100 goes out when the pipeline first waits for the body,
+    /// as hyper's servers do (a client then sends it without waiting out its timeout).
+    continue_state: Continue,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Continue {
+    Expected,
+    Wanted,
+    #[default]
+    Sent,
 }
 
 /// The pipeline's view of a request body.
@@ -279,6 +290,12 @@ impl Body for RequestBody {
         }
         if inbound.aborted {
             return Poll::Ready(Some(Err(Box::new(StreamReset))));
+        }
+        if inbound.continue_state == Continue::Expected {
+            inbound.continue_state = Continue::Wanted;
+            if let Some(connection) = &inbound.connection {
+                connection.wake_by_ref();
+            }
         }
         match &inbound.reader {
             Some(waker) if waker.will_wake(cx.waker()) => {}
@@ -1094,9 +1111,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let body = if end_stream {
             crate::body::empty()
         } else {
+            let expects_continue = request
+                .headers()
+                .get(header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
             let shared = Arc::new(Mutex::new(Inbound {
                 connection: self.waker.clone(),
                 connection_released: self.connection_released.clone(),
+                continue_state: if expects_continue {
+                    Continue::Expected
+                } else {
+                    Continue::Sent
+                },
                 ..Inbound::default()
             }));
             stream.inbound = Some(shared.clone());
@@ -1528,14 +1554,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    /// Gives back the window of request bodies the pipeline has read.
+    /// Gives back the window of request bodies the pipeline has read, and sends the 100s
+    /// their first reads asked for.
     fn release_windows(&mut self) {
         self.recv_released += self
             .connection_released
             .swap(0, std::sync::atomic::Ordering::Relaxed);
+        let mut continues = Vec::new();
         for stream in &mut self.streams {
             if let Some(shared) = &stream.inbound {
-                stream.recv_released += std::mem::take(&mut shared.lock().released);
+                let mut inbound = shared.lock();
+                stream.recv_released += std::mem::take(&mut inbound.released);
+                if inbound.continue_state == Continue::Wanted {
+                    inbound.continue_state = Continue::Sent;
+                    if !stream.local_ended {
+                        continues.push(stream.id);
+                    }
+                }
             }
             if stream.recv_released >= WINDOW_UPDATE_AT && !stream.remote_ended && !stream.done {
                 let n = std::mem::take(&mut stream.recv_released);
@@ -1548,6 +1583,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             let n = std::mem::take(&mut self.recv_released);
             self.recv_window += n;
             self.write_window_update(0, n as u32);
+        }
+        for id in continues {
+            self.scratch.clear();
+            self.encode_block_start();
+            hpack::encode_status(StatusCode::CONTINUE, &mut self.scratch);
+            self.write_header_block(id, false);
         }
     }
 
