@@ -499,3 +499,30 @@ async fn an_expect_continue_upload_gets_its_100_before_sending_the_body() {
     );
     assert_eq!(origin.last().body, "hello");
 }
+
+/// An HTTP/2 connection left with no stream open is sent GOAWAY (NO_ERROR) and closed after
+/// `limits.http2_idle_timeout`; one request on it first does not keep it open for good.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
+    let origin = Origin::fixed(200, &[("cache-control", "max-age=600")], "fine").await;
+    let yaml = config_yaml(origin.addr, DEFAULT_TYPES) + "limits: { http2_idle_timeout: 300ms }\n";
+    let larder = Larder::start(&yaml).await;
+    let mut stream = h2(larder.server.proxy_addrs[0]).await;
+    stream
+        .write_all(&frame(
+            HEADERS,
+            END_STREAM | END_HEADERS,
+            1,
+            &get_block("/idle", "a.example"),
+        ))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let frames = frames_until_closed(&mut stream).await;
+    assert!(
+        frames.iter().any(|f| f.0 == HEADERS && f.2 == 1),
+        "the request was answered first: {frames:?}"
+    );
+    assert_eq!(goaway_code(&frames), Some(0), "{frames:?}");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+}

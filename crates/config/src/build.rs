@@ -592,6 +592,12 @@ fn build_limits(raw: Option<RawLimits>, cx: &mut Ctx) -> Limits {
             raw.client_write_timeout.as_ref(),
             d.client_write_timeout,
         ),
+        http2_idle_timeout: timeout(
+            cx,
+            "limits.http2_idle_timeout",
+            raw.http2_idle_timeout.as_ref(),
+            d.http2_idle_timeout,
+        ),
         trusted_proxies: raw
             .trusted_proxies
             .unwrap_or_default()

@@ -216,6 +216,10 @@ pub struct Limits {
     /// The longest a response write may make no progress (a client that stops reading).
     #[serde(serialize_with = "ser_duration")]
     pub client_write_timeout: Duration,
+    /// An HTTP/2 connection with no stream open this long gets GOAWAY and is closed (the
+    /// HTTP/1 equivalent is `header_read_timeout`).
+    #[serde(serialize_with = "ser_duration")]
+    pub http2_idle_timeout: Duration,
     /// Peers whose X-Forwarded-For is extended; from anyone else it is replaced by the
     /// peer's address.
     pub trusted_proxies: Vec<ipnet::IpNet>,
@@ -252,6 +256,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             request_body_timeout: Duration::from_secs(30),
             client_write_timeout: Duration::from_secs(60),
+            http2_idle_timeout: Duration::from_secs(180),
             trusted_proxies: Vec::new(),
             strip_request_headers: Limits::DEFAULT_STRIP_REQUEST_HEADERS
                 .iter()

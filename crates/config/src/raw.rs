@@ -128,6 +128,7 @@ pub(crate) struct RawLimits {
     pub header_read_timeout: Option<Scalar>,
     pub request_body_timeout: Option<Scalar>,
     pub client_write_timeout: Option<Scalar>,
+    pub http2_idle_timeout: Option<Scalar>,
     pub trusted_proxies: Option<Vec<String>>,
     pub strip_request_headers: Option<Vec<String>>,
 }

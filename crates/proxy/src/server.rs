@@ -39,6 +39,8 @@ pub struct ServerLimits {
     pub max_connections: usize,
     /// A response write making no progress this long ends the connection.
     pub client_write_timeout: Duration,
+    /// An HTTP/2 connection with no stream open this long is closed.
+    pub http2_idle_timeout: Duration,
     /// Which server answers HTTP/2: Larder's own ([`crate::http2`]), unless
     /// `LARDER_HTTP2_SERVER=hyper` asks for hyper's (kept to compare the two).
     pub own_http2: bool,
@@ -56,6 +58,7 @@ impl ServerLimits {
             drain_timeout: config.drain.timeout,
             max_connections: config.limits.max_connections,
             client_write_timeout: config.limits.client_write_timeout,
+            http2_idle_timeout: config.limits.http2_idle_timeout,
             own_http2: std::env::var("LARDER_HTTP2_SERVER").map_or(true, |v| v != "hyper"),
             open: Arc::default(),
         }
@@ -66,6 +69,7 @@ impl ServerLimits {
         crate::http2::Settings {
             max_concurrent_streams: self.max_concurrent_streams,
             max_header_list_size: self.max_request_header_size,
+            idle_timeout: self.http2_idle_timeout,
         }
     }
 

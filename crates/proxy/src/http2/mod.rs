@@ -115,6 +115,8 @@ const READS_PER_POLL: usize = 16;
 pub struct Settings {
     pub max_concurrent_streams: u32,
     pub max_header_list_size: usize,
+    /// No stream open this long: GOAWAY, and the connection closes.
+    pub idle_timeout: std::time::Duration,
 }
 
 /// Serves an HTTP/2 connection whose preface is (at least partly) in `io`'s first bytes,
@@ -416,6 +418,11 @@ struct Connection<S> {
     /// side is shut.
     linger: Option<Pin<Box<tokio::time::Sleep>>>,
     shut: bool,
+    /// Since when no stream has been open, and the timer that ends such a connection. The
+    /// timer is moved only when it fires early (streams came and went meanwhile), so a busy
+    /// connection pays for no timer updates.
+    idle_since: Option<tokio::time::Instant>,
+    idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     waker: Option<Waker>,
 }
 
@@ -464,6 +471,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             failed: None,
             linger: None,
             shut: false,
+            idle_since: None,
+            idle_timer: None,
             waker: None,
         };
         connection.write_settings();
@@ -582,7 +591,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 Poll::Ready(_) => Poll::Ready(Ok(())),
             };
         }
+        if self.poll_idle(cx).is_ready() {
+            // GOAWAY written: the next poll sends it and closes.
+            cx.waker().wake_by_ref();
+        }
         Poll::Pending
+    }
+
+    /// Ready (after writing GOAWAY) once no stream has been open for the idle timeout.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.streams.is_empty() {
+            self.idle_since = None;
+            return Poll::Pending;
+        }
+        let now = tokio::time::Instant::now();
+        let deadline = *self.idle_since.get_or_insert(now) + self.settings.idle_timeout;
+        let timer = self
+            .idle_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if now >= deadline {
+                self.start_drain();
+                return Poll::Ready(());
+            }
+            // Fired for an earlier idle spell: wait for this one's end.
+            timer.as_mut().reset(deadline);
+        }
     }
 
     /// After a GOAWAY for an error: the write side is shut, then what the client still sends is
@@ -987,6 +1024,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     }
                 } else {
                     self.last_stream_id = id;
+                    self.idle_since = None;
                     self.open_stream(id, end_stream, self_dependent, list_size, &mut fields);
                     Ok(())
                 }
