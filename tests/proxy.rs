@@ -644,10 +644,7 @@ async fn h2c_responses_finished_together_all_arrive_whole_whatever_their_size() 
     assert_eq!(origin.count(), 40);
 }
 
-fn h2c_client() -> hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
-> {
+fn h2c_client() -> H2cClient {
     // Without TCP_NODELAY a request's DATA would wait for the ACK of its HEADERS (Nagle),
     // which a server that has nothing to answer yet delays by 40 ms.
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
@@ -655,6 +652,28 @@ fn h2c_client() -> hyper_util::client::legacy::Client<
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
         .build(connector)
+}
+
+type H2cClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+>;
+
+/// One request over `client`, answered over HTTP/2.
+async fn h2c_send(
+    client: &H2cClient,
+    method: Method,
+    url: String,
+    body: impl Into<Bytes>,
+) -> http::Response<hyper::body::Incoming> {
+    let request = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Full::new(body.into()))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    response
 }
 
 /// A request body three times the stream's and the connection's windows: it only arrives
@@ -666,17 +685,17 @@ async fn h2c_request_bodies_larger_than_the_windows_reach_the_origin_whole() {
         config_yaml(origin.addr, DEFAULT_TYPES) + "limits: { max_request_body_size: 8MiB }\n";
     let larder = Larder::start(&yaml).await;
     let body: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
-    let request = h2c_client().request(
-        http::Request::post(larder.proxy_url("/upload"))
-            .body(Full::new(Bytes::from(body.clone())))
-            .unwrap(),
+    let client = h2c_client();
+    let request = h2c_send(
+        &client,
+        Method::POST,
+        larder.proxy_url("/upload"),
+        body.clone(),
     );
     // Windows never given back would stall the upload for good.
     let response = tokio::time::timeout(Duration::from_secs(30), request)
         .await
-        .expect("the upload stalled")
-        .unwrap();
-    assert_eq!(response.version(), http::Version::HTTP_2);
+        .expect("the upload stalled");
     assert_eq!(response.status(), 200);
     assert_eq!(
         response.into_body().collect().await.unwrap().to_bytes(),
@@ -696,25 +715,18 @@ async fn h2c_an_early_answer_to_a_long_upload_reaches_the_client() {
         config_yaml(origin.addr, DEFAULT_TYPES) + "limits: { max_request_body_size: 1KiB }\n";
     let larder = Larder::start(&yaml).await;
     let client = h2c_client();
-    let response = client
-        .request(
-            http::Request::post(larder.proxy_url("/up"))
-                .body(Full::new(Bytes::from(vec![b'x'; 512 * 1024])))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let upload = vec![b'x'; 512 * 1024];
+    let response = h2c_send(&client, Method::POST, larder.proxy_url("/up"), upload).await;
     assert_eq!(response.status(), 413);
     assert_eq!(origin.count(), 0);
     // The connection goes on serving.
-    let next = client
-        .request(
-            http::Request::get(larder.proxy_url("/after"))
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let next = h2c_send(
+        &client,
+        Method::GET,
+        larder.proxy_url("/after"),
+        Bytes::new(),
+    )
+    .await;
     assert_eq!(next.status(), 200);
 }
 
@@ -723,26 +735,12 @@ async fn h2c_head_of_a_cached_object_has_its_length_and_no_body() {
     let origin = Origin::fixed(200, &[("cache-control", "max-age=60")], "twelve bytes").await;
     let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
     let client = h2c_client();
-    let get = client
-        .request(
-            http::Request::get(larder.proxy_url("/h"))
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let get = h2c_send(&client, Method::GET, larder.proxy_url("/h"), Bytes::new()).await;
     assert_eq!(
         get.into_body().collect().await.unwrap().to_bytes(),
         "twelve bytes"
     );
-    let head = client
-        .request(
-            http::Request::head(larder.proxy_url("/h"))
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let head = h2c_send(&client, Method::HEAD, larder.proxy_url("/h"), Bytes::new()).await;
     assert_eq!(head.status(), 200);
     assert_eq!(head.headers()["content-length"], "12");
     assert!(
@@ -769,14 +767,14 @@ async fn h2c_head_of_a_cached_object_has_its_length_and_no_body() {
 #[tokio::test]
 async fn h2c_answers_made_by_larder_carry_date_and_length() {
     let larder = Larder::start(&config_yaml(closed_address(), DEFAULT_TYPES)).await;
-    let response = h2c_client()
-        .request(
-            http::Request::get(larder.proxy_url("/down"))
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let client = h2c_client();
+    let response = h2c_send(
+        &client,
+        Method::GET,
+        larder.proxy_url("/down"),
+        Bytes::new(),
+    )
+    .await;
     assert_eq!(response.status(), 502);
     let date = response.headers()["date"].to_str().unwrap().to_owned();
     assert!(date.len() == 29 && date.ends_with(" GMT"), "{date}");
@@ -797,14 +795,8 @@ async fn h2c_many_small_uploads_on_one_connection_never_exhaust_its_window() {
     let client = h2c_client();
     let uploads = async {
         for n in 0..150 {
-            let response = client
-                .request(
-                    http::Request::post(larder.proxy_url(&format!("/up/{n}")))
-                        .body(Full::new(Bytes::from(vec![b'u'; 10 * 1024])))
-                        .unwrap(),
-                )
-                .await
-                .unwrap();
+            let url = larder.proxy_url(&format!("/up/{n}"));
+            let response = h2c_send(&client, Method::POST, url, vec![b'u'; 10 * 1024]).await;
             assert_eq!(response.status(), 200);
             response.into_body().collect().await.unwrap();
         }
@@ -825,15 +817,7 @@ async fn h2c_drain_finishes_the_stream_in_flight_then_closes() {
     let client = h2c_client();
     let url = larder.proxy_url("/slow");
     let in_flight = tokio::spawn(async move {
-        let response = client
-            .request(
-                http::Request::get(url)
-                    .body(Full::new(Bytes::new()))
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(response.version(), http::Version::HTTP_2);
+        let response = h2c_send(&client, Method::GET, url, Bytes::new()).await;
         response.into_body().collect().await.unwrap().to_bytes()
     });
     slow.arrived("the request in flight").await;
