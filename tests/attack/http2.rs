@@ -526,3 +526,39 @@ async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
     assert_eq!(goaway_code(&frames), Some(0), "{frames:?}");
     assert!(started.elapsed() >= Duration::from_millis(250));
 }
+
+/// A client that shuts its flow-control windows (SETTINGS_INITIAL_WINDOW_SIZE 0) and never
+/// opens them holds its streams only for `limits.client_write_timeout`: then GOAWAY
+/// ENHANCE_YOUR_CALM and the connection closes.
+#[tokio::test]
+async fn streams_held_behind_shut_windows_are_cut_off() {
+    let origin = Origin::fixed(200, &[("cache-control", "max-age=600")], "fine").await;
+    let yaml =
+        config_yaml(origin.addr, DEFAULT_TYPES) + "limits: { client_write_timeout: 300ms }\n";
+    let larder = Larder::start(&yaml).await;
+    let mut stream = TcpStream::connect(larder.server.proxy_addrs[0])
+        .await
+        .unwrap();
+    const INITIAL_WINDOW_SIZE: u16 = 0x4;
+    let mut settings = INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
+    settings.extend_from_slice(&0u32.to_be_bytes());
+    let mut wire = PREFACE.to_vec();
+    wire.extend(frame(SETTINGS, 0, 0, &settings));
+    wire.extend(frame(
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+        &get_block("/shut", "a.example"),
+    ));
+    stream.write_all(&wire).await.unwrap();
+    let frames = frames_until_closed(&mut stream).await;
+    assert!(
+        frames.iter().any(|f| f.0 == HEADERS && f.2 == 1),
+        "the response's head is not flow-controlled: {frames:?}"
+    );
+    assert!(
+        !frames.iter().any(|f| f.0 == DATA && !f.3.is_empty()),
+        "{frames:?}"
+    );
+    assert_eq!(goaway_code(&frames), Some(11), "{frames:?}");
+}

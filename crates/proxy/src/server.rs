@@ -70,6 +70,7 @@ impl ServerLimits {
             max_concurrent_streams: self.max_concurrent_streams,
             max_header_list_size: self.max_request_header_size,
             idle_timeout: self.http2_idle_timeout,
+            stall_timeout: self.client_write_timeout,
         }
     }
 

@@ -117,6 +117,8 @@ pub struct Settings {
     pub max_header_list_size: usize,
     /// No stream open this long: GOAWAY, and the connection closes.
     pub idle_timeout: std::time::Duration,
+    /// Response data waiting this long on windows the client keeps shut ends the connection.
+    pub stall_timeout: std::time::Duration,
 }
 
 /// Serves an HTTP/2 connection whose preface is (at least partly) in `io`'s first bytes,
@@ -423,6 +425,12 @@ struct Connection<S> {
     /// connection pays for no timer updates.
     idle_since: Option<tokio::time::Instant>,
     idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Set by a pass that left response data waiting on a window, and by one that sent DATA;
+    /// since when the former has gone on without the latter, and its timer (lazy, as idle's).
+    window_blocked: bool,
+    data_sent: bool,
+    stalled_since: Option<tokio::time::Instant>,
+    stall_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     waker: Option<Waker>,
 }
 
@@ -473,6 +481,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             shut: false,
             idle_since: None,
             idle_timer: None,
+            window_blocked: false,
+            data_sent: false,
+            stalled_since: None,
+            stall_timer: None,
             waker: None,
         };
         connection.write_settings();
@@ -586,16 +598,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             return Poll::Ready(Ok(()));
         }
         if (self.goaway_sent || self.peer_goaway) && self.streams.is_empty() {
-            return match Pin::new(&mut self.io).poll_shutdown(cx) {
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(_) => Poll::Ready(Ok(())),
-            };
+            // Lingering as after an error: the last responses must not be lost to a reset.
+            return self.poll_linger(cx).map(Ok);
+        }
+        if self.poll_stalled(cx).is_ready() {
+            let _ = self.poll_write(cx);
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
         }
         if self.poll_idle(cx).is_ready() {
             // GOAWAY written: the next poll sends it and closes.
             cx.waker().wake_by_ref();
         }
         Poll::Pending
+    }
+
+    /// Ready (after failing the connection) once response data has waited on the client's
+    /// flow-control windows, with nothing sent, for `client_write_timeout`: a client that
+    /// opens streams and never grants window would otherwise hold them, and their origin
+    /// connections, forever. (A blocked socket write is the write guard's business.)
+    fn poll_stalled(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !std::mem::take(&mut self.window_blocked) || std::mem::take(&mut self.data_sent) {
+            self.stalled_since = None;
+            return Poll::Pending;
+        }
+        let now = tokio::time::Instant::now();
+        let deadline = *self.stalled_since.get_or_insert(now) + self.settings.stall_timeout;
+        let timer = self
+            .stall_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                // Asked again next poll: the blocked streams are still there to see.
+                self.window_blocked = true;
+                return Poll::Pending;
+            }
+            if now >= deadline {
+                self.fail(Reason::ENHANCE_YOUR_CALM, "flow-control windows left shut");
+                return Poll::Ready(());
+            }
+            timer.as_mut().reset(deadline);
+        }
     }
 
     /// Ready (after writing GOAWAY) once no stream has been open for the idle timeout.
@@ -1424,6 +1467,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let status = parts.status;
         let no_length = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
         let head = self.streams[i].head;
+        if let Some(shared) = &self.streams[i].inbound {
+            // The response goes first: no 100 after it.
+            shared.lock().continue_state = Continue::Sent;
+        }
         self.scratch.clear();
         self.encode_block_start();
         hpack::encode_status(status, &mut self.scratch);
@@ -1559,8 +1606,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             .min(self.send_window)
             .min(self.peer_max_frame as i64);
         if allowed <= 0 {
+            self.window_blocked = true;
             return false;
         }
+        self.data_sent = true;
         let n = (allowed as usize).min(stream.pending.len());
         let chunk = stream.pending.split_to(n);
         stream.send_window -= n as i64;
@@ -1605,7 +1654,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 stream.recv_released += std::mem::take(&mut inbound.released);
                 if inbound.continue_state == Continue::Wanted {
                     inbound.continue_state = Continue::Sent;
-                    if !stream.local_ended {
+                    // Only before the response: a 100 after it would read as trailers.
+                    if stream.handler.is_some() {
                         continues.push(stream.id);
                     }
                 }
@@ -1706,8 +1756,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     fn write_goaway(&mut self, reason: Reason) {
+        // A later GOAWAY never names a higher stream than an earlier one (§6.8).
+        let last = if self.goaway_sent {
+            self.goaway_last_id
+        } else {
+            self.last_stream_id
+        };
         frame_head(&mut self.out, 8, GOAWAY, 0, 0);
-        self.out.put_u32(self.last_stream_id);
+        self.out.put_u32(last);
         self.out.put_u32(reason.into());
     }
 
