@@ -7,11 +7,12 @@ use std::path::Path;
 fn every_committed_fuzz_input_still_holds() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
     type Check = fn(&[u8]);
-    let checks: [(&str, Check); 5] = [
+    let checks: [(&str, Check); 6] = [
         ("cache_key", larder_cache::fuzz_checks::cache_key),
         ("cache_control", larder_cache::fuzz_checks::cache_control),
         ("vary", larder_cache::fuzz_checks::vary),
         ("range", larder_proxy::fuzz_checks::range),
+        ("hpack", larder_proxy::fuzz_checks::hpack),
         ("config", larder_config::fuzz_checks::load),
     ];
     for (target, check) in checks {

@@ -333,6 +333,22 @@ impl Decoder {
     }
 }
 
+impl Decoder {
+    /// Panics unless the table's bookkeeping holds: its size is its entries' and within the
+    /// maximum (`fuzz_checks::hpack`).
+    pub(crate) fn check_table(&self) {
+        let sum: usize = self.table.iter().map(|e| e.size).sum();
+        assert_eq!(sum, self.size, "table size bookkeeping");
+        assert!(
+            self.size <= self.max_size,
+            "{} over {}",
+            self.size,
+            self.max_size
+        );
+        assert!(self.max_size <= self.allowed_max);
+    }
+}
+
 /// An HPACK integer with an `prefix`-bit prefix (§5.1), at the front of `block`.
 fn integer(block: &mut &[u8], prefix: u8) -> Result<usize, DecodeError> {
     let mask = (1u16 << prefix) as usize - 1;

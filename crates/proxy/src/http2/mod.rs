@@ -12,8 +12,8 @@
 //! pipeline future and response body are polled from the connection's poll; what they write
 //! is buffered and written once per poll.
 
-mod hpack;
-mod huffman;
+pub(crate) mod hpack;
+pub(crate) mod huffman;
 
 use std::collections::VecDeque;
 use std::future::Future;
