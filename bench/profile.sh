@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Profiles Larder alone on one load scenario, the way BENCHMARKS.md's gap analysis was made:
 #
-#   bench/profile.sh perf hit|hit-browser|hit16k|pass|fill  # perf (cpu-clock): user/kernel split, top symbols
+#   bench/profile.sh perf hit|hit-browser|hit16k|hit256k|pass|fill  # perf (cpu-clock): user/kernel split, top symbols
 #   bench/profile.sh callgrind hit|hit-browser|pass|h2c  # valgrind: instructions per request, top functions
 #                                                   # (inclusive, then self cost: bench/callgrind_self.py)
 #   bench/profile.sh syscalls hit|pass              # strace: system calls per request, by name
@@ -12,12 +12,12 @@
 # and perf or valgrind (Debian: nginx wrk curl nghttp2-client linux-perf valgrind); uses target/release/larder (or $LARDER_BIN). Every process it starts is
 # stopped on exit. PROFILE_SECONDS (default 5) bounds the measured load; PROFILE_OUT=DIR keeps the
 # raw profile (perf.data, callgrind.out) there for perf report / callgrind_annotate;
-# PROFILE_CONNECTIONS (default 50) sets wrk's connections (hit, hit16k, pass).
+# PROFILE_CONNECTIONS (default 50) sets wrk's connections (hit, hit16k, hit256k, pass).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-tool=${1:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit-browser|hit16k|h2c|pass|fill}
-scenario=${2:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit-browser|hit16k|h2c|pass|fill}
+tool=${1:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit-browser|hit16k|hit256k|h2c|pass|fill}
+scenario=${2:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit-browser|hit16k|hit256k|h2c|pass|fill}
 seconds=${PROFILE_SECONDS:-5}
 connections=${PROFILE_CONNECTIONS:-50}
 LARDER_BIN=${LARDER_BIN:-target/release/larder}
@@ -59,6 +59,7 @@ ORIGIN_PORT=$(free_port); PROXY_PORT=$(free_port); ADMIN_PORT=$(free_port)
 mkdir -p "$WORK/www/obj" "$WORK/www/pass" "$WORK/tmp"
 head -c 1024 /dev/urandom >"$WORK/www/obj/1k"
 head -c 16384 /dev/urandom >"$WORK/www/obj/16k"
+head -c 262144 /dev/urandom >"$WORK/www/obj/256k"
 head -c 1024 /dev/urandom >"$WORK/www/pass/1k"
 user_line=""; [[ $(id -u) -eq 0 ]] && user_line="user root;"
 cat >"$WORK/nginx.conf" <<EOF
@@ -125,6 +126,7 @@ URL=http://127.0.0.1:$PROXY_PORT
 case $scenario in
   hit | hit-browser) path=/obj/1k ;;
   hit16k) path=/obj/16k ;;
+  hit256k) path=/obj/256k ;;
   h2c)
     command -v h2load >/dev/null || { echo "needs h2load (nghttp2-client)" >&2; exit 1; }
     path=/obj/1k ;;
