@@ -170,6 +170,15 @@ def summarize(runs, proxies):
                 row["origin_share"] = origin / requests if requests else None
                 if scenario.startswith(("hit-", "keys", "h2c-")) and requests and origin / requests > 0.01:
                     notes.append(f"{origin / requests:.1%} of requests reached the origin")
+                # Where the proxy's CPU goes: its own code (user) or the kernel's (system calls,
+                # the loopback's TCP work done on its behalf). Older records have no split.
+                with_user = [r for r in rs if "user_ticks" in r and r.get("requests")]
+                if with_user:
+                    per_request = 1e6 / sum(r["requests"] for r in with_user) / with_user[0]["clk_tck"]
+                    user = sum(r["user_ticks"] for r in with_user) * per_request
+                    system = sum(r["cpu_ticks"] - r["user_ticks"] for r in with_user) * per_request
+                    row["cpu_us_per_request"] = {"user": user, "system": system}
+                    notes.append(f"CPU µs/req: {user:.1f} user + {system:.1f} sys")
             elif kind == "fill":
                 row["mem_bytes"] = median([r["memory_growth_bytes"] for r in rs])
                 row["memory_per_payload_byte"] = median([r["memory_per_payload_byte"] for r in rs])

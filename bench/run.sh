@@ -148,17 +148,18 @@ tree_pids() {
   echo "${found[@]}"
 }
 
-# utime + stime (clock ticks) summed over the process tree.
+# "TOTAL USER": utime + stime, and utime alone (clock ticks), summed over the process tree.
 cpu_ticks() {
-  local total=0 p line rest
+  local total=0 user=0 p line rest
   local -a fields
   for p in $(tree_pids "$1"); do
     read -r line 2>/dev/null <"/proc/$p/stat" || continue
     rest=${line##*) }
     read -ra fields <<<"$rest"
     total=$((total + fields[11] + fields[12]))
+    user=$((user + fields[11]))
   done
-  echo "$total"
+  echo "$total $user"
 }
 
 # "RSS_KIB PSS_KIB" summed over the tree. PSS counts pages shared between the processes (nginx's
@@ -523,7 +524,7 @@ fill() {
 
 # One measured run of a throughput scenario against the running proxy; appends a JSON record.
 measure() {
-  local proxy=$1 rep=$2 id=$3 tool=$4 path=$5 conns=$6 out t0 t1 o0 o1 mem
+  local proxy=$1 rep=$2 id=$3 tool=$4 path=$5 conns=$6 out t0 t1 u0 u1 o0 o1 mem
   out=$(new_out "$id" "$proxy" "$rep")
   if [[ $tool == h2load ]]; then
     # Some caches key h2 requests apart from HTTP/1.1 ones (HAProxy's key includes the
@@ -531,7 +532,7 @@ measure() {
     timeout 30 h2load -c1 -n3 -m1 "$PROXY_H2_URL$path" >/dev/null 2>&1 || true
   fi
   o0=$(origin_requests)
-  t0=$(cpu_ticks "$PROXY_PID")
+  read -r t0 u0 <<<"$(cpu_ticks "$PROXY_PID")"
   case $tool in
     wrk)
       timeout $((DSECS + 60)) wrk -t1 -c"$conns" -d"$DURATION" --timeout 5s --latency \
@@ -553,11 +554,11 @@ measure() {
         log "WARNING: h2load failed for $id on $proxy"
       ;;
   esac
-  t1=$(cpu_ticks "$PROXY_PID")
+  read -r t1 u1 <<<"$(cpu_ticks "$PROXY_PID")"
   o1=$(origin_requests)
   mem=$(mem_kib "$PROXY_PID")
-  printf '{"kind":"load","scenario":"%s","proxy":"%s","rep":%s,"tool":"%s","path":"%s","connections":%s,"cpu_ticks":%s,"clk_tck":%s,"origin_requests":%s,"rss_kib":%s,"pss_kib":%s,"output":"%s","latency_log":"%s"}\n' \
-    "$id" "$proxy" "$rep" "$tool" "$path" "$conns" "$((t1 - t0))" "$CLK_TCK" "$(origin_delta "$o0" "$o1")" \
+  printf '{"kind":"load","scenario":"%s","proxy":"%s","rep":%s,"tool":"%s","path":"%s","connections":%s,"cpu_ticks":%s,"user_ticks":%s,"clk_tck":%s,"origin_requests":%s,"rss_kib":%s,"pss_kib":%s,"output":"%s","latency_log":"%s"}\n' \
+    "$id" "$proxy" "$rep" "$tool" "$path" "$conns" "$((t1 - t0))" "$((u1 - u0))" "$CLK_TCK" "$(origin_delta "$o0" "$o1")" \
     "${mem% *}" "${mem#* }" "$out.txt" "$([[ $tool == h2load ]] && echo "$out.log")" >>"$RUNS"
   log "  $id $proxy: $(grep -Eo '^Requests/sec: +[0-9.]+|finished in [^,]+, [0-9.]+ req/s' "$out.txt" | head -1 || echo 'no result')"
 }
@@ -589,15 +590,15 @@ throughput_round() {
 
 # 10,000 distinct 16 KiB objects into an empty 1 GiB cache: memory growth per payload byte.
 fill_round() {
-  local proxy=$1 rep=$2 out before after t0 t1 o0 o1 dir_kib
+  local proxy=$1 rep=$2 out before after t0 t1 u0 u1 o0 o1 dir_kib
   start_proxy "$proxy" "$CACHE_MIB"
   out=$(new_out "$FILL_SCENARIO" "$proxy" "$rep")
   before=$(mem_kib "$PROXY_PID")
   o0=$(origin_requests)
-  t0=$(cpu_ticks "$PROXY_PID")
+  read -r t0 u0 <<<"$(cpu_ticks "$PROXY_PID")"
   fill /k16/ 0 "$FILL_KEYS" "$out.txt"
   sleep 1
-  t1=$(cpu_ticks "$PROXY_PID")
+  read -r t1 u1 <<<"$(cpu_ticks "$PROXY_PID")"
   o1=$(origin_requests)
   after=$(mem_kib "$PROXY_PID")
   dir_kib=$(nginx_cache_kib)
@@ -610,13 +611,13 @@ fill_round() {
 
 # 200,000 distinct keys into a 64 MiB cache, memory sampled every BUDGET_SAMPLE keys.
 budget_round() {
-  local proxy=$1 rep=$2 out before t0 t1 o0 o1 first=0 n mem samples="" prefix=/k1/ obj=1024
+  local proxy=$1 rep=$2 out before t0 t1 u0 u1 o0 o1 first=0 n mem samples="" prefix=/k1/ obj=1024
   [[ $BUDGET_OBJ == 16k ]] && prefix=/k16/ obj=16384
   start_proxy "$proxy" "$BUDGET_MIB"
   out=$(new_out "$BUDGET_SCENARIO" "$proxy" "$rep")
   before=$(mem_kib "$PROXY_PID")
   o0=$(origin_requests)
-  t0=$(cpu_ticks "$PROXY_PID")
+  read -r t0 u0 <<<"$(cpu_ticks "$PROXY_PID")"
   while ((first < BUDGET_KEYS)); do
     n=$((BUDGET_KEYS - first < BUDGET_SAMPLE ? BUDGET_KEYS - first : BUDGET_SAMPLE))
     fill "$prefix" "$first" "$n" "$out.$first.txt"
@@ -625,7 +626,7 @@ budget_round() {
     samples+="${samples:+,}{\"keys\":$first,\"rss_kib\":${mem% *},\"pss_kib\":${mem#* },\"cache_dir_kib\":$(nginx_cache_kib)}"
   done
   sleep 1
-  t1=$(cpu_ticks "$PROXY_PID")
+  read -r t1 u1 <<<"$(cpu_ticks "$PROXY_PID")"
   o1=$(origin_requests)
   mem=$(mem_kib "$PROXY_PID")
   printf '{"kind":"budget","scenario":"%s","proxy":"%s","rep":%s,"keys":%s,"object_bytes":%s,"budget_bytes":%s,"cpu_ticks":%s,"clk_tck":%s,"origin_requests":%s,"rss_before_kib":%s,"pss_before_kib":%s,"rss_kib":%s,"pss_kib":%s,"cache_dir_kib":%s,"samples":[%s],"output_prefix":"%s"}\n' \
