@@ -237,7 +237,9 @@ async fn an_h2c_upgrade_is_neither_performed_nor_forwarded() {
     )
     .await;
     assert_eq!(raw::statuses(&raw), [200], "{raw}");
-    assert!(!raw.contains("101"), "{raw}");
+    // A status line, not any "101": the random X-Request-Id holds one in about 1 run of 140.
+    assert!(!raw.contains("HTTP/1.1 101"), "{raw}");
+    assert!(!raw.to_ascii_lowercase().contains("upgrade: h2c"), "{raw}");
     let seen = origin.last();
     assert!(seen.headers.get("upgrade").is_none(), "{:?}", seen.headers);
     assert!(seen.headers.get("http2-settings").is_none());
