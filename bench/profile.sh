@@ -139,7 +139,7 @@ wait_for "$URL$path"
 load() { # load SECONDS: prints wrk's output
   if [[ $scenario == h2c ]]; then
     # The same shape as bench/run.sh's h2c scenario; prints wrk's "N requests in" line.
-    h2load -c50 -m10 -D "$1" "$URL$path" | awk '/^requests:/ { print $8, "requests in" }'
+    h2load -c"$connections" -m"${PROFILE_STREAMS:-10}" -D "$1" "$URL$path" | awk '/^requests:/ { print $8, "requests in" }'
   elif [[ $scenario == fill ]]; then
     FILL_PREFIX=/k16/ FILL_FIRST=1 FILL_COUNT=1000000 \
       wrk -t1 -c16 -d"${1}s" -s bench/lua/fill.lua "$URL"
