@@ -843,3 +843,132 @@ async fn set_cookie_policy_per_resource_type() {
     assert_eq!(bob.header("set-cookie"), "session=bob");
     assert!(bob.cache_status().contains("detail=set_cookie"));
 }
+
+/// An origin answering every request with `HALF` bytes of `a` at once and `HALF` bytes of `b`
+/// once the returned gate is opened, or an error in their place when `fail` is set.
+async fn half_gated_origin(fail: bool) -> (Origin, Arc<tokio::sync::Notify>) {
+    use http_body_util::BodyExt as _;
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let origin = Origin::start({
+        let gate = gate.clone();
+        move |_| {
+            let gate = gate.clone();
+            async move {
+                let first = futures_util::stream::iter([Ok::<_, BoxError>(
+                    hyper::body::Frame::data(Bytes::from(vec![b'a'; HALF])),
+                )]);
+                let second = futures_util::stream::once(async move {
+                    gate.notified().await;
+                    if fail {
+                        Err::<hyper::body::Frame<Bytes>, BoxError>("the origin failed".into())
+                    } else {
+                        Ok(hyper::body::Frame::data(Bytes::from(vec![b'b'; HALF])))
+                    }
+                });
+                let body =
+                    http_body_util::StreamBody::new(futures_util::StreamExt::chain(first, second))
+                        .boxed_unsync();
+                http::Response::builder()
+                    .header("cache-control", "max-age=60")
+                    .header("content-length", (2 * HALF).to_string())
+                    .body(body)
+                    .unwrap()
+            }
+        }
+    })
+    .await;
+    (origin, gate)
+}
+
+const HALF: usize = 48 * 1024;
+
+/// Sends a GET and reads its body until `want` bytes are in (bounded in time), returning the
+/// response's Cache-Status, the bytes read and the rest of the body.
+async fn get_until(
+    larder: &Larder,
+    path: &str,
+    want: usize,
+) -> (String, Vec<u8>, hyper::body::Incoming) {
+    use http_body_util::BodyExt as _;
+    let response = larder
+        .client
+        .request(
+            http::Request::get(larder.proxy_url(path))
+                .body(http_body_util::Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let status = response
+        .headers()
+        .get("cache-status")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let mut body = response.into_body();
+    let mut read = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while read.len() < want {
+            let frame = body.frame().await.expect("body ended early").unwrap();
+            if let Ok(data) = frame.into_data() {
+                read.extend_from_slice(&data);
+            }
+        }
+    })
+    .await
+    .expect("the bytes sent so far never arrived");
+    (status, read, body)
+}
+
+async fn rest_of(mut read: Vec<u8>, body: hyper::body::Incoming) -> Result<Vec<u8>, String> {
+    use http_body_util::BodyExt as _;
+    let rest = body.collect().await.map_err(|e| e.to_string())?;
+    read.extend_from_slice(&rest.to_bytes());
+    Ok(read)
+}
+
+#[tokio::test]
+async fn a_request_coalesced_on_a_fill_reads_its_body_as_it_arrives() {
+    let (origin, gate) = half_gated_origin(false).await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    let (first_status, first, first_rest) = get_until(&larder, "/slow-big", HALF).await;
+    assert!(first_status.contains("fwd=uri-miss"), "{first_status}");
+    // The origin holds back the second half: the coalesced request gets the first half now,
+    // not after the whole object (it would wait for that until coalesce_timeout).
+    let (status, second, second_rest) = get_until(&larder, "/slow-big", HALF).await;
+    assert!(status.contains("collapsed"), "{status}");
+    gate.notify_one();
+    let whole: Vec<u8> = [vec![b'a'; HALF], vec![b'b'; HALF]].concat();
+    assert_eq!(rest_of(first, first_rest).await.unwrap(), whole);
+    assert_eq!(rest_of(second, second_rest).await.unwrap(), whole);
+    assert_eq!(origin.count(), 1);
+    // Stored whole as well.
+    let third = larder.get("/slow-big").await;
+    assert!(
+        third.cache_status().contains("hit"),
+        "{}",
+        third.cache_status()
+    );
+    assert_eq!(third.body, whole);
+    assert_eq!(origin.count(), 1);
+}
+
+#[tokio::test]
+async fn a_fill_that_fails_midway_ends_the_coalesced_bodies_in_an_error() {
+    let (origin, gate) = half_gated_origin(true).await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    let (_, first, first_rest) = get_until(&larder, "/breaks", HALF).await;
+    let (status, second, second_rest) = get_until(&larder, "/breaks", HALF).await;
+    assert!(status.contains("collapsed"), "{status}");
+    gate.notify_one();
+    // Cut short, never a short body taken for the whole one.
+    assert!(rest_of(first, first_rest).await.is_err());
+    assert!(rest_of(second, second_rest).await.is_err());
+    // Nothing was stored: the next request asks the origin again.
+    let before = origin.count();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let _ = get_until(&larder, "/breaks", HALF).await;
+    })
+    .await;
+    assert_eq!(origin.count(), before + 1);
+}

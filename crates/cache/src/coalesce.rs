@@ -1,5 +1,6 @@
 //! Request coalescing: one origin fetch per key at a time; other requests for the key wait
-//! (bounded in number and time) and then read what the fetch stored.
+//! (bounded in number and time) and then read what the fetch stored, or read its body along
+//! as it arrives once the fetch offers it ([`FillGuard::offer`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,10 +11,20 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::key::Key;
+use crate::stream::FillStream;
 
 struct Fill {
-    done: watch::Sender<bool>,
+    done: watch::Sender<Progress>,
     waiters: AtomicUsize,
+}
+
+/// How far a fill has come, as its waiters see it.
+#[derive(Clone, Default)]
+struct Progress {
+    /// Its body, offered to read along.
+    stream: Option<Arc<FillStream>>,
+    /// Stored, not storable, failed or abandoned: a lookup now tells which.
+    done: bool,
 }
 
 #[derive(Clone)]
@@ -50,12 +61,19 @@ impl Drop for FillGuard {
                 map.remove(&self.key);
             }
         }
-        self.fill.done.send_replace(true);
+        self.fill.done.send_modify(|p| p.done = true);
+    }
+}
+
+impl FillGuard {
+    /// Lets the requests waiting on this fill read its body as it arrives.
+    pub fn offer(&self, stream: Arc<FillStream>) {
+        self.fill.done.send_modify(|p| p.stream = Some(stream));
     }
 }
 
 pub struct FillWaiter {
-    done: watch::Receiver<bool>,
+    done: watch::Receiver<Progress>,
     fill: Arc<Fill>,
 }
 
@@ -70,9 +88,33 @@ impl Drop for FillWaiter {
 #[derive(Debug)]
 pub struct WaitTimedOut;
 
+/// What a waiter found: the fill over, or its body offered to read along.
+pub enum Waited {
+    Done,
+    Streaming(Arc<FillStream>),
+}
+
 impl FillWaiter {
+    /// Waits for the fill to end, or to offer its body while still running.
+    pub async fn wait_for_stream(&mut self, timeout: Duration) -> Result<Waited, WaitTimedOut> {
+        let found = tokio::time::timeout(
+            timeout,
+            self.done.wait_for(|p| p.done || p.stream.is_some()),
+        )
+        .await;
+        match found {
+            Ok(Ok(progress)) if !progress.done => match &progress.stream {
+                Some(stream) => Ok(Waited::Streaming(stream.clone())),
+                None => Ok(Waited::Done),
+            },
+            // Over, or the leader is gone (a closed channel): either way a lookup tells.
+            Ok(_) => Ok(Waited::Done),
+            Err(_) => Err(WaitTimedOut),
+        }
+    }
+
     pub async fn wait(mut self, timeout: Duration) -> Result<(), WaitTimedOut> {
-        let result = tokio::time::timeout(timeout, self.done.wait_for(|done| *done)).await;
+        let result = tokio::time::timeout(timeout, self.done.wait_for(|p| p.done)).await;
         match result {
             // A closed channel means the leader is gone: stop waiting either way.
             Ok(_) => Ok(()),
@@ -101,7 +143,7 @@ impl Coalescer {
                 fill: fill.clone(),
             });
         }
-        let (done, _) = watch::channel(false);
+        let (done, _) = watch::channel(Progress::default());
         let fill = Arc::new(Fill {
             done,
             waiters: AtomicUsize::new(0),

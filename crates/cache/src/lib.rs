@@ -13,6 +13,7 @@ pub mod invalidate;
 pub mod key;
 pub mod status;
 pub mod store;
+pub mod stream;
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use http::header::{
 use http::{HeaderMap, HeaderName, Method, StatusCode};
 use quick_cache::sync::Cache as QuickCache;
 
-pub use coalesce::{Coalescer, FillGuard, FillWaiter, Join};
+pub use coalesce::{Coalescer, FillGuard, FillWaiter, Join, Waited};
 pub use directives::{RequestDirectives, request_directives, response_directives};
 pub use fields::{Fields, StoredHeaders, is_field_value};
 pub use freshness::{Freshness, FreshnessRules};
@@ -34,6 +35,7 @@ pub use invalidate::{Selector, response_tags};
 pub use key::{Key, KeyRules, QueryMode, RequestTarget};
 pub use status::{CacheResult, NoCacheReason};
 pub use store::{Entry, MemoryStore, Slot, StoreStats, StoredResponse};
+pub use stream::{FillReader, FillStream, FillStreamAborted};
 
 /// Decides which requests and responses belong to a resource type. The proxy implements it from
 /// its config; the engine only asks.
@@ -205,6 +207,29 @@ impl Admission {
     pub fn resource_type(&self) -> usize {
         self.resource_type
     }
+
+    /// The body stream coalesced requests may read along, for a response of `content_length`
+    /// bytes that will be stored whole: one without `Vary` (a waiter's request could select
+    /// another variant) and within `max_object_size` (a larger one is never buffered).
+    pub fn stream(&self, content_length: u64) -> Option<Arc<FillStream>> {
+        if self.variant.is_some() || content_length > self.max_object_size {
+            return None;
+        }
+        let mut head = StoredResponse::new(
+            self.status,
+            self.headers.clone(),
+            Bytes::new(),
+            self.freshness.clone(),
+            self.tags.clone(),
+        );
+        head.no_cache_fields = self.no_cache_fields.clone();
+        Some(FillStream::new(
+            head,
+            content_length,
+            self.primary.clone(),
+            self.generation,
+        ))
+    }
 }
 
 pub struct Cache {
@@ -370,6 +395,14 @@ impl Cache {
     /// the origin is asked, so a purge landing during the fetch prevents the store.
     pub fn purge_generation(&self) -> u64 {
         self.purges.current()
+    }
+
+    /// Whether a request may still read `stream` along: not when a purge has named its object
+    /// since the fill asked the origin (the fill will not be stored; neither is it served).
+    pub fn stream_is_current(&self, stream: &FillStream) -> bool {
+        !self
+            .purges
+            .purged_since(stream.generation, &stream.primary, &stream.head().tags)
     }
 
     /// Decides whether a response may be stored for this request (RFC 9111 §3) and under which

@@ -34,6 +34,42 @@ where
     body.map_err(Into::into).boxed_unsync()
 }
 
+/// A coalesced request's body: the fill's, read along as it arrives (`larder_cache::stream`).
+pub struct ReadAlong {
+    reader: larder_cache::FillReader,
+    left: u64,
+}
+
+impl ReadAlong {
+    pub fn new(reader: larder_cache::FillReader) -> Self {
+        let left = reader.content_length();
+        ReadAlong { reader, left }
+    }
+}
+
+impl Body for ReadAlong {
+    type Data = Bytes;
+    type Error = larder_cache::FillStreamAborted;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match std::task::ready!(self.reader.poll_chunk(cx)) {
+            Some(Ok(chunk)) => {
+                self.left = self.left.saturating_sub(chunk.len() as u64);
+                Poll::Ready(Some(Ok(Frame::data(chunk))))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(e))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left)
+    }
+}
+
 /// What a fill sends its client. The explicit `End` tells a complete body from a fill task
 /// that died: a channel closing without it is an error, never a silently short body.
 pub enum FeedItem {

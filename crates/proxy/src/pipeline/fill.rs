@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use crate::body::UpstreamBody;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
-use larder_cache::{Admission, FillGuard, Key};
+use larder_cache::{Admission, FillGuard, FillStream, Key};
 use tokio::sync::mpsc;
 
 use crate::body::{BoxError, FeedFlow, FeedItem};
@@ -25,6 +25,17 @@ pub(crate) struct Fill {
     pub cache: Arc<larder_cache::Cache>,
     pub fill_key: Key,
     pub guard: Option<FillGuard>,
+    /// The body as offered to the requests coalesced on this fill ([`FillGuard::offer`]).
+    pub stream: Option<Arc<FillStream>>,
+}
+
+/// However the fill ends, readers along never wait for more (a complete body was marked so).
+impl Drop for Fill {
+    fn drop(&mut self) {
+        if let Some(stream) = &self.stream {
+            stream.finish(false);
+        }
+    }
 }
 
 impl Fill {
@@ -50,12 +61,18 @@ impl Fill {
                     // Too large to store: stop buffering and release everyone waiting on it.
                     storing = false;
                     chunks = Vec::new();
+                    if let Some(stream) = self.stream.take() {
+                        stream.finish(false);
+                    }
                     self.cache
                         .mark_hit_for_pass(&self.fill_key, SystemTime::now());
                     self.guard = None;
                 } else {
                     buffered += len;
                     chunks.push(data.clone());
+                    if let Some(stream) = &self.stream {
+                        stream.push(data.clone());
+                    }
                 }
             }
             if !self.tx.is_closed() {
@@ -70,6 +87,9 @@ impl Fill {
             } else if !storing {
                 return;
             }
+        }
+        if let Some(stream) = &self.stream {
+            stream.finish(true);
         }
         if storing {
             // One exact-size copy: the stored body owns no slack capacity and no shared buffers.

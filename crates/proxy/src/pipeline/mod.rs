@@ -12,12 +12,13 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::header::{
-    self, CONTENT_LENGTH, ETAG, HOST, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, RANGE,
+    self, CONTENT_LENGTH, ETAG, HOST, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE,
+    IF_UNMODIFIED_SINCE, LAST_MODIFIED, RANGE,
 };
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use larder_cache::{
-    CacheResult, FillGuard, Hit, Join, Key, Lookup, NoCacheReason, RequestDirectives,
-    RequestTarget, SURROGATE_CONTROL, fields, freshness::has_validator, is_field_value,
+    CacheResult, FillGuard, FillStream, Hit, Join, Key, Lookup, NoCacheReason, RequestDirectives,
+    RequestTarget, SURROGATE_CONTROL, Waited, fields, freshness::has_validator, is_field_value,
     key::normalize_host, not_modified, request_directives,
 };
 use larder_telemetry::UpstreamEvent;
@@ -34,7 +35,7 @@ use crate::upstream::{Timeouts, UpstreamRequest};
 use crate::{Proxy, Runtime};
 use exchange::{Exchange, Forward};
 use fill::Fill;
-use serve::{ServeOptions, from_store, not_modified_response};
+use serve::{ServeOptions, from_store, from_stream, not_modified_response};
 
 pub(crate) static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 pub(crate) use crate::headers::REQUEST_ID;
@@ -698,12 +699,28 @@ impl Proxy {
         } else {
             match rt.cache.coalescer().join(&plan.fill_key) {
                 Join::Leader(guard) => Some(guard),
-                Join::Follower(waiter) => {
+                Join::Follower(mut waiter) => {
                     let wait_span = ex.span.as_ref().map(|s| s.child("coalesced wait"));
-                    let waited = waiter.wait(rt.coalesce_timeout).await;
+                    let deadline = tokio::time::Instant::now() + rt.coalesce_timeout;
+                    let mut waited = waiter.wait_for_stream(rt.coalesce_timeout).await;
+                    if let Ok(Waited::Streaming(stream)) = &waited {
+                        let now = SystemTime::now();
+                        if reads_along(&request)
+                            && stream.head().freshness.satisfies(&request.directives, now)
+                            && rt.cache.stream_is_current(stream)
+                        {
+                            drop(wait_span);
+                            ex.collapsed = true;
+                            ex.fwd = None;
+                            return Ok(self.serve_stream(ex, stream, now));
+                        }
+                        // This request cannot take the body as it comes: it waits for the end.
+                        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                        waited = waiter.wait(left).await.map(|()| Waited::Done);
+                    }
                     drop(wait_span);
                     match waited {
-                        Ok(()) => {
+                        Ok(_) => {
                             let now = SystemTime::now();
                             if let Lookup::Found(hit) = rt.cache.lookup(&request.target(&ex.host))
                                 && hit.stored().freshness.satisfies(&request.directives, now)
@@ -945,6 +962,12 @@ impl Proxy {
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
+        // Requests coalesced on this fill read its body along, when it will be stored whole.
+        let stream = guard.as_ref().zip(exact_len).and_then(|(guard, len)| {
+            let stream = admission.stream(len)?;
+            guard.offer(stream.clone());
+            Some(stream)
+        });
         let (tx, rx) = mpsc::unbounded_channel();
         let flow = Arc::new(FeedFlow::default());
         tokio::spawn(
@@ -954,6 +977,7 @@ impl Proxy {
                 cache: rt.cache.clone(),
                 fill_key: plan.fill_key,
                 guard,
+                stream,
             }
             .run(upstream_body, admission),
         );
@@ -1134,6 +1158,23 @@ impl Proxy {
             .map(|body| IdleTimeoutBody::new(body, upstream.timeouts.idle, deadline)))
     }
 
+    /// Answers a request coalesced on a fill with the fill's body as it arrives: the response
+    /// the fill is storing, as a hit would send it once stored.
+    fn serve_stream(
+        &self,
+        ex: &mut Exchange,
+        stream: &Arc<FillStream>,
+        now: SystemTime,
+    ) -> Response<ProxyBody> {
+        let stored = stream.head();
+        ex.result = CacheResult::Coalesced;
+        let age = stored.freshness.current_age(now).as_secs();
+        ex.ttl = Some(stored.freshness.lifetime.as_secs() as i64 - age as i64);
+        ex.stored_lines = None;
+        ex.added_lines.clear();
+        from_stream(stream, age)
+    }
+
     fn serve_hit(
         &self,
         ex: &mut Exchange,
@@ -1165,6 +1206,23 @@ impl Proxy {
         ex.stored_lines = lines;
         response
     }
+}
+
+/// Whether a coalesced request can take a fill's body as it arrives: a plain GET. Ranges and
+/// conditions are answered from the whole stored response, once there.
+fn reads_along(request: &ClientRequest) -> bool {
+    request.method == Method::GET
+        && !request.headers.keys().any(|name| {
+            [
+                &RANGE,
+                &IF_RANGE,
+                &IF_NONE_MATCH,
+                &IF_MODIFIED_SINCE,
+                &IF_MATCH,
+                &IF_UNMODIFIED_SINCE,
+            ]
+            .contains(&name)
+        })
 }
 
 /// The path and query of a Location / Content-Location value, if it names this host.

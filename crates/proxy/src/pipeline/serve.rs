@@ -133,6 +133,28 @@ pub(crate) fn from_store(
     (response, lines)
 }
 
+/// A response the cache is still filling, its body read along as it arrives: the fields a hit
+/// of it will carry, without those `no-cache="…"` names (it is served without revalidation).
+pub(crate) fn from_stream(
+    stream: &std::sync::Arc<larder_cache::FillStream>,
+    age_secs: u64,
+) -> Response<ProxyBody> {
+    let stored = stream.head();
+    let mut headers = stored.headers.to_header_map(FIELDS_ADDED_ON_THE_WAY_OUT);
+    for name in &stored.no_cache_fields {
+        headers.remove(name);
+    }
+    headers.insert(header::AGE, age_value(age_secs));
+    append_via(&mut headers);
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(stream.content_length()));
+    let mut response = Response::new(crate::body::boxed(crate::body::ReadAlong::new(
+        stream.reader(),
+    )));
+    *response.status_mut() = stored.status;
+    *response.headers_mut() = headers;
+    response
+}
+
 /// The Age value: every hit sends one, so those of the first hour are made once and shared
 /// (cloning a static value costs nothing; formatting and allocating one does).
 fn age_value(secs: u64) -> HeaderValue {
