@@ -885,3 +885,25 @@ fn html_behind_a_static_file_name_needs_an_origin_lifetime() {
     );
     assert!(admit("/site.css", &headers(&[("content-type", "text/css")])).is_ok());
 }
+
+#[test]
+fn a_fill_is_offered_to_read_along_only_when_stored_whole_and_not_once_purged() {
+    let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
+    let req = HeaderMap::new();
+    let resp = headers(&[("cache-control", "max-age=60")]);
+    let adm = admit_ok(&cache, "/big", &req, &resp, cache.purge_generation()).unwrap();
+    // Beyond max_object_size (a quarter of the budget here) it is never buffered whole.
+    assert!(adm.stream(adm.max_object_size() + 1).is_none());
+    let stream = adm.stream(10).unwrap();
+    assert_eq!(stream.head().status, StatusCode::OK);
+    assert!(cache.stream_is_current(&stream));
+    cache.purge("example.com", "/big", None);
+    assert!(!cache.stream_is_current(&stream));
+
+    let varying = headers(&[("cache-control", "max-age=60"), ("vary", "accept")]);
+    let adm = admit_ok(&cache, "/v", &req, &varying, cache.purge_generation()).unwrap();
+    assert!(
+        adm.stream(10).is_none(),
+        "a waiter's request could select another variant"
+    );
+}
