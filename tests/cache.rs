@@ -972,3 +972,88 @@ async fn a_fill_that_fails_midway_ends_the_coalesced_bodies_in_an_error() {
     .await;
     assert_eq!(origin.count(), before + 1);
 }
+
+#[tokio::test]
+async fn a_coalesced_request_never_reads_along_a_response_stored_under_another_key() {
+    use http_body_util::BodyExt as _;
+    // Requests coalesce under the key of the first type their path might match (`images`,
+    // which ignores the query); the HTML answer lands in `default`, which keeps it. Bob's
+    // request must not read Alice's page along.
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let origin = Origin::start({
+        let gate = gate.clone();
+        move |seen| {
+            let gate = gate.clone();
+            let letter = if seen.uri.query() == Some("user=alice") {
+                b'A'
+            } else {
+                b'B'
+            };
+            async move {
+                let first = futures_util::stream::iter([Ok::<_, BoxError>(
+                    hyper::body::Frame::data(Bytes::from(vec![letter; HALF])),
+                )]);
+                let second = futures_util::stream::once(async move {
+                    gate.notified().await;
+                    Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from(vec![letter; HALF])))
+                });
+                let body =
+                    http_body_util::StreamBody::new(futures_util::StreamExt::chain(first, second))
+                        .boxed_unsync();
+                http::Response::builder()
+                    .header("cache-control", "max-age=60")
+                    .header("content-type", "text/html")
+                    .header("content-length", (2 * HALF).to_string())
+                    .body(body)
+                    .unwrap()
+            }
+        }
+    })
+    .await;
+    // A short coalescing wait: Bob, rightly kept waiting on Alice's unfinished fill, then asks
+    // the origin himself.
+    let types = "cache: { coalesce_timeout: 1s }\nresource_types:\n  - name: images\n    match: { content_type: \"image/*\" }\n    config: { cache_size: 8MiB, cache_key: { query: drop } }\n  - name: default\n    config: { cache_size: 8MiB }\n";
+    let larder = Larder::start(&config_yaml(origin.addr, types)).await;
+    let (_, alice, _alice_rest) = get_until(&larder, "/avatar?user=alice", HALF).await;
+    assert!(alice.iter().all(|&b| b == b'A'));
+    let (status, bob, _bob_rest) = get_until(&larder, "/avatar?user=bob", HALF).await;
+    assert!(
+        bob.iter().all(|&b| b == b'B'),
+        "Bob got Alice's page ({status})"
+    );
+    assert!(!status.contains("collapsed"), "{status}");
+    assert_eq!(origin.count(), 2);
+}
+
+#[tokio::test]
+async fn an_answer_to_a_precondition_is_never_stored_for_everyone() {
+    let origin = Origin::start(|seen| async move {
+        if seen.headers.contains_key("if-match") || seen.headers.contains_key("if-unmodified-since")
+        {
+            response(
+                412,
+                &[("cache-control", "max-age=60")],
+                "precondition failed",
+            )
+        } else {
+            response(200, &[("cache-control", "max-age=60")], "the document")
+        }
+    })
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    for (name, value) in [
+        ("if-match", "\"v1\""),
+        ("if-unmodified-since", "Sun, 06 Nov 1994 08:49:37 GMT"),
+    ] {
+        let failed = larder.get_with("/doc", &[(name, value)]).await;
+        assert_eq!(failed.status, 412);
+        assert!(
+            failed.cache_status().contains("detail=precondition"),
+            "{}",
+            failed.cache_status()
+        );
+    }
+    let plain = larder.get("/doc").await;
+    assert_eq!(plain.status, 200);
+    assert_eq!(plain.text(), "the document");
+}

@@ -226,6 +226,7 @@ impl Admission {
         Some(FillStream::new(
             head,
             content_length,
+            self.resource_type,
             self.primary.clone(),
             self.generation,
         ))
@@ -397,12 +398,19 @@ impl Cache {
         self.purges.current()
     }
 
-    /// Whether a request may still read `stream` along: not when a purge has named its object
-    /// since the fill asked the origin (the fill will not be stored; neither is it served).
-    pub fn stream_is_current(&self, stream: &FillStream) -> bool {
-        !self
-            .purges
-            .purged_since(stream.generation, &stream.primary, &stream.head().tags)
+    /// Whether the request for `target` may read `stream` along. Only when its own key, under
+    /// the resource type the response was admitted to, is the one the fill stores under: the
+    /// request was coalesced by the key of the first type its path might match, and the
+    /// response can land in another type with other key rules (a query kept there, dropped
+    /// here). And not when a purge has named the object since the fill asked the origin (the
+    /// fill will not be stored; neither is it served).
+    pub fn may_read_along(&self, stream: &FillStream, target: &RequestTarget<'_>) -> bool {
+        let rules = &self.types[stream.resource_type].spec.key;
+        !stream.is_aborted()
+            && Key::primary(target, rules) == stream.primary
+            && !self
+                .purges
+                .purged_since(stream.generation, &stream.primary, &stream.head().tags)
     }
 
     /// Decides whether a response may be stored for this request (RFC 9111 §3) and under which

@@ -71,6 +71,9 @@ pub enum NoCacheReason {
     RangeRequest,
     /// The request carried `Cache-Control: no-store`.
     RequestNoStore,
+    /// A miss carried `If-Match` or `If-Unmodified-Since`: the origin decides them, and its
+    /// answer (a 412 is meant for this request alone) is never stored.
+    Precondition,
     /// The response carried `Cache-Control: no-store`.
     ResponseNoStore,
     /// The response carried `Cache-Control: private`.
@@ -106,13 +109,14 @@ pub enum NoCacheReason {
 }
 
 impl NoCacheReason {
-    pub const ALL: [NoCacheReason; 21] = [
+    pub const ALL: [NoCacheReason; 22] = [
         NoCacheReason::RouteDisabled,
         NoCacheReason::MethodNotCacheable,
         NoCacheReason::NoResourceType,
         NoCacheReason::HeadMiss,
         NoCacheReason::RangeRequest,
         NoCacheReason::RequestNoStore,
+        NoCacheReason::Precondition,
         NoCacheReason::ResponseNoStore,
         NoCacheReason::Private,
         NoCacheReason::Authorization,
@@ -138,6 +142,7 @@ impl NoCacheReason {
             NoCacheReason::HeadMiss => "head_miss",
             NoCacheReason::RangeRequest => "range_request",
             NoCacheReason::RequestNoStore => "request_no_store",
+            NoCacheReason::Precondition => "precondition",
             NoCacheReason::ResponseNoStore => "response_no_store",
             NoCacheReason::Private => "private",
             NoCacheReason::Authorization => "authorization",

@@ -2,8 +2,9 @@
 //! along rather than wait for the whole object: a 100 MiB object from a slow origin would
 //! otherwise hold them past `coalesce_timeout`, and send each one to the origin after all.
 //!
-//! The chunks are the ones the fill buffers for the cache anyway (shared `Bytes`, no copy), so
-//! a slow reader costs no memory beyond the object being stored: it only reads further behind.
+//! The chunks are the ones the fill buffers for the cache anyway (shared `Bytes`, no copy per
+//! reader). Once the fill has stored the object, the chunks are swapped for the stored body,
+//! so a slow reader pins no second copy of it, only reads further behind.
 
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -20,7 +21,9 @@ pub struct FillStream {
     head: StoredResponse,
     /// The body's length, declared by the origin (a stream is only offered when it is known).
     content_length: u64,
-    /// The key and purge generation of the fill: a purge since then bars new readers.
+    /// The resource type, key and purge generation of the fill: a request whose own key for
+    /// that type differs, or a purge since then, bars a new reader.
+    pub(crate) resource_type: usize,
     pub(crate) primary: Key,
     pub(crate) generation: u64,
     state: Mutex<State>,
@@ -29,9 +32,23 @@ pub struct FillStream {
 #[derive(Default)]
 struct State {
     chunks: Vec<Bytes>,
+    /// Where each chunk starts in the body.
+    starts: Vec<u64>,
+    received: u64,
     /// `Some(true)` once the whole body is in, `Some(false)` when the fill failed.
     end: Option<bool>,
     wakers: Vec<Waker>,
+    /// Counts the times `wakers` was emptied: a reader registered in the current round keeps
+    /// its slot there, so registering costs the same with ten readers or ten thousand.
+    round: u64,
+}
+
+impl State {
+    /// Takes the wakers to wake once the lock is released, and starts a new round.
+    fn take_wakers(&mut self) -> Vec<Waker> {
+        self.round += 1;
+        std::mem::take(&mut self.wakers)
+    }
 }
 
 /// The fill ended before its body was complete (the origin failed or the object turned out
@@ -44,12 +61,14 @@ impl FillStream {
     pub(crate) fn new(
         head: StoredResponse,
         content_length: u64,
+        resource_type: usize,
         primary: Key,
         generation: u64,
     ) -> Arc<FillStream> {
         Arc::new(FillStream {
             head,
             content_length,
+            resource_type,
             primary,
             generation,
             state: Mutex::default(),
@@ -71,30 +90,50 @@ impl FillStream {
             if state.end.is_some() {
                 return;
             }
+            let start = state.received;
+            state.received += chunk.len() as u64;
+            state.starts.push(start);
             state.chunks.push(chunk);
-            std::mem::take(&mut state.wakers)
+            state.take_wakers()
         };
         wakers.into_iter().for_each(Waker::wake);
     }
 
-    /// Ends the body: whole (`complete`) or cut short. Later calls change nothing.
+    /// Ends the body: whole (`complete`, and only when every declared byte came) or cut short.
+    /// Later calls change nothing.
     pub fn finish(&self, complete: bool) {
         let wakers = {
             let mut state = self.state.lock();
             if state.end.is_some() {
                 return;
             }
-            state.end = Some(complete);
-            std::mem::take(&mut state.wakers)
+            state.end = Some(complete && state.received == self.content_length);
+            state.take_wakers()
         };
         wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// The whole body as stored: readers still reading take the rest from it, and the chunks
+    /// (slices of the origin connection's read buffers) are let go.
+    pub fn stored(&self, body: Bytes) {
+        let mut state = self.state.lock();
+        if state.end == Some(true) && body.len() as u64 == state.received {
+            state.chunks = vec![body];
+            state.starts = vec![0];
+        }
+    }
+
+    /// Whether the fill ended without its whole body: nothing to read along any more.
+    pub fn is_aborted(&self) -> bool {
+        self.state.lock().end == Some(false)
     }
 
     /// A reader from the body's first byte.
     pub fn reader(self: &Arc<Self>) -> FillReader {
         FillReader {
             stream: self.clone(),
-            next: 0,
+            offset: 0,
+            slot: None,
         }
     }
 }
@@ -102,7 +141,10 @@ impl FillStream {
 /// Reads a [`FillStream`]'s body from the start, waiting for chunks still to come.
 pub struct FillReader {
     stream: Arc<FillStream>,
-    next: usize,
+    /// Bytes of the body already read.
+    offset: u64,
+    /// The round and index of this reader's waker in the stream's list, if it is there.
+    slot: Option<(u64, usize)>,
 }
 
 impl FillReader {
@@ -112,17 +154,29 @@ impl FillReader {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, FillStreamAborted>>> {
         let mut state = self.stream.state.lock();
-        if let Some(chunk) = state.chunks.get(self.next) {
-            self.next += 1;
-            return Poll::Ready(Some(Ok(chunk.clone())));
+        if self.offset < state.received {
+            // The chunk holding the next byte (chunks may have been swapped for the stored body).
+            let index = state.starts.partition_point(|&start| start <= self.offset) - 1;
+            let within = (self.offset - state.starts[index]) as usize;
+            let chunk = state.chunks[index].slice(within..);
+            self.offset += chunk.len() as u64;
+            return Poll::Ready(Some(Ok(chunk)));
         }
         match state.end {
             Some(true) => Poll::Ready(None),
             Some(false) => Poll::Ready(Some(Err(FillStreamAborted))),
             None => {
-                // One waker per reader: a reader polled again before new data replaces its own.
-                if !state.wakers.iter().any(|w| w.will_wake(cx.waker())) {
-                    state.wakers.push(cx.waker().clone());
+                // One waker per reader and round: polled again, it replaces its own.
+                match self.slot {
+                    Some((round, index)) if round == state.round => {
+                        if !state.wakers[index].will_wake(cx.waker()) {
+                            state.wakers[index] = cx.waker().clone();
+                        }
+                    }
+                    _ => {
+                        self.slot = Some((state.round, state.wakers.len()));
+                        state.wakers.push(cx.waker().clone());
+                    }
                 }
                 Poll::Pending
             }
@@ -174,10 +228,14 @@ mod tests {
             },
             Box::new([]),
         );
-        FillStream::new(head, len, key, 0)
+        FillStream::new(head, len, 0, key, 0)
     }
 
-    async fn read_all(mut reader: FillReader) -> Result<Vec<u8>, FillStreamAborted> {
+    async fn read_all(reader: FillReader) -> Result<Vec<u8>, FillStreamAborted> {
+        read_rest(reader).await
+    }
+
+    async fn read_rest(mut reader: FillReader) -> Result<Vec<u8>, FillStreamAborted> {
         let mut body = Vec::new();
         while let Some(chunk) = poll_fn(|cx| reader.poll_chunk(cx)).await {
             body.extend_from_slice(&chunk?);
@@ -198,6 +256,30 @@ mod tests {
         assert_eq!(early.await.unwrap().unwrap(), b"abcdef");
         assert_eq!(middle.await.unwrap().unwrap(), b"abcdef");
         assert_eq!(late, b"abcdef");
+    }
+
+    #[tokio::test]
+    async fn a_reader_midway_takes_the_rest_from_the_stored_body() {
+        let s = stream(6);
+        let mut reader = s.reader();
+        s.push(Bytes::from_static(b"ab"));
+        let first = poll_fn(|cx| reader.poll_chunk(cx)).await.unwrap().unwrap();
+        assert_eq!(first, "ab");
+        s.push(Bytes::from_static(b"cd"));
+        s.push(Bytes::from_static(b"ef"));
+        s.finish(true);
+        s.stored(Bytes::from_static(b"abcdef"));
+        assert_eq!(read_rest(reader).await.unwrap(), b"cdef");
+        assert_eq!(read_all(s.reader()).await.unwrap(), b"abcdef");
+    }
+
+    #[tokio::test]
+    async fn a_body_shorter_than_declared_is_never_complete() {
+        let s = stream(6);
+        s.push(Bytes::from_static(b"abc"));
+        s.finish(true);
+        assert!(s.is_aborted());
+        assert!(read_all(s.reader()).await.is_err());
     }
 
     #[tokio::test]

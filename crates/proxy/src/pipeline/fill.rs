@@ -32,6 +32,8 @@ pub(crate) struct Fill {
 /// However the fill ends, readers along never wait for more (a complete body was marked so).
 impl Drop for Fill {
     fn drop(&mut self) {
+        // Waiters released first, so none joins the stream between its end and theirs.
+        self.guard = None;
         if let Some(stream) = &self.stream {
             stream.finish(false);
         }
@@ -61,12 +63,12 @@ impl Fill {
                     // Too large to store: stop buffering and release everyone waiting on it.
                     storing = false;
                     chunks = Vec::new();
-                    if let Some(stream) = self.stream.take() {
-                        stream.finish(false);
-                    }
                     self.cache
                         .mark_hit_for_pass(&self.fill_key, SystemTime::now());
                     self.guard = None;
+                    if let Some(stream) = self.stream.take() {
+                        stream.finish(false);
+                    }
                 } else {
                     buffered += len;
                     chunks.push(data.clone());
@@ -98,7 +100,11 @@ impl Fill {
                 body.extend_from_slice(chunk);
             }
             drop(chunks);
-            self.cache.commit(admission, body.freeze());
+            let body = body.freeze();
+            if let Some(stream) = &self.stream {
+                stream.stored(body.clone());
+            }
+            self.cache.commit(admission, body);
         }
         let _ = self.tx.send(FeedItem::End);
         // The guard drops last, after the commit, so waiters find the stored response.

@@ -655,6 +655,10 @@ impl Proxy {
                     Some(NoCacheReason::RangeRequest)
                 } else if request.directives.no_store {
                     Some(NoCacheReason::RequestNoStore)
+                } else if request.headers.contains_key(IF_MATCH)
+                    || request.headers.contains_key(IF_UNMODIFIED_SINCE)
+                {
+                    Some(NoCacheReason::Precondition)
                 } else {
                     None
                 };
@@ -707,7 +711,7 @@ impl Proxy {
                         let now = SystemTime::now();
                         if reads_along(&request)
                             && stream.head().freshness.satisfies(&request.directives, now)
-                            && rt.cache.stream_is_current(stream)
+                            && rt.cache.may_read_along(stream, &request.target(&ex.host))
                         {
                             drop(wait_span);
                             ex.collapsed = true;
@@ -818,9 +822,17 @@ impl Proxy {
         guard: Option<FillGuard>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         // The cache wants the full response; the client's own conditions are answered from it.
+        // Preconditions too: the answer to one (412) must not be stored for everyone.
         let mut headers = request.headers.clone();
-        headers.remove(IF_NONE_MATCH);
-        headers.remove(IF_MODIFIED_SINCE);
+        for name in [
+            IF_NONE_MATCH,
+            IF_MODIFIED_SINCE,
+            IF_MATCH,
+            IF_UNMODIFIED_SINCE,
+            IF_RANGE,
+        ] {
+            headers.remove(name);
+        }
         let revalidating = plan
             .stale
             .as_ref()
