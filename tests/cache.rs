@@ -1057,3 +1057,54 @@ async fn an_answer_to_a_precondition_is_never_stored_for_everyone() {
     assert_eq!(plain.status, 200);
     assert_eq!(plain.text(), "the document");
 }
+
+#[tokio::test]
+async fn a_range_request_for_a_stale_object_revalidates_it_and_gets_its_range() {
+    // Stored with a validator and no lifetime: every use revalidates.
+    let origin = Origin::start(|seen| async move {
+        if seen
+            .headers
+            .get("if-none-match")
+            .is_some_and(|v| v == "\"v1\"")
+        {
+            response(
+                304,
+                &[("etag", "\"v1\""), ("cache-control", "max-age=0")],
+                "",
+            )
+        } else if seen.headers.contains_key("range") {
+            response(206, &[("content-range", "bytes 1-3/6")], "bcd")
+        } else {
+            response(
+                200,
+                &[("etag", "\"v1\""), ("cache-control", "max-age=0")],
+                "abcdef",
+            )
+        }
+    })
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    assert_eq!(larder.get("/file").await.text(), "abcdef");
+    let ranged = larder.get_with("/file", &[("range", "bytes=1-3")]).await;
+    assert_eq!(ranged.status, 206);
+    assert_eq!(ranged.text(), "bcd");
+    assert!(
+        ranged.cache_status().contains("fwd=stale"),
+        "{}",
+        ranged.cache_status()
+    );
+    assert!(
+        origin
+            .requests()
+            .iter()
+            .all(|r| !r.headers.contains_key("range"))
+    );
+    // Still stored: the next use revalidates it again rather than passing.
+    let again = larder.get("/file").await;
+    assert_eq!(again.text(), "abcdef");
+    assert!(
+        again.cache_status().contains("fwd-status=304"),
+        "{}",
+        again.cache_status()
+    );
+}

@@ -822,7 +822,9 @@ impl Proxy {
         guard: Option<FillGuard>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         // The cache wants the full response; the client's own conditions are answered from it.
-        // Preconditions too: the answer to one (412) must not be stored for everyone.
+        // Preconditions too: the answer to one (412) must not be stored for everyone. And a
+        // range (a stale hit's refresh): a 206 cannot be stored, and the stale object would be
+        // dropped for it; the range is cut from the stored response instead.
         let mut headers = request.headers.clone();
         for name in [
             IF_NONE_MATCH,
@@ -830,6 +832,7 @@ impl Proxy {
             IF_MATCH,
             IF_UNMODIFIED_SINCE,
             IF_RANGE,
+            RANGE,
         ] {
             headers.remove(name);
         }
