@@ -1108,3 +1108,18 @@ async fn a_range_request_for_a_stale_object_revalidates_it_and_gets_its_range() 
         again.cache_status()
     );
 }
+
+#[tokio::test]
+async fn readers_along_keep_their_place_among_a_fills_waiters() {
+    let (origin, _gate) = half_gated_origin(false).await;
+    let types = format!("cache: {{ max_coalesced_waiters: 1 }}\n{DEFAULT_TYPES}");
+    let larder = Larder::start(&config_yaml(origin.addr, &types)).await;
+    let (_, _, _first_rest) = get_until(&larder, "/many", HALF).await;
+    let (status, _, _second_rest) = get_until(&larder, "/many", HALF).await;
+    assert!(status.contains("collapsed"), "{status}");
+    // The one place is taken by the reader along: the next request fetches for itself.
+    let (status, third, _third_rest) = get_until(&larder, "/many", HALF).await;
+    assert!(status.contains("detail=coalesce_overflow"), "{status}");
+    assert_eq!(third, vec![b'a'; HALF]);
+    assert_eq!(origin.count(), 2);
+}

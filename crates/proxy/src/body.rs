@@ -38,12 +38,19 @@ where
 pub struct ReadAlong {
     reader: larder_cache::FillReader,
     left: u64,
+    /// The request's place among the fill's waiters, kept until its body is done: readers
+    /// along count against `max_coalesced_waiters` as waiters do.
+    _place: larder_cache::FillWaiter,
 }
 
 impl ReadAlong {
-    pub fn new(reader: larder_cache::FillReader) -> Self {
+    pub fn new(reader: larder_cache::FillReader, place: larder_cache::FillWaiter) -> Self {
         let left = reader.content_length();
-        ReadAlong { reader, left }
+        ReadAlong {
+            reader,
+            left,
+            _place: place,
+        }
     }
 }
 

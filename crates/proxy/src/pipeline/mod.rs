@@ -17,9 +17,9 @@ use http::header::{
 };
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use larder_cache::{
-    CacheResult, FillGuard, FillStream, Hit, Join, Key, Lookup, NoCacheReason, RequestDirectives,
-    RequestTarget, SURROGATE_CONTROL, Waited, fields, freshness::has_validator, is_field_value,
-    key::normalize_host, not_modified, request_directives,
+    CacheResult, FillGuard, FillStream, FillWaiter, Hit, Join, Key, Lookup, NoCacheReason,
+    RequestDirectives, RequestTarget, SURROGATE_CONTROL, Waited, fields, freshness::has_validator,
+    is_field_value, key::normalize_host, not_modified, request_directives,
 };
 use larder_telemetry::UpstreamEvent;
 use tokio::sync::mpsc;
@@ -716,7 +716,7 @@ impl Proxy {
                             drop(wait_span);
                             ex.collapsed = true;
                             ex.fwd = None;
-                            return Ok(self.serve_stream(ex, stream, now));
+                            return Ok(self.serve_stream(ex, stream, waiter, now));
                         }
                         // This request cannot take the body as it comes: it waits for the end.
                         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -1179,6 +1179,7 @@ impl Proxy {
         &self,
         ex: &mut Exchange,
         stream: &Arc<FillStream>,
+        place: FillWaiter,
         now: SystemTime,
     ) -> Response<ProxyBody> {
         let stored = stream.head();
@@ -1187,7 +1188,7 @@ impl Proxy {
         ex.ttl = Some(stored.freshness.lifetime.as_secs() as i64 - age as i64);
         ex.stored_lines = None;
         ex.added_lines.clear();
-        from_stream(stream, age)
+        from_stream(stream, place, age)
     }
 
     fn serve_hit(

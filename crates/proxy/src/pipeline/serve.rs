@@ -137,6 +137,7 @@ pub(crate) fn from_store(
 /// of it will carry, without those `no-cache="…"` names (it is served without revalidation).
 pub(crate) fn from_stream(
     stream: &std::sync::Arc<larder_cache::FillStream>,
+    place: larder_cache::FillWaiter,
     age_secs: u64,
 ) -> Response<ProxyBody> {
     let stored = stream.head();
@@ -149,6 +150,7 @@ pub(crate) fn from_stream(
     headers.insert(CONTENT_LENGTH, HeaderValue::from(stream.content_length()));
     let mut response = Response::new(crate::body::boxed(crate::body::ReadAlong::new(
         stream.reader(),
+        place,
     )));
     *response.status_mut() = stored.status;
     *response.headers_mut() = headers;
