@@ -889,17 +889,32 @@ async fn get_until(
     path: &str,
     want: usize,
 ) -> (String, Vec<u8>, hyper::body::Incoming) {
+    get_until_with(larder, path, &[], 200, want).await
+}
+
+/// [`get_until`] with request fields and the status expected.
+async fn get_until_with(
+    larder: &Larder,
+    path: &str,
+    fields: &[(&str, &str)],
+    expected_status: u16,
+    want: usize,
+) -> (String, Vec<u8>, hyper::body::Incoming) {
     use http_body_util::BodyExt as _;
+    let mut request = http::Request::get(larder.proxy_url(path));
+    for (name, value) in fields {
+        request = request.header(*name, *value);
+    }
     let response = larder
         .client
         .request(
-            http::Request::get(larder.proxy_url(path))
+            request
                 .body(http_body_util::Full::new(Bytes::new()))
                 .unwrap(),
         )
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(response.status(), expected_status);
     let status = response
         .headers()
         .get("cache-status")
@@ -1122,4 +1137,171 @@ async fn readers_along_keep_their_place_among_a_fills_waiters() {
     assert!(status.contains("detail=coalesce_overflow"), "{status}");
     assert_eq!(third, vec![b'a'; HALF]);
     assert_eq!(origin.count(), 2);
+}
+
+/// A large body whose every byte tells its offset apart from its neighbours'.
+fn patterned(len: usize) -> Bytes {
+    (0..len)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+#[tokio::test]
+async fn a_range_miss_fetches_the_whole_object_once_and_gets_its_range_cut_from_it() {
+    // Players and download managers ask in ranges from the first request: were range misses
+    // passed, such an object would never be stored.
+    let whole = patterned(200_000);
+    let body = whole.clone();
+    let origin = Origin::start(move |_| {
+        let body = body.clone();
+        async move {
+            response(
+                200,
+                &[("cache-control", "max-age=600"), ("etag", "\"p\"")],
+                body,
+            )
+        }
+    })
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+
+    let ranged = larder
+        .get_with("/video", &[("range", "bytes=70000-150001")])
+        .await;
+    assert_eq!(ranged.status, 206);
+    assert_eq!(ranged.header("content-range"), "bytes 70000-150001/200000");
+    assert_eq!(ranged.header("content-length"), "80002");
+    assert_eq!(ranged.body, whole.slice(70000..=150001));
+    assert!(
+        ranged.cache_status().contains("fwd=uri-miss") && ranged.cache_status().contains("stored"),
+        "{}",
+        ranged.cache_status()
+    );
+    assert!(!origin.last().headers.contains_key("range"));
+
+    // Stored whole: the next range and the whole body are hits.
+    let suffix = larder.get_with("/video", &[("range", "bytes=-5")]).await;
+    assert_eq!(
+        (suffix.status.as_u16(), suffix.body.clone()),
+        (206, whole.slice(199_995..))
+    );
+    assert!(
+        suffix.cache_status().contains("hit"),
+        "{}",
+        suffix.cache_status()
+    );
+    let plain = larder.get("/video").await;
+    assert_eq!(plain.body, whole);
+    assert!(
+        plain.cache_status().contains("hit"),
+        "{}",
+        plain.cache_status()
+    );
+    assert_eq!(origin.count(), 1);
+}
+
+#[tokio::test]
+async fn an_unsatisfiable_range_miss_gets_416_and_the_object_is_stored() {
+    let origin = Origin::fixed(200, &[("cache-control", "max-age=600")], "0123456789").await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    let past_the_end = larder.get_with("/r", &[("range", "bytes=10-")]).await;
+    assert_eq!(past_the_end.status, 416);
+    assert_eq!(past_the_end.header("content-range"), "bytes */10");
+    assert_eq!(past_the_end.text(), "");
+    // The fill went on without this client.
+    let plain = larder.get("/r").await;
+    assert_eq!(plain.text(), "0123456789");
+    assert!(
+        plain.cache_status().contains("hit"),
+        "{}",
+        plain.cache_status()
+    );
+    assert_eq!(origin.count(), 1);
+}
+
+#[tokio::test]
+async fn range_misses_of_what_cannot_be_stored_are_cut_once_then_left_to_the_origin() {
+    let origin = Origin::start(|seen| async move {
+        match seen.headers.get("range") {
+            // The origin cuts its own ranges once the cache knows it cannot keep the object.
+            Some(_) => response(
+                206,
+                &[
+                    ("cache-control", "no-store"),
+                    ("content-range", "bytes 2-3/10"),
+                ],
+                "23",
+            ),
+            None => response(200, &[("cache-control", "no-store")], "0123456789"),
+        }
+    })
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    let first = larder.get_with("/live", &[("range", "bytes=2-3")]).await;
+    assert_eq!(
+        (
+            first.status.as_u16(),
+            first.text().as_str(),
+            first.header("content-range")
+        ),
+        (206, "23", "bytes 2-3/10")
+    );
+    assert!(!origin.last().headers.contains_key("range"));
+    // Marked hit-for-pass by the no-store answer: the next range goes to the origin as asked.
+    let second = larder.get_with("/live", &[("range", "bytes=2-3")]).await;
+    assert_eq!(
+        (second.status.as_u16(), second.text().as_str()),
+        (206, "23")
+    );
+    assert_eq!(origin.last().header("range"), "bytes=2-3");
+    assert!(
+        second.cache_status().contains("detail=range_request"),
+        "{}",
+        second.cache_status()
+    );
+}
+
+#[tokio::test]
+async fn a_range_miss_with_a_stale_if_range_gets_the_whole_body() {
+    let origin = Origin::fixed(
+        200,
+        &[("cache-control", "max-age=600"), ("etag", "\"new\"")],
+        "0123456789",
+    )
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    let reply = larder
+        .get_with("/r", &[("range", "bytes=0-1"), ("if-range", "\"old\"")])
+        .await;
+    assert_eq!(
+        (reply.status.as_u16(), reply.text().as_str()),
+        (200, "0123456789")
+    );
+    assert_eq!(reply.header("content-range"), "");
+}
+
+#[tokio::test]
+async fn a_range_coalesced_on_a_fill_is_cut_from_its_body_as_it_arrives() {
+    let (origin, gate) = half_gated_origin(false).await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    let (_, first, first_rest) = get_until(&larder, "/big", HALF).await;
+    // Within the half already in: whole before the origin sends the rest.
+    let (status, early, early_rest) =
+        get_until_with(&larder, "/big", &[("range", "bytes=100-109")], 206, 10).await;
+    assert!(status.contains("collapsed"), "{status}");
+    assert_eq!(early, vec![b'a'; 10]);
+    assert_eq!(rest_of(early, early_rest).await.unwrap(), vec![b'a'; 10]);
+    // Across the halves: the first part now, the rest once it arrives.
+    let across = format!("bytes={}-{}", HALF - 4, HALF + 3);
+    let (status, part, part_rest) =
+        get_until_with(&larder, "/big", &[("range", &across)], 206, 4).await;
+    assert!(status.contains("collapsed"), "{status}");
+    gate.notify_one();
+    assert_eq!(
+        rest_of(part, part_rest).await.unwrap(),
+        b"aaaabbbb".to_vec()
+    );
+    rest_of(first, first_rest).await.unwrap();
+    assert_eq!(origin.count(), 1);
 }

@@ -67,7 +67,9 @@ pub enum NoCacheReason {
     NoResourceType,
     /// A HEAD request missed: it is forwarded, and a bodiless answer is never stored.
     HeadMiss,
-    /// A Range request missed: partial content is forwarded, never stored.
+    /// A Range request missed a key that just proved uncacheable (hit-for-pass): forwarded as
+    /// asked, as fetching the whole object for one range would be wasted. (Other range misses
+    /// fetch the whole object for the cache and cut the range from it.)
     RangeRequest,
     /// The request carried `Cache-Control: no-store`.
     RequestNoStore,

@@ -77,6 +77,71 @@ impl Body for ReadAlong {
     }
 }
 
+/// The bytes `start..start + len` of a body that carries a whole representation: a range
+/// request fetched whole for the cache gets its range cut from the origin's answer as it comes.
+/// A body that ends before the range does is an error, never a short 206.
+pub struct RangeOf {
+    inner: ProxyBody,
+    skip: u64,
+    left: u64,
+}
+
+impl RangeOf {
+    pub fn new(inner: ProxyBody, start: u64, len: u64) -> Self {
+        RangeOf {
+            inner,
+            skip: start,
+            left: len,
+        }
+    }
+}
+
+impl Body for RangeOf {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        loop {
+            if self.left == 0 {
+                return Poll::Ready(None);
+            }
+            let frame = match std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => return Poll::Ready(Some(Err("body ended before the range did".into()))),
+            };
+            // Trailers belong to the whole body, not to a part of it.
+            let Ok(mut data) = frame.into_data() else {
+                continue;
+            };
+            let len = data.len() as u64;
+            if self.skip >= len {
+                self.skip -= len;
+                continue;
+            }
+            let from = self.skip as usize;
+            self.skip = 0;
+            data = data.slice(from..);
+            if data.len() as u64 > self.left {
+                data.truncate(self.left as usize);
+            }
+            self.left -= data.len() as u64;
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left)
+    }
+}
+
 /// What a fill sends its client. The explicit `End` tells a complete body from a fill task
 /// that died: a channel closing without it is an error, never a silently short body.
 pub enum FeedItem {
@@ -434,6 +499,42 @@ mod tests {
             Some((Ok::<_, BoxError>(Frame::data(data)), rx))
         });
         (tx, http_body_util::StreamBody::new(frames))
+    }
+
+    /// The whole 0..30 in chunks of 7, 1, 0 and 22 bytes.
+    fn chunked_whole() -> ProxyBody {
+        let whole: Vec<u8> = (0..30).collect();
+        let (tx, body) = fed();
+        for (from, to) in [(0, 7), (7, 8), (8, 8), (8, 30)] {
+            tx.send(Bytes::copy_from_slice(&whole[from..to])).unwrap();
+        }
+        boxed(body)
+    }
+
+    #[tokio::test]
+    async fn a_range_is_cut_across_chunk_boundaries() {
+        for (start, len) in [(0, 30), (0, 1), (5, 4), (7, 1), (8, 1), (6, 20), (29, 1)] {
+            let mut body = RangeOf::new(chunked_whole(), start, len);
+            assert_eq!(body.size_hint().exact(), Some(len));
+            let mut got = Vec::new();
+            while let Some(frame) = body.frame().await {
+                got.extend_from_slice(&frame.unwrap().into_data().unwrap());
+            }
+            let want: Vec<u8> = (start as u8..(start + len) as u8).collect();
+            assert_eq!(got, want, "range {start} + {len}");
+            assert!(body.is_end_stream());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_ends_before_its_range_is_an_error() {
+        let whole = boxed(http_body_util::Full::new(Bytes::from_static(b"0123")));
+        let mut body = RangeOf::new(whole, 2, 5);
+        assert_eq!(
+            &body.frame().await.unwrap().unwrap().into_data().unwrap()[..],
+            b"23"
+        );
+        assert!(body.frame().await.unwrap().is_err());
     }
 
     #[tokio::test(start_paused = true)]

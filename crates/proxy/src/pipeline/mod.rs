@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::header::{
-    self, CONTENT_LENGTH, ETAG, HOST, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE,
-    IF_UNMODIFIED_SINCE, LAST_MODIFIED, RANGE,
+    self, CONTENT_LENGTH, CONTENT_RANGE, ETAG, HOST, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH,
+    IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED, RANGE,
 };
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use larder_cache::{
@@ -25,8 +25,8 @@ use larder_telemetry::UpstreamEvent;
 use tokio::sync::mpsc;
 
 use crate::body::{
-    ChannelBody, FeedFlow, IdleTimeoutBody, LimitedBody, ObservedBody, ProxyBody, UpstreamBody,
-    boxed, empty, full,
+    ChannelBody, FeedFlow, IdleTimeoutBody, LimitedBody, ObservedBody, ProxyBody, RangeOf,
+    UpstreamBody, boxed, empty, full,
 };
 use crate::error::ProxyError;
 use crate::headers::{add_forwarded, list_members, strip_hop_by_hop};
@@ -35,7 +35,7 @@ use crate::upstream::{Timeouts, UpstreamRequest};
 use crate::{Proxy, Runtime};
 use exchange::{Exchange, Forward};
 use fill::Fill;
-use serve::{ServeOptions, from_store, from_stream, not_modified_response};
+use serve::{RangeAnswer, ServeOptions, from_store, from_stream, not_modified_response};
 
 pub(crate) static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 pub(crate) use crate::headers::REQUEST_ID;
@@ -651,7 +651,11 @@ impl Proxy {
                 });
                 let reason = if head {
                     Some(NoCacheReason::HeadMiss)
-                } else if request.headers.contains_key(RANGE) {
+                } else if request.headers.contains_key(RANGE)
+                    && rt.cache.is_hit_for_pass(&fill_key, SystemTime::now())
+                {
+                    // A range of what cannot be stored is the origin's to cut: fetching the
+                    // whole of it for one range would cost the origin the rest for nothing.
                     Some(NoCacheReason::RangeRequest)
                 } else if request.directives.no_store {
                     Some(NoCacheReason::RequestNoStore)
@@ -716,7 +720,7 @@ impl Proxy {
                             drop(wait_span);
                             ex.collapsed = true;
                             ex.fwd = None;
-                            return Ok(self.serve_stream(ex, stream, waiter, now));
+                            return Ok(self.serve_stream(ex, &request, stream, waiter, now));
                         }
                         // This request cannot take the body as it comes: it waits for the end.
                         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -967,7 +971,8 @@ impl Proxy {
                 }
                 drop(guard);
                 ex.add_via(&mut parts.headers);
-                return Ok(Response::from_parts(parts, boxed(upstream_body)));
+                let body = cut_range(&request, &mut parts, boxed(upstream_body));
+                return Ok(Response::from_parts(parts, body));
             }
         };
         ex.stored = true;
@@ -1003,10 +1008,9 @@ impl Proxy {
             return Ok(not_modified_response(&parts.headers));
         }
         ex.add_via(&mut parts.headers);
-        Ok(Response::from_parts(
-            parts,
-            boxed(ChannelBody::new(rx, flow, exact_len)),
-        ))
+        let body = boxed(ChannelBody::new(rx, flow, exact_len));
+        let body = cut_range(&request, &mut parts, body);
+        Ok(Response::from_parts(parts, body))
     }
 
     /// The origin failed while a stale response is stored: serve it if stale-if-error allows,
@@ -1178,6 +1182,7 @@ impl Proxy {
     fn serve_stream(
         &self,
         ex: &mut Exchange,
+        request: &ClientRequest,
         stream: &Arc<FillStream>,
         place: FillWaiter,
         now: SystemTime,
@@ -1188,7 +1193,7 @@ impl Proxy {
         ex.ttl = Some(stored.freshness.lifetime.as_secs() as i64 - age as i64);
         ex.stored_lines = None;
         ex.added_lines.clear();
-        from_stream(stream, place, age)
+        from_stream(&request.headers, stream, place, age)
     }
 
     fn serve_hit(
@@ -1224,14 +1229,59 @@ impl Proxy {
     }
 }
 
-/// Whether a coalesced request can take a fill's body as it arrives: a plain GET. Ranges and
-/// conditions are answered from the whole stored response, once there.
+/// A range request fetched whole for the cache (the fill strips Range) gets its range cut from
+/// the origin's 200 as a hit would, and the fill goes on storing the whole. Several ranges, an
+/// If-Range that does not match, or a body of unknown length get the whole 200, which a server
+/// may always send (RFC 9110 §14.2).
+fn cut_range(
+    request: &ClientRequest,
+    parts: &mut http::response::Parts,
+    body: ProxyBody,
+) -> ProxyBody {
+    if request.method != Method::GET
+        || parts.status != StatusCode::OK
+        || !request.headers.contains_key(RANGE)
+    {
+        return body;
+    }
+    let Some(len) = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return body;
+    };
+    match serve::ranges(&request.headers, &parts.headers, len) {
+        RangeAnswer::Full | RangeAnswer::Multiple(_) => body,
+        RangeAnswer::Unsatisfiable => {
+            parts.status = StatusCode::RANGE_NOT_SATISFIABLE;
+            parts
+                .headers
+                .insert(CONTENT_RANGE, serve::content_range_value(None, len));
+            parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(0));
+            empty()
+        }
+        RangeAnswer::Single(start, end) => {
+            parts.status = StatusCode::PARTIAL_CONTENT;
+            parts.headers.insert(
+                CONTENT_RANGE,
+                serve::content_range_value(Some((start, end)), len),
+            );
+            parts
+                .headers
+                .insert(CONTENT_LENGTH, HeaderValue::from(end - start + 1));
+            boxed(RangeOf::new(body, start, end - start + 1))
+        }
+    }
+}
+
+/// Whether a coalesced request can take a fill's body as it arrives: a GET, perhaps of a range
+/// (cut as the body comes). Conditions are answered from the whole stored response, once there.
 fn reads_along(request: &ClientRequest) -> bool {
     request.method == Method::GET
         && !request.headers.keys().any(|name| {
             [
-                &RANGE,
-                &IF_RANGE,
                 &IF_NONE_MATCH,
                 &IF_MODIFIED_SINCE,
                 &IF_MATCH,

@@ -135,24 +135,45 @@ pub(crate) fn from_store(
 
 /// A response the cache is still filling, its body read along as it arrives: the fields a hit
 /// of it will carry, without those `no-cache="…"` names (it is served without revalidation).
+/// A single range is cut from the body as it comes; several get the whole body (a server may
+/// always send it, RFC 9110 §14.2).
 pub(crate) fn from_stream(
+    request: &HeaderMap,
     stream: &std::sync::Arc<larder_cache::FillStream>,
     place: larder_cache::FillWaiter,
     age_secs: u64,
 ) -> Response<ProxyBody> {
     let stored = stream.head();
+    let len = stream.content_length();
     let mut headers = stored.headers.to_header_map(FIELDS_ADDED_ON_THE_WAY_OUT);
     for name in &stored.no_cache_fields {
         headers.remove(name);
     }
     headers.insert(header::AGE, age_value(age_secs));
     append_via(&mut headers);
-    headers.insert(CONTENT_LENGTH, HeaderValue::from(stream.content_length()));
-    let mut response = Response::new(crate::body::boxed(crate::body::ReadAlong::new(
-        stream.reader(),
-        place,
-    )));
-    *response.status_mut() = stored.status;
+    let mut status = stored.status;
+    let mut body = crate::body::boxed(crate::body::ReadAlong::new(stream.reader(), place));
+    let mut body_len = len;
+    if stored.status == StatusCode::OK && fields::has(request, &RANGE) {
+        match ranges(request, &stored.headers, len) {
+            RangeAnswer::Full | RangeAnswer::Multiple(_) => {}
+            RangeAnswer::Unsatisfiable => {
+                status = StatusCode::RANGE_NOT_SATISFIABLE;
+                headers.insert(CONTENT_RANGE, content_range_value(None, len));
+                body = empty();
+                body_len = 0;
+            }
+            RangeAnswer::Single(start, end) => {
+                status = StatusCode::PARTIAL_CONTENT;
+                headers.insert(CONTENT_RANGE, content_range_value(Some((start, end)), len));
+                body_len = end - start + 1;
+                body = crate::body::boxed(crate::body::RangeOf::new(body, start, body_len));
+            }
+        }
+    }
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(body_len));
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
 }
@@ -307,7 +328,7 @@ fn if_range_matches(if_range: &HeaderValue, stored: &impl Fields) -> bool {
     strong && date == last_modified && date <= SystemTime::now()
 }
 
-fn content_range_value(range: Option<(u64, u64)>, len: u64) -> HeaderValue {
+pub(crate) fn content_range_value(range: Option<(u64, u64)>, len: u64) -> HeaderValue {
     let text = match range {
         Some((start, end)) => format!("bytes {start}-{end}/{len}"),
         None => format!("bytes */{len}"),
