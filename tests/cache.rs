@@ -1305,3 +1305,33 @@ async fn a_range_coalesced_on_a_fill_is_cut_from_its_body_as_it_arrives() {
     rest_of(first, first_rest).await.unwrap();
     assert_eq!(origin.count(), 1);
 }
+
+#[tokio::test]
+async fn a_coalesced_request_is_counted_under_the_type_its_answer_is_stored_in() {
+    // The path might be an image (the first type), so requests coalesce under that type's key;
+    // the answer, not an image, is stored under `default`.
+    let (origin, gate) = half_gated_origin(false).await;
+    let types = "resource_types:\n  - name: images\n    match: { content_type: \"image/*\" }\n    config: { cache_size: 8MiB }\n  - name: default\n    config: { cache_size: 8MiB }\n";
+    let larder = Larder::start(&config_yaml(origin.addr, types)).await;
+    let (_, first, first_rest) = get_until(&larder, "/thing", HALF).await;
+    let (status, second, second_rest) = get_until(&larder, "/thing", HALF).await;
+    assert!(status.contains("collapsed"), "{status}");
+    gate.notify_one();
+    rest_of(first, first_rest).await.unwrap();
+    rest_of(second, second_rest).await.unwrap();
+    // Events are emitted as bodies end; the scrape may come just before the last one.
+    let series = r#"larder_cache_lookups_total{resource_type="default",result="coalesced"}"#;
+    let mut metrics = larder.metrics().await;
+    for _ in 0..100 {
+        if metric(&metrics, series).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        metrics = larder.metrics().await;
+    }
+    assert_eq!(metric(&metrics, series), Some(1.0), "{metrics}");
+    assert!(
+        !metrics.contains(r#"resource_type="images",result="coalesced""#),
+        "{metrics}"
+    );
+}

@@ -79,6 +79,11 @@ impl FillStream {
         &self.head
     }
 
+    /// The resource type the response was admitted to (for [`crate::Cache::resource_type_label`]).
+    pub fn resource_type(&self) -> usize {
+        self.resource_type
+    }
+
     pub fn content_length(&self) -> u64 {
         self.content_length
     }

@@ -720,6 +720,10 @@ impl Proxy {
                             drop(wait_span);
                             ex.collapsed = true;
                             ex.fwd = None;
+                            // Counted under the type it was stored in, not the one it
+                            // coalesced under (the first its path might match).
+                            ex.resource_type =
+                                Some(rt.cache.resource_type_label(stream.resource_type()));
                             return Ok(self.serve_stream(ex, &request, stream, waiter, now));
                         }
                         // This request cannot take the body as it comes: it waits for the end.
@@ -735,6 +739,8 @@ impl Proxy {
                             {
                                 ex.collapsed = true;
                                 ex.fwd = None;
+                                ex.resource_type =
+                                    Some(rt.cache.resource_type_label(hit.resource_type));
                                 return Ok(self.serve_hit(
                                     ex,
                                     &request,
