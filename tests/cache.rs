@@ -1335,3 +1335,68 @@ async fn a_coalesced_request_is_counted_under_the_type_its_answer_is_stored_in()
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_head_miss_fetches_the_object_for_the_cache_and_answers_with_its_head() {
+    let origin = Origin::fixed(200, &[("cache-control", "max-age=60")], "twelve bytes").await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    let head = larder
+        .request(Method::HEAD, &larder.proxy_url("/h"), &[], Bytes::new())
+        .await;
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("content-length"), "12");
+    assert!(
+        head.cache_status().contains("stored"),
+        "{}",
+        head.cache_status()
+    );
+    assert_eq!(origin.last().method, Method::GET);
+    let get = larder.get("/h").await;
+    assert_eq!(get.text(), "twelve bytes");
+    assert!(get.cache_status().contains("hit"), "{}", get.cache_status());
+    assert_eq!(origin.count(), 1);
+}
+
+#[tokio::test]
+async fn head_misses_of_what_cannot_be_stored_go_to_the_origin_as_head_once_known() {
+    let origin = Origin::fixed(200, &[("cache-control", "no-store")], "twelve bytes").await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    let first = larder
+        .request(Method::HEAD, &larder.proxy_url("/live"), &[], Bytes::new())
+        .await;
+    assert_eq!((first.status.as_u16(), first.body.len()), (200, 0));
+    assert_eq!(first.header("content-length"), "12");
+    assert_eq!(origin.last().method, Method::GET);
+    let second = larder
+        .request(Method::HEAD, &larder.proxy_url("/live"), &[], Bytes::new())
+        .await;
+    assert_eq!((second.status.as_u16(), second.body.len()), (200, 0));
+    assert_eq!(origin.last().method, Method::HEAD);
+    assert!(
+        second.cache_status().contains("detail=head_miss"),
+        "{}",
+        second.cache_status()
+    );
+}
+
+#[tokio::test]
+async fn a_head_coalesced_on_a_fill_gets_the_head_without_waiting_for_the_body() {
+    let (origin, gate) = half_gated_origin(false).await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    let (_, first, first_rest) = get_until(&larder, "/big", HALF).await;
+    let head = larder
+        .request(Method::HEAD, &larder.proxy_url("/big"), &[], Bytes::new())
+        .await;
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("content-length"), (2 * HALF).to_string());
+    assert!(
+        head.cache_status().contains("collapsed"),
+        "{}",
+        head.cache_status()
+    );
+    gate.notify_one();
+    rest_of(first, first_rest).await.unwrap();
+    assert_eq!(origin.count(), 1);
+}

@@ -65,7 +65,9 @@ pub enum NoCacheReason {
     MethodNotCacheable,
     /// No resource type matches the request.
     NoResourceType,
-    /// A HEAD request missed: it is forwarded, and a bodiless answer is never stored.
+    /// A HEAD request missed a key that just proved uncacheable (hit-for-pass), or found a
+    /// stale entry: forwarded as HEAD, and a bodiless answer is never stored. (Other HEAD misses
+    /// fetch the object with a GET for the cache and answer with its head.)
     HeadMiss,
     /// A Range request missed a key that just proved uncacheable (hit-for-pass): forwarded as
     /// asked, as fetching the whole object for one range would be wasted. (Other range misses

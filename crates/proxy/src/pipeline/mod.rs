@@ -649,14 +649,17 @@ impl Proxy {
                 } else {
                     Forward::UriMiss
                 });
-                let reason = if head {
-                    Some(NoCacheReason::HeadMiss)
-                } else if request.headers.contains_key(RANGE)
+                // HEAD and ranges are fetched as whole GETs for the cache, except for a key
+                // that just proved uncacheable: fetching the whole object for them would cost
+                // the origin a body for nothing.
+                let reason = if (head || request.headers.contains_key(RANGE))
                     && rt.cache.is_hit_for_pass(&fill_key, SystemTime::now())
                 {
-                    // A range of what cannot be stored is the origin's to cut: fetching the
-                    // whole of it for one range would cost the origin the rest for nothing.
-                    Some(NoCacheReason::RangeRequest)
+                    Some(if head {
+                        NoCacheReason::HeadMiss
+                    } else {
+                        NoCacheReason::RangeRequest
+                    })
                 } else if request.directives.no_store {
                     Some(NoCacheReason::RequestNoStore)
                 } else if request.headers.contains_key(IF_MATCH)
@@ -859,10 +862,18 @@ impl Proxy {
                 headers.insert(IF_MODIFIED_SINCE, lm.clone());
             }
         }
+        // A HEAD miss asks for the body too, to store it (as nginx and Varnish do); the client
+        // gets the head.
+        let head = request.method == Method::HEAD;
+        let method = if head {
+            Method::GET
+        } else {
+            request.method.clone()
+        };
         let request_time = SystemTime::now();
         let generation = rt.cache.purge_generation();
         let upstream_request = UpstreamRequest {
-            method: request.method.clone(),
+            method: method.clone(),
             path_and_query: request.path_and_query.clone(),
             headers,
             hop: None,
@@ -954,7 +965,7 @@ impl Proxy {
             Err(NoCacheReason::MalformedResponse)
         } else {
             rt.cache.admit(
-                &request.method,
+                &method,
                 &request.target(&ex.host),
                 parts.status,
                 &parts.headers,
@@ -977,7 +988,11 @@ impl Proxy {
                 }
                 drop(guard);
                 ex.add_via(&mut parts.headers);
-                let body = cut_range(&request, &mut parts, boxed(upstream_body));
+                let body = if head {
+                    empty()
+                } else {
+                    cut_range(&request, &mut parts, boxed(upstream_body))
+                };
                 return Ok(Response::from_parts(parts, body));
             }
         };
@@ -1014,6 +1029,11 @@ impl Proxy {
             return Ok(not_modified_response(&parts.headers));
         }
         ex.add_via(&mut parts.headers);
+        if head {
+            // The fill goes on without this client.
+            drop(rx);
+            return Ok(Response::from_parts(parts, empty()));
+        }
         let body = boxed(ChannelBody::new(rx, flow, exact_len));
         let body = cut_range(&request, &mut parts, body);
         Ok(Response::from_parts(parts, body))
@@ -1199,7 +1219,7 @@ impl Proxy {
         ex.ttl = Some(stored.freshness.lifetime.as_secs() as i64 - age as i64);
         ex.stored_lines = None;
         ex.added_lines.clear();
-        from_stream(&request.headers, stream, place, age)
+        from_stream(&request.method, &request.headers, stream, place, age)
     }
 
     fn serve_hit(
@@ -1283,9 +1303,10 @@ fn cut_range(
 }
 
 /// Whether a coalesced request can take a fill's body as it arrives: a GET, perhaps of a range
-/// (cut as the body comes). Conditions are answered from the whole stored response, once there.
+/// (cut as the body comes), or a HEAD (the head at once). Conditions are answered from the
+/// whole stored response, once there.
 fn reads_along(request: &ClientRequest) -> bool {
-    request.method == Method::GET
+    (request.method == Method::GET || request.method == Method::HEAD)
         && !request.headers.keys().any(|name| {
             [
                 &IF_NONE_MATCH,

@@ -138,6 +138,7 @@ pub(crate) fn from_store(
 /// A single range is cut from the body as it comes; several get the whole body (a server may
 /// always send it, RFC 9110 §14.2).
 pub(crate) fn from_stream(
+    method: &Method,
     request: &HeaderMap,
     stream: &std::sync::Arc<larder_cache::FillStream>,
     place: larder_cache::FillWaiter,
@@ -154,7 +155,10 @@ pub(crate) fn from_stream(
     let mut status = stored.status;
     let mut body = crate::body::boxed(crate::body::ReadAlong::new(stream.reader(), place));
     let mut body_len = len;
-    if stored.status == StatusCode::OK && fields::has(request, &RANGE) {
+    if method == Method::HEAD {
+        // The head now; the place among the waiters is given up with the body.
+        body = empty();
+    } else if stored.status == StatusCode::OK && fields::has(request, &RANGE) {
         match ranges(request, &stored.headers, len) {
             RangeAnswer::Full | RangeAnswer::Multiple(_) => {}
             RangeAnswer::Unsatisfiable => {
