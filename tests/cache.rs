@@ -1400,3 +1400,38 @@ async fn a_head_coalesced_on_a_fill_gets_the_head_without_waiting_for_the_body()
     rest_of(first, first_rest).await.unwrap();
     assert_eq!(origin.count(), 1);
 }
+
+#[tokio::test]
+async fn heads_and_ranges_with_credentials_go_to_the_origin_as_asked() {
+    // Answers to credentials are rarely storable: no whole body is fetched for a head or a
+    // range of one (anyone can add a junk Authorization to make a proxy do that).
+    let origin = Origin::start(|seen| async move {
+        match seen.headers.get("range") {
+            Some(_) => response(206, &[("content-range", "bytes 0-0/10")], "0"),
+            None => response(200, &[("cache-control", "max-age=60")], "0123456789"),
+        }
+    })
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    let credentials = ("authorization", "Bearer junk");
+    let ranged = larder
+        .get_with("/big", &[("range", "bytes=0-0"), credentials])
+        .await;
+    assert_eq!((ranged.status.as_u16(), ranged.text().as_str()), (206, "0"));
+    assert_eq!(origin.last().header("range"), "bytes=0-0");
+    assert!(
+        ranged.cache_status().contains("detail=range_request"),
+        "{}",
+        ranged.cache_status()
+    );
+    let head = larder
+        .request(
+            Method::HEAD,
+            &larder.proxy_url("/big"),
+            &[credentials],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(head.status, 200);
+    assert_eq!(origin.last().method, Method::HEAD);
+}

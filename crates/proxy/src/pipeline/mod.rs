@@ -649,17 +649,8 @@ impl Proxy {
                 } else {
                     Forward::UriMiss
                 });
-                // HEAD and ranges are fetched as whole GETs for the cache, except for a key
-                // that just proved uncacheable: fetching the whole object for them would cost
-                // the origin a body for nothing.
-                let reason = if (head || request.headers.contains_key(RANGE))
-                    && rt.cache.is_hit_for_pass(&fill_key, SystemTime::now())
-                {
-                    Some(if head {
-                        NoCacheReason::HeadMiss
-                    } else {
-                        NoCacheReason::RangeRequest
-                    })
+                let reason = if let Some(reason) = partial_pass(rt, &request, &fill_key) {
+                    Some(reason)
                 } else if request.directives.no_store {
                     Some(NoCacheReason::RequestNoStore)
                 } else if request.headers.contains_key(IF_MATCH)
@@ -763,6 +754,17 @@ impl Proxy {
                 }
             }
         };
+        // Released by a fill that proved the key uncacheable: a HEAD or a range is the
+        // origin's to answer now, not a reason to fetch the whole object again.
+        if guard.is_none()
+            && plan.stale.is_none()
+            && let Some(reason) = partial_pass(rt, &request, &plan.fill_key)
+        {
+            let fwd = ex.fwd;
+            let response = Box::pin(self.pass(rt, ex, upstream, request, body, reason)).await;
+            ex.fwd = fwd;
+            return response;
+        }
         self.fetch_for_cache(rt, ex, upstream, request, body, plan, guard)
             .await
     }
@@ -1253,6 +1255,23 @@ impl Proxy {
         ex.stored_lines = lines;
         response
     }
+}
+
+/// HEAD and ranges are fetched as whole GETs for the cache, except where the answer will not
+/// be stored: for a key that just proved uncacheable, or a request with credentials (whose
+/// answer is stored only if the origin says it may be shared). There a whole body fetched for
+/// a head or one range would cost the origin the rest for nothing.
+fn partial_pass(rt: &Runtime, request: &ClientRequest, fill_key: &Key) -> Option<NoCacheReason> {
+    let reason = if request.method == Method::HEAD {
+        NoCacheReason::HeadMiss
+    } else if request.headers.contains_key(RANGE) {
+        NoCacheReason::RangeRequest
+    } else {
+        return None;
+    };
+    (request.headers.contains_key(header::AUTHORIZATION)
+        || rt.cache.is_hit_for_pass(fill_key, SystemTime::now()))
+    .then_some(reason)
 }
 
 /// A range request fetched whole for the cache (the fill strips Range) gets its range cut from
