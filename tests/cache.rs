@@ -1221,10 +1221,9 @@ async fn an_unsatisfiable_range_miss_gets_416_and_the_object_is_stored() {
 }
 
 #[tokio::test]
-async fn range_misses_of_what_cannot_be_stored_are_cut_once_then_left_to_the_origin() {
+async fn range_misses_of_what_cannot_be_stored_are_left_to_the_origin() {
     let origin = Origin::start(|seen| async move {
         match seen.headers.get("range") {
-            // The origin cuts its own ranges once the cache knows it cannot keep the object.
             Some(_) => response(
                 206,
                 &[
@@ -1238,6 +1237,7 @@ async fn range_misses_of_what_cannot_be_stored_are_cut_once_then_left_to_the_ori
     })
     .await;
     let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    // Fetched whole for the cache, refused (no-store): asked again as the client asked.
     let first = larder.get_with("/live", &[("range", "bytes=2-3")]).await;
     assert_eq!(
         (
@@ -1247,13 +1247,16 @@ async fn range_misses_of_what_cannot_be_stored_are_cut_once_then_left_to_the_ori
         ),
         (206, "23", "bytes 2-3/10")
     );
-    assert!(!origin.last().headers.contains_key("range"));
-    // Marked hit-for-pass by the no-store answer: the next range goes to the origin as asked.
+    let seen = origin.requests();
+    assert!(!seen[0].headers.contains_key("range"));
+    assert_eq!(seen[1].header("range"), "bytes=2-3");
+    // Marked hit-for-pass by the no-store answer: the next range goes to the origin at once.
     let second = larder.get_with("/live", &[("range", "bytes=2-3")]).await;
     assert_eq!(
         (second.status.as_u16(), second.text().as_str()),
         (206, "23")
     );
+    assert_eq!(origin.count(), 3);
     assert_eq!(origin.last().header("range"), "bytes=2-3");
     assert!(
         second.cache_status().contains("detail=range_request"),
@@ -1434,4 +1437,41 @@ async fn heads_and_ranges_with_credentials_go_to_the_origin_as_asked() {
         .await;
     assert_eq!(head.status, 200);
     assert_eq!(origin.last().method, Method::HEAD);
+}
+
+#[tokio::test]
+async fn a_range_of_an_object_too_large_to_store_is_asked_again_as_the_client_asked() {
+    let whole = patterned(4000);
+    let body = whole.clone();
+    let origin = Origin::start(move |seen| {
+        let body = body.clone();
+        async move {
+            match seen.headers.get("range") {
+                Some(_) => response(
+                    206,
+                    &[("content-range", "bytes 3000-3009/4000")],
+                    body.slice(3000..3010),
+                ),
+                None => response(200, &[("cache-control", "max-age=60")], body),
+            }
+        }
+    })
+    .await;
+    let types = "resource_types:\n  - name: default\n    config: { cache_size: 16MiB, max_object_size: 1KiB }\n";
+    let larder = Larder::start(&config_yaml(origin.addr, types)).await;
+    let ranged = larder
+        .get_with("/huge", &[("range", "bytes=3000-3009")])
+        .await;
+    assert_eq!(ranged.status, 206);
+    assert_eq!(ranged.body, whole.slice(3000..3010));
+    assert_eq!(ranged.header("content-range"), "bytes 3000-3009/4000");
+    assert!(
+        ranged.cache_status().contains("detail=too_large"),
+        "{}",
+        ranged.cache_status()
+    );
+    let seen = origin.requests();
+    assert_eq!(seen.len(), 2);
+    assert!(!seen[0].headers.contains_key("range"));
+    assert_eq!(seen[1].header("range"), "bytes=3000-3009");
 }

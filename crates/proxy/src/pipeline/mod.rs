@@ -872,6 +872,8 @@ impl Proxy {
         } else {
             request.method.clone()
         };
+        // A request without a body can be sent again as the client asked (see below).
+        let bodiless = http_body::Body::is_end_stream(&body);
         let request_time = SystemTime::now();
         let generation = rt.cache.purge_generation();
         let upstream_request = UpstreamRequest {
@@ -989,6 +991,28 @@ impl Proxy {
                     rt.cache.remove(stale);
                 }
                 drop(guard);
+                if !head
+                    && bodiless
+                    && parts.status == StatusCode::OK
+                    && request.headers.contains_key(RANGE)
+                {
+                    // The origin cuts the range of what will not be stored: asked again as the
+                    // client asked, rather than read from the start for a range deep into a
+                    // large file.
+                    drop(upstream_body);
+                    let (result, fwd) = (ex.result, ex.fwd);
+                    let response = Box::pin(self.pass(
+                        rt,
+                        ex,
+                        upstream,
+                        request,
+                        empty(),
+                        NoCacheReason::RangeRequest,
+                    ))
+                    .await;
+                    (ex.result, ex.fwd, ex.reason) = (result, fwd, Some(reason));
+                    return response;
+                }
                 ex.add_via(&mut parts.headers);
                 let body = if head {
                     empty()
