@@ -1475,3 +1475,51 @@ async fn a_range_of_an_object_too_large_to_store_is_asked_again_as_the_client_as
     assert!(!seen[0].headers.contains_key("range"));
     assert_eq!(seen[1].header("range"), "bytes=3000-3009");
 }
+
+#[tokio::test]
+async fn a_head_for_a_stale_object_revalidates_it_with_a_get() {
+    // Stored with a validator and no lifetime: every use revalidates.
+    let origin = Origin::start(|seen| async move {
+        if seen
+            .headers
+            .get("if-none-match")
+            .is_some_and(|v| v == "\"v1\"")
+        {
+            response(
+                304,
+                &[("etag", "\"v1\""), ("cache-control", "max-age=0")],
+                "",
+            )
+        } else {
+            response(
+                200,
+                &[("etag", "\"v1\""), ("cache-control", "max-age=0")],
+                "abcdef",
+            )
+        }
+    })
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    assert_eq!(larder.get("/file").await.text(), "abcdef");
+    let head = larder
+        .request(Method::HEAD, &larder.proxy_url("/file"), &[], Bytes::new())
+        .await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), "6");
+    assert!(
+        head.cache_status().contains("fwd-status=304"),
+        "{}",
+        head.cache_status()
+    );
+    let seen = origin.last();
+    assert_eq!(seen.method, Method::GET);
+    assert_eq!(seen.header("if-none-match"), "\"v1\"");
+    // Still stored: the next GET revalidates it too rather than fetching it whole.
+    let again = larder.get("/file").await;
+    assert_eq!(again.text(), "abcdef");
+    assert!(
+        again.cache_status().contains("fwd-status=304"),
+        "{}",
+        again.cache_status()
+    );
+}

@@ -65,13 +65,14 @@ pub enum NoCacheReason {
     MethodNotCacheable,
     /// No resource type matches the request.
     NoResourceType,
-    /// A HEAD request missed a key that just proved uncacheable (hit-for-pass), or found a
-    /// stale entry: forwarded as HEAD, and a bodiless answer is never stored. (Other HEAD misses
-    /// fetch the object with a GET for the cache and answer with its head.)
+    /// A HEAD request carried credentials, or missed a key that just proved uncacheable
+    /// (hit-for-pass): forwarded as HEAD, and a bodiless answer is never stored. (Other HEAD
+    /// misses, and HEADs of stale entries, fetch or revalidate with a GET for the cache.)
     HeadMiss,
-    /// A Range request missed a key that just proved uncacheable (hit-for-pass): forwarded as
-    /// asked, as fetching the whole object for one range would be wasted. (Other range misses
-    /// fetch the whole object for the cache and cut the range from it.)
+    /// A Range request carried credentials, missed a key that just proved uncacheable
+    /// (hit-for-pass), or its whole answer proved unstorable: forwarded as asked, as fetching
+    /// the whole object for one range would be wasted. (Other range misses fetch the whole
+    /// object for the cache and cut the range from it.)
     RangeRequest,
     /// The request carried `Cache-Control: no-store`.
     RequestNoStore,

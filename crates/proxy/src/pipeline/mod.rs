@@ -606,7 +606,7 @@ impl Proxy {
                 if request.directives.only_if_cached {
                     return Err(ProxyError::OnlyIfCached);
                 }
-                if !head && freshness.serve_while_revalidating(&request.directives, now) {
+                if freshness.serve_while_revalidating(&request.directives, now) {
                     ex.stale_reason = Some("stale-while-revalidate");
                     let response = self.serve_hit(ex, &request, &hit, CacheResult::Stale, now);
                     self.refresh_in_background(rt, ex, upstream, &request, hit);
@@ -617,16 +617,10 @@ impl Proxy {
                 } else {
                     Forward::Stale
                 });
-                if head {
-                    return Box::pin(self.pass(
-                        rt,
-                        ex,
-                        upstream,
-                        request,
-                        body,
-                        NoCacheReason::HeadMiss,
-                    ))
-                    .await;
+                // A HEAD revalidates the entry with a GET, like any other use of it, unless
+                // the answer would not be stored.
+                if head && let Some(reason) = partial_pass(rt, &request, &hit.primary) {
+                    return Box::pin(self.pass(rt, ex, upstream, request, body, reason)).await;
                 }
                 let plan = FillPlan {
                     fill_key: hit.primary.clone(),
