@@ -833,3 +833,61 @@ async fn h2c_drain_finishes_the_stream_in_flight_then_closes() {
         .expect("the drain did not end once the stream finished")
         .unwrap();
 }
+
+#[tokio::test]
+async fn requests_waiting_on_a_cancelled_fill_make_one_origin_request_not_one_each() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // The first request is held until its client gives up; later ones are answered at once.
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let count = Arc::new(AtomicUsize::new(0));
+    let origin = Origin::start({
+        let (arrived, count) = (arrived.clone(), count.clone());
+        move |_| {
+            let (arrived, first) = (arrived.clone(), count.fetch_add(1, Ordering::SeqCst) == 0);
+            async move {
+                if first {
+                    arrived.notify_one();
+                    std::future::pending::<()>().await;
+                }
+                response(200, &[("cache-control", "max-age=60")], "the object")
+            }
+        }
+    })
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    let h2 = h2c_client();
+    let leader = tokio::spawn({
+        let url = larder.proxy_url("/slow");
+        async move { h2c_send(&h2, Method::GET, url, Bytes::new()).await }
+    });
+    arrived.notified().await;
+    let followers: Vec<_> = (0..3)
+        .map(|_| {
+            let url = larder.proxy_url("/slow");
+            tokio::spawn(async move { send(&client(), Method::GET, &url, &[], Bytes::new()).await })
+        })
+        .collect();
+    // All three are queued behind the leader's fill (the gauge operators watch).
+    let mut waiting = None;
+    for _ in 0..250 {
+        waiting = metric(&larder.metrics().await, "larder_cache_coalesced_waiting");
+        if waiting == Some(3.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(waiting, Some(3.0));
+    assert_eq!(
+        metric(&larder.metrics().await, "larder_cache_fills"),
+        Some(1.0)
+    );
+    // The leader's client cancels its stream: its fill goes, and one follower takes over.
+    leader.abort();
+    for follower in followers {
+        let reply = follower.await.unwrap();
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.text(), "the object");
+    }
+    assert_eq!(count.load(Ordering::SeqCst), 2);
+}

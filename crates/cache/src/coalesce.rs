@@ -159,6 +159,16 @@ impl Coalescer {
     pub fn in_flight(&self) -> usize {
         self.inflight.lock().len()
     }
+
+    /// Requests waiting on the fills in flight (readers along included): a queue that grows
+    /// while the origin is slow.
+    pub fn waiting(&self) -> usize {
+        self.inflight
+            .lock()
+            .values()
+            .map(|fill| fill.waiters.load(Ordering::Relaxed))
+            .sum()
+    }
 }
 
 #[cfg(test)]

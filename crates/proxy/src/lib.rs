@@ -31,7 +31,7 @@ use larder_cache::{
     Cache, CacheSettings, FreshnessRules, KeyRules, QueryMode, ResourceMatcher, ResourceTypeSpec,
 };
 use larder_config::Config;
-use larder_telemetry::{AccessLog, Metrics, StoreGauge};
+use larder_telemetry::{AccessLog, CacheSnapshot, Metrics, StoreGauge};
 
 use crate::router::Router;
 use crate::upstream::Cluster;
@@ -259,21 +259,24 @@ impl Proxy {
         let weak = Arc::downgrade(&proxy);
         metrics.set_store_source(move || {
             let Some(proxy) = weak.upgrade() else {
-                return Vec::new();
+                return CacheSnapshot::default();
             };
-            proxy
-                .runtime()
-                .cache
-                .stats()
-                .into_iter()
-                .map(|(name, s)| StoreGauge {
-                    resource_type: name.to_owned(),
-                    objects: s.objects,
-                    bytes: s.bytes,
-                    capacity_bytes: s.capacity_bytes,
-                    evictions: s.evictions,
-                })
-                .collect()
+            let cache = &proxy.runtime().cache;
+            CacheSnapshot {
+                stores: cache
+                    .stats()
+                    .into_iter()
+                    .map(|(name, s)| StoreGauge {
+                        resource_type: name.to_owned(),
+                        objects: s.objects,
+                        bytes: s.bytes,
+                        capacity_bytes: s.capacity_bytes,
+                        evictions: s.evictions,
+                    })
+                    .collect(),
+                fills: cache.coalescer().in_flight() as u64,
+                coalesced_waiting: cache.coalescer().waiting() as u64,
+            }
         });
         Ok(proxy)
     }

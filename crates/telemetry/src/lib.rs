@@ -11,7 +11,7 @@ mod sharded;
 
 pub use access_log::{AccessLog, AccessLogOptions, LogTarget};
 pub use elasticsearch::EsSinkConfig;
-pub use metrics::{Metrics, StoreGauge, UpstreamConnectionMetrics};
+pub use metrics::{CacheSnapshot, Metrics, StoreGauge, UpstreamConnectionMetrics};
 pub use otel::{ChildSpan, RequestSpan, Tracing, TracingConfig};
 
 use std::net::SocketAddr;

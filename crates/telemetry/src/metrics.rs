@@ -112,7 +112,17 @@ pub struct StoreGauge {
     pub evictions: u64,
 }
 
-type StoreSource = Box<dyn Fn() -> Vec<StoreGauge> + Send + Sync>;
+/// The cache as a scrape sees it: each resource type's store, and the fills in flight.
+#[derive(Debug, Clone, Default)]
+pub struct CacheSnapshot {
+    pub stores: Vec<StoreGauge>,
+    /// Origin fetches for the cache under way, one per key.
+    pub fills: u64,
+    /// Requests waiting on those fills.
+    pub coalesced_waiting: u64,
+}
+
+type StoreSource = Box<dyn Fn() -> CacheSnapshot + Send + Sync>;
 
 pub struct Metrics {
     registry: Registry,
@@ -142,6 +152,8 @@ pub struct Metrics {
     fanout_duration: Family<PeerLabels, Histogram>,
     fanout_failures: Family<PeerLabels, Counter>,
     purge_peers: Gauge,
+    fills: Gauge,
+    coalesced_waiting: Gauge,
     active_connections: Gauge<i64, std::sync::atomic::AtomicI64>,
     connections_refused: Family<ReasonLabels, Counter>,
     protocol_errors: Family<ProtocolErrorLabels, Counter>,
@@ -362,6 +374,8 @@ impl Metrics {
             fanout_duration: Family::new_with_constructor(latency_histogram),
             fanout_failures: Family::default(),
             purge_peers: Gauge::default(),
+            fills: Gauge::default(),
+            coalesced_waiting: Gauge::default(),
             active_connections: Gauge::default(),
             connections_refused: Family::default(),
             protocol_errors: Family::default(),
@@ -435,6 +449,16 @@ impl Metrics {
             "Bytes stored per resource type (key, headers and body)",
             Unit::Bytes,
             m.store_bytes.clone(),
+        );
+        registry.register(
+            "cache_fills",
+            "Origin fetches for the cache under way (one per key; concurrent requests wait on it)",
+            m.fills.clone(),
+        );
+        registry.register(
+            "cache_coalesced_waiting",
+            "Requests waiting on a fill of their key (or reading it along as it arrives)",
+            m.coalesced_waiting.clone(),
         );
         registry.register_with_unit(
             "cache_capacity",
@@ -592,7 +616,7 @@ impl Metrics {
     }
 
     /// Registers the function read at scrape time for per-resource-type store gauges.
-    pub fn set_store_source(&self, source: impl Fn() -> Vec<StoreGauge> + Send + Sync + 'static) {
+    pub fn set_store_source(&self, source: impl Fn() -> CacheSnapshot + Send + Sync + 'static) {
         *self.store_source.lock() = Some(Box::new(source));
     }
 
@@ -853,7 +877,11 @@ impl Metrics {
         let Some(source) = source.as_ref() else {
             return;
         };
-        for s in source() {
+        let snapshot = source();
+        self.fills.set(snapshot.fills as i64);
+        self.coalesced_waiting
+            .set(snapshot.coalesced_waiting as i64);
+        for s in snapshot.stores {
             let labels = ResourceTypeLabels {
                 resource_type: s.resource_type,
             };
@@ -1020,16 +1048,23 @@ mod tests {
             ..event("r0")
         };
         m.record_request(&event);
-        m.set_store_source(|| {
-            vec![StoreGauge {
+        m.set_store_source(|| CacheSnapshot {
+            stores: vec![StoreGauge {
                 resource_type: "default".into(),
                 objects: 2,
                 bytes: 300,
                 capacity_bytes: 1000,
                 evictions: 5,
-            }]
+            }],
+            fills: 1,
+            coalesced_waiting: 7,
         });
         let text = m.encode();
+        assert!(text.contains("larder_cache_fills 1\n"), "{text}");
+        assert!(
+            text.contains("larder_cache_coalesced_waiting 7\n"),
+            "{text}"
+        );
         assert!(text.contains(r#"larder_requests_total{route="r0",cluster="c",method="other",status_class="2xx"} 1"#), "{text}");
         assert!(
             text.contains(r#"larder_cache_lookups_total{resource_type="default",result="hit"} 1"#)

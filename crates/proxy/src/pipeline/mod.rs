@@ -690,15 +690,19 @@ impl Proxy {
         body: ProxyBody,
         plan: FillPlan,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let guard = if rt.cache.is_hit_for_pass(&plan.fill_key, SystemTime::now()) {
-            None
-        } else {
+        // One deadline for all rounds of waiting.
+        let deadline = tokio::time::Instant::now() + rt.coalesce_timeout;
+        let mut rejoined = false;
+        let guard = loop {
+            if rt.cache.is_hit_for_pass(&plan.fill_key, SystemTime::now()) {
+                break None;
+            }
             match rt.cache.coalescer().join(&plan.fill_key) {
-                Join::Leader(guard) => Some(guard),
+                Join::Leader(guard) => break Some(guard),
                 Join::Follower(mut waiter) => {
                     let wait_span = ex.span.as_ref().map(|s| s.child("coalesced wait"));
-                    let deadline = tokio::time::Instant::now() + rt.coalesce_timeout;
-                    let mut waited = waiter.wait_for_stream(rt.coalesce_timeout).await;
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let mut waited = waiter.wait_for_stream(left).await;
                     if let Ok(Waited::Streaming(stream)) = &waited {
                         let now = SystemTime::now();
                         if reads_along(&request)
@@ -737,14 +741,22 @@ impl Proxy {
                                     now,
                                 ));
                             }
+                            // Released with nothing stored and the key not proved uncacheable:
+                            // the leader is gone (its client cancelled, its origin request
+                            // failed). One more round, where one waiter fetches for the rest,
+                            // rather than all of them at once.
+                            if !rejoined {
+                                rejoined = true;
+                                continue;
+                            }
                         }
                         Err(_) => ex.reason = Some(NoCacheReason::CoalesceTimeout),
                     }
-                    None
+                    break None;
                 }
                 Join::Overflow => {
                     ex.reason = Some(NoCacheReason::CoalesceOverflow);
-                    None
+                    break None;
                 }
             }
         };
