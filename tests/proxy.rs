@@ -871,7 +871,7 @@ async fn requests_waiting_on_a_cancelled_fill_make_one_origin_request_not_one_ea
     // All three are queued behind the leader's fill (the gauge operators watch).
     let mut waiting = None;
     for _ in 0..250 {
-        waiting = metric(&larder.metrics().await, "larder_cache_coalesced_waiting");
+        waiting = metric(&larder.metrics().await, "larder_cache_coalesce_waiters");
         if waiting == Some(3.0) {
             break;
         }
@@ -879,13 +879,16 @@ async fn requests_waiting_on_a_cancelled_fill_make_one_origin_request_not_one_ea
     }
     assert_eq!(waiting, Some(3.0));
     assert_eq!(
-        metric(&larder.metrics().await, "larder_cache_fills"),
+        metric(&larder.metrics().await, "larder_cache_fills_in_flight"),
         Some(1.0)
     );
     // The leader's client cancels its stream: its fill goes, and one follower takes over.
     leader.abort();
     for follower in followers {
-        let reply = follower.await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(10), follower)
+            .await
+            .expect("a follower is answered")
+            .unwrap();
         assert_eq!(reply.status, 200);
         assert_eq!(reply.text(), "the object");
     }

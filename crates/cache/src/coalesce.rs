@@ -25,6 +25,9 @@ struct Progress {
     stream: Option<Arc<FillStream>>,
     /// Stored, not storable, failed or abandoned: a lookup now tells which.
     done: bool,
+    /// Over before the origin answered (its request cancelled, the origin unreachable): the
+    /// waiters may try again among themselves.
+    abandoned: bool,
 }
 
 #[derive(Clone)]
@@ -48,6 +51,7 @@ pub struct FillGuard {
     inflight: Arc<Mutex<HashMap<Key, Arc<Fill>>>>,
     key: Key,
     fill: Arc<Fill>,
+    answered: bool,
 }
 
 impl Drop for FillGuard {
@@ -61,11 +65,20 @@ impl Drop for FillGuard {
                 map.remove(&self.key);
             }
         }
-        self.fill.done.send_modify(|p| p.done = true);
+        let abandoned = !self.answered;
+        self.fill.done.send_modify(|p| {
+            p.done = true;
+            p.abandoned = abandoned;
+        });
     }
 }
 
 impl FillGuard {
+    /// The origin answered: however the fill ends now, its waiters will not try again.
+    pub fn answered(&mut self) {
+        self.answered = true;
+    }
+
     /// Lets the requests waiting on this fill read its body as it arrives.
     pub fn offer(&self, stream: Arc<FillStream>) {
         self.fill.done.send_modify(|p| p.stream = Some(stream));
@@ -91,7 +104,19 @@ pub struct WaitTimedOut;
 /// What a waiter found: the fill over, or its body offered to read along.
 pub enum Waited {
     Done,
+    /// Over before the origin answered ([`FillGuard::answered`] never called).
+    Abandoned,
     Streaming(Arc<FillStream>),
+}
+
+impl Progress {
+    fn ended(&self) -> Waited {
+        if self.abandoned {
+            Waited::Abandoned
+        } else {
+            Waited::Done
+        }
+    }
 }
 
 impl FillWaiter {
@@ -107,17 +132,20 @@ impl FillWaiter {
                 Some(stream) => Ok(Waited::Streaming(stream.clone())),
                 None => Ok(Waited::Done),
             },
-            // Over, or the leader is gone (a closed channel): either way a lookup tells.
-            Ok(_) => Ok(Waited::Done),
+            Ok(Ok(progress)) => Ok(progress.ended()),
+            // The leader is gone (a closed channel): a lookup tells.
+            Ok(Err(_)) => Ok(Waited::Done),
             Err(_) => Err(WaitTimedOut),
         }
     }
 
-    pub async fn wait(mut self, timeout: Duration) -> Result<(), WaitTimedOut> {
+    /// Waits for the fill to end: [`Waited::Done`] or [`Waited::Abandoned`].
+    pub async fn wait(mut self, timeout: Duration) -> Result<Waited, WaitTimedOut> {
         let result = tokio::time::timeout(timeout, self.done.wait_for(|p| p.done)).await;
         match result {
+            Ok(Ok(progress)) => Ok(progress.ended()),
             // A closed channel means the leader is gone: stop waiting either way.
-            Ok(_) => Ok(()),
+            Ok(Err(_)) => Ok(Waited::Done),
             Err(_) => Err(WaitTimedOut),
         }
     }
@@ -153,6 +181,7 @@ impl Coalescer {
             inflight: self.inflight.clone(),
             key: key.clone(),
             fill,
+            answered: false,
         })
     }
 
@@ -160,14 +189,15 @@ impl Coalescer {
         self.inflight.lock().len()
     }
 
-    /// Requests waiting on the fills in flight (readers along included): a queue that grows
-    /// while the origin is slow.
-    pub fn waiting(&self) -> usize {
-        self.inflight
-            .lock()
+    /// The fills in flight and the requests waiting on them (readers along included): a queue
+    /// that grows while the origin is slow. One lock, so the two agree.
+    pub fn snapshot(&self) -> (usize, usize) {
+        let map = self.inflight.lock();
+        let waiting = map
             .values()
             .map(|fill| fill.waiters.load(Ordering::Relaxed))
-            .sum()
+            .sum();
+        (map.len(), waiting)
     }
 }
 
@@ -202,9 +232,29 @@ mod tests {
         };
         let waiting = tokio::spawn(w.wait(Duration::from_secs(5)));
         drop(guard);
-        waiting.await.unwrap().unwrap();
+        let waited = waiting.await.unwrap().unwrap();
+        assert!(matches!(waited, Waited::Abandoned), "no answer came");
         assert_eq!(c.in_flight(), 0);
         assert!(matches!(c.join(&key()), Join::Leader(_)));
+    }
+
+    #[tokio::test]
+    async fn a_fill_the_origin_answered_is_not_abandoned() {
+        let c = Coalescer::new(10);
+        let Join::Leader(mut guard) = c.join(&key()) else {
+            panic!("first is leader")
+        };
+        let Join::Follower(w) = c.join(&key()) else {
+            panic!("second follows")
+        };
+        assert_eq!(c.snapshot(), (1, 1));
+        guard.answered();
+        drop(guard);
+        assert!(matches!(
+            w.wait(Duration::from_secs(5)).await.unwrap(),
+            Waited::Done
+        ));
+        assert_eq!(c.snapshot(), (0, 0));
     }
 
     #[tokio::test]

@@ -262,6 +262,7 @@ impl Proxy {
                 return CacheSnapshot::default();
             };
             let cache = &proxy.runtime().cache;
+            let (fills, waiters) = cache.coalescer().snapshot();
             CacheSnapshot {
                 stores: cache
                     .stats()
@@ -274,8 +275,8 @@ impl Proxy {
                         evictions: s.evictions,
                     })
                     .collect(),
-                fills: cache.coalescer().in_flight() as u64,
-                coalesced_waiting: cache.coalescer().waiting() as u64,
+                fills_in_flight: fills as u64,
+                coalesce_waiters: waiters as u64,
             }
         });
         Ok(proxy)

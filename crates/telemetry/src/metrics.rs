@@ -117,9 +117,9 @@ pub struct StoreGauge {
 pub struct CacheSnapshot {
     pub stores: Vec<StoreGauge>,
     /// Origin fetches for the cache under way, one per key.
-    pub fills: u64,
+    pub fills_in_flight: u64,
     /// Requests waiting on those fills.
-    pub coalesced_waiting: u64,
+    pub coalesce_waiters: u64,
 }
 
 type StoreSource = Box<dyn Fn() -> CacheSnapshot + Send + Sync>;
@@ -152,8 +152,8 @@ pub struct Metrics {
     fanout_duration: Family<PeerLabels, Histogram>,
     fanout_failures: Family<PeerLabels, Counter>,
     purge_peers: Gauge,
-    fills: Gauge,
-    coalesced_waiting: Gauge,
+    fills_in_flight: Gauge,
+    coalesce_waiters: Gauge,
     active_connections: Gauge<i64, std::sync::atomic::AtomicI64>,
     connections_refused: Family<ReasonLabels, Counter>,
     protocol_errors: Family<ProtocolErrorLabels, Counter>,
@@ -374,8 +374,8 @@ impl Metrics {
             fanout_duration: Family::new_with_constructor(latency_histogram),
             fanout_failures: Family::default(),
             purge_peers: Gauge::default(),
-            fills: Gauge::default(),
-            coalesced_waiting: Gauge::default(),
+            fills_in_flight: Gauge::default(),
+            coalesce_waiters: Gauge::default(),
             active_connections: Gauge::default(),
             connections_refused: Family::default(),
             protocol_errors: Family::default(),
@@ -451,14 +451,14 @@ impl Metrics {
             m.store_bytes.clone(),
         );
         registry.register(
-            "cache_fills",
+            "cache_fills_in_flight",
             "Origin fetches for the cache under way (one per key; concurrent requests wait on it)",
-            m.fills.clone(),
+            m.fills_in_flight.clone(),
         );
         registry.register(
-            "cache_coalesced_waiting",
+            "cache_coalesce_waiters",
             "Requests waiting on a fill of their key (or reading it along as it arrives)",
-            m.coalesced_waiting.clone(),
+            m.coalesce_waiters.clone(),
         );
         registry.register_with_unit(
             "cache_capacity",
@@ -878,9 +878,8 @@ impl Metrics {
             return;
         };
         let snapshot = source();
-        self.fills.set(snapshot.fills as i64);
-        self.coalesced_waiting
-            .set(snapshot.coalesced_waiting as i64);
+        self.fills_in_flight.set(snapshot.fills_in_flight as i64);
+        self.coalesce_waiters.set(snapshot.coalesce_waiters as i64);
         for s in snapshot.stores {
             let labels = ResourceTypeLabels {
                 resource_type: s.resource_type,
@@ -1056,15 +1055,12 @@ mod tests {
                 capacity_bytes: 1000,
                 evictions: 5,
             }],
-            fills: 1,
-            coalesced_waiting: 7,
+            fills_in_flight: 1,
+            coalesce_waiters: 7,
         });
         let text = m.encode();
-        assert!(text.contains("larder_cache_fills 1\n"), "{text}");
-        assert!(
-            text.contains("larder_cache_coalesced_waiting 7\n"),
-            "{text}"
-        );
+        assert!(text.contains("larder_cache_fills_in_flight 1\n"), "{text}");
+        assert!(text.contains("larder_cache_coalesce_waiters 7\n"), "{text}");
         assert!(text.contains(r#"larder_requests_total{route="r0",cluster="c",method="other",status_class="2xx"} 1"#), "{text}");
         assert!(
             text.contains(r#"larder_cache_lookups_total{resource_type="default",result="hit"} 1"#)

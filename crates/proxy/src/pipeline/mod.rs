@@ -720,11 +720,11 @@ impl Proxy {
                         }
                         // This request cannot take the body as it comes: it waits for the end.
                         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                        waited = waiter.wait(left).await.map(|()| Waited::Done);
+                        waited = waiter.wait(left).await;
                     }
                     drop(wait_span);
                     match waited {
-                        Ok(_) => {
+                        Ok(waited) => {
                             let now = SystemTime::now();
                             if let Lookup::Found(hit) = rt.cache.lookup(&request.target(&ex.host))
                                 && hit.stored().freshness.satisfies(&request.directives, now)
@@ -741,11 +741,10 @@ impl Proxy {
                                     now,
                                 ));
                             }
-                            // Released with nothing stored and the key not proved uncacheable:
-                            // the leader is gone (its client cancelled, its origin request
-                            // failed). One more round, where one waiter fetches for the rest,
-                            // rather than all of them at once.
-                            if !rejoined {
+                            // Released before the origin answered (the leader's client
+                            // cancelled, its origin request failed): one more round, where one
+                            // waiter fetches for the rest, rather than all of them at once.
+                            if matches!(waited, Waited::Abandoned) && !rejoined {
                                 rejoined = true;
                                 continue;
                             }
@@ -761,9 +760,10 @@ impl Proxy {
             }
         };
         // Released by a fill that proved the key uncacheable: a HEAD or a range is the
-        // origin's to answer now, not a reason to fetch the whole object again.
+        // origin's to answer now, not a reason to fetch the whole object again. (A range of a
+        // stale entry still revalidates it: the range is cut from the stored response.)
         if guard.is_none()
-            && plan.stale.is_none()
+            && (plan.stale.is_none() || request.method == Method::HEAD)
             && let Some(reason) = partial_pass(rt, &request, &plan.fill_key)
         {
             let fwd = ex.fwd;
@@ -840,7 +840,7 @@ impl Proxy {
         request: ClientRequest,
         body: ProxyBody,
         plan: FillPlan,
-        guard: Option<FillGuard>,
+        mut guard: Option<FillGuard>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         // The cache wants the full response; the client's own conditions are answered from it.
         // Preconditions too: the answer to one (412) must not be stored for everyone. And a
@@ -899,7 +899,13 @@ impl Proxy {
             )
             .await
         {
-            Ok(response) => response,
+            Ok(response) => {
+                // Whatever comes of the answer now, those waiting will not try again.
+                if let Some(guard) = &mut guard {
+                    guard.answered();
+                }
+                response
+            }
             Err(error) => {
                 drop(guard);
                 if revalidating.is_some() {
