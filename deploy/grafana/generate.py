@@ -105,6 +105,14 @@ panels += [
     ts("Upstream errors", [(f'sum by (cluster, kind) (rate(larder_upstream_errors_total{{{SEL}}}[$__rate_interval]))', "{{cluster}} {{kind}}")], "ops", W, stack=True),
 ]
 y += ROW_H
+panels += [
+    ts("Fills in flight and requests waiting on them", [
+        (f'sum(larder_cache_fills_in_flight{{{SEL}}})', "fills"),
+        (f'sum(larder_cache_coalesce_waiters{{{SEL}}})', "waiting")], "short", 0,
+        desc="One origin fetch per key; concurrent requests for it wait (coalesce). Waiters piling up mean a slow origin."),
+    ts("Upstream connections open", [(f'sum by (cluster) (larder_upstream_connections{{{SEL}}})', "{{cluster}}")], "short", W),
+]
+y += ROW_H
 row("Purges and config")
 panels += [
     ts("Purge requests", [(f'sum by (source, result) (rate(larder_purge_requests_total{{{SEL}}}[$__rate_interval]))', "{{source}} {{result}}")], "ops", 0),
