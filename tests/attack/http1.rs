@@ -565,3 +565,31 @@ async fn a_hit_over_http1_carries_the_same_fields_as_over_http2() {
     assert_eq!(over_http1, over_http2);
     assert_eq!(origin.count(), 1, "both were hits");
 }
+
+#[tokio::test]
+async fn a_head_miss_fetched_as_a_get_sends_no_body_on_the_connection() {
+    let origin = Origin::start(|seen| async move {
+        response(
+            200,
+            &[("cache-control", "max-age=60")],
+            format!("{} {}\n", seen.method, seen.uri.path()),
+        )
+    })
+    .await;
+    let larder = proxy_for(&origin).await;
+    let raw = raw::exchange(
+        larder.server.proxy_addrs[0],
+        b"HEAD /cold HTTP/1.1\r\nhost: a.example\r\n\r\n\
+          GET /cold HTTP/1.1\r\nhost: a.example\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw::statuses(&raw), [200, 200], "{raw}");
+    // The HEAD's answer carries the GET's length and no body: the next response follows it.
+    let head = raw.split("HTTP/1.1 ").nth(1).unwrap();
+    assert!(head.contains("content-length: 10\r\n"), "{head}");
+    assert!(head.ends_with("\r\n\r\n"), "{head}");
+    assert!(raw.ends_with("\r\n\r\nGET /cold\n"), "{raw}");
+    // Served by the HEAD's fill (stored, or still being read along).
+    assert_eq!(origin.count(), 1);
+    assert_eq!(origin.last().method, http::Method::GET);
+}
