@@ -16,7 +16,7 @@ export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 DURATION=${BENCH_DURATION:-10s}
 REPEATS=${BENCH_REPEATS:-3}
-PROXIES=${BENCH_PROXIES:-larder nginx varnish haproxy}
+PROXIES=${BENCH_PROXIES:-larder nginx varnish haproxy static}
 SCENARIOS=${BENCH_SCENARIOS:-all}
 LARDER_BIN=${LARDER_BIN:-$REPO_DIR/target/release/larder}
 # Proxy id `larder-base`: another Larder build (say, the commit before a change), same config,
@@ -80,7 +80,7 @@ for v in REPEATS CACHE_MIB BUDGET_MIB KEYS FILL_KEYS BUDGET_KEYS BUDGET_SAMPLE H
 done
 case $BUDGET_OBJ in 1k | 16k) ;; *) die "BENCH_BUDGET_OBJ must be 1k or 16k" ;; esac
 for p in $PROXIES; do
-  case $p in larder | larder-threads | larder-base | nginx | varnish | haproxy) ;; *) die "unknown proxy '$p' in BENCH_PROXIES" ;; esac
+  case $p in larder | larder-threads | larder-base | nginx | varnish | haproxy | static) ;; *) die "unknown proxy '$p' in BENCH_PROXIES" ;; esac
 done
 
 selected() {
@@ -324,6 +324,7 @@ start_proxy() {
     nginx) start_nginx "$d" "$mib" ;;
     varnish) start_varnish "$d" "$mib" ;;
     haproxy) start_haproxy "$d" "$mib" ;;
+    static) start_static "$d" ;;
   esac
   STARTED+=("$PROXY_PID")
   wait_port "$PROXY_PORT" "$PROXY_PID" "$name"
@@ -431,6 +432,47 @@ EOF
   PROXY_PID=$!
   PROXY_PORT=$NGINX_PORT
   PROXY_H2_PORT=$NGINX_H2_PORT
+}
+
+# The ceiling, not a cache: nginx serving the origin's files itself, with the same headers and
+# all cores (the issue's "nginx static file" row). Throughput scenarios only: fills and budgets
+# are skipped for it.
+start_static() {
+  local d=$1
+  cat >"$d/nginx.conf" <<EOF
+$NGINX_USER_LINE
+worker_processes auto;
+daemon off;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  default_type application/octet-stream;
+  sendfile off;
+  tcp_nodelay on;
+  keepalive_requests 1000000;
+  keepalive_timeout 120s;
+  open_file_cache max=64;
+  open_file_cache_valid 600s;
+$(nginx_temp_paths "$d")
+  server {
+    listen 127.0.0.1:$STATIC_PORT;
+    listen 127.0.0.1:$STATIC_H2_PORT http2;
+    root $WORK/origin/www;
+    location /obj/ { add_header Cache-Control "max-age=3600"; }
+    location /pass/ { add_header Cache-Control "no-store"; }
+    location ~ ^/k1/[0-9]+\$ { add_header Cache-Control "max-age=3600"; try_files /obj/1k =404; }
+    location ~ ^/k16/[0-9]+\$ { add_header Cache-Control "max-age=3600"; try_files /obj/16k =404; }
+  }
+}
+EOF
+  nginx -t -q -p "$d" -e "$d/error.log" -c "$d/nginx.conf" 2>"$d/test.log" ||
+    die "static nginx config rejected: $(cat "$d/test.log")"
+  nginx -p "$d" -e "$d/error.log" -c "$d/nginx.conf" >"$d/stdout.log" 2>&1 &
+  PROXY_PID=$!
+  PROXY_PORT=$STATIC_PORT
+  PROXY_H2_PORT=$STATIC_H2_PORT
 }
 
 start_varnish() {
@@ -641,7 +683,7 @@ version_of() {
   case $1 in
     larder | larder-threads) "$LARDER_BIN" --version 2>&1 | head -1 ;;
     larder-base) echo "$("$LARDER_BASE_BIN" --version 2>&1 | head -1) ($LARDER_BASE_BIN)" ;;
-    nginx) nginx -v 2>&1 | head -1 ;;
+    nginx | static) nginx -v 2>&1 | head -1 ;;
     varnish) varnishd -V 2>&1 | head -1 ;;
     haproxy) haproxy -v 2>&1 | head -1 ;;
     wrk) wrk -v 2>&1 | head -1 ;;
@@ -673,7 +715,7 @@ main() {
   : >"$RUNS"
 
   read -r ORIGIN_PORT LARDER_PORT LARDER_ADMIN_PORT NGINX_PORT NGINX_H2_PORT VARNISH_PORT HAPROXY_PORT \
-    <<<"$(pick_ports 7)"
+    STATIC_PORT STATIC_H2_PORT <<<"$(pick_ports 9)"
   start_origin
 
   local any_load=0 spec id rep proxy
@@ -695,12 +737,14 @@ main() {
     done
     if selected "$FILL_SCENARIO"; then
       for proxy in $order; do
+        [[ $proxy == static ]] && continue
         log "round $rep/$REPEATS: $proxy $FILL_SCENARIO"
         fill_round "$proxy" "$rep"
       done
     fi
     if selected "$BUDGET_SCENARIO"; then
       for proxy in $order; do
+        [[ $proxy == static ]] && continue
         log "round $rep/$REPEATS: $proxy $BUDGET_SCENARIO"
         budget_round "$proxy" "$rep"
       done
