@@ -1006,7 +1006,7 @@ impl Proxy {
                 if !head
                     && bodiless
                     && parts.status == StatusCode::OK
-                    && request.headers.contains_key(RANGE)
+                    && fields::has(&request.headers, &RANGE)
                 {
                     // The origin cuts the range of what will not be stored: asked again as the
                     // client asked, rather than read from the start for a range deep into a
@@ -1300,7 +1300,7 @@ impl Proxy {
 fn partial_pass(rt: &Runtime, request: &ClientRequest, fill_key: &Key) -> Option<NoCacheReason> {
     let reason = if request.method == Method::HEAD {
         NoCacheReason::HeadMiss
-    } else if request.headers.contains_key(RANGE) {
+    } else if fields::has(&request.headers, &RANGE) {
         NoCacheReason::RangeRequest
     } else {
         return None;
@@ -1321,7 +1321,7 @@ fn cut_range(
 ) -> ProxyBody {
     if request.method != Method::GET
         || parts.status != StatusCode::OK
-        || !request.headers.contains_key(RANGE)
+        || !fields::has(&request.headers, &RANGE)
     {
         return body;
     }
