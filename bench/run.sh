@@ -256,6 +256,48 @@ nginx_temp_paths() {
 EOF
 }
 
+# nginx_head DIR WORKERS CONNECTIONS SENDFILE: what every nginx config here starts with, up to
+# inside its http block (no log, long keep-alive, temp paths in DIR).
+nginx_head() {
+  local d=$1
+  cat <<EOF
+$NGINX_USER_LINE
+worker_processes $2;
+daemon off;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
+events { worker_connections $3; }
+http {
+  access_log off;
+  default_type application/octet-stream;
+  sendfile $4;
+  tcp_nodelay on;
+  keepalive_requests 1000000;
+  keepalive_timeout 120s;
+$(nginx_temp_paths "$d")
+EOF
+}
+
+# What the origin serves, and how long it may be cached (the static ceiling serves the same).
+origin_locations() {
+  cat <<'EOF'
+    location /obj/ { add_header Cache-Control "max-age=3600"; }
+    location /pass/ { add_header Cache-Control "no-store"; }
+    # Any /k1/<n> or /k16/<n> is the 1 KiB or 16 KiB file: distinct keys without distinct files.
+    location ~ ^/k1/[0-9]+$ { add_header Cache-Control "max-age=3600"; try_files /obj/1k =404; }
+    location ~ ^/k16/[0-9]+$ { add_header Cache-Control "max-age=3600"; try_files /obj/16k =404; }
+EOF
+}
+
+# run_nginx DIR WHAT: checks DIR/nginx.conf, then starts nginx on it; sets PROXY_PID.
+run_nginx() {
+  local d=$1
+  nginx -t -q -p "$d" -e "$d/error.log" -c "$d/nginx.conf" 2>"$d/test.log" ||
+    die "$2 config rejected: $(cat "$d/test.log")"
+  nginx -p "$d" -e "$d/error.log" -c "$d/nginx.conf" >"$d/stdout.log" 2>&1 &
+  PROXY_PID=$!
+}
+
 start_origin() {
   local d=$WORK/origin
   mkdir -p "$d/www/obj" "$d/www/pass"
@@ -264,30 +306,13 @@ start_origin() {
   head -c 262144 /dev/urandom >"$d/www/obj/256k"
   head -c 1024 /dev/urandom >"$d/www/pass/1k"
   cat >"$d/nginx.conf" <<EOF
-$NGINX_USER_LINE
-worker_processes 1;
-daemon off;
-pid $d/nginx.pid;
-error_log $d/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  default_type application/octet-stream;
-  sendfile on;
-  tcp_nodelay on;
-  keepalive_requests 1000000;
-  keepalive_timeout 120s;
+$(nginx_head "$d" 1 4096 on)
   open_file_cache max=64;
   open_file_cache_valid 600s;
-$(nginx_temp_paths "$d")
   server {
     listen 127.0.0.1:$ORIGIN_PORT;
     root $d/www;
-    location /obj/ { add_header Cache-Control "max-age=3600"; }
-    location /pass/ { add_header Cache-Control "no-store"; }
-    # Any /k1/<n> or /k16/<n> is the 1 KiB or 16 KiB file: distinct keys without distinct files.
-    location ~ ^/k1/[0-9]+\$ { add_header Cache-Control "max-age=3600"; try_files /obj/1k =404; }
-    location ~ ^/k16/[0-9]+\$ { add_header Cache-Control "max-age=3600"; try_files /obj/16k =404; }
+$(origin_locations)
     location = /_status { stub_status; }
   }
 }
@@ -391,20 +416,7 @@ start_nginx() {
   mkdir -p "$NGINX_CACHE_DIR"
   # Debian 12 ships nginx 1.22: h2c needs its own `listen … http2` (prior knowledge only).
   cat >"$d/nginx.conf" <<EOF
-$NGINX_USER_LINE
-worker_processes auto;
-daemon off;
-pid $d/nginx.pid;
-error_log $d/error.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  default_type application/octet-stream;
-  sendfile on;
-  tcp_nodelay on;
-  keepalive_requests 1000000;
-  keepalive_timeout 120s;
-$(nginx_temp_paths "$d")
+$(nginx_head "$d" auto 8192 on)
   # The cache lives in tmpfs ($SHM): memory, like the others, but outside the process's RSS.
   proxy_cache_path $NGINX_CACHE_DIR levels=1:2 keys_zone=bench:32m max_size=${mib}m inactive=1d use_temp_path=off;
   upstream origin {
@@ -426,10 +438,7 @@ $(nginx_temp_paths "$d")
   }
 }
 EOF
-  nginx -t -q -p "$d" -e "$d/error.log" -c "$d/nginx.conf" 2>"$d/test.log" ||
-    die "nginx proxy config rejected: $(cat "$d/test.log")"
-  nginx -p "$d" -e "$d/error.log" -c "$d/nginx.conf" >"$d/stdout.log" 2>&1 &
-  PROXY_PID=$!
+  run_nginx "$d" "nginx proxy"
   PROXY_PORT=$NGINX_PORT
   PROXY_H2_PORT=$NGINX_H2_PORT
 }
@@ -440,37 +449,18 @@ EOF
 start_static() {
   local d=$1
   cat >"$d/nginx.conf" <<EOF
-$NGINX_USER_LINE
-worker_processes auto;
-daemon off;
-pid $d/nginx.pid;
-error_log $d/error.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  default_type application/octet-stream;
-  sendfile off;
-  tcp_nodelay on;
-  keepalive_requests 1000000;
-  keepalive_timeout 120s;
+$(nginx_head "$d" auto 8192 off)
   open_file_cache max=64;
   open_file_cache_valid 600s;
-$(nginx_temp_paths "$d")
   server {
     listen 127.0.0.1:$STATIC_PORT;
     listen 127.0.0.1:$STATIC_H2_PORT http2;
     root $WORK/origin/www;
-    location /obj/ { add_header Cache-Control "max-age=3600"; }
-    location /pass/ { add_header Cache-Control "no-store"; }
-    location ~ ^/k1/[0-9]+\$ { add_header Cache-Control "max-age=3600"; try_files /obj/1k =404; }
-    location ~ ^/k16/[0-9]+\$ { add_header Cache-Control "max-age=3600"; try_files /obj/16k =404; }
+$(origin_locations)
   }
 }
 EOF
-  nginx -t -q -p "$d" -e "$d/error.log" -c "$d/nginx.conf" 2>"$d/test.log" ||
-    die "static nginx config rejected: $(cat "$d/test.log")"
-  nginx -p "$d" -e "$d/error.log" -c "$d/nginx.conf" >"$d/stdout.log" 2>&1 &
-  PROXY_PID=$!
+  run_nginx "$d" "static nginx"
   PROXY_PORT=$STATIC_PORT
   PROXY_H2_PORT=$STATIC_H2_PORT
 }

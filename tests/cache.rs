@@ -1073,33 +1073,33 @@ async fn an_answer_to_a_precondition_is_never_stored_for_everyone() {
     assert_eq!(plain.text(), "the document");
 }
 
-#[tokio::test]
-async fn a_range_request_for_a_stale_object_revalidates_it_and_gets_its_range() {
-    // Stored with a validator and no lifetime: every use revalidates.
+/// An origin whose "abcdef" is stored with a validator and no lifetime (every use revalidates:
+/// 304 to its ETag), and which cuts its own ranges; and a Larder in front of it, the object
+/// stored.
+async fn always_revalidated() -> (Origin, Larder) {
     let origin = Origin::start(|seen| async move {
+        let validated = [("etag", "\"v1\""), ("cache-control", "max-age=0")];
         if seen
             .headers
             .get("if-none-match")
             .is_some_and(|v| v == "\"v1\"")
         {
-            response(
-                304,
-                &[("etag", "\"v1\""), ("cache-control", "max-age=0")],
-                "",
-            )
+            response(304, &validated, "")
         } else if seen.headers.contains_key("range") {
             response(206, &[("content-range", "bytes 1-3/6")], "bcd")
         } else {
-            response(
-                200,
-                &[("etag", "\"v1\""), ("cache-control", "max-age=0")],
-                "abcdef",
-            )
+            response(200, &validated, "abcdef")
         }
     })
     .await;
     let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
     assert_eq!(larder.get("/file").await.text(), "abcdef");
+    (origin, larder)
+}
+
+#[tokio::test]
+async fn a_range_request_for_a_stale_object_revalidates_it_and_gets_its_range() {
+    let (origin, larder) = always_revalidated().await;
     let ranged = larder.get_with("/file", &[("range", "bytes=1-3")]).await;
     assert_eq!(ranged.status, 206);
     assert_eq!(ranged.text(), "bcd");
@@ -1478,29 +1478,7 @@ async fn a_range_of_an_object_too_large_to_store_is_asked_again_as_the_client_as
 
 #[tokio::test]
 async fn a_head_for_a_stale_object_revalidates_it_with_a_get() {
-    // Stored with a validator and no lifetime: every use revalidates.
-    let origin = Origin::start(|seen| async move {
-        if seen
-            .headers
-            .get("if-none-match")
-            .is_some_and(|v| v == "\"v1\"")
-        {
-            response(
-                304,
-                &[("etag", "\"v1\""), ("cache-control", "max-age=0")],
-                "",
-            )
-        } else {
-            response(
-                200,
-                &[("etag", "\"v1\""), ("cache-control", "max-age=0")],
-                "abcdef",
-            )
-        }
-    })
-    .await;
-    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
-    assert_eq!(larder.get("/file").await.text(), "abcdef");
+    let (origin, larder) = always_revalidated().await;
     let head = larder
         .request(Method::HEAD, &larder.proxy_url("/file"), &[], Bytes::new())
         .await;
