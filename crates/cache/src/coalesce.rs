@@ -202,12 +202,13 @@ impl Coalescer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::key::{KeyRules, RequestTarget};
     use http::HeaderMap;
 
-    fn key() -> Key {
+    /// The key of `http://a/`, for the tests of what is kept per key.
+    pub(crate) fn key() -> Key {
         let h = HeaderMap::new();
         Key::primary(
             &RequestTarget {

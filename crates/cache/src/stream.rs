@@ -198,23 +198,12 @@ mod tests {
     use super::*;
     use crate::fields::StoredHeaders;
     use crate::freshness::Freshness;
-    use crate::key::{KeyRules, RequestTarget};
-    use http::{HeaderMap, StatusCode};
+    use http::StatusCode;
     use std::future::poll_fn;
     use std::time::{Duration, SystemTime};
 
     fn stream(len: u64) -> Arc<FillStream> {
-        let h = HeaderMap::new();
-        let key = Key::primary(
-            &RequestTarget {
-                scheme: "http",
-                host: "a",
-                path: "/",
-                query: None,
-                headers: &h,
-            },
-            &KeyRules::default(),
-        );
+        let key = crate::coalesce::tests::key();
         let now = SystemTime::now();
         let head = StoredResponse::new(
             StatusCode::OK,

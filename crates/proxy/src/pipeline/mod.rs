@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::header::{
-    self, CONTENT_LENGTH, CONTENT_RANGE, ETAG, HOST, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH,
-    IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED, RANGE,
+    self, CONTENT_LENGTH, ETAG, HOST, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE,
+    IF_UNMODIFIED_SINCE, LAST_MODIFIED, RANGE,
 };
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use larder_cache::{
@@ -25,8 +25,8 @@ use larder_telemetry::UpstreamEvent;
 use tokio::sync::mpsc;
 
 use crate::body::{
-    ChannelBody, FeedFlow, IdleTimeoutBody, LimitedBody, ObservedBody, ProxyBody, RangeOf,
-    UpstreamBody, boxed, empty, full,
+    ChannelBody, FeedFlow, IdleTimeoutBody, LimitedBody, ObservedBody, ProxyBody, UpstreamBody,
+    boxed, empty, full,
 };
 use crate::error::ProxyError;
 use crate::headers::{add_forwarded, list_members, strip_hop_by_hop};
@@ -35,7 +35,7 @@ use crate::upstream::{Timeouts, UpstreamRequest};
 use crate::{Proxy, Runtime};
 use exchange::{Exchange, Forward};
 use fill::Fill;
-use serve::{RangeAnswer, ServeOptions, from_store, from_stream, not_modified_response};
+use serve::{ServeOptions, from_store, from_stream, not_modified_response};
 
 pub(crate) static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 pub(crate) use crate::headers::REQUEST_ID;
@@ -1333,28 +1333,10 @@ fn cut_range(
     else {
         return body;
     };
-    match serve::ranges(&request.headers, &parts.headers, len) {
-        RangeAnswer::Full | RangeAnswer::Multiple(_) => body,
-        RangeAnswer::Unsatisfiable => {
-            parts.status = StatusCode::RANGE_NOT_SATISFIABLE;
-            parts
-                .headers
-                .insert(CONTENT_RANGE, serve::content_range_value(None, len));
-            parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(0));
-            empty()
-        }
-        RangeAnswer::Single(start, end) => {
-            parts.status = StatusCode::PARTIAL_CONTENT;
-            parts.headers.insert(
-                CONTENT_RANGE,
-                serve::content_range_value(Some((start, end)), len),
-            );
-            parts
-                .headers
-                .insert(CONTENT_LENGTH, HeaderValue::from(end - start + 1));
-            boxed(RangeOf::new(body, start, end - start + 1))
-        }
-    }
+    let answer = serve::ranges(&request.headers, &parts.headers, len);
+    let (status, body) = serve::cut_streamed(answer, len, &mut parts.headers, body);
+    parts.status = status.unwrap_or(parts.status);
+    body
 }
 
 /// Whether a coalesced request can take a fill's body as it arrives: a GET, perhaps of a range

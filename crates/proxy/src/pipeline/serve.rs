@@ -152,34 +152,47 @@ pub(crate) fn from_stream(
     }
     headers.insert(header::AGE, age_value(age_secs));
     append_via(&mut headers);
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
     let mut status = stored.status;
     let mut body = crate::body::boxed(crate::body::ReadAlong::new(stream.reader(), place));
-    let mut body_len = len;
     if method == Method::HEAD {
         // The head now; the place among the waiters is given up with the body.
         body = empty();
     } else if stored.status == StatusCode::OK && fields::has(request, &RANGE) {
-        match ranges(request, &stored.headers, len) {
-            RangeAnswer::Full | RangeAnswer::Multiple(_) => {}
-            RangeAnswer::Unsatisfiable => {
-                status = StatusCode::RANGE_NOT_SATISFIABLE;
-                headers.insert(CONTENT_RANGE, content_range_value(None, len));
-                body = empty();
-                body_len = 0;
-            }
-            RangeAnswer::Single(start, end) => {
-                status = StatusCode::PARTIAL_CONTENT;
-                headers.insert(CONTENT_RANGE, content_range_value(Some((start, end)), len));
-                body_len = end - start + 1;
-                body = crate::body::boxed(crate::body::RangeOf::new(body, start, body_len));
-            }
-        }
+        let answer = ranges(request, &stored.headers, len);
+        let cut;
+        (cut, body) = cut_streamed(answer, len, &mut headers, body);
+        status = cut.unwrap_or(status);
     }
-    headers.insert(CONTENT_LENGTH, HeaderValue::from(body_len));
     let mut response = Response::new(body);
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
+}
+
+/// A single range (or a 416) of a `len`-byte representation whose body is still arriving: the
+/// new status, with the fields in `headers` set to match, and the body cut as it comes. No
+/// status: the whole 200 goes out unchanged (several ranges, or Range ignored), which a server
+/// may always send (RFC 9110 §14.2).
+pub(crate) fn cut_streamed(
+    answer: RangeAnswer,
+    len: u64,
+    headers: &mut HeaderMap,
+    body: ProxyBody,
+) -> (Option<StatusCode>, ProxyBody) {
+    let (status, range, body) = match answer {
+        RangeAnswer::Full | RangeAnswer::Multiple(_) => return (None, body),
+        RangeAnswer::Unsatisfiable => (StatusCode::RANGE_NOT_SATISFIABLE, None, empty()),
+        RangeAnswer::Single(start, end) => (
+            StatusCode::PARTIAL_CONTENT,
+            Some((start, end)),
+            crate::body::boxed(crate::body::RangeOf::new(body, start, end - start + 1)),
+        ),
+    };
+    let cut_len = range.map_or(0, |(start, end)| end - start + 1);
+    headers.insert(CONTENT_RANGE, content_range_value(range, len));
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(cut_len));
+    (Some(status), body)
 }
 
 /// The Age value: every hit sends one, so those of the first hour are made once and shared
