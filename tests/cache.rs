@@ -580,6 +580,67 @@ async fn truncated_upstream_body_is_never_stored() {
 }
 
 #[tokio::test]
+async fn a_body_arriving_after_its_head_streams_to_the_client_and_is_stored_whole() {
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A raw origin that sends the head with the body's first half, then the rest only once the
+    // client has read that half: the fill takes the first part at once and must go on reading.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let rest = Arc::new(tokio::sync::Notify::new());
+    let served = Arc::new(AtomicUsize::new(0));
+    let (origin_rest, count) = (rest.clone(), served.clone());
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            let rest = origin_rest.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\ncontent-length: 10\r\n\r\nfirst")
+                    .await;
+                rest.notified().await;
+                let _ = stream.write_all(b"-rest").await;
+                // Held open: the body ends by its length.
+                let _ = stream.read(&mut buf).await;
+            });
+        }
+    });
+    let larder = Larder::start(&config_yaml(addr, DEFAULT_TYPES)).await;
+    let response = client()
+        .request(
+            http::Request::get(larder.proxy_url("/parts"))
+                .body(http_body_util::Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        let frame = body.frame().await.expect("more body").expect("body frame");
+        got.extend_from_slice(&frame.into_data().unwrap_or_default());
+    }
+    assert_eq!(
+        got, b"first",
+        "the first part reaches the client before the rest is sent"
+    );
+    rest.notify_one();
+    got.extend_from_slice(&body.collect().await.unwrap().to_bytes());
+    assert_eq!(got, b"first-rest");
+    let again = larder.get("/parts").await;
+    assert_eq!(again.text(), "first-rest");
+    assert!(
+        again.cache_status().starts_with("larder; hit"),
+        "{}",
+        again.cache_status()
+    );
+    assert_eq!(served.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
 async fn only_if_cached_answers_504_when_nothing_is_stored() {
     let origin = Origin::fixed(200, &[("cache-control", "max-age=60")], "x").await;
     let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;

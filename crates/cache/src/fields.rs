@@ -40,9 +40,10 @@ fn frames_the_message(name: &HeaderName) -> bool {
 }
 
 impl StoredHeaders {
-    /// Copies the fields `keep` accepts. Names and values are copied, not shared: as parsed,
-    /// they are slices of the connection's read buffer, and keeping one would keep that whole
-    /// buffer alive per object.
+    /// Copies the fields `keep` accepts. Values are copied, not shared: as parsed, they are
+    /// slices of the connection's read buffer, and keeping one would keep that whole buffer
+    /// alive per object. Names are shared: every `HeaderName` owns its bytes (the http crate
+    /// copies a name it parses; well-known ones are static).
     pub fn from_map(map: &HeaderMap, mut keep: impl FnMut(&HeaderName) -> bool) -> StoredHeaders {
         // Everything is checked before anything is encoded, so the lines and `fields` always
         // hold the same fields (the bytes come from valid ones: nothing is expected to fail).
@@ -50,7 +51,7 @@ impl StoredHeaders {
             .iter()
             .filter(|(n, _)| keep(n))
             .filter(|(_, v)| is_field_value(v.as_bytes()))
-            .filter_map(|(n, v)| Some((HeaderName::from_bytes(n.as_str().as_bytes()).ok()?, v)))
+            .map(|(n, v)| (n.clone(), v))
             .collect();
         let size: usize = kept
             .iter()

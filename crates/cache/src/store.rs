@@ -147,15 +147,46 @@ impl Weighter<Key, Arc<Slot>> for SlotWeighter {
 }
 
 /// A key ordered by what purges name: host without port, then path, then the whole key. All
-/// keys of one URL, and all URLs under one path prefix, are neighbours.
+/// keys of one URL, and all URLs under one path prefix, are neighbours. Where the host and path
+/// lie in the key is found once, not on each of the comparisons an insert or removal makes.
 #[derive(Clone, PartialEq, Eq)]
-struct ByUrl(Key);
+struct ByUrl {
+    key: Key,
+    host: (u32, u32),
+    path: (u32, u32),
+}
+
+impl ByUrl {
+    fn new(key: Key) -> ByUrl {
+        let (host, path) = key.purge_target();
+        let base = key.as_str().as_ptr() as usize;
+        // An absent field is a `""` from elsewhere: its place in the key is no place.
+        let span = |part: &str| {
+            if part.is_empty() {
+                return (0, 0);
+            }
+            let start = part.as_ptr() as usize - base;
+            (start as u32, (start + part.len()) as u32)
+        };
+        let (host, path) = (span(host), span(path));
+        ByUrl { key, host, path }
+    }
+
+    fn host(&self) -> &str {
+        &self.key.as_str()[self.host.0 as usize..self.host.1 as usize]
+    }
+
+    fn path(&self) -> &str {
+        &self.key.as_str()[self.path.0 as usize..self.path.1 as usize]
+    }
+}
 
 impl Ord for ByUrl {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        let (host, path) = self.0.purge_target();
-        let (other_host, other_path) = other.0.purge_target();
-        (host, path, self.0.as_str()).cmp(&(other_host, other_path, other.0.as_str()))
+        self.host()
+            .cmp(other.host())
+            .then_with(|| self.path().cmp(other.path()))
+            .then_with(|| self.key.as_str().cmp(other.key.as_str()))
     }
 }
 
@@ -191,7 +222,7 @@ struct Index {
 
 impl Index {
     fn add(&mut self, key: &Key, slot: &Slot) {
-        self.urls.insert(ByUrl(key.clone()), slot.id);
+        self.urls.insert(ByUrl::new(key.clone()), slot.id);
         for tag in slot.tags() {
             self.tags
                 .entry(tag.clone())
@@ -201,7 +232,7 @@ impl Index {
     }
 
     fn remove(&mut self, key: &Key, slot: &Slot) {
-        let by_url = ByUrl(key.clone());
+        let by_url = ByUrl::new(key.clone());
         if self.urls.get(&by_url) == Some(&slot.id) {
             self.urls.remove(&by_url);
         }
@@ -220,9 +251,9 @@ impl Index {
     /// Keys (with slot ids) under exactly this host and path.
     fn url(&self, host: &str, path: &str) -> impl Iterator<Item = (&Key, u64)> {
         self.urls
-            .range(ByUrl(Key::probe(host, path))..)
-            .map(|(k, id)| (&k.0, *id))
-            .take_while(move |(k, _)| k.purge_target() == (host, path))
+            .range(ByUrl::new(Key::probe(host, path))..)
+            .take_while(move |(k, _)| k.host() == host && k.path() == path)
+            .map(|(k, id)| (&k.key, *id))
     }
 
     fn select(&self, selection: &Selection<'_>) -> Vec<(Key, u64)> {
@@ -234,12 +265,9 @@ impl Index {
                 .collect(),
             Selection::Prefix { host, prefix } => self
                 .urls
-                .range(ByUrl(Key::probe(host, prefix))..)
-                .take_while(|(k, _)| {
-                    let (h, p) = k.0.purge_target();
-                    h == *host && p.starts_with(prefix)
-                })
-                .map(|(k, id)| (k.0.clone(), *id))
+                .range(ByUrl::new(Key::probe(host, prefix))..)
+                .take_while(|(k, _)| k.host() == *host && k.path().starts_with(prefix))
+                .map(|(k, id)| (k.key.clone(), *id))
                 .collect(),
             Selection::Tag(tag) => self
                 .tags
@@ -260,10 +288,10 @@ impl Index {
         let prefix = format!("{}\0v", primary.as_str());
         let mut variants: Vec<(u64, Key)> = self
             .urls
-            .range(ByUrl(primary.clone())..)
-            .take_while(|(k, _)| k.0.as_str().starts_with(primary.as_str()))
-            .filter(|(k, _)| k.0.as_str().starts_with(&prefix))
-            .map(|(k, id)| (*id, k.0.clone()))
+            .range(ByUrl::new(primary.clone())..)
+            .take_while(|(k, _)| k.key.as_str().starts_with(primary.as_str()))
+            .filter(|(k, _)| k.key.as_str().starts_with(&prefix))
+            .map(|(k, id)| (*id, k.key.clone()))
             .collect();
         variants.sort_unstable_by_key(|(id, _)| *id);
         variants.into_iter().map(|(_, k)| k).collect()

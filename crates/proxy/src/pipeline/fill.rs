@@ -1,10 +1,13 @@
 //! The task that reads one origin body for the cache and the first client.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::SystemTime;
 
 use crate::body::UpstreamBody;
 use bytes::{Bytes, BytesMut};
+use http_body::Body;
 use http_body_util::BodyExt;
 use larder_cache::{Admission, FillGuard, FillStream, Key};
 use tokio::sync::mpsc;
@@ -40,14 +43,58 @@ impl Drop for Fill {
     }
 }
 
+/// What a fill has read so far.
+struct Progress {
+    /// The body so far, while it is buffered for the cache.
+    chunks: Vec<Bytes>,
+    buffered: u64,
+    /// False once the body proved too large to store.
+    storing: bool,
+}
+
 impl Fill {
-    /// `body` ends with an error when the origin stalls (see [`UpstreamBody`]).
-    pub async fn run(mut self, body: UpstreamBody, admission: Admission) {
-        let mut body = std::pin::pin!(body);
-        let max = admission.max_object_size();
-        let mut chunks: Vec<Bytes> = Vec::new();
-        let mut buffered = 0u64;
-        let mut storing = true;
+    /// Starts reading `body` (it ends with an error when the origin stalls: see
+    /// [`UpstreamBody`]). What the origin has sent already, often the whole of a small body
+    /// read with its head, is taken now, on the caller's task; a task of its own reads the
+    /// rest. A miss whose body came with its head then costs no task, and no wake-ups between
+    /// tasks.
+    pub fn start(mut self, body: UpstreamBody, admission: Admission) {
+        let mut body = Box::pin(body);
+        let mut progress = Progress {
+            chunks: Vec::new(),
+            buffered: 0,
+            storing: true,
+        };
+        // Whatever a poll here registers to be woken is registered again by the task's polls.
+        let mut cx = Context::from_waker(Waker::noop());
+        loop {
+            match body.as_mut().poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if !self.take(&mut progress, &admission, data) {
+                        return;
+                    }
+                    if !progress.storing {
+                        // From here the fill waits for its client: a task's work.
+                        break;
+                    }
+                }
+                Poll::Ready(None) => return self.finish(progress, admission),
+                Poll::Ready(Some(Err(e))) => return self.fail(e),
+                Poll::Pending => break,
+            }
+        }
+        tokio::spawn(self.run(body, admission, progress));
+    }
+
+    async fn run(
+        mut self,
+        mut body: Pin<Box<UpstreamBody>>,
+        admission: Admission,
+        mut progress: Progress,
+    ) {
         loop {
             let frame = match body.frame().await {
                 Some(Ok(frame)) => frame,
@@ -57,49 +104,63 @@ impl Fill {
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            let len = data.len() as u64;
-            if storing {
-                if buffered + len > max {
-                    // Too large to store: stop buffering and release everyone waiting on it.
-                    storing = false;
-                    chunks = Vec::new();
-                    self.cache
-                        .mark_hit_for_pass(&self.fill_key, SystemTime::now());
-                    self.guard = None;
-                    if let Some(stream) = self.stream.take() {
-                        stream.finish(false);
-                    }
-                } else {
-                    buffered += len;
-                    chunks.push(data.clone());
-                    if let Some(stream) = &self.stream {
-                        stream.push(data.clone());
-                    }
-                }
-            }
-            if !self.tx.is_closed() {
-                self.flow.add(len);
-                let _ = self.tx.send(FeedItem::Data(data));
-                if !storing {
-                    let tx = &self.tx;
-                    self.flow
-                        .wait_below(CLIENT_HIGH_WATER, || tx.is_closed())
-                        .await;
-                }
-            } else if !storing {
+            if !self.take(&mut progress, &admission, data) {
                 return;
             }
+            if !progress.storing {
+                let tx = &self.tx;
+                self.flow
+                    .wait_below(CLIENT_HIGH_WATER, || tx.is_closed())
+                    .await;
+            }
         }
+        self.finish(progress, admission);
+    }
+
+    /// Buffers one piece of the body for the cache and hands it to the client. False when
+    /// nobody needs the rest: the client is gone and the body is not being stored.
+    fn take(&mut self, progress: &mut Progress, admission: &Admission, data: Bytes) -> bool {
+        let len = data.len() as u64;
+        if progress.storing {
+            if progress.buffered + len > admission.max_object_size() {
+                // Too large to store: stop buffering and release everyone waiting on it.
+                progress.storing = false;
+                progress.chunks = Vec::new();
+                self.cache
+                    .mark_hit_for_pass(&self.fill_key, SystemTime::now());
+                self.guard = None;
+                if let Some(stream) = self.stream.take() {
+                    stream.finish(false);
+                }
+            } else {
+                progress.buffered += len;
+                progress.chunks.push(data.clone());
+                if let Some(stream) = &self.stream {
+                    stream.push(data.clone());
+                }
+            }
+        }
+        if !self.tx.is_closed() {
+            self.flow.add(len);
+            let _ = self.tx.send(FeedItem::Data(data));
+            true
+        } else {
+            progress.storing
+        }
+    }
+
+    /// The body has ended cleanly: stores it, if it is still being stored.
+    fn finish(self, progress: Progress, admission: Admission) {
         if let Some(stream) = &self.stream {
             stream.finish(true);
         }
-        if storing {
+        if progress.storing {
             // One exact-size copy: the stored body owns no slack capacity and no shared buffers.
-            let mut body = BytesMut::with_capacity(buffered as usize);
-            for chunk in &chunks {
+            let mut body = BytesMut::with_capacity(progress.buffered as usize);
+            for chunk in &progress.chunks {
                 body.extend_from_slice(chunk);
             }
-            drop(chunks);
+            drop(progress);
             let body = body.freeze();
             if let Some(stream) = &self.stream {
                 stream.stored(body.clone());

@@ -1049,17 +1049,15 @@ impl Proxy {
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let flow = Arc::new(FeedFlow::default());
-        tokio::spawn(
-            Fill {
-                tx,
-                flow: flow.clone(),
-                cache: rt.cache.clone(),
-                fill_key: plan.fill_key,
-                guard,
-                stream,
-            }
-            .run(upstream_body, admission),
-        );
+        Fill {
+            tx,
+            flow: flow.clone(),
+            cache: rt.cache.clone(),
+            fill_key: plan.fill_key,
+            guard,
+            stream,
+        }
+        .start(upstream_body, admission);
         if parts.status == StatusCode::OK && not_modified(&request.headers, &parts.headers) {
             // The client already has it; the fill goes on without this client. (The 304
             // carries its own Via.)
