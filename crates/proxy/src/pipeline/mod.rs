@@ -847,15 +847,20 @@ impl Proxy {
         // range (a stale hit's refresh): a 206 cannot be stored, and the stale object would be
         // dropped for it; the range is cut from the stored response instead.
         let mut headers = request.headers.clone();
-        for name in [
+        static CONDITIONS: [HeaderName; 6] = [
             IF_NONE_MATCH,
             IF_MODIFIED_SINCE,
             IF_MATCH,
             IF_UNMODIFIED_SINCE,
             IF_RANGE,
             RANGE,
-        ] {
-            headers.remove(name);
+        ];
+        // Usually none is there: one pass over the request's few fields, not a hashed lookup
+        // for each name.
+        if headers.keys().any(|name| CONDITIONS.contains(name)) {
+            for name in &CONDITIONS {
+                headers.remove(name);
+            }
         }
         let revalidating = plan
             .stale
