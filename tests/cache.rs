@@ -27,11 +27,7 @@ async fn miss_then_hit_with_age_and_cache_status() {
     let first = larder.get("/a").await;
     assert_eq!(first.status, 200);
     assert_eq!(first.text(), "hello");
-    assert!(
-        first.cache_status().contains("fwd=uri-miss"),
-        "{}",
-        first.cache_status()
-    );
+    first.assert_cache_status("fwd=uri-miss");
     assert!(first.cache_status().contains("stored"));
 
     let second = larder.get("/a").await;
@@ -143,11 +139,7 @@ async fn section_4_1_vary_star_is_never_reused() {
     let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
     larder.get("/s").await;
     let second = larder.get("/s").await;
-    assert!(
-        second.cache_status().contains("detail=vary_star"),
-        "{}",
-        second.cache_status()
-    );
+    second.assert_cache_status("detail=vary_star");
     assert_eq!(origin.count(), 2);
 }
 
@@ -193,11 +185,7 @@ async fn section_4_3_revalidation_with_304_merges_headers() {
     let second = larder.get("/r").await;
     assert_eq!(second.status, 200);
     assert_eq!(second.text(), "payload");
-    assert!(
-        second.cache_status().contains("fwd=stale"),
-        "{}",
-        second.cache_status()
-    );
+    second.assert_cache_status("fwd=stale");
     assert!(second.cache_status().contains("fwd-status=304"));
     assert_eq!(
         second.header("x-revision"),
@@ -293,11 +281,7 @@ async fn uncacheable_responses_do_not_queue_behind_each_other() {
     let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
     larder.get("/dyn").await;
     let second = larder.get("/dyn").await;
-    assert!(
-        second.cache_status().contains("detail=response_no_store"),
-        "{}",
-        second.cache_status()
-    );
+    second.assert_cache_status("detail=response_no_store");
     assert_eq!(origin.count(), 2);
 }
 
@@ -350,11 +334,7 @@ async fn purge_removes_every_variant_then_misses() {
             &[("host", "example.com"), ("accept-encoding", "br")],
         )
         .await;
-    assert!(
-        after.cache_status().contains("fwd=uri-miss"),
-        "{}",
-        after.cache_status()
-    );
+    after.assert_cache_status("fwd=uri-miss");
     assert_eq!(origin.count(), 3);
 
     let again = larder
@@ -472,11 +452,7 @@ async fn objects_over_max_object_size_stream_through_uncached() {
     assert_eq!(larder.get("/big").await.body.len(), BIG.len());
     let second = larder.get("/big").await;
     assert_eq!(second.body.len(), BIG.len());
-    assert!(
-        second.cache_status().contains("detail=too_large"),
-        "{}",
-        second.cache_status()
-    );
+    second.assert_cache_status("detail=too_large");
     assert_eq!(origin.count(), 2);
 }
 
@@ -1020,11 +996,7 @@ async fn a_request_coalesced_on_a_fill_reads_its_body_as_it_arrives() {
     assert_eq!(origin.count(), 1);
     // Stored whole as well.
     let third = larder.get("/slow-big").await;
-    assert!(
-        third.cache_status().contains("hit"),
-        "{}",
-        third.cache_status()
-    );
+    third.assert_cache_status("hit");
     assert_eq!(third.body, whole);
     assert_eq!(origin.count(), 1);
 }
@@ -1123,11 +1095,7 @@ async fn an_answer_to_a_precondition_is_never_stored_for_everyone() {
     ] {
         let failed = larder.get_with("/doc", &[(name, value)]).await;
         assert_eq!(failed.status, 412);
-        assert!(
-            failed.cache_status().contains("detail=precondition"),
-            "{}",
-            failed.cache_status()
-        );
+        failed.assert_cache_status("detail=precondition");
     }
     let plain = larder.get("/doc").await;
     assert_eq!(plain.status, 200);
@@ -1164,11 +1132,7 @@ async fn a_range_request_for_a_stale_object_revalidates_it_and_gets_its_range() 
     let ranged = larder.get_with("/file", &[("range", "bytes=1-3")]).await;
     assert_eq!(ranged.status, 206);
     assert_eq!(ranged.text(), "bcd");
-    assert!(
-        ranged.cache_status().contains("fwd=stale"),
-        "{}",
-        ranged.cache_status()
-    );
+    ranged.assert_cache_status("fwd=stale");
     assert!(
         origin
             .requests()
@@ -1178,11 +1142,7 @@ async fn a_range_request_for_a_stale_object_revalidates_it_and_gets_its_range() 
     // Still stored: the next use revalidates it again rather than passing.
     let again = larder.get("/file").await;
     assert_eq!(again.text(), "abcdef");
-    assert!(
-        again.cache_status().contains("fwd-status=304"),
-        "{}",
-        again.cache_status()
-    );
+    again.assert_cache_status("fwd-status=304");
 }
 
 #[tokio::test]
@@ -1234,11 +1194,8 @@ async fn a_range_miss_fetches_the_whole_object_once_and_gets_its_range_cut_from_
     assert_eq!(ranged.header("content-range"), "bytes 70000-150001/200000");
     assert_eq!(ranged.header("content-length"), "80002");
     assert_eq!(ranged.body, whole.slice(70000..=150001));
-    assert!(
-        ranged.cache_status().contains("fwd=uri-miss") && ranged.cache_status().contains("stored"),
-        "{}",
-        ranged.cache_status()
-    );
+    ranged.assert_cache_status("fwd=uri-miss");
+    ranged.assert_cache_status("stored");
     assert!(!origin.last().headers.contains_key("range"));
 
     // Stored whole: the next range and the whole body are hits.
@@ -1247,18 +1204,10 @@ async fn a_range_miss_fetches_the_whole_object_once_and_gets_its_range_cut_from_
         (suffix.status.as_u16(), suffix.body.clone()),
         (206, whole.slice(199_995..))
     );
-    assert!(
-        suffix.cache_status().contains("hit"),
-        "{}",
-        suffix.cache_status()
-    );
+    suffix.assert_cache_status("hit");
     let plain = larder.get("/video").await;
     assert_eq!(plain.body, whole);
-    assert!(
-        plain.cache_status().contains("hit"),
-        "{}",
-        plain.cache_status()
-    );
+    plain.assert_cache_status("hit");
     assert_eq!(origin.count(), 1);
 }
 
@@ -1273,11 +1222,7 @@ async fn an_unsatisfiable_range_miss_gets_416_and_the_object_is_stored() {
     // The fill went on without this client.
     let plain = larder.get("/r").await;
     assert_eq!(plain.text(), "0123456789");
-    assert!(
-        plain.cache_status().contains("hit"),
-        "{}",
-        plain.cache_status()
-    );
+    plain.assert_cache_status("hit");
     assert_eq!(origin.count(), 1);
 }
 
@@ -1319,11 +1264,7 @@ async fn range_misses_of_what_cannot_be_stored_are_left_to_the_origin() {
     );
     assert_eq!(origin.count(), 3);
     assert_eq!(origin.last().header("range"), "bytes=2-3");
-    assert!(
-        second.cache_status().contains("detail=range_request"),
-        "{}",
-        second.cache_status()
-    );
+    second.assert_cache_status("detail=range_request");
 }
 
 #[tokio::test]
@@ -1410,11 +1351,7 @@ async fn a_head_miss_fetches_the_object_for_the_cache_and_answers_with_its_head(
     assert_eq!(head.status, 200);
     assert!(head.body.is_empty());
     assert_eq!(head.header("content-length"), "12");
-    assert!(
-        head.cache_status().contains("stored"),
-        "{}",
-        head.cache_status()
-    );
+    head.assert_cache_status("stored");
     assert_eq!(origin.last().method, Method::GET);
     let get = larder.get("/h").await;
     assert_eq!(get.text(), "twelve bytes");
@@ -1437,11 +1374,7 @@ async fn head_misses_of_what_cannot_be_stored_go_to_the_origin_as_head_once_know
         .await;
     assert_eq!((second.status.as_u16(), second.body.len()), (200, 0));
     assert_eq!(origin.last().method, Method::HEAD);
-    assert!(
-        second.cache_status().contains("detail=head_miss"),
-        "{}",
-        second.cache_status()
-    );
+    second.assert_cache_status("detail=head_miss");
 }
 
 #[tokio::test]
@@ -1455,11 +1388,7 @@ async fn a_head_coalesced_on_a_fill_gets_the_head_without_waiting_for_the_body()
     assert_eq!(head.status, 200);
     assert!(head.body.is_empty());
     assert_eq!(head.header("content-length"), (2 * HALF).to_string());
-    assert!(
-        head.cache_status().contains("collapsed"),
-        "{}",
-        head.cache_status()
-    );
+    head.assert_cache_status("collapsed");
     gate.notify_one();
     rest_of(first, first_rest).await.unwrap();
     assert_eq!(origin.count(), 1);
@@ -1483,11 +1412,7 @@ async fn heads_and_ranges_with_credentials_go_to_the_origin_as_asked() {
         .await;
     assert_eq!((ranged.status.as_u16(), ranged.text().as_str()), (206, "0"));
     assert_eq!(origin.last().header("range"), "bytes=0-0");
-    assert!(
-        ranged.cache_status().contains("detail=range_request"),
-        "{}",
-        ranged.cache_status()
-    );
+    ranged.assert_cache_status("detail=range_request");
     let head = larder
         .request(
             Method::HEAD,
@@ -1526,11 +1451,7 @@ async fn a_range_of_an_object_too_large_to_store_is_asked_again_as_the_client_as
     assert_eq!(ranged.status, 206);
     assert_eq!(ranged.body, whole.slice(3000..3010));
     assert_eq!(ranged.header("content-range"), "bytes 3000-3009/4000");
-    assert!(
-        ranged.cache_status().contains("detail=too_large"),
-        "{}",
-        ranged.cache_status()
-    );
+    ranged.assert_cache_status("detail=too_large");
     let seen = origin.requests();
     assert_eq!(seen.len(), 2);
     assert!(!seen[0].headers.contains_key("range"));
@@ -1545,20 +1466,12 @@ async fn a_head_for_a_stale_object_revalidates_it_with_a_get() {
         .await;
     assert_eq!(head.status, 200);
     assert_eq!(head.header("content-length"), "6");
-    assert!(
-        head.cache_status().contains("fwd-status=304"),
-        "{}",
-        head.cache_status()
-    );
+    head.assert_cache_status("fwd-status=304");
     let seen = origin.last();
     assert_eq!(seen.method, Method::GET);
     assert_eq!(seen.header("if-none-match"), "\"v1\"");
     // Still stored: the next GET revalidates it too rather than fetching it whole.
     let again = larder.get("/file").await;
     assert_eq!(again.text(), "abcdef");
-    assert!(
-        again.cache_status().contains("fwd-status=304"),
-        "{}",
-        again.cache_status()
-    );
+    again.assert_cache_status("fwd-status=304");
 }

@@ -175,11 +175,7 @@ fn quick_mode_caches_in_front_of_an_upstream() {
             )
             .await;
             assert_eq!(reply.text(), "quick");
-            assert!(
-                reply.cache_status().contains(expect),
-                "{}",
-                reply.cache_status()
-            );
+            reply.assert_cache_status(expect);
         }
         let metrics = send(
             &client,
@@ -218,11 +214,7 @@ fn no_arguments_runs_the_embedded_demo_and_stops_on_sigterm() {
         .await;
         assert_eq!(first.status, 200);
         assert!(first.cache_status().contains("fwd=uri-miss"));
-        assert!(
-            second.cache_status().contains("hit"),
-            "{}",
-            second.cache_status()
-        );
+        second.assert_cache_status("hit");
         assert_eq!(first.body, second.body, "a hit repeats the origin's clock");
     });
     let pid = larder.0.id().to_string();
@@ -567,11 +559,7 @@ fn connection_threads_serve_both_protocols_and_pool_upstream_connections() {
             )
             .await;
             assert_eq!(reply.text(), "threaded");
-            assert!(
-                reply.cache_status().contains(expect),
-                "{}",
-                reply.cache_status()
-            );
+            reply.assert_cache_status(expect);
         }
         let metrics = send(
             &client(),

@@ -54,11 +54,7 @@ async fn reload_swaps_routes_keeps_unchanged_caches_and_rejects_bad_files() {
     assert_eq!(larder.server.reload_from_file(&path), Ok(2));
     assert_eq!(larder.get("/b/y").await.text(), "from b");
     let kept = larder.get("/kept").await;
-    assert!(
-        kept.cache_status().contains("hit"),
-        "{}",
-        kept.cache_status()
-    );
+    kept.assert_cache_status("hit");
     assert_eq!(a.count(), 2, "no refetch of /kept");
     let dump = larder.admin(Method::GET, "/config_dump", &[]).await.json();
     assert_eq!(dump["generation"], 2);

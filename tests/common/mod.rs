@@ -239,6 +239,16 @@ impl Reply {
         self.header("cache-status")
     }
 
+    /// Fails, showing the whole Cache-Status field, unless it contains `part`.
+    #[track_caller]
+    pub fn assert_cache_status(&self, part: &str) {
+        let status = self.cache_status();
+        assert!(
+            status.contains(part),
+            "Cache-Status {status:?} lacks {part:?}"
+        );
+    }
+
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
