@@ -43,6 +43,10 @@ impl Drop for Fill {
     }
 }
 
+/// At most this much of a body is taken on the client's task before the response goes out: a
+/// large body's client gets its head without waiting for it.
+const TAKEN_AT_ONCE: u64 = 256 * 1024;
+
 /// What a fill has read so far.
 struct Progress {
     /// The body so far, while it is buffered for the cache.
@@ -67,17 +71,20 @@ impl Fill {
         };
         // Whatever a poll here registers to be woken is registered again by the task's polls.
         let mut cx = Context::from_waker(Waker::noop());
+        let mut taken = 0u64;
         loop {
             match body.as_mut().poll_frame(&mut cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     let Ok(data) = frame.into_data() else {
                         continue;
                     };
+                    taken += data.len() as u64;
                     if !self.take(&mut progress, &admission, data) {
                         return;
                     }
-                    if !progress.storing {
-                        // From here the fill waits for its client: a task's work.
+                    if !progress.storing || taken >= TAKEN_AT_ONCE {
+                        // From here the fill may wait for its client, or read for long: a
+                        // task's work.
                         break;
                     }
                 }
