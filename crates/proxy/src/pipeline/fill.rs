@@ -1,4 +1,5 @@
-//! The task that reads one origin body for the cache and the first client.
+//! The fill: reads one origin body for the cache and the first client, on the client's task
+//! for what has already arrived, then on a task of its own.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -43,9 +44,11 @@ impl Drop for Fill {
     }
 }
 
-/// At most this much of a body is taken on the client's task before the response goes out: a
-/// large body's client gets its head without waiting for it.
+/// Past this much of a body (give or take the last frame), or this many frames, the rest is read
+/// by a task: a large body's client gets its head without waiting for it, and an origin sending
+/// empty frames cannot hold the client's task.
 const TAKEN_AT_ONCE: u64 = 256 * 1024;
+const FRAMES_AT_ONCE: u32 = 64;
 
 /// What a fill has read so far.
 struct Progress {
@@ -71,8 +74,12 @@ impl Fill {
         };
         // Whatever a poll here registers to be woken is registered again by the task's polls.
         let mut cx = Context::from_waker(Waker::noop());
-        let mut taken = 0u64;
+        let (mut taken, mut frames) = (0u64, 0u32);
         loop {
+            frames += 1;
+            if frames > FRAMES_AT_ONCE {
+                break;
+            }
             match body.as_mut().poll_frame(&mut cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     let Ok(data) = frame.into_data() else {
