@@ -1451,6 +1451,7 @@ async fn a_range_of_an_object_too_large_to_store_is_asked_again_as_the_client_as
     assert_eq!(ranged.status, 206);
     assert_eq!(ranged.body, whole.slice(3000..3010));
     assert_eq!(ranged.header("content-range"), "bytes 3000-3009/4000");
+    ranged.assert_cache_status("fwd=uri-miss");
     ranged.assert_cache_status("detail=too_large");
     let seen = origin.requests();
     assert_eq!(seen.len(), 2);

@@ -690,8 +690,8 @@ impl Proxy {
         body: ProxyBody,
         plan: FillPlan,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        // One deadline for all rounds of waiting.
-        let deadline = tokio::time::Instant::now() + rt.coalesce_timeout;
+        // One deadline for all rounds of waiting, read from the clock only by a follower.
+        let mut deadline = None;
         let mut rejoined = false;
         let guard = loop {
             if rt.cache.is_hit_for_pass(&plan.fill_key, SystemTime::now()) {
@@ -700,6 +700,8 @@ impl Proxy {
             match rt.cache.coalescer().join(&plan.fill_key) {
                 Join::Leader(guard) => break Some(guard),
                 Join::Follower(mut waiter) => {
+                    let deadline = *deadline
+                        .get_or_insert_with(|| tokio::time::Instant::now() + rt.coalesce_timeout);
                     let wait_span = ex.span.as_ref().map(|s| s.child("coalesced wait"));
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                     let mut waited = waiter.wait_for_stream(left).await;
@@ -766,10 +768,10 @@ impl Proxy {
             && (plan.stale.is_none() || request.method == Method::HEAD)
             && let Some(reason) = partial_pass(rt, &request, &plan.fill_key)
         {
-            let fwd = ex.fwd;
-            let response = Box::pin(self.pass(rt, ex, upstream, request, body, reason)).await;
-            ex.fwd = fwd;
-            return response;
+            // Still the miss (or stale) it was forwarded as, now bypassing the cache.
+            ex.result = CacheResult::Bypass;
+            ex.reason = Some(reason);
+            return Box::pin(self.relay(rt, ex, upstream, request, body)).await;
         }
         self.fetch_for_cache(rt, ex, upstream, request, body, plan, guard)
             .await
@@ -1016,19 +1018,9 @@ impl Proxy {
                     // The origin cuts the range of what will not be stored: asked again as the
                     // client asked, rather than read from the start for a range deep into a
                     // large file.
+                    // The exchange keeps the miss and the reason it was not stored.
                     drop(upstream_body);
-                    let (result, fwd) = (ex.result, ex.fwd);
-                    let response = Box::pin(self.pass(
-                        rt,
-                        ex,
-                        upstream,
-                        request,
-                        empty(),
-                        NoCacheReason::RangeRequest,
-                    ))
-                    .await;
-                    (ex.result, ex.fwd, ex.reason) = (result, fwd, Some(reason));
-                    return response;
+                    return Box::pin(self.relay(rt, ex, upstream, request, empty())).await;
                 }
                 ex.add_via(&mut parts.headers);
                 let body = if head {
@@ -1104,7 +1096,7 @@ impl Proxy {
         Err(error)
     }
 
-    /// Forwards without storing.
+    /// Forwards without storing, the cache bypassed for `reason`.
     async fn pass(
         &self,
         rt: &Runtime,
@@ -1115,6 +1107,18 @@ impl Proxy {
         reason: NoCacheReason,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         ex.bypass(reason);
+        self.relay(rt, ex, upstream, request, body).await
+    }
+
+    /// Forwards without storing, leaving the exchange's cache outcome as the caller set it.
+    async fn relay(
+        &self,
+        rt: &Runtime,
+        ex: &mut Exchange,
+        upstream: Upstream,
+        request: ClientRequest,
+        body: ProxyBody,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let interim = request.interim;
         let upstream_request = UpstreamRequest {
             method: request.method,
