@@ -513,25 +513,16 @@ async fn private_no_store_cookies_and_authorization_are_never_shared() {
 async fn truncated_upstream_body_is_never_stored() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // A raw origin that promises 100 bytes, sends 10, and hangs up.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let served = Arc::new(AtomicUsize::new(0));
-    let count = served.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = stream.read(&mut buf).await;
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\ncontent-length: 100\r\n\r\n0123456789")
-                    .await;
-                let _ = stream.shutdown().await;
-            });
-        }
-    });
-    let larder = Larder::start(&config_yaml(addr, DEFAULT_TYPES)).await;
+    let origin = RawOrigin::start(|mut stream| async move {
+        let mut buf = [0u8; 4096];
+        let _ = stream.read(&mut buf).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\ncontent-length: 100\r\n\r\n0123456789")
+            .await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
     let client = client();
     for _ in 0..2 {
         let response = client
@@ -548,11 +539,7 @@ async fn truncated_upstream_body_is_never_stored() {
             "a cut body must reach the client as an error"
         );
     }
-    assert_eq!(
-        served.load(Ordering::SeqCst),
-        2,
-        "the truncated response was stored"
-    );
+    assert_eq!(origin.connections(), 2, "the truncated response was stored");
 }
 
 #[tokio::test]
@@ -561,30 +548,24 @@ async fn a_body_arriving_after_its_head_streams_to_the_client_and_is_stored_whol
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // A raw origin that sends the head with the body's first half, then the rest only once the
     // client has read that half: the fill takes the first part at once and must go on reading.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let rest = Arc::new(tokio::sync::Notify::new());
-    let served = Arc::new(AtomicUsize::new(0));
-    let (origin_rest, count) = (rest.clone(), served.clone());
-    tokio::spawn(async move {
-        loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            count.fetch_add(1, Ordering::SeqCst);
-            let rest = origin_rest.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = stream.read(&mut buf).await;
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\ncontent-length: 10\r\n\r\nfirst")
-                    .await;
-                rest.notified().await;
-                let _ = stream.write_all(b"-rest").await;
-                // Held open: the body ends by its length.
-                let _ = stream.read(&mut buf).await;
-            });
+    let origin_rest = rest.clone();
+    let origin = RawOrigin::start(move |mut stream| {
+        let rest = origin_rest.clone();
+        async move {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\ncontent-length: 10\r\n\r\nfirst")
+                .await;
+            rest.notified().await;
+            let _ = stream.write_all(b"-rest").await;
+            // Held open: the body ends by its length.
+            let _ = stream.read(&mut buf).await;
         }
-    });
-    let larder = Larder::start(&config_yaml(addr, DEFAULT_TYPES)).await;
+    })
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
     let response = client()
         .request(
             http::Request::get(larder.proxy_url("/parts"))
@@ -613,7 +594,7 @@ async fn a_body_arriving_after_its_head_streams_to_the_client_and_is_stored_whol
         "{}",
         again.cache_status()
     );
-    assert_eq!(served.load(Ordering::SeqCst), 1);
+    assert_eq!(origin.connections(), 1);
 }
 
 #[tokio::test]

@@ -216,6 +216,37 @@ pub fn closed_address() -> SocketAddr {
 pub const DEFAULT_TYPES: &str =
     "resource_types:\n  - name: default\n    config: { cache_size: 16MiB }\n";
 
+/// An origin that speaks raw bytes, for answers no HTTP library would send (a cut body, a body
+/// held back): `serve` runs on each connection it accepts. `connections` counts them.
+pub struct RawOrigin {
+    pub addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+}
+
+impl RawOrigin {
+    pub async fn start<F, Fut>(serve: F) -> RawOrigin
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let count = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(stream));
+            }
+        });
+        RawOrigin { addr, connections }
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
 pub struct Larder {
     pub server: larder::Server,
     pub client: Client<HttpConnector, Full<Bytes>>,

@@ -185,10 +185,6 @@ impl Coalescer {
         })
     }
 
-    pub fn in_flight(&self) -> usize {
-        self.inflight.lock().len()
-    }
-
     /// The fills in flight and the requests waiting on them (readers along included): a queue
     /// that grows while the origin is slow. One lock, so the two agree.
     pub fn snapshot(&self) -> (usize, usize) {
@@ -235,7 +231,7 @@ pub(crate) mod tests {
         drop(guard);
         let waited = waiting.await.unwrap().unwrap();
         assert!(matches!(waited, Waited::Abandoned), "no answer came");
-        assert_eq!(c.in_flight(), 0);
+        assert_eq!(c.snapshot(), (0, 0));
         assert!(matches!(c.join(&key()), Join::Leader(_)));
     }
 
