@@ -2,6 +2,8 @@
 # Profiles Larder alone on one load scenario, the way BENCHMARKS.md's gap analysis was made:
 #
 #   bench/profile.sh perf hit|hit-browser|hit16k|hit256k|pass|fill  # perf (cpu-clock): user/kernel split, top symbols
+#     (fill: 16 KiB misses into 1 GiB; fill1k: 1 KiB misses; budget: 1 KiB misses into 16 MiB,
+#     each one evicting; every tool takes these three)
 #   bench/profile.sh callgrind hit|hit-browser|pass|h2c  # valgrind: instructions per request, top functions
 #                                                   # (inclusive, then self cost: bench/callgrind_self.py)
 #   bench/profile.sh syscalls hit|pass              # strace: system calls per request, by name
@@ -12,12 +14,13 @@
 # and perf or valgrind (Debian: nginx wrk curl nghttp2-client linux-perf valgrind); uses target/release/larder (or $LARDER_BIN). Every process it starts is
 # stopped on exit. PROFILE_SECONDS (default 5) bounds the measured load; PROFILE_OUT=DIR keeps the
 # raw profile (perf.data, callgrind.out) there for perf report / callgrind_annotate;
-# PROFILE_CONNECTIONS (default 50) sets wrk's connections (hit, hit16k, hit256k, pass).
+# PROFILE_CONNECTIONS (default 50) sets wrk's connections (hit, hit16k, hit256k, pass);
+# PROFILE_CALLGRAPH=1 makes perf record call chains (read them with perf report -g from PROFILE_OUT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-tool=${1:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit-browser|hit16k|hit256k|h2c|pass|fill}
-scenario=${2:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit-browser|hit16k|hit256k|h2c|pass|fill}
+tool=${1:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit-browser|hit16k|hit256k|h2c|pass|fill|fill1k|budget}
+scenario=${2:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit-browser|hit16k|hit256k|h2c|pass|fill|fill1k|budget}
 seconds=${PROFILE_SECONDS:-5}
 connections=${PROFILE_CONNECTIONS:-50}
 LARDER_BIN=${LARDER_BIN:-target/release/larder}
@@ -83,11 +86,21 @@ http {
     location /obj/ { add_header Cache-Control "max-age=3600"; }
     location /pass/ { add_header Cache-Control "no-store"; }
     location ~ ^/k16/[0-9]+\$ { add_header Cache-Control "max-age=3600"; try_files /obj/16k =404; }
+    location ~ ^/k1/[0-9]+\$ { add_header Cache-Control "max-age=3600"; try_files /obj/1k =404; }
   }
 }
 EOF
 nginx -p "$WORK" -e "$WORK/error.log" -c "$WORK/nginx.conf" >/dev/null 2>&1 &
 PIDS+=($!)
+# budget: like bench/run.sh's budget-64mib, 1 KiB objects into a small cache that the warm-up
+# load fills (16 MiB; 2 MiB under callgrind, which runs ~50 times slower), so every measured
+# fill also evicts.
+cache_mib=1024
+max_object_size=8MiB
+if [[ $scenario == budget ]]; then
+  cache_mib=16 max_object_size=1MiB
+  [[ $tool == callgrind ]] && cache_mib=2 max_object_size=256KiB
+fi
 cat >"$WORK/larder.yaml" <<EOF
 listeners:
   - address: 127.0.0.1:$PROXY_PORT
@@ -105,12 +118,12 @@ clusters:
     endpoints: ["127.0.0.1:$ORIGIN_PORT"]
     max_idle_connections: 64
 cache:
-  cache_size: 1024MiB
+  cache_size: ${cache_mib}MiB
 resource_types:
   - name: default
     config:
-      cache_size: 1024MiB
-      max_object_size: 8MiB
+      cache_size: ${cache_mib}MiB
+      max_object_size: ${max_object_size}
 EOF
 wait_for "http://127.0.0.1:$ORIGIN_PORT/obj/1k"
 
@@ -132,6 +145,7 @@ case $scenario in
     path=/obj/1k ;;
   pass) path=/pass/1k ;;
   fill) path=/k16/0 ;;
+  fill1k | budget) path=/k1/0 ;;
   *) echo "unknown scenario $scenario" >&2; exit 1 ;;
 esac
 wait_for "$URL$path"
@@ -140,8 +154,12 @@ load() { # load SECONDS: prints wrk's output
   if [[ $scenario == h2c ]]; then
     # The same shape as bench/run.sh's h2c scenario; prints wrk's "N requests in" line.
     h2load -c"$connections" -m"${PROFILE_STREAMS:-10}" -D "$1" "$URL$path" | awk '/^requests:/ { print $8, "requests in" }'
-  elif [[ $scenario == fill ]]; then
-    FILL_PREFIX=/k16/ FILL_FIRST=1 FILL_COUNT=1000000 \
+  elif [[ $scenario == fill || $scenario == fill1k || $scenario == budget ]]; then
+    # Every load starts past the keys of the loads before it (loads run in subshells: the
+    # count lives in a file), so each request is a miss.
+    local first; first=$(($(cat "$WORK/next_key" 2>/dev/null || echo 0) + 10000000))
+    echo "$first" >"$WORK/next_key"
+    FILL_PREFIX=${path%0} FILL_FIRST=$first FILL_COUNT=10000000 \
       wrk -t1 -c16 -d"${1}s" -s bench/lua/fill.lua "$URL"
   elif [[ $scenario == hit-browser ]]; then
     # 1 KiB hits for requests with a browser's dozen fields (bench/lua/browser.lua).
@@ -172,7 +190,7 @@ case $tool in
     load 1 >/dev/null
     load "$seconds" >"$WORK/wrk.txt" &
     wrk_pid=$!
-    perf record -q -e cpu-clock -F 2999 -p "$LARDER_PID" -o "$WORK/perf.data" -- sleep "$seconds" \
+    perf record -q -e cpu-clock -F 2999 ${PROFILE_CALLGRAPH:+-g} -p "$LARDER_PID" -o "$WORK/perf.data" -- sleep "$seconds" \
       2>/dev/null || true
     wait "$wrk_pid"
     echo "== $scenario: $(requests <"$WORK/wrk.txt") requests in ${seconds}s"

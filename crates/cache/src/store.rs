@@ -146,51 +146,55 @@ impl Weighter<Key, Arc<Slot>> for SlotWeighter {
     }
 }
 
-/// A key ordered by what purges name: host without port, then path, then the whole key. All
-/// keys of one URL, and all URLs under one path prefix, are neighbours. Where the host and path
-/// lie in the key is found once, not on each of the comparisons an insert or removal makes.
+/// A key within its host's part of the index, ordered by path, then by the whole key. All keys
+/// of one URL, and all URLs under one path prefix, are neighbours. Where the path lies in the
+/// key, and its first bytes, are found once: most of the comparisons an insert or removal makes
+/// are decided by `head` without reading the key's string (cold, in a large cache).
 #[derive(Clone, PartialEq, Eq)]
-struct ByUrl {
+struct ByPath {
     key: Key,
-    host: (u32, u32),
+    /// The path's first eight bytes, zero-padded, big-endian: comparing two heads as numbers
+    /// orders as comparing those bytes does.
+    head: u64,
     path: (u32, u32),
 }
 
-impl ByUrl {
-    fn new(key: Key) -> ByUrl {
-        let (host, path) = key.purge_target();
-        let base = key.as_str().as_ptr() as usize;
-        // An absent field is a `""` from elsewhere: its place in the key is no place.
-        let span = |part: &str| {
-            if part.is_empty() {
-                return (0, 0);
-            }
-            let start = part.as_ptr() as usize - base;
-            (start as u32, (start + part.len()) as u32)
+impl ByPath {
+    /// `path` lies within `key` (or is empty).
+    fn new(key: Key, path: &str) -> ByPath {
+        let mut head = [0u8; 8];
+        let first = &path.as_bytes()[..path.len().min(8)];
+        head[..first.len()].copy_from_slice(first);
+        // An absent path is a `""` from elsewhere: its place in the key is no place.
+        let path = if path.is_empty() {
+            (0, 0)
+        } else {
+            let start = path.as_ptr() as usize - key.as_str().as_ptr() as usize;
+            (start as u32, (start + path.len()) as u32)
         };
-        let (host, path) = (span(host), span(path));
-        ByUrl { key, host, path }
+        ByPath {
+            key,
+            head: u64::from_be_bytes(head),
+            path,
+        }
     }
 
-    fn host(&self) -> &str {
-        &self.key.as_str()[self.host.0 as usize..self.host.1 as usize]
-    }
-
-    fn path(&self) -> &str {
-        &self.key.as_str()[self.path.0 as usize..self.path.1 as usize]
+    fn path(&self) -> &[u8] {
+        &self.key.as_str().as_bytes()[self.path.0 as usize..self.path.1 as usize]
     }
 }
 
-impl Ord for ByUrl {
+impl Ord for ByPath {
+    // Bytes order as `str`s do; slicing bytes skips the char-boundary checks.
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.host()
-            .cmp(other.host())
+        self.head
+            .cmp(&other.head)
             .then_with(|| self.path().cmp(other.path()))
             .then_with(|| self.key.as_str().cmp(other.key.as_str()))
     }
 }
 
-impl PartialOrd for ByUrl {
+impl PartialOrd for ByPath {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
     }
@@ -210,19 +214,31 @@ pub enum Selection<'a> {
     Tag(&'a str),
 }
 
-/// Where each stored key can be found by a purge: by URL (ordered, so prefixes are ranges) and
-/// by tag. Every entry carries the id of the slot it indexes, so removing the entry of an old
-/// slot never unindexes a newer one stored under the same key, and a purge never removes an
-/// object stored after it looked.
+/// Where each stored key can be found by a purge: by host (without port), then by path
+/// (ordered, so prefixes are ranges), and by tag. Hosts are few and hashed (foldhash, seeded
+/// per map: a host is hashed on every insert and eviction); one ordered map of every key
+/// compared hosts on each of its comparisons. Every entry carries the id of the slot
+/// it indexes, so removing the entry of an old slot never unindexes a newer one stored under
+/// the same key, and a purge never removes an object stored after it looked.
 #[derive(Default)]
 struct Index {
-    urls: BTreeMap<ByUrl, u64>,
+    hosts: HashMap<Box<str>, BTreeMap<ByPath, u64>, foldhash::fast::RandomState>,
     tags: HashMap<Arc<str>, HashMap<Key, u64>>,
 }
 
 impl Index {
     fn add(&mut self, key: &Key, slot: &Slot) {
-        self.urls.insert(ByUrl::new(key.clone()), slot.id);
+        let (host, path) = key.purge_target();
+        let by_path = ByPath::new(key.clone(), path);
+        match self.hosts.get_mut(host) {
+            Some(paths) => {
+                paths.insert(by_path, slot.id);
+            }
+            None => {
+                self.hosts
+                    .insert(host.into(), BTreeMap::from([(by_path, slot.id)]));
+            }
+        }
         for tag in slot.tags() {
             self.tags
                 .entry(tag.clone())
@@ -232,9 +248,15 @@ impl Index {
     }
 
     fn remove(&mut self, key: &Key, slot: &Slot) {
-        let by_url = ByUrl::new(key.clone());
-        if self.urls.get(&by_url) == Some(&slot.id) {
-            self.urls.remove(&by_url);
+        let (host, path) = key.purge_target();
+        if let Some(paths) = self.hosts.get_mut(host) {
+            let by_path = ByPath::new(key.clone(), path);
+            if paths.get(&by_path) == Some(&slot.id) {
+                paths.remove(&by_path);
+                if paths.is_empty() {
+                    self.hosts.remove(host);
+                }
+            }
         }
         for tag in slot.tags() {
             if let Some(keys) = self.tags.get_mut(tag) {
@@ -248,11 +270,24 @@ impl Index {
         }
     }
 
+    /// The host's keys, in order, from the first whose path is at least `path`.
+    fn paths_from<'a>(
+        &'a self,
+        host: &str,
+        path: &str,
+    ) -> impl Iterator<Item = (&'a ByPath, &'a u64)> + 'a {
+        let probe = Key::probe(host, path);
+        let start = ByPath::new(probe.clone(), probe.path());
+        self.hosts
+            .get(host)
+            .into_iter()
+            .flat_map(move |paths| paths.range(start.clone()..))
+    }
+
     /// Keys (with slot ids) under exactly this host and path.
-    fn url(&self, host: &str, path: &str) -> impl Iterator<Item = (&Key, u64)> {
-        self.urls
-            .range(ByUrl::new(Key::probe(host, path))..)
-            .take_while(move |(k, _)| k.host() == host && k.path() == path)
+    fn url<'a>(&'a self, host: &str, path: &'a str) -> impl Iterator<Item = (&'a Key, u64)> + 'a {
+        self.paths_from(host, path)
+            .take_while(move |(k, _)| k.path() == path.as_bytes())
             .map(|(k, id)| (&k.key, *id))
     }
 
@@ -264,9 +299,8 @@ impl Index {
                 .map(|(k, id)| (k.clone(), id))
                 .collect(),
             Selection::Prefix { host, prefix } => self
-                .urls
-                .range(ByUrl::new(Key::probe(host, prefix))..)
-                .take_while(|(k, _)| k.host() == *host && k.path().starts_with(prefix))
+                .paths_from(host, prefix)
+                .take_while(|(k, _)| k.path().starts_with(prefix.as_bytes()))
                 .map(|(k, id)| (k.key.clone(), *id))
                 .collect(),
             Selection::Tag(tag) => self
@@ -278,17 +312,20 @@ impl Index {
     }
 
     fn len(&self) -> usize {
-        self.urls.len()
+        self.hosts.values().map(BTreeMap::len).sum()
     }
 
     /// Keys stored as `Vary` variants of `primary`, oldest first (ids grow with time). They sort
-    /// right after the primary key (ties within a URL order by the whole key), so this reads
+    /// right after the primary key (ties within a path order by the whole key), so this reads
     /// only them, however many other queries the path has.
     fn variants_of(&self, primary: &Key) -> Vec<Key> {
         let prefix = format!("{}\0v", primary.as_str());
+        let (host, path) = primary.purge_target();
         let mut variants: Vec<(u64, Key)> = self
-            .urls
-            .range(ByUrl::new(primary.clone())..)
+            .hosts
+            .get(host)
+            .into_iter()
+            .flat_map(|paths| paths.range(ByPath::new(primary.clone(), path)..))
             .take_while(|(k, _)| k.key.as_str().starts_with(primary.as_str()))
             .filter(|(k, _)| k.key.as_str().starts_with(&prefix))
             .map(|(k, id)| (*id, k.key.clone()))

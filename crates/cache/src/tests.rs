@@ -659,6 +659,104 @@ fn prefix_purge_takes_the_subtree_of_one_host_only() {
 }
 
 #[test]
+fn purges_find_exactly_their_urls_among_paths_sharing_long_beginnings() {
+    // The index orders a host's keys by their path's first eight bytes before the rest: paths
+    // that agree on those bytes, or are beginnings of each other, must still sort and select
+    // as whole paths do. Checked against a plain filter over what was stored.
+    let cache = Cache::new(vec![spec("default", 4 << 20)], CacheSettings::default());
+    let req = HeaderMap::new();
+    let resp = headers(&[("cache-control", "max-age=60")]);
+    let paths = [
+        "/",
+        "/a",
+        "/static",
+        "/static/",
+        "/static/a",
+        "/static/a/b.js",
+        "/static/ab",
+        "/static/b",
+        "/static-x",
+        "/staticx/a",
+        "/api/v1/users/1",
+        "/api/v1/users/10",
+        "/api/v1/users/2",
+        "/api/v1/users",
+        "/api/v2/users/1",
+        "/\u{e9}t\u{e9}/caf\u{e9}",
+    ];
+    let hosts = ["example.com", "example.com:8080", "other.example"];
+    let queries = [None, Some("q=1"), Some("q=2")];
+    let mut stored = Vec::new();
+    for host in hosts {
+        for path in paths {
+            for query in queries {
+                let t = RequestTarget {
+                    host,
+                    query,
+                    ..target(path, &req)
+                };
+                let adm = cache
+                    .admit(
+                        &Method::GET,
+                        &t,
+                        StatusCode::OK,
+                        &resp,
+                        at(0),
+                        at(0),
+                        cache.purge_generation(),
+                    )
+                    .unwrap();
+                cache.commit(adm, Bytes::from_static(b"x")).unwrap();
+                stored.push((host, path, query));
+            }
+        }
+    }
+    assert_eq!(cache.indexed_keys(), stored.len());
+    let stored_now = |host: &str, path: &str, query: Option<&str>| {
+        let t = RequestTarget {
+            host,
+            query,
+            ..target(path, &req)
+        };
+        matches!(cache.lookup(&t), Lookup::Found(_))
+    };
+    // Each URL purge takes its path's keys on both ports of example.com, all queries.
+    for path in ["/static/a", "/api/v1/users/1", "/static", "/"] {
+        let expected = stored
+            .iter()
+            .filter(|(h, p, _)| h.starts_with("example.com") && *p == path)
+            .count();
+        assert_eq!(cache.purge("example.com", path, None), expected, "{path}");
+        stored.retain(|(h, p, _)| !(h.starts_with("example.com") && *p == path));
+    }
+    for (host, pfx) in [
+        ("example.com", "/static/a"),
+        ("example.com", "/api/v1/users/"),
+        ("other.example", "/static"),
+        ("other.example", "/api/v1/users/1"),
+        ("example.com", "/\u{e9}"),
+    ] {
+        let expected = stored
+            .iter()
+            .filter(|(h, p, _)| crate::key::host_without_port(h) == host && p.starts_with(pfx))
+            .count();
+        assert!(expected > 0, "{host} {pfx}");
+        assert_eq!(
+            cache.invalidate(&prefix(host, pfx), false, at(1)),
+            expected,
+            "{host} {pfx}"
+        );
+        stored
+            .retain(|(h, p, _)| !(crate::key::host_without_port(h) == host && p.starts_with(pfx)));
+    }
+    // What was not named is all still there, and only that is indexed.
+    for (host, path, query) in &stored {
+        assert!(stored_now(host, path, *query), "{host}{path} {query:?}");
+    }
+    assert_eq!(cache.indexed_keys(), stored.len());
+}
+
+#[test]
 fn soft_purge_keeps_the_object_but_makes_it_stale_now() {
     let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
     let req = HeaderMap::new();

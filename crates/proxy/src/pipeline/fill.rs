@@ -29,7 +29,10 @@ pub(crate) struct Fill {
     pub cache: Arc<larder_cache::Cache>,
     pub fill_key: Key,
     pub guard: Option<FillGuard>,
-    /// The body as offered to the requests coalesced on this fill ([`FillGuard::offer`]).
+    /// The body's length as the origin declared it (a stream is offered only for those).
+    pub exact_len: Option<u64>,
+    /// The body as offered to the requests coalesced on this fill ([`FillGuard::offer`]), once
+    /// it is read by a task of its own.
     pub stream: Option<Arc<FillStream>>,
 }
 
@@ -100,7 +103,29 @@ impl Fill {
                 Poll::Pending => break,
             }
         }
+        self.offer_stream(&progress, &admission);
         tokio::spawn(self.run(body, admission, progress));
+    }
+
+    /// Lets the requests coalesced on this fill read its body along, from what was read so
+    /// far, when it will be stored whole. Only a fill that goes on reading needs this: one that
+    /// ended on the caller's task was stored before its waiters were released, and they find
+    /// it stored (offering costs a stream, a copy of the head and a wake-up of the waiters).
+    fn offer_stream(&mut self, progress: &Progress, admission: &Admission) {
+        if !progress.storing {
+            return;
+        }
+        let (Some(guard), Some(len)) = (&self.guard, self.exact_len) else {
+            return;
+        };
+        let Some(stream) = admission.stream(len) else {
+            return;
+        };
+        for chunk in &progress.chunks {
+            stream.push(chunk.clone());
+        }
+        guard.offer(stream.clone());
+        self.stream = Some(stream);
     }
 
     async fn run(

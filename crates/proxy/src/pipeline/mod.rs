@@ -1038,12 +1038,6 @@ impl Proxy {
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        // Requests coalesced on this fill read its body along, when it will be stored whole.
-        let stream = guard.as_ref().zip(exact_len).and_then(|(guard, len)| {
-            let stream = admission.stream(len)?;
-            guard.offer(stream.clone());
-            Some(stream)
-        });
         let (tx, rx) = mpsc::unbounded_channel();
         let flow = Arc::new(FeedFlow::default());
         Fill {
@@ -1052,7 +1046,8 @@ impl Proxy {
             cache: rt.cache.clone(),
             fill_key: plan.fill_key,
             guard,
-            stream,
+            exact_len,
+            stream: None,
         }
         .start(upstream_body, admission);
         if parts.status == StatusCode::OK && not_modified(&request.headers, &parts.headers) {
