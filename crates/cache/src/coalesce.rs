@@ -30,9 +30,14 @@ struct Progress {
     abandoned: bool,
 }
 
+/// The fills in flight by key. foldhash (seeded per process), not SipHash: a key is hashed
+/// twice per miss, where SipHash cost 250 instructions a time. The keys are the clients'
+/// URLs; with the seed unknown to them, colliding ones cannot be chosen.
+type InFlight = HashMap<Key, Arc<Fill>, foldhash::fast::RandomState>;
+
 #[derive(Clone)]
 pub struct Coalescer {
-    inflight: Arc<Mutex<HashMap<Key, Arc<Fill>>>>,
+    inflight: Arc<Mutex<InFlight>>,
     max_waiters: usize,
 }
 
@@ -48,7 +53,7 @@ pub enum Join {
 /// Held by the request filling a key. Dropping it (stored, not storable, failed or aborted)
 /// wakes every waiter, so a failed fill never strands them.
 pub struct FillGuard {
-    inflight: Arc<Mutex<HashMap<Key, Arc<Fill>>>>,
+    inflight: Arc<Mutex<InFlight>>,
     key: Key,
     fill: Arc<Fill>,
     answered: bool,

@@ -8,7 +8,7 @@
 //! per hit and encoding it again was a seventh of a hit's instructions); other writers get a
 //! right-sized `HeaderMap` whose values share the buffer.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -45,60 +45,86 @@ impl StoredHeaders {
     /// alive per object. Names are shared: every `HeaderName` owns its bytes (the http crate
     /// copies a name it parses; well-known ones are static).
     pub fn from_map(map: &HeaderMap, mut keep: impl FnMut(&HeaderName) -> bool) -> StoredHeaders {
-        // Everything is checked before anything is encoded, so the lines and `fields` always
-        // hold the same fields (the bytes come from valid ones: nothing is expected to fail).
-        let kept: Vec<(HeaderName, &HeaderValue)> = map
-            .iter()
-            .filter(|(n, _)| keep(n))
-            .filter(|(_, v)| is_field_value(v.as_bytes()))
-            .map(|(n, v)| (n.clone(), v))
-            .collect();
-        let size: usize = kept
-            .iter()
-            .map(|(n, v)| {
-                v.len()
-                    + if frames_the_message(n) {
-                        0
-                    } else {
-                        n.as_str().len() + 4
-                    }
-            })
-            .sum();
-        let mut buffer = BytesMut::with_capacity(size);
-        let mut spans = vec![(0, 0); kept.len()];
-        for (span, (name, value)) in spans.iter_mut().zip(&kept) {
-            if frames_the_message(name) {
+        // Which fields are stored is decided once, in the first pass, and remembered by
+        // position (past `REMEMBERED` fields, asked again). Everything is checked before
+        // anything is encoded, so the lines and `fields` always hold the same fields (the
+        // bytes come from valid ones: nothing is expected to fail). No list is built on the
+        // way: a fill stores every response it admits.
+        const REMEMBERED: usize = 256;
+        let mut decided = [0u64; REMEMBERED / 64];
+        let (mut lines_len, mut values_len, mut count) = (0, 0, 0);
+        for (i, (name, value)) in map.iter().enumerate() {
+            if !(keep(name) && is_field_value(value.as_bytes())) {
                 continue;
             }
-            buffer.extend_from_slice(name.as_str().as_bytes());
-            buffer.extend_from_slice(b": ");
-            let start = buffer.len();
-            buffer.extend_from_slice(value.as_bytes());
-            *span = (start, buffer.len());
-            buffer.extend_from_slice(b"\r\n");
-        }
-        let lines_end = buffer.len();
-        for (span, (name, value)) in spans.iter_mut().zip(&kept) {
+            if i < REMEMBERED {
+                decided[i / 64] |= 1 << (i % 64);
+            }
+            count += 1;
             if frames_the_message(name) {
-                let start = buffer.len();
-                buffer.extend_from_slice(value.as_bytes());
-                *span = (start, buffer.len());
+                values_len += value.len();
+            } else {
+                lines_len += name.as_str().len() + 2 + value.len() + 2;
             }
         }
-        let buffer: Bytes = buffer.freeze();
-        let mut fields = Vec::with_capacity(kept.len());
-        for ((start, end), (name, value)) in spans.into_iter().zip(kept) {
+        let mut stored = |i: usize, name: &HeaderName, value: &HeaderValue| {
+            if i < REMEMBERED {
+                decided[i / 64] & (1 << (i % 64)) != 0
+            } else {
+                keep(name) && is_field_value(value.as_bytes())
+            }
+        };
+        // Lines first, then the framing fields' bare values; the same walk places each value
+        // when the buffer is written and when it is sliced.
+        let place = |lines_at: &mut usize, values_at: &mut usize, name: &HeaderName, len: usize| {
+            let at = if frames_the_message(name) {
+                values_at
+            } else {
+                *lines_at += name.as_str().len() + 2;
+                lines_at
+            };
+            let start = *at;
+            *at += len;
+            start..start + len
+        };
+        let mut buffer = vec![0u8; lines_len + values_len];
+        let (mut lines_at, mut values_at) = (0, lines_len);
+        for (i, (name, value)) in map.iter().enumerate() {
+            if !stored(i, name, value) {
+                continue;
+            }
+            let span = place(&mut lines_at, &mut values_at, name, value.len());
+            buffer[span.clone()].copy_from_slice(value.as_bytes());
+            if !frames_the_message(name) {
+                let name_at = span.start - name.as_str().len() - 2;
+                buffer[name_at..span.start - 2].copy_from_slice(name.as_str().as_bytes());
+                buffer[span.start - 2..span.start].copy_from_slice(b": ");
+                buffer[span.end..span.end + 2].copy_from_slice(b"\r\n");
+                lines_at += 2;
+            }
+        }
+        let buffer = Bytes::from(buffer);
+        let mut fields = Vec::with_capacity(count);
+        let (mut lines_at, mut values_at) = (0, lines_len);
+        for (i, (name, value)) in map.iter().enumerate() {
+            if !stored(i, name, value) {
+                continue;
+            }
+            let span = place(&mut lines_at, &mut values_at, name, value.len());
+            if !frames_the_message(name) {
+                lines_at += 2;
+            }
             // Checked above by the same rule.
-            let Ok(mut copy) = HeaderValue::from_maybe_shared(buffer.slice(start..end)) else {
+            let Ok(mut copy) = HeaderValue::from_maybe_shared(buffer.slice(span)) else {
                 continue;
             };
             copy.set_sensitive(value.is_sensitive());
-            fields.push((name, copy));
+            fields.push((name.clone(), copy));
         }
         let has_date = fields.iter().any(|(n, _)| n == DATE);
         StoredHeaders {
             buffer,
-            lines_end,
+            lines_end: lines_len,
             fields: fields.into(),
             has_date,
         }
@@ -272,6 +298,55 @@ impl Fields for StoredHeaders {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_fields_and_lines_hold_what_keep_accepts_in_order() {
+        // Framing fields among the others, a sensitive value, a field dropped, repeated names,
+        // and maps past the number of fields whose fate is remembered.
+        for padding in [0, 300] {
+            let mut map = HeaderMap::new();
+            map.append("x-first", HeaderValue::from_static("1"));
+            map.append(CONTENT_LENGTH, HeaderValue::from_static("1234"));
+            map.append("age", HeaderValue::from_static("7"));
+            let mut secret = HeaderValue::from_static("s3cr\tet");
+            secret.set_sensitive(true);
+            map.append("x-secret", secret);
+            for i in 0..padding {
+                let name = HeaderName::from_bytes(format!("x-pad-{i}").as_bytes()).unwrap();
+                map.append(name, HeaderValue::from_str(&i.to_string()).unwrap());
+            }
+            map.append(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+            // obs-text is a valid field value.
+            map.append("x-first", HeaderValue::from_bytes(b"2 \xe9").unwrap());
+            map.append(
+                DATE,
+                HeaderValue::from_static("Mon, 07 Dec 2026 18:00:00 GMT"),
+            );
+            // Every third padding field, and Age, are left out.
+            let left_out = |name: &HeaderName| {
+                name == "age"
+                    || name
+                        .as_str()
+                        .strip_prefix("x-pad-")
+                        .is_some_and(|i| i.parse::<usize>().unwrap() % 3 == 0)
+            };
+            let stored = StoredHeaders::from_map(&map, |name| !left_out(name));
+            let kept: Vec<_> = map.iter().filter(|(n, _)| !left_out(n)).collect();
+            assert_eq!(stored.iter().collect::<Vec<_>>(), kept);
+            let lines: Vec<u8> = kept
+                .iter()
+                .filter(|(n, _)| !frames_the_message(n))
+                .flat_map(|(n, v)| [n.as_str().as_bytes(), b": ", v.as_bytes(), b"\r\n"].concat())
+                .collect();
+            assert_eq!(&stored.http1_lines()[..], &lines[..]);
+            assert!(stored.get("x-secret").unwrap().is_sensitive());
+            assert!(!stored.get("x-first").unwrap().is_sensitive());
+            assert_eq!(stored.get(&CONTENT_LENGTH).unwrap(), "1234");
+            assert_eq!(stored.get(&TRANSFER_ENCODING).unwrap(), "chunked");
+            assert!(stored.has_date());
+            assert_eq!(stored.len(), kept.len());
+        }
+    }
 
     #[test]
     fn small_and_large_maps_are_searched_alike() {
