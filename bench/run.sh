@@ -80,7 +80,7 @@ for v in REPEATS CACHE_MIB BUDGET_MIB KEYS FILL_KEYS BUDGET_KEYS BUDGET_SAMPLE H
 done
 case $BUDGET_OBJ in 1k | 16k) ;; *) die "BENCH_BUDGET_OBJ must be 1k or 16k" ;; esac
 for p in $PROXIES; do
-  case $p in larder | larder-threads | larder-base | nginx | varnish | haproxy | static) ;; *) die "unknown proxy '$p' in BENCH_PROXIES" ;; esac
+  case $p in larder | larder-threads | larder-prealloc | larder-base | nginx | varnish | haproxy | static) ;; *) die "unknown proxy '$p' in BENCH_PROXIES" ;; esac
 done
 
 selected() {
@@ -345,6 +345,7 @@ start_proxy() {
     larder) start_larder "$d" "$mib" ;;
     # The same binary and config with connection threads (LARDER_CONNECTION_THREADS=auto).
     larder-threads) start_larder "$d" "$mib" auto ;;
+    larder-prealloc) PREALLOCATE=true start_larder "$d" "$mib" ;;
     larder-base) LARDER_BIN=$LARDER_BASE_BIN start_larder "$d" "$mib" ;;
     nginx) start_nginx "$d" "$mib" ;;
     varnish) start_varnish "$d" "$mib" ;;
@@ -389,6 +390,7 @@ clusters:
     max_idle_connections: 64
 cache:
   cache_size: ${mib}MiB
+  preallocate: ${PREALLOCATE:-false}
 resource_types:
   - name: default
     config:
@@ -671,7 +673,7 @@ budget_round() {
 
 version_of() {
   case $1 in
-    larder | larder-threads) "$LARDER_BIN" --version 2>&1 | head -1 ;;
+    larder | larder-threads | larder-prealloc) "$LARDER_BIN" --version 2>&1 | head -1 ;;
     larder-base) echo "$("$LARDER_BASE_BIN" --version 2>&1 | head -1) ($LARDER_BASE_BIN)" ;;
     nginx | static) nginx -v 2>&1 | head -1 ;;
     varnish) varnishd -V 2>&1 | head -1 ;;
@@ -684,7 +686,7 @@ version_of() {
 # --- main -------------------------------------------------------------------------------------
 main() {
   install_deps
-  if wants_proxy larder || wants_proxy larder-threads; then
+  if wants_proxy larder || wants_proxy larder-threads || wants_proxy larder-prealloc; then
     [[ -x $LARDER_BIN ]] || die "no larder binary at $LARDER_BIN: run 'cargo build --release' or set LARDER_BIN"
   fi
   if wants_proxy larder-base; then

@@ -70,6 +70,11 @@ impl Drop for FillGuard {
                 map.remove(&self.key);
             }
         }
+        // Waiters join under the map's lock, and this fill has left the map: none counted now
+        // means none to wake, ever (most fills; a send wakes through eight lists).
+        if self.fill.waiters.load(Ordering::Relaxed) == 0 {
+            return;
+        }
         let abandoned = !self.answered;
         self.fill.done.send_modify(|p| {
             p.done = true;

@@ -1240,6 +1240,7 @@ fn build_cache(raw: Option<RawCache>, cx: &mut Ctx) -> CacheSettings {
         ),
         cache_status_key: raw.cache_status_key.unwrap_or(d.cache_status_key),
         heuristic_errors: raw.heuristic_errors.unwrap_or(d.heuristic_errors),
+        preallocate: raw.preallocate.unwrap_or(d.preallocate),
     }
 }
 

@@ -735,6 +735,11 @@ pub struct CacheSettings {
     /// a heuristic), as RFC 9111 allows. Off: an error a client provokes with an unkeyed
     /// header could otherwise be served to everyone (cache poisoning by denial of service).
     pub heuristic_errors: bool,
+    /// Touch the whole budget (every resource type's `cache_size`) at start and never give
+    /// freed memory back: fills then never wait for the kernel to supply fresh pages (what
+    /// HAProxy's cache does), and a memory limit too small for the budget shows at start,
+    /// not hours later. Read at start only.
+    pub preallocate: bool,
 }
 
 impl Default for CacheSettings {
@@ -747,6 +752,7 @@ impl Default for CacheSettings {
             max_variants: 64,
             cache_status_key: false,
             heuristic_errors: false,
+            preallocate: false,
         }
     }
 }

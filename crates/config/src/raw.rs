@@ -283,6 +283,7 @@ pub(crate) struct RawCache {
     pub max_variants: Option<u64>,
     pub cache_status_key: Option<bool>,
     pub heuristic_errors: Option<bool>,
+    pub preallocate: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
