@@ -389,8 +389,8 @@ clusters:
     endpoints: ["127.0.0.1:$ORIGIN_PORT"]
     max_idle_connections: 64
 cache:
-  cache_size: ${mib}MiB
-  preallocate: ${PREALLOCATE:-false}
+  cache_size: ${mib}MiB${PREALLOCATE:+
+  preallocate: $PREALLOCATE}
 resource_types:
   - name: default
     config:
