@@ -141,8 +141,9 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// when used), and preallocated memory would be gone before the first fill.
 #[allow(unsafe_code)]
 fn keep_freed_memory() {
-    // SAFETY: `mi_option_set` takes any option number and value: options are plain numbers
-    // the allocator reads when it is about to purge.
+    // SAFETY: `mi_option_set` takes any option number and value, and writes the options table
+    // without synchronisation: it runs before the tokio runtime and the config watcher exist,
+    // on the process's only thread.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 

@@ -163,3 +163,20 @@ async fn a_reload_that_hides_tag_headers_never_serves_them_from_the_cache() {
     }
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
+
+#[tokio::test]
+async fn a_reload_that_only_changes_preallocate_keeps_the_cache() {
+    // Read at start only: a reload neither applies it nor empties what is stored for it.
+    let a = Origin::fixed(200, &[("cache-control", "max-age=600")], "from a").await;
+    let b = Origin::fixed(200, &[("cache-control", "max-age=600")], "from b").await;
+    let base = yaml(a.addr, b.addr, false, "16MiB");
+    let (larder, path) = start_from_file("reload-preallocate", &base).await;
+    larder
+        .get("/kept")
+        .await
+        .assert_cache_status("fwd=uri-miss");
+    std::fs::write(&path, format!("{base}cache:\n  preallocate: true\n")).unwrap();
+    assert_eq!(larder.server.reload_from_file(&path), Ok(2));
+    larder.get("/kept").await.assert_cache_status("hit");
+    assert_eq!(a.count(), 1, "no refetch of /kept");
+}

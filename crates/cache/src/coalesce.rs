@@ -32,7 +32,8 @@ struct Progress {
 
 /// The fills in flight by key. foldhash (seeded per process), not SipHash: a key is hashed
 /// twice per miss, where SipHash cost 250 instructions a time. The keys are the clients'
-/// URLs; with the seed unknown to them, colliding ones cannot be chosen.
+/// URLs; the seed is unknown to them, and the worst a collision does is slow the misses of
+/// one process (the hit-for-pass table takes the same risk).
 type InFlight = HashMap<Key, Arc<Fill>, foldhash::fast::RandomState>;
 
 #[derive(Clone)]

@@ -44,7 +44,8 @@ impl StoredHeaders {
     /// slices of the connection's read buffer, and keeping one would keep that whole buffer
     /// alive per object. Names are shared: every `HeaderName` owns its bytes (the http crate
     /// copies a name it parses; well-known ones are static).
-    pub fn from_map(map: &HeaderMap, mut keep: impl FnMut(&HeaderName) -> bool) -> StoredHeaders {
+    /// `keep` may be asked more than once about a field; it must answer the same each time.
+    pub fn from_map(map: &HeaderMap, keep: impl Fn(&HeaderName) -> bool) -> StoredHeaders {
         // Which fields are stored is decided once, in the first pass, and remembered by
         // position (past `REMEMBERED` fields, asked again). Everything is checked before
         // anything is encoded, so the lines and `fields` always hold the same fields (the
@@ -67,7 +68,7 @@ impl StoredHeaders {
                 lines_len += name.as_str().len() + 2 + value.len() + 2;
             }
         }
-        let mut stored = |i: usize, name: &HeaderName, value: &HeaderValue| {
+        let stored = |i: usize, name: &HeaderName, value: &HeaderValue| {
             if i < REMEMBERED {
                 decided[i / 64] & (1 << (i % 64)) != 0
             } else {

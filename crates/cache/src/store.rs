@@ -277,7 +277,7 @@ impl Index {
         path: &str,
     ) -> impl Iterator<Item = (&'a ByPath, &'a u64)> + 'a {
         let probe = Key::probe(host, path);
-        let start = ByPath::new(probe.clone(), probe.path());
+        let start = ByPath::new(probe.clone(), probe.purge_target().1);
         self.hosts
             .get(host)
             .into_iter()

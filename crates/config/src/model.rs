@@ -742,6 +742,17 @@ pub struct CacheSettings {
     pub preallocate: bool,
 }
 
+impl CacheSettings {
+    /// These settings without those read at start only (`preallocate`): what a reload
+    /// compares, so changing one neither empties the cache nor passes unannounced.
+    pub fn without_start_only(&self) -> CacheSettings {
+        CacheSettings {
+            preallocate: false,
+            ..self.clone()
+        }
+    }
+}
+
 impl Default for CacheSettings {
     fn default() -> Self {
         CacheSettings {

@@ -170,7 +170,8 @@ impl Runtime {
         let (specs, settings) = cache_specs(&config);
         // Stored objects were admitted under the old cache-wide rules too: keep them only
         // when those are unchanged as well.
-        let cache_rules_same = config.cache == previous.config.cache
+        let cache_rules_same = config.cache.without_start_only()
+            == previous.config.cache.without_start_only()
             && config.purge.tag_headers == previous.config.purge.tag_headers
             && config.purge.strip_tag_headers == previous.config.purge.strip_tag_headers;
         let cache = previous.cache.reconfigure(specs, settings, |name| {
@@ -354,7 +355,14 @@ fn changed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
     check("access_log", old.access_log == new.access_log);
     check("virtual_hosts", old.virtual_hosts == new.virtual_hosts);
     check("clusters", old.clusters == new.clusters);
-    check("cache", old.cache == new.cache);
+    check(
+        "cache",
+        old.cache.without_start_only() == new.cache.without_start_only(),
+    );
+    check(
+        "cache.preallocate",
+        old.cache.preallocate == new.cache.preallocate,
+    );
     check("resource_types", old.resource_types == new.resource_types);
     check("purge", old.purge == new.purge);
     check("log", old.log == new.log);
@@ -372,4 +380,5 @@ pub const RESTART_SECTIONS: &[&str] = &[
     "log",
     "tracing",
     "purge",
+    "cache.preallocate",
 ];

@@ -109,8 +109,9 @@ impl Fill {
 
     /// Lets the requests coalesced on this fill read its body along, from what was read so
     /// far, when it will be stored whole. Only a fill that goes on reading needs this: one that
-    /// ended on the caller's task was stored before its waiters were released, and they find
-    /// it stored (offering costs a stream, a copy of the head and a wake-up of the waiters).
+    /// ended on the caller's task was committed before its waiters were released, and they
+    /// find it stored (offering costs a stream, a copy of the head and a wake-up of the
+    /// waiters). Should the commit store nothing (a purge in between), they ask the origin.
     fn offer_stream(&mut self, progress: &Progress, admission: &Admission) {
         if !progress.storing {
             return;
