@@ -73,6 +73,27 @@ fn store(
         .ok_or(NoCacheReason::PurgedDuringFill)
 }
 
+/// Admits and stores a 200 answer to a GET of `target`, received at time 0.
+fn store_target(
+    cache: &Cache,
+    target: &RequestTarget<'_>,
+    resp: &HeaderMap,
+    body: &'static [u8],
+) -> Hit {
+    let adm = cache
+        .admit(
+            &Method::GET,
+            target,
+            StatusCode::OK,
+            resp,
+            at(0),
+            at(0),
+            cache.purge_generation(),
+        )
+        .unwrap();
+    cache.commit(adm, Bytes::from_static(body)).unwrap()
+}
+
 fn found(cache: &Cache, path: &str, req: &HeaderMap) -> Option<Hit> {
     match cache.lookup(&target(path, req)) {
         Lookup::Found(hit) => Some(hit),
@@ -622,21 +643,11 @@ fn prefix_purge_takes_the_subtree_of_one_host_only() {
     for path in ["/img/a.png", "/img/b/c.png", "/imgx", "/im", "/other"] {
         store(&cache, path, &req, &resp, b"x").unwrap();
     }
-    let other_host = cache
-        .admit(
-            &Method::GET,
-            &RequestTarget {
-                host: "other.example",
-                ..target("/img/a.png", &req)
-            },
-            StatusCode::OK,
-            &resp,
-            at(0),
-            at(0),
-            cache.purge_generation(),
-        )
-        .unwrap();
-    cache.commit(other_host, Bytes::from_static(b"o")).unwrap();
+    let other_host = RequestTarget {
+        host: "other.example",
+        ..target("/img/a.png", &req)
+    };
+    store_target(&cache, &other_host, &resp, b"o");
 
     assert_eq!(
         cache.invalidate(&prefix("example.com", "/img/"), false, at(1)),
@@ -695,18 +706,7 @@ fn purges_find_exactly_their_urls_among_paths_sharing_long_beginnings() {
                     query,
                     ..target(path, &req)
                 };
-                let adm = cache
-                    .admit(
-                        &Method::GET,
-                        &t,
-                        StatusCode::OK,
-                        &resp,
-                        at(0),
-                        at(0),
-                        cache.purge_generation(),
-                    )
-                    .unwrap();
-                cache.commit(adm, Bytes::from_static(b"x")).unwrap();
+                store_target(&cache, &t, &resp, b"x");
                 stored.push((host, path, query));
             }
         }
@@ -871,21 +871,11 @@ fn variants_are_capped_per_url_among_many_queries() {
     let resp = headers(&[("cache-control", "max-age=60"), ("vary", "x-v")]);
     let with_query = |q: &'static str, v: &str| {
         let req = headers(&[("x-v", v)]);
-        let adm = cache
-            .admit(
-                &Method::GET,
-                &RequestTarget {
-                    query: Some(q),
-                    ..target("/v", &req)
-                },
-                StatusCode::OK,
-                &resp,
-                at(0),
-                at(0),
-                cache.purge_generation(),
-            )
-            .unwrap();
-        cache.commit(adm, Bytes::from_static(b"x")).unwrap();
+        let t = RequestTarget {
+            query: Some(q),
+            ..target("/v", &req)
+        };
+        store_target(&cache, &t, &resp, b"x");
     };
     for v in ["1", "2", "3"] {
         with_query("a", v);
