@@ -250,12 +250,15 @@ impl Index {
     fn remove(&mut self, key: &Key, slot: &Slot) {
         let (host, path) = key.purge_target();
         if let Some(paths) = self.hosts.get_mut(host) {
-            let by_path = ByPath::new(key.clone(), path);
-            if paths.get(&by_path) == Some(&slot.id) {
-                paths.remove(&by_path);
-                if paths.is_empty() {
-                    self.hosts.remove(host);
-                }
+            // One descent for the usual case, the entry being this slot's; a newer slot's
+            // entry under the same key goes back.
+            if let Some((by_path, id)) = paths.remove_entry(&ByPath::new(key.clone(), path))
+                && id != slot.id
+            {
+                paths.insert(by_path, id);
+            }
+            if paths.is_empty() {
+                self.hosts.remove(host);
             }
         }
         for tag in slot.tags() {

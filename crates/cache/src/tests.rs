@@ -611,6 +611,21 @@ fn a_replaced_object_loses_its_old_tags() {
 }
 
 #[test]
+fn a_replaced_object_stays_purgeable_by_url() {
+    // The replacement is indexed before the slot it displaced is unindexed: removing the old
+    // entry must leave the new one under the same key.
+    let cache = Cache::new(vec![spec("default", 1 << 20)], CacheSettings::default());
+    let req = HeaderMap::new();
+    let resp = headers(&[("cache-control", "max-age=60")]);
+    store(&cache, "/r", &req, &resp, b"1").unwrap();
+    store(&cache, "/r", &req, &resp, b"2").unwrap();
+    assert_eq!(cache.indexed_keys(), 1);
+    assert_eq!(cache.purge("example.com", "/r", None), 1);
+    assert!(found(&cache, "/r", &req).is_none());
+    assert_eq!(cache.indexed_keys(), 0);
+}
+
+#[test]
 fn the_tag_index_follows_evictions() {
     // Room for a few objects only: most inserts evict.
     let cache = Cache::new(vec![spec("default", 64 << 10)], CacheSettings::default());

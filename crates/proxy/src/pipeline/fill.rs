@@ -24,16 +24,16 @@ const CLIENT_HIGH_WATER: u64 = 1 << 20;
 /// or vanished client cannot hold the key's fill and stall everyone coalesced on it. Only a body
 /// that ends cleanly is stored.
 pub(crate) struct Fill {
-    pub tx: mpsc::UnboundedSender<FeedItem>,
-    pub flow: Arc<FeedFlow>,
-    pub cache: Arc<larder_cache::Cache>,
-    pub fill_key: Key,
-    pub guard: Option<FillGuard>,
+    tx: mpsc::UnboundedSender<FeedItem>,
+    flow: Arc<FeedFlow>,
+    cache: Arc<larder_cache::Cache>,
+    fill_key: Key,
+    guard: Option<FillGuard>,
     /// The body's length as the origin declared it (a stream is offered only for those).
-    pub exact_len: Option<u64>,
+    exact_len: Option<u64>,
     /// The body as offered to the requests coalesced on this fill ([`FillGuard::offer`]), once
-    /// it is read by a task of its own.
-    pub stream: Option<Arc<FillStream>>,
+    /// it is read by a task of its own ([`Fill::start`] decides).
+    stream: Option<Arc<FillStream>>,
 }
 
 /// However the fill ends, readers along never wait for more (a complete body was marked so).
@@ -63,6 +63,26 @@ struct Progress {
 }
 
 impl Fill {
+    /// A fill feeding its client through `tx` (paced by `flow`), storing under `guard`'s key.
+    pub fn new(
+        tx: mpsc::UnboundedSender<FeedItem>,
+        flow: Arc<FeedFlow>,
+        cache: Arc<larder_cache::Cache>,
+        fill_key: Key,
+        guard: Option<FillGuard>,
+        exact_len: Option<u64>,
+    ) -> Fill {
+        Fill {
+            tx,
+            flow,
+            cache,
+            fill_key,
+            guard,
+            exact_len,
+            stream: None,
+        }
+    }
+
     /// Starts reading `body` (it ends with an error when the origin stalls: see
     /// [`UpstreamBody`]). What the origin has sent already, often the whole of a small body
     /// read with its head, is taken now, on the caller's task; a task of its own reads the

@@ -1040,15 +1040,14 @@ impl Proxy {
             .and_then(|v| v.parse().ok());
         let (tx, rx) = mpsc::unbounded_channel();
         let flow = Arc::new(FeedFlow::default());
-        Fill {
+        Fill::new(
             tx,
-            flow: flow.clone(),
-            cache: rt.cache.clone(),
-            fill_key: plan.fill_key,
+            flow.clone(),
+            rt.cache.clone(),
+            plan.fill_key,
             guard,
             exact_len,
-            stream: None,
-        }
+        )
         .start(upstream_body, admission);
         if parts.status == StatusCode::OK && not_modified(&request.headers, &parts.headers) {
             // The client already has it; the fill goes on without this client. (The 304
