@@ -39,6 +39,16 @@ fn frames_the_message(name: &HeaderName) -> bool {
     name == CONTENT_LENGTH || name == TRANSFER_ENCODING || name == CONNECTION
 }
 
+/// Where a field goes in the stored buffer.
+#[derive(Clone, Copy, PartialEq)]
+enum Placed {
+    Not,
+    /// A `name: value` line.
+    Line,
+    /// A framing field's bare value, after the lines.
+    Value,
+}
+
 impl StoredHeaders {
     /// Copies the fields `keep` accepts. Values are copied, not shared: as parsed, they are
     /// slices of the connection's read buffer, and keeping one would keep that whole buffer
@@ -46,78 +56,94 @@ impl StoredHeaders {
     /// copies a name it parses; well-known ones are static).
     /// `keep` may be asked more than once about a field; it must answer the same each time.
     pub fn from_map(map: &HeaderMap, keep: impl Fn(&HeaderName) -> bool) -> StoredHeaders {
-        // Which fields are stored is decided once, in the first pass, and remembered by
+        // A `HeaderValue` holds a valid field value (`HeaderValue::from_bytes`'s rule, which
+        // `is_field_value` states): the values are checked once, when the copies are made.
+        Self::build(map, &keep, false)
+    }
+
+    /// `check_values` checks each value before it is laid out, for the map that broke the
+    /// rule (a value made unchecked): the lines are never written with a CR or LF in them.
+    fn build(map: &HeaderMap, keep: &impl Fn(&HeaderName) -> bool, check_values: bool) -> Self {
+        // What becomes of each field is decided once, in the first pass, and remembered by
         // position (past `REMEMBERED` fields, asked again). Everything is checked before
-        // anything is encoded, so the lines and `fields` always hold the same fields (the
-        // bytes come from valid ones: nothing is expected to fail). No list is built on the
-        // way: a fill stores every response it admits.
-        const REMEMBERED: usize = 256;
-        let mut decided = [0u64; REMEMBERED / 64];
+        // anything is encoded, so the lines and `fields` always hold the same fields. No list
+        // is built on the way: a fill stores every response it admits.
+        const REMEMBERED: usize = 64;
+        let decide = |name: &HeaderName, value: &HeaderValue| {
+            if !(keep(name) && (!check_values || is_field_value(value.as_bytes()))) {
+                Placed::Not
+            } else if frames_the_message(name) {
+                Placed::Value
+            } else {
+                Placed::Line
+            }
+        };
+        let mut decided = [Placed::Not; REMEMBERED];
         let (mut lines_len, mut values_len, mut count) = (0, 0, 0);
         for (i, (name, value)) in map.iter().enumerate() {
-            if !(keep(name) && is_field_value(value.as_bytes())) {
-                continue;
+            let placed = decide(name, value);
+            if let Some(slot) = decided.get_mut(i) {
+                *slot = placed;
             }
-            if i < REMEMBERED {
-                decided[i / 64] |= 1 << (i % 64);
+            match placed {
+                Placed::Not => continue,
+                Placed::Value => values_len += value.len(),
+                Placed::Line => lines_len += name.as_str().len() + 2 + value.len() + 2,
             }
             count += 1;
-            if frames_the_message(name) {
-                values_len += value.len();
-            } else {
-                lines_len += name.as_str().len() + 2 + value.len() + 2;
-            }
         }
-        let stored = |i: usize, name: &HeaderName, value: &HeaderValue| {
-            if i < REMEMBERED {
-                decided[i / 64] & (1 << (i % 64)) != 0
-            } else {
-                keep(name) && is_field_value(value.as_bytes())
-            }
+        let placed = |i: usize, name: &HeaderName, value: &HeaderValue| {
+            decided
+                .get(i)
+                .copied()
+                .unwrap_or_else(|| decide(name, value))
         };
         // Lines first, then the framing fields' bare values; the same walk places each value
         // when the buffer is written and when it is sliced.
-        let place = |lines_at: &mut usize, values_at: &mut usize, name: &HeaderName, len: usize| {
-            let at = if frames_the_message(name) {
-                values_at
-            } else {
-                *lines_at += name.as_str().len() + 2;
-                lines_at
-            };
-            let start = *at;
-            *at += len;
-            start..start + len
-        };
         let mut buffer = vec![0u8; lines_len + values_len];
         let (mut lines_at, mut values_at) = (0, lines_len);
         for (i, (name, value)) in map.iter().enumerate() {
-            if !stored(i, name, value) {
-                continue;
-            }
-            let span = place(&mut lines_at, &mut values_at, name, value.len());
-            buffer[span.clone()].copy_from_slice(value.as_bytes());
-            if !frames_the_message(name) {
-                let name_at = span.start - name.as_str().len() - 2;
-                buffer[name_at..span.start - 2].copy_from_slice(name.as_str().as_bytes());
-                buffer[span.start - 2..span.start].copy_from_slice(b": ");
-                buffer[span.end..span.end + 2].copy_from_slice(b"\r\n");
-                lines_at += 2;
+            let len = value.len();
+            match placed(i, name, value) {
+                Placed::Not => {}
+                Placed::Value => {
+                    buffer[values_at..values_at + len].copy_from_slice(value.as_bytes());
+                    values_at += len;
+                }
+                Placed::Line => {
+                    let line = &mut buffer[lines_at..lines_at + name.as_str().len() + len + 4];
+                    let (name_part, rest) = line.split_at_mut(name.as_str().len());
+                    name_part.copy_from_slice(name.as_str().as_bytes());
+                    rest[..2].copy_from_slice(b": ");
+                    rest[2..2 + len].copy_from_slice(value.as_bytes());
+                    rest[2 + len..].copy_from_slice(b"\r\n");
+                    lines_at += line.len();
+                }
             }
         }
         let buffer = Bytes::from(buffer);
         let mut fields = Vec::with_capacity(count);
         let (mut lines_at, mut values_at) = (0, lines_len);
         for (i, (name, value)) in map.iter().enumerate() {
-            if !stored(i, name, value) {
-                continue;
-            }
-            let span = place(&mut lines_at, &mut values_at, name, value.len());
-            if !frames_the_message(name) {
-                lines_at += 2;
-            }
-            // Checked above by the same rule.
+            let len = value.len();
+            let span = match placed(i, name, value) {
+                Placed::Not => continue,
+                Placed::Value => {
+                    values_at += len;
+                    values_at - len..values_at
+                }
+                Placed::Line => {
+                    let start = lines_at + name.as_str().len() + 2;
+                    lines_at = start + len + 2;
+                    start..start + len
+                }
+            };
             let Ok(mut copy) = HeaderValue::from_maybe_shared(buffer.slice(span)) else {
-                continue;
+                if check_values {
+                    // Checked above by the same rule: never here.
+                    continue;
+                }
+                return Self::build(map, keep, true);
             };
             copy.set_sensitive(value.is_sensitive());
             fields.push((name.clone(), copy));

@@ -3,6 +3,7 @@
 //! Everything that depends only on the response is computed once at store time, so a hit costs
 //! one subtraction and, only when the request carries Cache-Control, a directive check.
 
+use std::cell::Cell;
 use std::time::{Duration, SystemTime};
 
 use crate::fields::Fields;
@@ -97,11 +98,31 @@ const MONTHS: [&str; 12] = [
     "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
 ];
 
+/// `Sun, 06 Nov 1994 08:49:37 GMT`: the format origins send.
+const IMF_FIXDATE_LEN: usize = 29;
+
+thread_local! {
+    /// The last IMF-fixdate this thread parsed, and its time. An origin sends the same `Date`
+    /// for a second at a time, on every response a fill stores, and parsing one cost 700
+    /// instructions of a 1 KiB fill's 54k (callgrind `fill1k`); comparing 29 bytes costs a few.
+    static LAST_FIXDATE: Cell<Option<([u8; IMF_FIXDATE_LEN], SystemTime)>> = const { Cell::new(None) };
+}
+
 /// An HTTP-date (RFC 9110 §5.6.7) in any of its three formats. Recipients are lenient the way
 /// the RFC allows: day, month and zone names in any case, and an asctime() weekday that does
 /// not match its date. Anything else malformed is no date.
 pub fn parse_date(text: &str) -> Option<SystemTime> {
-    if let Ok(t) = httpdate::parse_http_date(text) {
+    if let Ok(fixdate) = <[u8; IMF_FIXDATE_LEN]>::try_from(text.as_bytes()) {
+        if let Some((last, t)) = LAST_FIXDATE.get()
+            && last == fixdate
+        {
+            return Some(t);
+        }
+        if let Ok(t) = httpdate::parse_http_date(text) {
+            LAST_FIXDATE.set(Some((fixdate, t)));
+            return Some(t);
+        }
+    } else if let Ok(t) = httpdate::parse_http_date(text) {
         return Some(t);
     }
     let fixed_case: String = text
@@ -589,6 +610,22 @@ mod tests {
             "0",
         ] {
             assert_eq!(parse_date(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_remembered_date_answers_only_for_its_own_text() {
+        let dates = [
+            "Thu, 18 Aug 2050 02:01:18 GMT",
+            "Thu, 18 Aug 2050 02:01:19 GMT",
+            "Thu, 18 Aug 2050 02:01:18 UTC",
+        ];
+        let want = dates.map(|d| httpdate::parse_http_date(d).ok());
+        for _ in 0..2 {
+            for (text, want) in dates.iter().zip(want) {
+                assert_eq!(parse_date(text), want, "{text}");
+                assert_eq!(parse_date(text), want, "{text}, asked again");
+            }
         }
     }
 

@@ -102,17 +102,6 @@ impl Key {
         (host_without_port(host), &path[..field_end(path)])
     }
 
-    /// A key that orders before every stored key with this host and path (its scheme is
-    /// empty), so an ordered index can start a range scan at it. Never stored.
-    pub fn probe(host: &str, path: &str) -> Key {
-        let mut s = String::with_capacity(host.len() + path.len() + 2);
-        s.push(SEP);
-        s.push_str(host);
-        s.push(SEP);
-        s.push_str(path);
-        Key(s.into())
-    }
-
     pub fn path(&self) -> &str {
         self.field(2)
     }
@@ -321,8 +310,8 @@ mod tests {
             Key("http\0[::1]:8080\0/p\0q=1\0".into()),
             Key("http\0[::1]\0/p".into()),
             Key("http\0h\u{e9}:1\0/caf\u{e9}\0\0".into()),
-            Key::probe("example.com", "/a/b"),
-            Key::probe("", ""),
+            Key("\0example.com\0/a/b".into()),
+            Key("\0\0".into()),
         ];
         for host in ["example.com", "example.com:8080", "[::1]:443", "[::1]"] {
             for query in [None, Some("a=1&b=2")] {
