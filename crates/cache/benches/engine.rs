@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the cache engine's hot paths, through its public API only:
 //! a lookup that finds a fresh entry, admit + commit of a 1 KiB response, and a lookup that
-//! has to pick a `Vary` variant. Run with `cargo bench -p larder-cache` (see BENCHMARKS.md).
+//! has to pick a `Vary` variant, and purges by URL and by prefix. Run with `cargo bench -p larder-cache` (see BENCHMARKS.md).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use larder_cache::{
     Cache, CacheSettings, FreshnessRules, KeyRules, Lookup, MatchAll, RequestDirectives,
-    RequestTarget, ResourceTypeSpec, SetCookiePolicy,
+    RequestTarget, ResourceTypeSpec, Selector, SetCookiePolicy,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -177,5 +177,38 @@ fn insert(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, lookup, insert);
+/// What a purge costs against a host of `PURGE_HOST_OBJECTS` stored paths, with nothing to
+/// remove (so every iteration meets the same cache): finding one URL is a hashed lookup; a
+/// prefix reads every path of the host, under the index lock that fills take too.
+fn purge(c: &mut Criterion) {
+    const PURGE_HOST_OBJECTS: usize = 100_000;
+    let body = Bytes::from_static(b"x");
+    let req = HeaderMap::new();
+    let resp = response_headers(&[]);
+    let big = cache(1024 * MIB);
+    for i in 0..PURGE_HOST_OBJECTS {
+        store(&big, &format!("/static/assets/{i}.js"), &req, &resp, &body);
+    }
+    let mut group = c.benchmark_group("purge_100k_paths");
+    group.throughput(Throughput::Elements(1));
+    let now = SystemTime::now();
+    let url = Selector::Url {
+        host: "bench.example".into(),
+        path: "/static/assets/absent.js".into(),
+        query: None,
+    };
+    group.bench_function("url", |b| {
+        b.iter(|| assert_eq!(big.invalidate(black_box(&url), false, now), 0))
+    });
+    let prefix = Selector::Prefix {
+        host: "bench.example".into(),
+        prefix: "/static/assets/absent/".into(),
+    };
+    group.bench_function("prefix", |b| {
+        b.iter(|| assert_eq!(big.invalidate(black_box(&prefix), false, now), 0))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, lookup, insert, purge);
 criterion_main!(benches);
