@@ -214,10 +214,10 @@ case $tool in
     python3 bench/callgrind_self.py "$out" "$n" 40
     ;;
   stat)
-    traced perf stat -x, -e task-clock,context-switches,cpu-migrations -p "$LARDER_PID" -o "$WORK/stat.txt"
+    traced perf stat -x, -e task-clock,context-switches,cpu-migrations,page-faults -p "$LARDER_PID" -o "$WORK/stat.txt"
     echo "== $scenario: $n requests in ${seconds}s; per request:"
     awk -F, -v n="$n" '$3 == "task-clock" { printf "%8.2f  us of CPU\n", $1 * 1000 / n }
-      $3 ~ /context-switches|cpu-migrations/ { printf "%8.3f  %s\n", $1 / n, $3 }' "$WORK/stat.txt"
+      $3 ~ /context-switches|cpu-migrations|page-faults/ { printf "%8.3f  %s\n", $1 / n, $3 }' "$WORK/stat.txt"
     ;;
   syscalls)
     # strace slows every call down; the counts per request are what matter, not the rate.

@@ -598,6 +598,52 @@ async fn a_body_arriving_after_its_head_streams_to_the_client_and_is_stored_whol
 }
 
 #[tokio::test]
+async fn a_body_read_whole_with_its_head_reaches_the_client_in_order_stored_or_too_large() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Four chunks of 1,000 distinct bytes, sent with the head in one write: the fill reads them
+    // on the client's task and hands the client the body whole when it is stored. Under a 1 KiB
+    // object limit the body proves too large to store only as it is read (no Content-Length).
+    let body: Vec<u8> = (0..4000u32).map(|i| (i % 251) as u8).collect();
+    let mut reply =
+        b"HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\ntransfer-encoding: chunked\r\n\r\n"
+            .to_vec();
+    for chunk in body.chunks(1000) {
+        reply.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        reply.extend_from_slice(chunk);
+        reply.extend_from_slice(b"\r\n");
+    }
+    reply.extend_from_slice(b"0\r\n\r\n");
+    let reply = Arc::new(reply);
+    let origin = RawOrigin::start(move |mut stream| {
+        let reply = reply.clone();
+        async move {
+            let mut buf = [0u8; 4096];
+            while stream.read(&mut buf).await.is_ok_and(|n| n > 0) {
+                if stream.write_all(&reply).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    for (limit, stored) in [("64KiB", true), ("1KiB", false)] {
+        let types = format!(
+            "resource_types:\n  - name: default\n    config: {{ cache_size: 1MiB, max_object_size: {limit} }}\n"
+        );
+        let larder = Larder::start(&config_yaml(origin.addr, &types)).await;
+        let first = larder.get("/whole").await;
+        assert_eq!(first.body, body, "limit {limit}: first answer");
+        let second = larder.get("/whole").await;
+        assert_eq!(second.body, body, "limit {limit}: second answer");
+        let status = second.cache_status();
+        // Without a declared length the head goes out before the body proves too large, so
+        // only the second answer tells: asked of the origin again.
+        assert_eq!(status.starts_with("larder; hit"), stored, "{status}");
+        assert_eq!(status.contains("fwd=uri-miss"), !stored, "{status}");
+    }
+}
+
+#[tokio::test]
 async fn only_if_cached_answers_504_when_nothing_is_stored() {
     let origin = Origin::fixed(200, &[("cache-control", "max-age=60")], "x").await;
     let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;

@@ -3,8 +3,8 @@
 //! as it arrives once the fetch offers it ([`FillGuard::offer`]).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -14,8 +14,18 @@ use crate::key::Key;
 use crate::stream::FillStream;
 
 struct Fill {
-    done: watch::Sender<Progress>,
+    /// Made by the first to need it: a waiter joining, or the fill offering its body. Most
+    /// fills have neither, and a channel cost an allocation and, dropped, a wake-up through its
+    /// eight notify lists (700 instructions of a 1 KiB fill's 53k, callgrind `fill1k`).
+    done: OnceLock<watch::Sender<Progress>>,
     waiters: AtomicUsize,
+}
+
+impl Fill {
+    fn done(&self) -> &watch::Sender<Progress> {
+        self.done
+            .get_or_init(|| watch::channel(Progress::default()).0)
+    }
 }
 
 /// How far a fill has come, as its waiters see it.
@@ -77,7 +87,7 @@ impl Drop for FillGuard {
             return;
         }
         let abandoned = !self.answered;
-        self.fill.done.send_modify(|p| {
+        self.fill.done().send_modify(|p| {
             p.done = true;
             p.abandoned = abandoned;
         });
@@ -92,7 +102,7 @@ impl FillGuard {
 
     /// Lets the requests waiting on this fill read its body as it arrives.
     pub fn offer(&self, stream: Arc<FillStream>) {
-        self.fill.done.send_modify(|p| p.stream = Some(stream));
+        self.fill.done().send_modify(|p| p.stream = Some(stream));
     }
 }
 
@@ -178,13 +188,12 @@ impl Coalescer {
                 return Join::Overflow;
             }
             return Join::Follower(FillWaiter {
-                done: fill.done.subscribe(),
+                done: fill.done().subscribe(),
                 fill: fill.clone(),
             });
         }
-        let (done, _) = watch::channel(Progress::default());
         let fill = Arc::new(Fill {
-            done,
+            done: OnceLock::new(),
             waiters: AtomicUsize::new(0),
         });
         map.insert(key.clone(), fill.clone());

@@ -74,31 +74,49 @@ fn for_each_directive<'a>(
             if name.is_empty() {
                 continue;
             }
-            f(&name.to_ascii_lowercase(), value);
+            // Names are nearly always sent in lower case: a copy only for those that are not.
+            let lower;
+            let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+                lower = name.to_ascii_lowercase();
+                &lower
+            } else {
+                name
+            };
+            f(name, value);
         }
     }
 }
 
-/// Splits a comma-separated list, honouring commas inside quoted strings.
+/// Splits a comma-separated list, honouring commas inside quoted strings; empty members are
+/// skipped. Lazily and without a list: a fill parses its response's directives.
 fn split_list(text: &str) -> impl Iterator<Item = &str> {
-    let mut parts = Vec::new();
-    let mut start = 0;
-    let mut in_quotes = false;
-    let mut escaped = false;
-    for (i, c) in text.char_indices() {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' if in_quotes => escaped = true,
-            '"' => in_quotes = !in_quotes,
-            ',' if !in_quotes => {
-                parts.push(text[start..i].trim());
-                start = i + 1;
+    let mut rest = Some(text);
+    std::iter::from_fn(move || {
+        loop {
+            let (member, next) = first_member(rest?);
+            rest = next;
+            let member = member.trim();
+            if !member.is_empty() {
+                return Some(member);
             }
+        }
+    })
+}
+
+/// A list's first member, and what follows its comma (`None` when it was the last). Bytes,
+/// not chars: the bytes looked for are ASCII, which never occur inside a multi-byte char.
+fn first_member(text: &str) -> (&str, Option<&str>) {
+    let (mut in_quotes, mut escaped) = (false, false);
+    for (i, b) in text.bytes().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if in_quotes => escaped = true,
+            b'"' => in_quotes = !in_quotes,
+            b',' if !in_quotes => return (&text[..i], Some(&text[i + 1..])),
             _ => {}
         }
     }
-    parts.push(text[start..].trim());
-    parts.into_iter().filter(|p| !p.is_empty())
+    (text, None)
 }
 
 fn unquote(v: &str) -> &str {
@@ -414,6 +432,50 @@ pub fn request_directives(headers: &HeaderMap) -> RequestDirectives {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The list splitting as it was, by chars into a list: what `split_list` must agree with.
+    fn split_list_by_chars(text: &str) -> Vec<&str> {
+        let mut parts = Vec::new();
+        let (mut start, mut in_quotes, mut escaped) = (0, false, false);
+        for (i, c) in text.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if in_quotes => escaped = true,
+                '"' => in_quotes = !in_quotes,
+                ',' if !in_quotes => {
+                    parts.push(text[start..i].trim());
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        parts.push(text[start..].trim());
+        parts.retain(|p| !p.is_empty());
+        parts
+    }
+
+    #[test]
+    fn lists_split_on_commas_outside_quotes_as_by_chars() {
+        for text in [
+            "",
+            ",",
+            " , ,",
+            "max-age=60",
+            "max-age=60, public",
+            "no-cache=\"a, b\", max-age=1",
+            "x=\"a\\\", b\", y",
+            "x=\"\\\u{e9}\", y",
+            "x=\"unterminated, y",
+            "caf\u{e9}, \u{1f600}=\"\u{e9},\", z",
+            "a,,b, ,c",
+        ] {
+            assert_eq!(
+                split_list(text).collect::<Vec<_>>(),
+                split_list_by_chars(text),
+                "{text:?}"
+            );
+        }
+    }
 
     fn headers(cc: &[&str]) -> HeaderMap {
         let mut h = HeaderMap::new();

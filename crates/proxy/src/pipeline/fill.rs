@@ -6,14 +6,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::SystemTime;
 
-use crate::body::UpstreamBody;
 use bytes::{Bytes, BytesMut};
 use http_body::Body;
 use http_body_util::BodyExt;
 use larder_cache::{Admission, FillGuard, FillStream, Key};
 use tokio::sync::mpsc;
 
-use crate::body::{BoxError, FeedFlow, FeedItem};
+use crate::body::{BoxError, ChannelBody, FeedFlow, FeedItem};
 
 /// Past this many bytes queued for a client, a fill that no longer buffers for the cache waits
 /// for the client (memory stays bounded for objects streamed through).
@@ -24,8 +23,10 @@ const CLIENT_HIGH_WATER: u64 = 1 << 20;
 /// or vanished client cannot hold the key's fill and stall everyone coalesced on it. Only a body
 /// that ends cleanly is stored.
 pub(crate) struct Fill {
-    tx: mpsc::UnboundedSender<FeedItem>,
-    flow: Arc<FeedFlow>,
+    /// The client's channel, made when the fill goes on to a task of its own. Until then what
+    /// the client will read is held here (`held`, or `Progress::chunks` while storing).
+    feed: Option<(mpsc::UnboundedSender<FeedItem>, Arc<FeedFlow>)>,
+    held: Vec<Bytes>,
     cache: Arc<larder_cache::Cache>,
     fill_key: Key,
     guard: Option<FillGuard>,
@@ -53,6 +54,14 @@ impl Drop for Fill {
 const TAKEN_AT_ONCE: u64 = 256 * 1024;
 const FRAMES_AT_ONCE: u32 = 64;
 
+/// What a fill's client reads.
+pub(crate) enum Feed {
+    /// The whole body, read on the caller's task (and stored, if it could be).
+    Whole(Bytes),
+    /// The body as the fill's task reads it.
+    Streamed(ChannelBody),
+}
+
 /// What a fill has read so far.
 struct Progress {
     /// The body so far, while it is buffered for the cache.
@@ -63,18 +72,16 @@ struct Progress {
 }
 
 impl Fill {
-    /// A fill feeding its client through `tx` (paced by `flow`), storing under `guard`'s key.
+    /// A fill storing under `guard`'s key, its client fed what [`Fill::start`] returns.
     pub fn new(
-        tx: mpsc::UnboundedSender<FeedItem>,
-        flow: Arc<FeedFlow>,
         cache: Arc<larder_cache::Cache>,
         fill_key: Key,
         guard: Option<FillGuard>,
         exact_len: Option<u64>,
     ) -> Fill {
         Fill {
-            tx,
-            flow,
+            feed: None,
+            held: Vec::new(),
             cache,
             fill_key,
             guard,
@@ -83,12 +90,15 @@ impl Fill {
         }
     }
 
-    /// Starts reading `body` (it ends with an error when the origin stalls: see
-    /// [`UpstreamBody`]). What the origin has sent already, often the whole of a small body
+    /// Starts reading `body` (an origin's ends with an error when the origin stalls: see
+    /// [`crate::body::UpstreamBody`]). What the origin has sent already, often the whole of a small body
     /// read with its head, is taken now, on the caller's task; a task of its own reads the
-    /// rest. A miss whose body came with its head then costs no task, and no wake-ups between
-    /// tasks.
-    pub fn start(mut self, body: UpstreamBody, admission: Admission) {
+    /// rest. A miss whose body came with its head then costs no task, no channel to its
+    /// client and no wake-ups between tasks: the client is given the body whole.
+    pub fn start<B>(mut self, body: B, admission: Admission) -> Feed
+    where
+        B: Body<Data = Bytes, Error = BoxError> + Send + 'static,
+    {
         let mut body = Box::pin(body);
         let mut progress = Progress {
             chunks: Vec::new(),
@@ -109,22 +119,48 @@ impl Fill {
                         continue;
                     };
                     taken += data.len() as u64;
-                    if !self.take(&mut progress, &admission, data) {
-                        return;
-                    }
+                    // Always true here: the client is not gone before it has its response.
+                    self.take(&mut progress, &admission, data);
                     if !progress.storing || taken >= TAKEN_AT_ONCE {
                         // From here the fill may wait for its client, or read for long: a
                         // task's work.
                         break;
                     }
                 }
-                Poll::Ready(None) => return self.finish(progress, admission),
-                Poll::Ready(Some(Err(e))) => return self.fail(e),
+                Poll::Ready(None) => {
+                    let whole = self.finish(progress, admission);
+                    return Feed::Whole(whole);
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    let client = self.feed_client(&progress);
+                    self.fail(e);
+                    return Feed::Streamed(client);
+                }
                 Poll::Pending => break,
             }
         }
+        let client = self.feed_client(&progress);
         self.offer_stream(&progress, &admission);
         tokio::spawn(self.run(body, admission, progress));
+        Feed::Streamed(client)
+    }
+
+    /// Makes the client's channel, with what was read for it so far.
+    fn feed_client(&mut self, progress: &Progress) -> ChannelBody {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let flow = Arc::new(FeedFlow::default());
+        let held = std::mem::take(&mut self.held);
+        let read = if progress.storing {
+            progress.chunks.clone()
+        } else {
+            held
+        };
+        for data in read {
+            flow.add(data.len() as u64);
+            let _ = tx.send(FeedItem::Data(data));
+        }
+        self.feed = Some((tx, flow.clone()));
+        ChannelBody::new(rx, flow, self.exact_len)
     }
 
     /// Lets the requests coalesced on this fill read its body along, from what was read so
@@ -149,12 +185,10 @@ impl Fill {
         self.stream = Some(stream);
     }
 
-    async fn run(
-        mut self,
-        mut body: Pin<Box<UpstreamBody>>,
-        admission: Admission,
-        mut progress: Progress,
-    ) {
+    async fn run<B>(mut self, mut body: Pin<Box<B>>, admission: Admission, mut progress: Progress)
+    where
+        B: Body<Data = Bytes, Error = BoxError> + Send + 'static,
+    {
         loop {
             let frame = match body.frame().await {
                 Some(Ok(frame)) => frame,
@@ -167,11 +201,10 @@ impl Fill {
             if !self.take(&mut progress, &admission, data) {
                 return;
             }
-            if !progress.storing {
-                let tx = &self.tx;
-                self.flow
-                    .wait_below(CLIENT_HIGH_WATER, || tx.is_closed())
-                    .await;
+            if !progress.storing
+                && let Some((tx, flow)) = &self.feed
+            {
+                flow.wait_below(CLIENT_HIGH_WATER, || tx.is_closed()).await;
             }
         }
         self.finish(progress, admission);
@@ -185,7 +218,11 @@ impl Fill {
             if progress.buffered + len > admission.max_object_size() {
                 // Too large to store: stop buffering and release everyone waiting on it.
                 progress.storing = false;
-                progress.chunks = Vec::new();
+                let read = std::mem::take(&mut progress.chunks);
+                if self.feed.is_none() {
+                    // They were the client's too.
+                    self.held = read;
+                }
                 self.cache
                     .mark_hit_for_pass(&self.fill_key, SystemTime::now());
                 self.guard = None;
@@ -198,19 +235,29 @@ impl Fill {
                 if let Some(stream) = &self.stream {
                     stream.push(data.clone());
                 }
+                if self.feed.is_none() {
+                    // The client reads the chunks buffered for the cache.
+                    return true;
+                }
             }
         }
-        if !self.tx.is_closed() {
-            self.flow.add(len);
-            let _ = self.tx.send(FeedItem::Data(data));
-            true
-        } else {
-            progress.storing
+        match &self.feed {
+            None => {
+                self.held.push(data);
+                true
+            }
+            Some((tx, flow)) if !tx.is_closed() => {
+                flow.add(len);
+                let _ = tx.send(FeedItem::Data(data));
+                true
+            }
+            Some(_) => progress.storing,
         }
     }
 
-    /// The body has ended cleanly: stores it, if it is still being stored.
-    fn finish(self, progress: Progress, admission: Admission) {
+    /// The body has ended cleanly: stores it, if it is still being stored. Returns the whole
+    /// body for a client without a channel (empty otherwise).
+    fn finish(mut self, progress: Progress, admission: Admission) -> Bytes {
         if let Some(stream) = &self.stream {
             stream.finish(true);
         }
@@ -225,13 +272,119 @@ impl Fill {
             if let Some(stream) = &self.stream {
                 stream.stored(body.clone());
             }
-            self.cache.commit(admission, body);
+            self.cache.commit(admission, body.clone());
+            if self.feed.is_none() {
+                return body;
+            }
         }
-        let _ = self.tx.send(FeedItem::End);
+        match &self.feed {
+            Some((tx, _)) => {
+                let _ = tx.send(FeedItem::End);
+                Bytes::new()
+            }
+            // Not reached: a body that proves too large goes on to a task (`start`).
+            None => std::mem::take(&mut self.held).concat().into(),
+        }
         // The guard drops last, after the commit, so waiters find the stored response.
     }
 
     fn fail(self, error: BoxError) {
-        let _ = self.tx.send(FeedItem::Error(error));
+        if let Some((tx, _)) = &self.feed {
+            let _ = tx.send(FeedItem::Error(error));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderMap, HeaderValue, Method, StatusCode};
+    use http_body_util::StreamBody;
+    use larder_cache::{
+        Cache, CacheSettings, FreshnessRules, KeyRules, Lookup, MatchAll, RequestTarget,
+        ResourceTypeSpec, SetCookiePolicy,
+    };
+
+    fn cache(max_object_size: u64) -> Arc<Cache> {
+        let spec = ResourceTypeSpec {
+            name: "default".into(),
+            matcher: Arc::new(MatchAll),
+            capacity_bytes: 1 << 20,
+            max_object_size,
+            freshness: FreshnessRules::default(),
+            key: KeyRules::default(),
+            set_cookie: SetCookiePolicy::default(),
+        };
+        Arc::new(Cache::new(vec![spec], CacheSettings::default()))
+    }
+
+    fn target(headers: &HeaderMap) -> RequestTarget<'_> {
+        RequestTarget {
+            scheme: "http",
+            host: "a.example",
+            path: "/parts",
+            query: None,
+            headers,
+        }
+    }
+
+    /// A fill of these frames, all there at once (as a body read with its head is).
+    fn fill_of(cache: &Arc<Cache>, frames: &[&'static [u8]]) -> Feed {
+        let request = HeaderMap::new();
+        let mut response = HeaderMap::new();
+        response.insert("cache-control", HeaderValue::from_static("max-age=60"));
+        let now = SystemTime::now();
+        let admission = cache
+            .admit(
+                &Method::GET,
+                &target(&request),
+                StatusCode::OK,
+                &response,
+                now,
+                now,
+                cache.purge_generation(),
+            )
+            .expect("cacheable");
+        let Lookup::Miss { fill_key, .. } = cache.lookup(&target(&request)) else {
+            panic!("nothing stored yet");
+        };
+        let frames: Vec<Result<http_body::Frame<Bytes>, BoxError>> = frames
+            .iter()
+            .map(|f| Ok(http_body::Frame::data(Bytes::from_static(f))))
+            .collect();
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        Fill::new(cache.clone(), fill_key, None, None).start(body, admission)
+    }
+
+    fn stored(cache: &Cache) -> Option<Bytes> {
+        let request = HeaderMap::new();
+        match cache.lookup(&target(&request)) {
+            Lookup::Found(hit) => Some(hit.stored().body.clone()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_body_there_at_once_is_given_whole_and_stored() {
+        let cache = cache(1024);
+        let Feed::Whole(body) = fill_of(&cache, &[b"first ", b"second ", b"third"]) else {
+            panic!("read on the caller's task")
+        };
+        assert_eq!(body, "first second third");
+        assert_eq!(stored(&cache).as_deref(), Some(&b"first second third"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_body_found_too_large_streams_on_from_a_task_with_what_was_read_first() {
+        // The first frame is buffered for the cache, the second makes the body too large: the
+        // client pays for the rest at its own pace, from a task, and must get every frame in
+        // order, those read on the caller's task included.
+        let cache = cache(8);
+        let Feed::Streamed(body) = fill_of(&cache, &[b"first ", b"second ", b"third"]) else {
+            panic!("no longer stored: goes on from a task")
+        };
+        let body = body.collect().await.expect("whole").to_bytes();
+        assert_eq!(body, "first second third");
+        assert_eq!(stored(&cache), None);
     }
 }

@@ -11,6 +11,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::body::{
+    IdleTimeoutBody, LimitedBody, ObservedBody, ProxyBody, UpstreamBody, boxed, empty, full,
+};
+use crate::error::ProxyError;
+use crate::headers::{add_forwarded, list_members, strip_hop_by_hop};
+use crate::interim::InterimSink;
+use crate::upstream::{Timeouts, UpstreamRequest};
+use crate::{Proxy, Runtime};
+use exchange::{Exchange, Forward};
+use fill::{Feed, Fill};
 use http::header::{
     self, CONTENT_LENGTH, ETAG, HOST, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE,
     IF_UNMODIFIED_SINCE, LAST_MODIFIED, RANGE,
@@ -22,19 +32,6 @@ use larder_cache::{
     is_field_value, key::normalize_host, not_modified, request_directives,
 };
 use larder_telemetry::UpstreamEvent;
-use tokio::sync::mpsc;
-
-use crate::body::{
-    ChannelBody, FeedFlow, IdleTimeoutBody, LimitedBody, ObservedBody, ProxyBody, UpstreamBody,
-    boxed, empty, full,
-};
-use crate::error::ProxyError;
-use crate::headers::{add_forwarded, list_members, strip_hop_by_hop};
-use crate::interim::InterimSink;
-use crate::upstream::{Timeouts, UpstreamRequest};
-use crate::{Proxy, Runtime};
-use exchange::{Exchange, Forward};
-use fill::Fill;
 use serve::{ServeOptions, from_store, from_stream, not_modified_response};
 
 pub(crate) static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -1038,30 +1035,24 @@ impl Proxy {
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        let (tx, rx) = mpsc::unbounded_channel();
-        let flow = Arc::new(FeedFlow::default());
-        Fill::new(
-            tx,
-            flow.clone(),
-            rt.cache.clone(),
-            plan.fill_key,
-            guard,
-            exact_len,
-        )
-        .start(upstream_body, admission);
+        let feed = Fill::new(rt.cache.clone(), plan.fill_key, guard, exact_len)
+            .start(upstream_body, admission);
         if parts.status == StatusCode::OK && not_modified(&request.headers, &parts.headers) {
             // The client already has it; the fill goes on without this client. (The 304
             // carries its own Via.)
-            drop(rx);
+            drop(feed);
             return Ok(not_modified_response(&parts.headers));
         }
         ex.add_via(&mut parts.headers);
         if head {
             // The fill goes on without this client.
-            drop(rx);
+            drop(feed);
             return Ok(Response::from_parts(parts, empty()));
         }
-        let body = boxed(ChannelBody::new(rx, flow, exact_len));
+        let body = match feed {
+            Feed::Whole(body) => full(body),
+            Feed::Streamed(body) => boxed(body),
+        };
         let body = cut_range(&request, &mut parts, body);
         Ok(Response::from_parts(parts, body))
     }
