@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the cache engine's hot paths, through its public API only:
-//! a lookup that finds a fresh entry, admit + commit of a 1 KiB response, and a lookup that
-//! has to pick a `Vary` variant, and purges by URL and by prefix. Run with `cargo bench -p larder-cache` (see BENCHMARKS.md).
+//! a lookup that finds a fresh entry, admit + commit of a 1 KiB response, a lookup that has
+//! to pick a `Vary` variant, and purges by URL and by prefix. Run with
+//! `cargo bench -p larder-cache` (see BENCHMARKS.md).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -73,11 +74,15 @@ fn target<'a>(path: &'a str, req: &'a HeaderMap) -> RequestTarget<'a> {
 
 /// Admits and commits one response; panics if the engine declines it.
 fn store(cache: &Cache, path: &str, req: &HeaderMap, resp: &HeaderMap, body: &Bytes) {
+    store_target(cache, &target(path, req), resp, body);
+}
+
+fn store_target(cache: &Cache, target: &RequestTarget<'_>, resp: &HeaderMap, body: &Bytes) {
     let now = SystemTime::now();
     let admission = cache
         .admit(
             &Method::GET,
-            &target(path, req),
+            target,
             StatusCode::OK,
             resp,
             now,
@@ -109,6 +114,7 @@ fn lookup(c: &mut Criterion) {
     let resp = response_headers(&[]);
     // A populated store, so the probe is not into a nearly empty table.
     let paths: Vec<String> = (0..PATHS).map(|i| format!("/obj/{i}")).collect();
+    let query_strings: Vec<String> = (0..PATHS).map(|i| format!("q={i}")).collect();
     for path in &paths {
         store(&cache, path, &req, &resp, &body);
     }
@@ -153,6 +159,7 @@ fn insert(c: &mut Criterion) {
     let req = headers(&[("user-agent", "bench"), ("accept", "*/*")]);
     let resp = response_headers(&[]);
     let paths: Vec<String> = (0..PATHS).map(|i| format!("/obj/{i}")).collect();
+    let query_strings: Vec<String> = (0..PATHS).map(|i| format!("q={i}")).collect();
 
     let mut group = c.benchmark_group("insert_1k");
     group.throughput(Throughput::Elements(1));
@@ -174,19 +181,42 @@ fn insert(c: &mut Criterion) {
             store(&tight, black_box(&paths[j]), &req, &resp, &body);
         })
     });
+    // Every key under one path, told apart by its query (a search page, or a client busting
+    // the cache): the index must not read the path's other keys on each insert.
+    let queries = cache(64 * MIB);
+    let mut k = 0usize;
+    let search = |k: usize| -> RequestTarget<'_> {
+        RequestTarget {
+            query: Some(&query_strings[k]),
+            ..target("/search", &req)
+        }
+    };
+    group.bench_function("admit_commit_one_path_many_queries", |b| {
+        b.iter(|| {
+            k = (k + 1) % PATHS;
+            store_target(&queries, black_box(&search(k)), &resp, &body);
+        })
+    });
     group.finish();
 }
+
+const PURGE_HOST_OBJECTS: usize = 100_000;
 
 /// What a purge costs against a host of `PURGE_HOST_OBJECTS` stored paths, with nothing to
 /// remove (so every iteration meets the same cache): finding one URL is a hashed lookup; a
 /// prefix reads every path of the host, under the index lock that fills take too.
 fn purge(c: &mut Criterion) {
-    const PURGE_HOST_OBJECTS: usize = 100_000;
+    // `cargo test --all-targets` runs each benchmark once, unoptimised: a smaller host there.
+    let objects = if std::env::args().any(|a| a == "--bench") {
+        PURGE_HOST_OBJECTS
+    } else {
+        1_000
+    };
     let body = Bytes::from_static(b"x");
     let req = HeaderMap::new();
     let resp = response_headers(&[]);
     let big = cache(1024 * MIB);
-    for i in 0..PURGE_HOST_OBJECTS {
+    for i in 0..objects {
         store(&big, &format!("/static/assets/{i}.js"), &req, &resp, &body);
     }
     let mut group = c.benchmark_group("purge_100k_paths");

@@ -65,8 +65,9 @@ impl StoredHeaders {
     /// rule (a value made unchecked): the lines are never written with a CR or LF in them.
     fn build(map: &HeaderMap, keep: &impl Fn(&HeaderName) -> bool, check_values: bool) -> Self {
         // What becomes of each field is decided once, in the first pass, and remembered by
-        // position (past `REMEMBERED` fields, asked again). Everything is checked before
-        // anything is encoded, so the lines and `fields` always hold the same fields. No list
+        // position (past `REMEMBERED` fields, asked again). A value that fails its check when
+        // its copy is made sends the whole build round again with every value checked first,
+        // so the lines and `fields` always hold the same fields. No list
         // is built on the way: a fill stores every response it admits.
         const REMEMBERED: usize = 64;
         let decide = |name: &HeaderName, value: &HeaderValue| {

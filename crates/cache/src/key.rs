@@ -40,7 +40,7 @@ pub struct RequestTarget<'a> {
     pub headers: &'a HeaderMap,
 }
 
-#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
 pub struct Key(Arc<str>);
 
 impl std::borrow::Borrow<str> for Key {
@@ -89,7 +89,7 @@ impl Key {
         self.field(1)
     }
 
-    /// Host without port and path in one pass: what purges and the invalidation index order by.
+    /// Host without port and path in one pass: what purges and the invalidation index find keys by.
     pub fn purge_target(&self) -> (&str, &str) {
         // Byte searches: `str::split` on a char cost 370 instructions here, and this runs
         // twice per fill (index, and unindex of what it evicted).
@@ -288,7 +288,7 @@ mod tests {
 
     #[test]
     fn purge_target_is_the_host_without_port_and_the_path() {
-        // As the fields would split, for every shape a key or probe takes.
+        // As the fields would split, for every shape a key takes.
         fn split(key: &Key) -> (&str, &str) {
             let mut fields = key.as_str().split(SEP).skip(1);
             let host = fields.next().unwrap_or("");

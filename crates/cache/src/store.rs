@@ -4,7 +4,7 @@
 //! Lock order is always index → cache shard: evictions are collected under the shard lock and
 //! unindexed after it is released.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -193,20 +193,34 @@ impl std::borrow::Borrow<str> for PathOf {
     }
 }
 
-/// The keys stored under one path (with their slot ids): usually one, more with queries or
-/// `Vary` variants.
+/// The keys stored under one path (with their slot ids): usually one; more with queries or
+/// `Vary` variants, then ordered, since a path may gather very many (`/search?q=…`, or a
+/// client busting the cache with queries) and a fill or an eviction must not read them all;
+/// a key's variants sort right after it, so [`Index::variants_of`] reads only those.
 enum PathKeys {
     One(Key, u64),
-    Many(Vec<(Key, u64)>),
+    Many(BTreeMap<Key, u64>),
 }
 
 impl PathKeys {
     fn iter(&self) -> impl Iterator<Item = (&Key, u64)> {
         let (one, many) = match self {
-            PathKeys::One(key, id) => (Some((key, *id)), &[][..]),
-            PathKeys::Many(keys) => (None, &keys[..]),
+            PathKeys::One(key, id) => (Some((key, *id)), None),
+            PathKeys::Many(keys) => (None, Some(keys.iter().map(|(k, id)| (k, *id)))),
         };
-        one.into_iter().chain(many.iter().map(|(k, id)| (k, *id)))
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+
+    /// The keys from `first` on, in order.
+    fn from<'a>(&'a self, first: &Key) -> impl Iterator<Item = (&'a Key, u64)> {
+        let (one, many) = match self {
+            PathKeys::One(key, id) => ((key >= first).then_some((key, *id)), None),
+            PathKeys::Many(keys) => (
+                None,
+                Some(keys.range(first.clone()..).map(|(k, id)| (k, *id))),
+            ),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
     }
 
     fn len(&self) -> usize {
@@ -216,17 +230,25 @@ impl PathKeys {
         }
     }
 
+    /// Any one of the keys.
+    fn any(&self) -> &Key {
+        match self {
+            PathKeys::One(key, _) => key,
+            // Never empty: one left becomes `One`.
+            PathKeys::Many(keys) => keys.keys().next().expect("a path's keys are never empty"),
+        }
+    }
+
     /// Indexes `key` as held by slot `id` (a newer slot under a key replaces the old one's).
     fn set(&mut self, key: &Key, id: u64) {
         match self {
             PathKeys::One(k, old) if k == key => *old = id,
             PathKeys::One(k, old) => {
-                *self = PathKeys::Many(vec![(k.clone(), *old), (key.clone(), id)]);
+                *self = PathKeys::Many(BTreeMap::from([(k.clone(), *old), (key.clone(), id)]));
             }
-            PathKeys::Many(keys) => match keys.iter_mut().find(|(k, _)| k == key) {
-                Some((_, old)) => *old = id,
-                None => keys.push((key.clone(), id)),
-            },
+            PathKeys::Many(keys) => {
+                keys.insert(key.clone(), id);
+            }
         }
     }
 
@@ -236,8 +258,15 @@ impl PathKeys {
         match self {
             PathKeys::One(k, held) => k == key && *held == id,
             PathKeys::Many(keys) => {
-                keys.retain(|(k, held)| !(k == key && *held == id));
-                keys.is_empty()
+                if keys.get(key) == Some(&id) {
+                    keys.remove(key);
+                }
+                if keys.len() == 1
+                    && let Some((k, id)) = keys.pop_first()
+                {
+                    *self = PathKeys::One(k, id);
+                }
+                false
             }
         }
     }
@@ -245,7 +274,7 @@ impl PathKeys {
 
 /// Which stored objects a purge names, within one store.
 pub enum Selection<'a> {
-    /// One host and path; `keep` spares keys (another port, another query).
+    /// One host and path; `select` picks among its keys (a port, a query).
     Url {
         host: &'a str,
         path: &'a str,
@@ -259,11 +288,11 @@ pub enum Selection<'a> {
 
 /// Where each stored key can be found by a purge: by host (without port), then by path, and
 /// by tag. Both levels are hashed (foldhash, seeded per map): an insert and an eviction each
-/// cost two hashes, where an ordered map of paths cost a few dozen path comparisons (paths
+/// cost two or three hashes, where an ordered map of paths cost a few dozen path comparisons (paths
 /// share long beginnings, so most read the strings: 2.5k instructions per fill, callgrind
 /// `fill1k`). A prefix purge reads every path of its host instead of a range, under the
-/// index lock: 64 ns a path (a cache miss each; `cargo bench -p larder-cache -- purge`), so
-/// 6 ms for a host of 100,000 objects, during which this store's fills wait. Purges are rare
+/// index lock: 40–65 ns a path (a cache miss each; `cargo bench -p larder-cache -- purge`),
+/// so 4–6 ms for a host of 100,000 objects, during which this store's fills wait. Purges are rare
 /// where fills are not, and the peers' prefix purges scan too (Varnish bans, nginx's
 /// wildcard purge). Every entry carries the id of the slot it indexes, so
 /// removing the entry of an old slot never unindexes a newer one stored under the same key,
@@ -303,11 +332,21 @@ impl Index {
     fn remove(&mut self, key: &Key, slot: &Slot) {
         let (host, path) = key.purge_target();
         if let Some(paths) = self.hosts.get_mut(host) {
-            if paths
-                .get_mut(path)
-                .is_some_and(|keys| keys.remove(key, slot.id))
-            {
-                paths.remove(path);
+            if let Some(keys) = paths.get_mut(path) {
+                if keys.remove(key, slot.id) {
+                    paths.remove(path);
+                } else if paths
+                    .get_key_value(path)
+                    .is_some_and(|(p, _)| p.key == *key)
+                {
+                    // The path's bytes must not keep a key that left alive: re-keyed under
+                    // one still there.
+                    if let Some((_, keys)) = paths.remove_entry(path) {
+                        let still = keys.any().clone();
+                        let still_path = still.purge_target().1;
+                        paths.insert(PathOf::new(still.clone(), still_path), keys);
+                    }
+                }
             }
             if paths.is_empty() {
                 self.hosts.remove(host);
@@ -367,12 +406,18 @@ impl Index {
     }
 
     /// Keys stored as `Vary` variants of `primary`, oldest first (ids grow with time). They
-    /// share its path, so this reads only the keys of that path.
+    /// share its path and sort right after it, so this reads only them, however many other
+    /// queries the path has.
     fn variants_of(&self, primary: &Key) -> Vec<Key> {
         let prefix = format!("{}\0v", primary.as_str());
         let (host, path) = primary.purge_target();
         let mut variants: Vec<(u64, Key)> = self
-            .url(host, path)
+            .hosts
+            .get(host)
+            .and_then(|paths| paths.get(path))
+            .into_iter()
+            .flat_map(|keys| keys.from(primary))
+            .take_while(|(k, _)| k.as_str().starts_with(primary.as_str()))
             .filter(|(k, _)| k.as_str().starts_with(&prefix))
             .map(|(k, id)| (id, k.clone()))
             .collect();
@@ -526,6 +571,11 @@ impl MemoryStore {
                     .replace_with_lifecycle(key.clone(), new.clone(), true, &mut evicted)
                     .is_err()
                 {
+                    // Refused (the key gone meanwhile, or the new slot too heavy): whatever
+                    // the attempt displaced leaves the index too.
+                    for (key, slot) in &evicted {
+                        index.remove(key, slot);
+                    }
                     continue;
                 }
                 self.reindex(&mut index, key, &new, &evicted);

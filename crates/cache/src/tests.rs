@@ -686,9 +686,9 @@ fn prefix_purge_takes_the_subtree_of_one_host_only() {
 
 #[test]
 fn purges_find_exactly_their_urls_among_paths_sharing_long_beginnings() {
-    // The index orders a host's keys by their path's first eight bytes before the rest: paths
-    // that agree on those bytes, or are beginnings of each other, must still sort and select
-    // as whole paths do. Checked against a plain filter over what was stored.
+    // Paths that agree on their first bytes, or are beginnings of each other, must select as
+    // whole paths do (by URL: that path only; by prefix: every path it begins). Checked
+    // against a plain filter over what was stored.
     let cache = Cache::new(vec![spec("default", 4 << 20)], CacheSettings::default());
     let req = HeaderMap::new();
     let resp = headers(&[("cache-control", "max-age=60")]);

@@ -330,6 +330,15 @@ mod tests {
 
     /// A fill of these frames, all there at once (as a body read with its head is).
     fn fill_of(cache: &Arc<Cache>, frames: &[&'static [u8]]) -> Feed {
+        fill_ending(cache, frames, None)
+    }
+
+    /// [`fill_of`], the body ending in `error` when one is given.
+    fn fill_ending(
+        cache: &Arc<Cache>,
+        frames: &[&'static [u8]],
+        error: Option<&'static str>,
+    ) -> Feed {
         let request = HeaderMap::new();
         let mut response = HeaderMap::new();
         response.insert("cache-control", HeaderValue::from_static("max-age=60"));
@@ -351,6 +360,7 @@ mod tests {
         let frames: Vec<Result<http_body::Frame<Bytes>, BoxError>> = frames
             .iter()
             .map(|f| Ok(http_body::Frame::data(Bytes::from_static(f))))
+            .chain(error.map(|e| Err(e.into())))
             .collect();
         let body = StreamBody::new(futures_util::stream::iter(frames));
         Fill::new(cache.clone(), fill_key, None, None).start(body, admission)
@@ -385,6 +395,24 @@ mod tests {
         };
         let body = body.collect().await.expect("whole").to_bytes();
         assert_eq!(body, "first second third");
+        assert_eq!(stored(&cache), None);
+    }
+
+    #[tokio::test]
+    async fn a_body_failing_on_the_callers_task_reaches_the_client_as_an_error_and_is_not_stored() {
+        let cache = cache(1024);
+        let Feed::Streamed(mut body) = fill_ending(&cache, &[b"first "], Some("origin reset"))
+        else {
+            panic!("an error is carried to the client")
+        };
+        let first = body.frame().await.expect("a frame").expect("data");
+        assert_eq!(first.into_data().ok().as_deref(), Some(&b"first "[..]));
+        let error = body
+            .frame()
+            .await
+            .expect("the end")
+            .expect_err("an error, not an end");
+        assert_eq!(error.to_string(), "origin reset");
         assert_eq!(stored(&cache), None);
     }
 }

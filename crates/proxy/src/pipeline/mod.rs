@@ -1038,14 +1038,14 @@ impl Proxy {
         let feed = Fill::new(rt.cache.clone(), plan.fill_key, guard, exact_len)
             .start(upstream_body, admission);
         if parts.status == StatusCode::OK && not_modified(&request.headers, &parts.headers) {
-            // The client already has it; the fill goes on without this client. (The 304
-            // carries its own Via.)
+            // The client already has it; the fill (if still reading) goes on without this
+            // client. (The 304 carries its own Via.)
             drop(feed);
             return Ok(not_modified_response(&parts.headers));
         }
         ex.add_via(&mut parts.headers);
         if head {
-            // The fill goes on without this client.
+            // The fill (if still reading) goes on without this client.
             drop(feed);
             return Ok(Response::from_parts(parts, empty()));
         }
