@@ -114,7 +114,6 @@ fn lookup(c: &mut Criterion) {
     let resp = response_headers(&[]);
     // A populated store, so the probe is not into a nearly empty table.
     let paths: Vec<String> = (0..PATHS).map(|i| format!("/obj/{i}")).collect();
-    let query_strings: Vec<String> = (0..PATHS).map(|i| format!("q={i}")).collect();
     for path in &paths {
         store(&cache, path, &req, &resp, &body);
     }
