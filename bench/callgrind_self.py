@@ -5,10 +5,14 @@ from a callgrind profile, and who calls a function.
 callgrind_annotate's `--inclusive=no` lists a whole-program total under `clone` for the
 proxy's profiles (threads started before the measurement), so this reads the file itself.
 
-Usage: callgrind_self.py CALLGRIND.OUT REQUESTS [TOP]
+Usage: callgrind_self.py [--event NAME] CALLGRIND.OUT REQUESTS [TOP]
        callgrind_self.py CALLGRIND.OUT REQUESTS --callers NAME_PART
        callgrind_self.py CALLGRIND.OUT REQUESTS --callsites NAME_PART   (by source line: which
            moves are the memcpy calls, say; the line is where the call was inlined to)
+
+--event NAME counts another of the profile's events instead of instructions (Ir): with
+PROFILE_CALLGRIND_OPTS="--cache-sim=yes --branch-sim=yes", D1mr/D1mw (first-level data cache
+read/write misses), I1mr (instruction cache misses) or Bim (mispredicted indirect branches).
 """
 import collections
 import re
@@ -16,6 +20,11 @@ import sys
 
 
 def main():
+    event = "Ir"
+    if len(sys.argv) > 2 and sys.argv[1] == "--event":
+        event = sys.argv[2]
+        del sys.argv[1:3]
+    column = None
     path, requests = sys.argv[1], max(int(sys.argv[2]), 1)
     mode = sys.argv[3] if len(sys.argv) > 4 else None
     callers_of = sys.argv[4] if mode in ("--callers", "--callsites") else None
@@ -47,7 +56,12 @@ def main():
 
     with open(path) as f:
         for line in f:
-            if line.startswith(("fl=", "fi=", "fe=")):
+            if line.startswith("events:"):
+                events = line.split()[1:]
+                if event not in events:
+                    sys.exit(f"no event {event} in this profile (it has {' '.join(events)})")
+                column = 1 + events.index(event)
+            elif line.startswith(("fl=", "fi=", "fe=")):
                 file = file_name(line[3:].strip())
             elif line.startswith("fn="):
                 fn = name(line[3:].strip())
@@ -59,6 +73,8 @@ def main():
                 parts = line.split()
                 if len(parts) < 2:
                     continue
+                # Trailing zero costs are left out of a line.
+                cost = int(parts[column]) if column < len(parts) else 0
                 # Positions are compressed: `+n`/`-n` relative to the last one, `*` the same.
                 token = parts[0]
                 if token == "*":
@@ -71,20 +87,20 @@ def main():
                     # The line after calls= is the call's inclusive cost, not the caller's own.
                     if callers_of and callers_of in callee:
                         site = f"{file}:{position}  ({fn[:80]})" if by_site else fn
-                        called[site] += int(parts[1])
+                        called[site] += cost
                         calls[site] += pending_calls
                     pending_calls = None
                 else:
-                    own[fn] += int(parts[1])
+                    own[fn] += cost
     if callers_of:
         what = "call sites" if by_site else "callers"
-        print(f"== {what} of *{callers_of}*: instructions per request, calls per request")
+        print(f"== {what} of *{callers_of}*: {event} per request, calls per request")
         for caller, cost in called.most_common(top):
-            print(f"{cost // requests:8d} {calls[caller] / requests:6.2f}  {caller[-170:]}")
+            print(f"{cost / requests:8.1f} {calls[caller] / requests:6.2f}  {caller[-170:]}")
         return
-    print(f"== self cost, instructions per request (total {sum(own.values()) // requests})")
+    print(f"== self cost, {event} per request (total {sum(own.values()) / requests:.0f})")
     for function, cost in own.most_common(top):
-        print(f"{cost // requests:8d}  {function[:150]}")
+        print(f"{cost / requests:8.1f}  {function[:150]}")
 
 
 if __name__ == "__main__":

@@ -130,7 +130,9 @@ wait_for "http://127.0.0.1:$ORIGIN_PORT/obj/1k"
 case $tool in
   perf | syscalls | stat) "$LARDER_BIN" --config "$WORK/larder.yaml" >"$WORK/larder.log" 2>&1 & ;;
   callgrind)
-    valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.out" \
+    # PROFILE_CALLGRIND_OPTS: more callgrind options, say "--cache-sim=yes --branch-sim=yes".
+    # shellcheck disable=SC2086
+    valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.out" ${PROFILE_CALLGRIND_OPTS:-} \
       "$LARDER_BIN" --config "$WORK/larder.yaml" >"$WORK/larder.log" 2>&1 & ;;
 esac
 LARDER_PID=$!

@@ -246,7 +246,12 @@ def markdown(rows, meta):
         "# Larder benchmark results",
         "",
         f"{meta['date']} · {meta['cpus']} CPUs · kernel {meta['kernel']} · "
-        f"duration {meta['duration']} · medians of {meta['repeats']} interleaved run(s)",
+        f"duration {meta['duration']} · medians of {meta['repeats']} interleaved run(s)"
+        + (
+            f" · proxy pinned to CPU {meta['proxy_cpus']}, load and origin to CPU {meta['load_cpus']}"
+            if meta.get("proxy_cpus")
+            else ""
+        ),
         "",
         "Versions: " + "; ".join(f"{k}: {v}" for k, v in meta["versions"].items()),
         "",

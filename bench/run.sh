@@ -36,6 +36,10 @@ FILL_CONNS=${BENCH_FILL_CONNS:-16}
 FILL_TIMEOUT=${BENCH_FILL_TIMEOUT:-300}
 RESULTS_DIR=${BENCH_RESULTS_DIR:-$BENCH_DIR/results}
 KEEP_WORK=${BENCH_KEEP_WORK:-0}
+# CPU lists (taskset syntax, "0" or "0,1"): the proxy on some cores, the load generator and the
+# origin on others, so each proxy has the same cores to itself and nothing it does not run.
+PROXY_CPUS=${BENCH_PROXY_CPUS:-}
+LOAD_CPUS=${BENCH_LOAD_CPUS:-}
 
 # Scenario id, tool, path, connections. Ids select: BENCH_SCENARIOS="hit-1k pass" runs every id
 # equal to or starting with "hit-1k-" or "pass-"; "all" runs everything.
@@ -62,6 +66,20 @@ die() {
 
 is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 
+# How many CPUs a taskset list names ("0-2,5" is 4).
+cpu_count() {
+  local n=0 part
+  IFS=, read -r -a parts <<<"$1"
+  for part in "${parts[@]}"; do
+    if [[ $part =~ ^([0-9]+)-([0-9]+)$ ]]; then
+      n=$((n + BASH_REMATCH[2] - BASH_REMATCH[1] + 1))
+    else
+      n=$((n + 1))
+    fi
+  done
+  echo "$n"
+}
+
 # wrk's duration syntax (10s, 1m, 2h, or bare seconds) to whole seconds, for h2load and timeouts.
 duration_secs() {
   local d=$1
@@ -79,6 +97,20 @@ for v in REPEATS CACHE_MIB BUDGET_MIB KEYS FILL_KEYS BUDGET_KEYS BUDGET_SAMPLE H
   is_uint "${!v}" && ((${!v} > 0)) || die "$v must be a positive integer (got '${!v}')"
 done
 case $BUDGET_OBJ in 1k | 16k) ;; *) die "BENCH_BUDGET_OBJ must be 1k or 16k" ;; esac
+PROXY_PIN=() LOAD_PIN=()
+for cpus in "$PROXY_CPUS" "$LOAD_CPUS"; do
+  [[ -z $cpus || $cpus =~ ^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$ ]] ||
+    die "BENCH_PROXY_CPUS and BENCH_LOAD_CPUS are CPU lists like 0 or 0-1,3 (got '$cpus')"
+done
+if [[ -n $PROXY_CPUS || -n $LOAD_CPUS ]]; then
+  [[ -n $PROXY_CPUS && -n $LOAD_CPUS ]] || die "set both BENCH_PROXY_CPUS and BENCH_LOAD_CPUS, or neither"
+  command -v taskset >/dev/null || die "pinning needs taskset (util-linux)"
+  PROXY_PIN=(taskset -c "$PROXY_CPUS")
+  LOAD_PIN=(taskset -c "$LOAD_CPUS")
+fi
+# nginx's `worker_processes auto` counts the machine's CPUs, not the ones it may run on.
+PROXY_WORKERS=auto
+[[ -n $PROXY_CPUS ]] && PROXY_WORKERS=$(cpu_count "$PROXY_CPUS")
 for p in $PROXIES; do
   case $p in larder | larder-threads | larder-prealloc | larder-base | nginx | varnish | haproxy | static) ;; *) die "unknown proxy '$p' in BENCH_PROXIES" ;; esac
 done
@@ -294,7 +326,7 @@ run_nginx() {
   local d=$1
   nginx -t -q -p "$d" -e "$d/error.log" -c "$d/nginx.conf" 2>"$d/test.log" ||
     die "$2 config rejected: $(cat "$d/test.log")"
-  nginx -p "$d" -e "$d/error.log" -c "$d/nginx.conf" >"$d/stdout.log" 2>&1 &
+  "${PROXY_PIN[@]}" nginx -p "$d" -e "$d/error.log" -c "$d/nginx.conf" >"$d/stdout.log" 2>&1 &
   PROXY_PID=$!
 }
 
@@ -318,7 +350,7 @@ $(origin_locations)
 }
 EOF
   nginx -t -q -p "$d" -e "$d/error.log" -c "$d/nginx.conf" || die "origin nginx config rejected"
-  nginx -p "$d" -e "$d/error.log" -c "$d/nginx.conf" >"$d/stdout.log" 2>&1 &
+  "${LOAD_PIN[@]}" nginx -p "$d" -e "$d/error.log" -c "$d/nginx.conf" >"$d/stdout.log" 2>&1 &
   ORIGIN_PID=$!
   STARTED+=("$ORIGIN_PID")
   wait_port "$ORIGIN_PORT" "$ORIGIN_PID" "origin nginx"
@@ -400,10 +432,10 @@ EOF
   "$LARDER_BIN" validate --config "$d/larder.yaml" >"$d/validate.log" 2>&1 ||
     die "larder rejected its config: $(cat "$d/validate.log")"
   if [[ -n $threads ]]; then
-    LARDER_CONNECTION_THREADS=$threads RUST_LOG=${RUST_LOG:-warn} "$LARDER_BIN" --config "$d/larder.yaml" \
+    LARDER_CONNECTION_THREADS=$threads RUST_LOG=${RUST_LOG:-warn} "${PROXY_PIN[@]}" "$LARDER_BIN" --config "$d/larder.yaml" \
       >"$d/stdout.log" 2>"$d/stderr.log" &
   else
-    env -u LARDER_CONNECTION_THREADS RUST_LOG="${RUST_LOG:-warn}" "$LARDER_BIN" --config "$d/larder.yaml" \
+    "${PROXY_PIN[@]}" env -u LARDER_CONNECTION_THREADS RUST_LOG="${RUST_LOG:-warn}" "$LARDER_BIN" --config "$d/larder.yaml" \
       >"$d/stdout.log" 2>"$d/stderr.log" &
   fi
   PROXY_PID=$!
@@ -418,7 +450,7 @@ start_nginx() {
   mkdir -p "$NGINX_CACHE_DIR"
   # Debian 12 ships nginx 1.22: h2c needs its own `listen … http2` (prior knowledge only).
   cat >"$d/nginx.conf" <<EOF
-$(nginx_head "$d" auto 8192 on)
+$(nginx_head "$d" "$PROXY_WORKERS" 8192 on)
   # The cache lives in tmpfs ($SHM): memory, like the others, but outside the process's RSS.
   proxy_cache_path $NGINX_CACHE_DIR levels=1:2 keys_zone=bench:32m max_size=${mib}m inactive=1d use_temp_path=off;
   upstream origin {
@@ -451,7 +483,7 @@ EOF
 start_static() {
   local d=$1
   cat >"$d/nginx.conf" <<EOF
-$(nginx_head "$d" auto 8192 off)
+$(nginx_head "$d" "$PROXY_WORKERS" 8192 off)
   open_file_cache max=64;
   open_file_cache_valid 600s;
   server {
@@ -471,7 +503,7 @@ start_varnish() {
   local d=$1 mib=$2
   # Foreground (-F) with its own working dir (-n): the system's varnish service is never used.
   # The builtin VCL caches what the origin marks cacheable and passes no-store (hit-for-miss).
-  varnishd -F -n "$d/n" -a "127.0.0.1:$VARNISH_PORT" -b "127.0.0.1:$ORIGIN_PORT" \
+  "${PROXY_PIN[@]}" varnishd -F -n "$d/n" -a "127.0.0.1:$VARNISH_PORT" -b "127.0.0.1:$ORIGIN_PORT" \
     -s "malloc,${mib}M" -p feature=+http2 -T none \
     >"$d/stdout.log" 2>"$d/stderr.log" &
   PROXY_PID=$!
@@ -504,7 +536,7 @@ backend origin
 EOF
   haproxy -c -q -f "$d/haproxy.cfg" >"$d/check.log" 2>&1 ||
     die "haproxy config rejected: $(cat "$d/check.log")"
-  haproxy -db -f "$d/haproxy.cfg" >"$d/stdout.log" 2>"$d/stderr.log" &
+  "${PROXY_PIN[@]}" haproxy -db -f "$d/haproxy.cfg" >"$d/stdout.log" 2>"$d/stderr.log" &
   PROXY_PID=$!
   PROXY_PORT=$HAPROXY_PORT
   PROXY_H2_PORT=$HAPROXY_PORT
@@ -538,7 +570,7 @@ fill() {
   ((conns > count)) && conns=$count
   rm -f "$marker"
   FILL_PREFIX=$prefix FILL_FIRST=$first FILL_COUNT=$count FILL_DONE=$marker \
-    wrk -t1 -c"$conns" -d"${FILL_TIMEOUT}s" --timeout 10s --latency \
+    "${LOAD_PIN[@]}" wrk -t1 -c"$conns" -d"${FILL_TIMEOUT}s" --timeout 10s --latency \
     -s "$BENCH_DIR/lua/fill.lua" "$PROXY_URL/" >"$out" 2>&1 &
   wpid=$!
   # fill.lua creates the marker after the last key; SIGINT makes wrk report and exit then.
@@ -569,21 +601,21 @@ measure() {
   read -r t0 u0 <<<"$(cpu_ticks "$PROXY_PID")"
   case $tool in
     wrk)
-      timeout $((DSECS + 60)) wrk -t1 -c"$conns" -d"$DURATION" --timeout 5s --latency \
+      timeout $((DSECS + 60)) "${LOAD_PIN[@]}" wrk -t1 -c"$conns" -d"$DURATION" --timeout 5s --latency \
         "$PROXY_URL$path" >"$out.txt" 2>&1 || log "WARNING: wrk failed for $id on $proxy"
       ;;
     wrk-keys)
       KEYS_PREFIX=$path KEYS_COUNT=$KEYS timeout $((DSECS + 60)) \
-        wrk -t1 -c"$conns" -d"$DURATION" --timeout 5s --latency -s "$BENCH_DIR/lua/random_keys.lua" \
+        "${LOAD_PIN[@]}" wrk -t1 -c"$conns" -d"$DURATION" --timeout 5s --latency -s "$BENCH_DIR/lua/random_keys.lua" \
         "$PROXY_URL/" >"$out.txt" 2>&1 || log "WARNING: wrk failed for $id on $proxy"
       ;;
     wrk-browser)
-      timeout $((DSECS + 60)) wrk -t1 -c"$conns" -d"$DURATION" --timeout 5s --latency \
+      timeout $((DSECS + 60)) "${LOAD_PIN[@]}" wrk -t1 -c"$conns" -d"$DURATION" --timeout 5s --latency \
         -s "$BENCH_DIR/lua/browser.lua" "$PROXY_URL$path" >"$out.txt" 2>&1 ||
         log "WARNING: wrk failed for $id on $proxy"
       ;;
     h2load)
-      timeout $((DSECS + 60)) h2load -t1 -c"$conns" -m"$H2_STREAMS" -D "$DSECS" \
+      timeout $((DSECS + 60)) "${LOAD_PIN[@]}" h2load -t1 -c"$conns" -m"$H2_STREAMS" -D "$DSECS" \
         --log-file="$out.log" "$PROXY_H2_URL$path" >"$out.txt" 2>&1 ||
         log "WARNING: h2load failed for $id on $proxy"
       ;;
@@ -753,6 +785,7 @@ main() {
  "cache_mib":$CACHE_MIB,"budget_mib":$BUDGET_MIB,"keys":$KEYS,"fill_keys":$FILL_KEYS,
  "budget_keys":$BUDGET_KEYS,"budget_sample":$BUDGET_SAMPLE,"budget_object":"$BUDGET_OBJ",
  "h2_connections":$H2_CONNS,"h2_streams":$H2_STREAMS,"larder_access_log":"$LARDER_ACCESS_LOG",
+ "proxy_cpus":"$PROXY_CPUS","load_cpus":"$LOAD_CPUS",
  "cpus":$(nproc),"kernel":"$(uname -r)","date":"$(date -u +%Y-%m-%dT%H:%M:%SZ)","versions":$versions}
 EOF
   python3 "$BENCH_DIR/report.py" "$RUNS" "$WORK/meta.json" "$RESULTS_DIR"
