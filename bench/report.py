@@ -247,6 +247,7 @@ def markdown(rows, meta):
         "",
         f"{meta['date']} · {meta['cpus']} CPUs · kernel {meta['kernel']} · "
         f"duration {meta['duration']} · medians of {meta['repeats']} interleaved run(s)"
+        + (f" ({meta['fill_repeats']} for the fills)" if "fill_repeats" in meta else "")
         + (
             f" · proxy pinned to CPU {meta['proxy_cpus']}, load and origin to CPU {meta['load_cpus']}"
             if meta.get("proxy_cpus")

@@ -14,8 +14,12 @@ BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(dirname "$BENCH_DIR")
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
-DURATION=${BENCH_DURATION:-10s}
-REPEATS=${BENCH_REPEATS:-3}
+# Short runs, many rounds: the machine's speed swings within seconds, and pairs of runs close in
+# time cancel it (BENCHMARKS.md, Method).
+DURATION=${BENCH_DURATION:-1s}
+REPEATS=${BENCH_REPEATS:-11}
+# The fills take tens of seconds each and vary less.
+FILL_REPEATS=${BENCH_FILL_REPEATS:-3}
 PROXIES=${BENCH_PROXIES:-larder nginx varnish haproxy static}
 SCENARIOS=${BENCH_SCENARIOS:-all}
 LARDER_BIN=${LARDER_BIN:-$REPO_DIR/target/release/larder}
@@ -93,7 +97,7 @@ duration_secs() {
 
 DSECS=$(duration_secs "$DURATION")
 is_uint "$DSECS" && ((DSECS > 0)) || die "BENCH_DURATION must be like 10s, 1m or 30 (got '$DURATION')"
-for v in REPEATS CACHE_MIB BUDGET_MIB KEYS FILL_KEYS BUDGET_KEYS BUDGET_SAMPLE H2_CONNS H2_STREAMS FILL_CONNS FILL_TIMEOUT; do
+for v in REPEATS FILL_REPEATS CACHE_MIB BUDGET_MIB KEYS FILL_KEYS BUDGET_KEYS BUDGET_SAMPLE H2_CONNS H2_STREAMS FILL_CONNS FILL_TIMEOUT; do
   is_uint "${!v}" && ((${!v} > 0)) || die "$v must be a positive integer (got '${!v}')"
 done
 case $BUDGET_OBJ in 1k | 16k) ;; *) die "BENCH_BUDGET_OBJ must be 1k or 16k" ;; esac
@@ -154,6 +158,8 @@ install_deps() {
 
 # --- processes --------------------------------------------------------------------------------
 STARTED=() # root pids of everything we started, stopped by the exit trap
+declare -A RUNNING=()      # proxy name -> "pid url h2-url nginx-cache-dir|-"
+declare -A LARDER_PORTS=() # Larder variant -> "listener-port admin-port"
 
 # The pid and all its descendants (nginx workers, varnish's cache process, …), root first.
 tree_pids() {
@@ -373,12 +379,18 @@ start_proxy() {
   rm -rf "$d"
   mkdir -p "$d"
   NGINX_CACHE_DIR=""
+  # Each Larder variant on its own ports: a round runs them all at once.
+  local lp=${LARDER_PORTS[$name]:-}
   case $name in
-    larder) start_larder "$d" "$mib" ;;
+    larder) LARDER_PORT=${lp% *} LARDER_ADMIN_PORT=${lp#* } start_larder "$d" "$mib" ;;
     # The same binary and config with connection threads (LARDER_CONNECTION_THREADS=auto).
-    larder-threads) start_larder "$d" "$mib" auto ;;
-    larder-prealloc) PREALLOCATE=true start_larder "$d" "$mib" ;;
-    larder-base) LARDER_BIN=$LARDER_BASE_BIN start_larder "$d" "$mib" ;;
+    larder-threads) LARDER_PORT=${lp% *} LARDER_ADMIN_PORT=${lp#* } start_larder "$d" "$mib" auto ;;
+    larder-prealloc)
+      PREALLOCATE=true LARDER_PORT=${lp% *} LARDER_ADMIN_PORT=${lp#* } start_larder "$d" "$mib"
+      ;;
+    larder-base)
+      LARDER_BIN=$LARDER_BASE_BIN LARDER_PORT=${lp% *} LARDER_ADMIN_PORT=${lp#* } start_larder "$d" "$mib"
+      ;;
     nginx) start_nginx "$d" "$mib" ;;
     varnish) start_varnish "$d" "$mib" ;;
     haproxy) start_haproxy "$d" "$mib" ;;
@@ -389,15 +401,26 @@ start_proxy() {
   [[ $PROXY_H2_PORT == "$PROXY_PORT" ]] || wait_port "$PROXY_H2_PORT" "$PROXY_PID" "$name (h2c)"
   PROXY_URL="http://127.0.0.1:$PROXY_PORT"
   PROXY_H2_URL="http://127.0.0.1:$PROXY_H2_PORT"
+  RUNNING[$name]="$PROXY_PID $PROXY_URL $PROXY_H2_URL ${NGINX_CACHE_DIR:--}"
   sleep 0.5
 }
 
+# use_proxy NAME: makes a proxy started earlier (and still running) the one measured next.
+use_proxy() {
+  read -r PROXY_PID PROXY_URL PROXY_H2_URL NGINX_CACHE_DIR <<<"${RUNNING[$1]}"
+  [[ $NGINX_CACHE_DIR == - ]] && NGINX_CACHE_DIR=""
+  return 0
+}
+
+# stop_proxy NAME: stops it (the one measured last, for a fill round).
 stop_proxy() {
+  use_proxy "$1"
   stop_tree "$PROXY_PID"
   local keep=() p
   for p in "${STARTED[@]}"; do [[ $p == "$PROXY_PID" ]] || keep+=("$p"); done
   STARTED=("${keep[@]}")
   if [[ -n $NGINX_CACHE_DIR ]]; then rm -rf "$NGINX_CACHE_DIR"; fi
+  unset "RUNNING[$1]"
 }
 
 start_larder() {
@@ -638,20 +661,29 @@ nginx_cache_kib() {
   fi
 }
 
+# One round of the load scenarios: every proxy started fresh and warmed, then each scenario
+# run against each proxy in turn, so the runs compared sit seconds apart (the machine's speed
+# swings within seconds: BENCHMARKS.md, Method). The proxies not under load stay idle.
 throughput_round() {
-  local proxy=$1 rep=$2 spec id tool path conns warmed_keys=0
-  start_proxy "$proxy" "$CACHE_MIB"
-  warm "$proxy" /obj/1k /obj/16k /obj/256k
+  local rep=$1 order=$2 spec id tool path conns proxy
+  local -A keys_filled=()
+  for proxy in $order; do
+    start_proxy "$proxy" "$CACHE_MIB"
+    warm "$proxy" /obj/1k /obj/16k /obj/256k
+  done
   for spec in "${THROUGHPUT_SCENARIOS[@]}"; do
     read -r id tool path conns <<<"$spec"
     selected "$id" || continue
-    if [[ $tool == wrk-keys ]] && ((!warmed_keys)); then
-      fill "$path" 0 "$KEYS" "$(new_out keys-prefill "$proxy" "$rep").txt"
-      warmed_keys=1
-    fi
-    measure "$proxy" "$rep" "$id" "$tool" "$path" "$conns"
+    for proxy in $order; do
+      use_proxy "$proxy"
+      if [[ $tool == wrk-keys && -z ${keys_filled[$proxy]:-} ]]; then
+        fill "$path" 0 "$KEYS" "$(new_out keys-prefill "$proxy" "$rep").txt"
+        keys_filled[$proxy]=1
+      fi
+      measure "$proxy" "$rep" "$id" "$tool" "$path" "$conns"
+    done
   done
-  stop_proxy
+  for proxy in $order; do stop_proxy "$proxy"; done
 }
 
 # 10,000 distinct 16 KiB objects into an empty 1 GiB cache: memory growth per payload byte.
@@ -672,7 +704,7 @@ fill_round() {
     "$FILL_SCENARIO" "$proxy" "$rep" "$FILL_KEYS" "$((FILL_KEYS * 16384))" "$((t1 - t0))" "$CLK_TCK" \
     "$(origin_delta "$o0" "$o1")" "${before% *}" "${before#* }" "${after% *}" "${after#* }" "$dir_kib" "$out.txt" >>"$RUNS"
   log "  $FILL_SCENARIO $proxy: PSS ${before#* } -> ${after#* } KiB, cache dir ${dir_kib} KiB"
-  stop_proxy
+  stop_proxy "$proxy"
 }
 
 # 200,000 distinct keys into a 64 MiB cache, memory sampled every BUDGET_SAMPLE keys.
@@ -700,7 +732,7 @@ budget_round() {
     "$CLK_TCK" "$(origin_delta "$o0" "$o1")" "${before% *}" "${before#* }" "${mem% *}" "${mem#* }" "$(nginx_cache_kib)" \
     "$samples" "$out" >>"$RUNS"
   log "  $BUDGET_SCENARIO $proxy: PSS ${mem#* } KiB after $BUDGET_KEYS keys, cache dir $(nginx_cache_kib) KiB"
-  stop_proxy
+  stop_proxy "$proxy"
 }
 
 version_of() {
@@ -738,8 +770,12 @@ main() {
   RUNS=$WORK/runs.jsonl
   : >"$RUNS"
 
-  read -r ORIGIN_PORT LARDER_PORT LARDER_ADMIN_PORT NGINX_PORT NGINX_H2_PORT VARNISH_PORT HAPROXY_PORT \
-    STATIC_PORT STATIC_H2_PORT <<<"$(pick_ports 9)"
+  local -a lports
+  read -r ORIGIN_PORT NGINX_PORT NGINX_H2_PORT VARNISH_PORT HAPROXY_PORT STATIC_PORT STATIC_H2_PORT \
+    lports[0] lports[1] lports[2] lports[3] lports[4] lports[5] lports[6] lports[7] <<<"$(pick_ports 15)"
+  # Listener and admin port of each Larder variant.
+  LARDER_PORTS=([larder]="${lports[0]} ${lports[1]}" [larder-threads]="${lports[2]} ${lports[3]}"
+    [larder-prealloc]="${lports[4]} ${lports[5]}" [larder-base]="${lports[6]} ${lports[7]}")
   start_origin
 
   local any_load=0 spec id rep proxy
@@ -747,29 +783,30 @@ main() {
     read -r id _ <<<"$spec"
     selected "$id" && any_load=1
   done
-  log "proxies: $PROXIES; scenarios: $SCENARIOS; duration $DURATION; repeats $REPEATS"
-  # Interleaved: every round runs each proxy in turn, each from a fresh process, the order
-  # rotated from round to round (A B C, B C A, C A B …): no proxy always runs first.
-  for ((rep = 1; rep <= REPEATS; rep++)); do
+  log "proxies: $PROXIES; scenarios: $SCENARIOS; duration $DURATION; repeats $REPEATS (fills $FILL_REPEATS)"
+  # Interleaved: every round starts each proxy as a fresh process and runs each scenario
+  # against each proxy in turn, the order rotated from round to round (A B C, B C A, C A B …):
+  # no proxy always runs first. The fills run one proxy at a time, each from a fresh process.
+  local rounds=$((REPEATS > FILL_REPEATS ? REPEATS : FILL_REPEATS))
+  for ((rep = 1; rep <= rounds; rep++)); do
     local order
     order=$(rotated "$rep")
-    for proxy in $order; do
-      if ((any_load)); then
-        log "round $rep/$REPEATS: $proxy"
-        throughput_round "$proxy" "$rep"
-      fi
-    done
+    if ((any_load && rep <= REPEATS)); then
+      log "round $rep/$REPEATS: $order"
+      throughput_round "$rep" "$order"
+    fi
+    ((rep <= FILL_REPEATS)) || continue
     if selected "$FILL_SCENARIO"; then
       for proxy in $order; do
         [[ $proxy == static ]] && continue
-        log "round $rep/$REPEATS: $proxy $FILL_SCENARIO"
+        log "round $rep/$FILL_REPEATS: $proxy $FILL_SCENARIO"
         fill_round "$proxy" "$rep"
       done
     fi
     if selected "$BUDGET_SCENARIO"; then
       for proxy in $order; do
         [[ $proxy == static ]] && continue
-        log "round $rep/$REPEATS: $proxy $BUDGET_SCENARIO"
+        log "round $rep/$FILL_REPEATS: $proxy $BUDGET_SCENARIO"
         budget_round "$proxy" "$rep"
       done
     fi
@@ -781,7 +818,7 @@ main() {
   done
   versions+="\"origin\":\"$(version_of nginx | tr -d '"\\')\"}"
   cat >"$WORK/meta.json" <<EOF
-{"duration":"$DURATION","repeats":$REPEATS,"proxies":"$PROXIES","scenarios":"$SCENARIOS",
+{"duration":"$DURATION","repeats":$REPEATS,"fill_repeats":$FILL_REPEATS,"proxies":"$PROXIES","scenarios":"$SCENARIOS",
  "cache_mib":$CACHE_MIB,"budget_mib":$BUDGET_MIB,"keys":$KEYS,"fill_keys":$FILL_KEYS,
  "budget_keys":$BUDGET_KEYS,"budget_sample":$BUDGET_SAMPLE,"budget_object":"$BUDGET_OBJ",
  "h2_connections":$H2_CONNS,"h2_streams":$H2_STREAMS,"larder_access_log":"$LARDER_ACCESS_LOG",
