@@ -15,7 +15,8 @@
 # stopped on exit. PROFILE_SECONDS (default 5) bounds the measured load; PROFILE_OUT=DIR keeps the
 # raw profile (perf.data, callgrind.out) there for perf report / callgrind_annotate;
 # PROFILE_CONNECTIONS (default 50) sets wrk's connections (hit, hit16k, hit256k, pass);
-# PROFILE_CALLGRAPH=1 makes perf record call chains (read them with perf report -g from PROFILE_OUT).
+# PROFILE_CALLGRAPH=1 makes perf record call chains (read them with perf report -g from PROFILE_OUT);
+# PROFILE_CALLGRIND_OPTS adds callgrind options ("--cache-sim=yes --branch-sim=yes": cache misses).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

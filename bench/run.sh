@@ -70,20 +70,6 @@ die() {
 
 is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 
-# How many CPUs a taskset list names ("0-2,5" is 4).
-cpu_count() {
-  local n=0 part
-  IFS=, read -r -a parts <<<"$1"
-  for part in "${parts[@]}"; do
-    if [[ $part =~ ^([0-9]+)-([0-9]+)$ ]]; then
-      n=$((n + BASH_REMATCH[2] - BASH_REMATCH[1] + 1))
-    else
-      n=$((n + 1))
-    fi
-  done
-  echo "$n"
-}
-
 # wrk's duration syntax (10s, 1m, 2h, or bare seconds) to whole seconds, for h2load and timeouts.
 duration_secs() {
   local d=$1
@@ -114,7 +100,8 @@ if [[ -n $PROXY_CPUS || -n $LOAD_CPUS ]]; then
 fi
 # nginx's `worker_processes auto` counts the machine's CPUs, not the ones it may run on.
 PROXY_WORKERS=auto
-[[ -n $PROXY_CPUS ]] && PROXY_WORKERS=$(cpu_count "$PROXY_CPUS")
+# (nproc counts the CPUs it may run on.)
+[[ -n $PROXY_CPUS ]] && PROXY_WORKERS=$("${PROXY_PIN[@]}" nproc)
 for p in $PROXIES; do
   case $p in larder | larder-threads | larder-prealloc | larder-base | nginx | varnish | haproxy | static) ;; *) die "unknown proxy '$p' in BENCH_PROXIES" ;; esac
 done
@@ -379,18 +366,16 @@ start_proxy() {
   rm -rf "$d"
   mkdir -p "$d"
   NGINX_CACHE_DIR=""
-  # Each Larder variant on its own ports: a round runs them all at once.
+  # Each Larder variant on its own ports (start_larder reads these): a round runs them all at
+  # once.
   local lp=${LARDER_PORTS[$name]:-}
+  [[ -z $lp ]] || read -r LARDER_PORT LARDER_ADMIN_PORT <<<"$lp"
   case $name in
-    larder) LARDER_PORT=${lp% *} LARDER_ADMIN_PORT=${lp#* } start_larder "$d" "$mib" ;;
+    larder) start_larder "$d" "$mib" ;;
     # The same binary and config with connection threads (LARDER_CONNECTION_THREADS=auto).
-    larder-threads) LARDER_PORT=${lp% *} LARDER_ADMIN_PORT=${lp#* } start_larder "$d" "$mib" auto ;;
-    larder-prealloc)
-      PREALLOCATE=true LARDER_PORT=${lp% *} LARDER_ADMIN_PORT=${lp#* } start_larder "$d" "$mib"
-      ;;
-    larder-base)
-      LARDER_BIN=$LARDER_BASE_BIN LARDER_PORT=${lp% *} LARDER_ADMIN_PORT=${lp#* } start_larder "$d" "$mib"
-      ;;
+    larder-threads) start_larder "$d" "$mib" auto ;;
+    larder-prealloc) PREALLOCATE=true start_larder "$d" "$mib" ;;
+    larder-base) LARDER_BIN=$LARDER_BASE_BIN start_larder "$d" "$mib" ;;
     nginx) start_nginx "$d" "$mib" ;;
     varnish) start_varnish "$d" "$mib" ;;
     haproxy) start_haproxy "$d" "$mib" ;;
