@@ -128,13 +128,43 @@ resource_types:
 EOF
 wait_for "http://127.0.0.1:$ORIGIN_PORT/obj/1k"
 
+# PROFILE_PROXY=haproxy profiles HAProxy (bench/run.sh's cache config, one process, its
+# default threads) in Larder's place: a peer's numbers taken the same way.
+proxy_cmd=("$LARDER_BIN" --config "$WORK/larder.yaml")
+if [[ ${PROFILE_PROXY:-larder} == haproxy ]]; then
+  command -v haproxy >/dev/null || { echo "needs haproxy" >&2; exit 1; }
+  cat >"$WORK/haproxy.cfg" <<EOF
+global
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  timeout http-keep-alive 60s
+cache bench
+  total-max-size $cache_mib
+  max-object-size 8388608
+  max-age 3600
+frontend fe
+  bind 127.0.0.1:$PROXY_PORT
+  default_backend origin
+backend origin
+  http-request cache-use bench
+  http-response cache-store bench
+  server origin 127.0.0.1:$ORIGIN_PORT
+EOF
+  proxy_cmd=(haproxy -db -f "$WORK/haproxy.cfg")
+elif [[ ${PROFILE_PROXY:-larder} != larder ]]; then
+  echo "PROFILE_PROXY is larder or haproxy" >&2; exit 1
+fi
 case $tool in
-  perf | syscalls | stat) "$LARDER_BIN" --config "$WORK/larder.yaml" >"$WORK/larder.log" 2>&1 & ;;
+  perf | syscalls | stat) "${proxy_cmd[@]}" >"$WORK/larder.log" 2>&1 & ;;
   callgrind)
     # PROFILE_CALLGRIND_OPTS: more callgrind options, say "--cache-sim=yes --branch-sim=yes".
     # shellcheck disable=SC2086
     valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.out" ${PROFILE_CALLGRIND_OPTS:-} \
-      "$LARDER_BIN" --config "$WORK/larder.yaml" >"$WORK/larder.log" 2>&1 & ;;
+      "${proxy_cmd[@]}" >"$WORK/larder.log" 2>&1 & ;;
 esac
 LARDER_PID=$!
 PIDS+=("$LARDER_PID")

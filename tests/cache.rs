@@ -285,6 +285,35 @@ async fn uncacheable_responses_do_not_queue_behind_each_other() {
     assert_eq!(origin.count(), 2);
 }
 
+/// Hit-for-miss, not hit-for-pass: a key proven uncacheable is still fetched for the cache,
+/// so the first storable answer is stored (as Varnish does).
+#[tokio::test]
+async fn a_key_proven_uncacheable_is_stored_once_its_answer_may_be() {
+    let answered = Arc::new(AtomicUsize::new(0));
+    let origin = Origin::start({
+        let answered = answered.clone();
+        move |_seen| {
+            let n = answered.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let cache_control = if n == 0 { "no-store" } else { "max-age=600" };
+                response(200, &[("cache-control", cache_control)], "body")
+            }
+        }
+    })
+    .await;
+    let larder = Larder::start(&config_yaml(origin.addr, DEFAULT_TYPES)).await;
+    larder
+        .get("/turns")
+        .await
+        .assert_cache_status("detail=response_no_store");
+    let second = larder.get("/turns").await;
+    second.assert_cache_status("fwd=uri-miss; fwd-status=200; stored");
+    let third = larder.get("/turns").await;
+    third.assert_cache_status("hit");
+    assert_eq!(third.text(), "body");
+    assert_eq!(origin.count(), 2);
+}
+
 #[tokio::test]
 async fn purge_removes_every_variant_then_misses() {
     let origin = Origin::start(|seen| async move {

@@ -283,159 +283,169 @@ impl Cluster {
 
     /// Sends the request to one endpoint (round robin). A connect failure of a bodiless request
     /// moves on to the next endpoint, since nothing reached the origin.
-    pub async fn send(
+    #[allow(clippy::manual_async_fn)] // its future stays small: see `Proxy::handle`
+    pub fn send(
         &self,
-        mut request: UpstreamRequest,
+        request: &mut UpstreamRequest,
         body: ProxyBody,
         timeouts: &Timeouts,
         interim: Option<&crate::interim::InterimSink>,
-    ) -> Result<UpstreamResponse, UpstreamError> {
-        let start = Instant::now();
-        use std::sync::atomic::Ordering::Relaxed;
-        // The response headers are due by the first-byte timeout, and by the total one.
-        let (timeout, which) = match timeouts.total {
-            Some(total) if total < timeouts.first_byte => (total, "total_timeout"),
-            _ => (timeouts.first_byte, "timeout"),
-        };
-        // One deadline for every attempt, from the one clock reading.
-        let deadline = tokio::time::Instant::from_std(start) + timeout;
-        // Circuit breaking: a struggling upstream gets no queue of requests behind it.
-        if self.in_flight.load(Relaxed) >= self.max_requests {
-            self.metrics.breaker_tripped(Breaker::MaxRequests);
-            return Err(UpstreamError {
-                kind: UpstreamErrorKind::Overflow,
+    ) -> impl Future<Output = Result<UpstreamResponse, UpstreamError>> {
+        async move {
+            let start = Instant::now();
+            use std::sync::atomic::Ordering::Relaxed;
+            // The response headers are due by the first-byte timeout, and by the total one.
+            let (timeout, which) = match timeouts.total {
+                Some(total) if total < timeouts.first_byte => (total, "total_timeout"),
+                _ => (timeouts.first_byte, "timeout"),
+            };
+            // One deadline for every attempt, from the one clock reading.
+            let deadline = tokio::time::Instant::from_std(start) + timeout;
+            // Circuit breaking: a struggling upstream gets no queue of requests behind it.
+            if self.in_flight.load(Relaxed) >= self.max_requests {
+                self.metrics.breaker_tripped(Breaker::MaxRequests);
+                return Err(UpstreamError {
+                    kind: UpstreamErrorKind::Overflow,
+                    endpoint: None,
+                    message: format!(
+                        "{} requests in flight to cluster {} (max_requests)",
+                        self.max_requests, self.name
+                    ),
+                    duration: start.elapsed(),
+                    client_fault: None,
+                    stale_connection: false,
+                    retries: 0,
+                    nothing_sent: true,
+                    breaker: Some(Breaker::MaxRequests),
+                });
+            }
+            let _in_flight = Held::take(&self.in_flight);
+            // Only what can be sent again safely is: idempotent, and no body already consumed.
+            let replayable = body.is_end_stream() && request.method.is_idempotent();
+            // One endpoint set for the whole request, even if discovery swaps it meanwhile.
+            let balancer = self.balancer.load_full();
+            let attempts = if replayable {
+                balancer
+                    .endpoints
+                    .len()
+                    .clamp(2, 3)
+                    .max(1 + self.max_retries as usize)
+            } else {
+                1
+            };
+            let mut status_retries = 0;
+            let mut body = Some(body);
+            let mut last_error: Option<UpstreamError> = None;
+            // The URL the request names: what ring hashing keeps on one endpoint.
+            let hash_key = if balancer.hashes_requests() {
+                let host = request
+                    .headers
+                    .get(http::header::HOST)
+                    .map_or(&b""[..], |h| h.as_bytes());
+                [host, request.path_and_query.as_str().as_bytes()].concat()
+            } else {
+                Vec::new()
+            };
+            let mut tried: Vec<usize> = Vec::new();
+            // A retry's pause, slept here rather than where it was decided: there the
+            // response just dropped would keep its room in this future across the sleep.
+            let mut pause_before: Option<(Held, Duration)> = None;
+            for attempt in 0..attempts as u32 {
+                if let Some((_retrying, pause)) = pause_before.take() {
+                    tokio::time::sleep(pause).await;
+                }
+                let Some(pick) = balancer.pick(&hash_key, &tried) else {
+                    break;
+                };
+                let endpoint = pick.endpoint;
+                tried.push(pick.index);
+                let sent = self
+                    .attempt(
+                        &endpoint.authority,
+                        request,
+                        attempt + 1 == attempts as u32,
+                        body.take().unwrap_or_else(empty),
+                        interim,
+                        timeouts,
+                        deadline,
+                    )
+                    .await;
+                let error = match sent {
+                    Ok(response) => {
+                        // Gateway errors count against the endpoint, though they are relayed.
+                        let status = response.status().as_u16();
+                        let failed = matches!(status, 502..=504);
+                        if balancer.record(pick.index, failed) {
+                            self.metrics.ejected();
+                        }
+                        let budget = (self.in_flight.load(Relaxed) / 5).max(3);
+                        let retry = replayable
+                            && self.retry_on_status.contains(&status)
+                            && status_retries < self.max_retries
+                            && attempt + 1 < attempts as u32
+                            && self.retrying.load(Relaxed) < budget;
+                        if retry {
+                            status_retries += 1;
+                            drop(response);
+                            drop(pick);
+                            // Jittered, so replicas retrying together do not arrive together.
+                            let pause = Duration::from_millis(25 + fastrand::u64(..25));
+                            pause_before = Some((
+                                Held::take(&self.retrying),
+                                pause.min(timeout.saturating_sub(start.elapsed())),
+                            ));
+                            continue;
+                        }
+                        return Ok(UpstreamResponse {
+                            response,
+                            endpoint: endpoint.display.clone(),
+                            duration: start.elapsed(),
+                            retries: attempt,
+                        });
+                    }
+                    Err(e) if !e.error.is::<HeadTimedOut>() => {
+                        classify(&e, &endpoint.display, start, attempt)
+                    }
+                    Err(_) => UpstreamError {
+                        kind: UpstreamErrorKind::Timeout,
+                        endpoint: Some(endpoint.display.clone()),
+                        message: format!("no response headers within {timeout:?} (route {which})"),
+                        duration: start.elapsed(),
+                        client_fault: None,
+                        stale_connection: false,
+                        retries: attempt,
+                        nothing_sent: false,
+                        breaker: None,
+                    },
+                };
+                // A request body too large is the client's doing, a full breaker the cluster's
+                // load: neither says anything of the endpoint.
+                let endpoints_fault =
+                    error.client_fault.is_none() && error.kind != UpstreamErrorKind::Overflow;
+                if endpoints_fault && balancer.record(pick.index, true) {
+                    self.metrics.ejected();
+                }
+                drop(pick);
+                // Safe to resend, for idempotent requests only: nothing reached an origin (connect
+                // failure), or the connection closed or was reset before any response byte came.
+                let retry = replayable && (error.nothing_sent || error.stale_connection);
+                last_error = Some(error);
+                if !retry {
+                    break;
+                }
+            }
+            Err(last_error.unwrap_or_else(|| UpstreamError {
+                kind: UpstreamErrorKind::NoEndpoint,
                 endpoint: None,
-                message: format!(
-                    "{} requests in flight to cluster {} (max_requests)",
-                    self.max_requests, self.name
-                ),
+                message: format!("cluster {} has no endpoints", self.name),
                 duration: start.elapsed(),
                 client_fault: None,
                 stale_connection: false,
                 retries: 0,
                 nothing_sent: true,
-                breaker: Some(Breaker::MaxRequests),
-            });
+                breaker: None,
+            }))
         }
-        let _in_flight = Held::take(&self.in_flight);
-        // Only what can be sent again safely is: idempotent, and no body already consumed.
-        let replayable = body.is_end_stream() && request.method.is_idempotent();
-        // One endpoint set for the whole request, even if discovery swaps it meanwhile.
-        let balancer = self.balancer.load_full();
-        let attempts = if replayable {
-            balancer
-                .endpoints
-                .len()
-                .clamp(2, 3)
-                .max(1 + self.max_retries as usize)
-        } else {
-            1
-        };
-        let mut status_retries = 0;
-        let mut body = Some(body);
-        let mut last_error: Option<UpstreamError> = None;
-        // The URL the request names: what ring hashing keeps on one endpoint.
-        let hash_key = if balancer.hashes_requests() {
-            let host = request
-                .headers
-                .get(http::header::HOST)
-                .map_or(&b""[..], |h| h.as_bytes());
-            [host, request.path_and_query.as_str().as_bytes()].concat()
-        } else {
-            Vec::new()
-        };
-        let mut tried: Vec<usize> = Vec::new();
-        for attempt in 0..attempts as u32 {
-            let Some(pick) = balancer.pick(&hash_key, &tried) else {
-                break;
-            };
-            let endpoint = pick.endpoint;
-            tried.push(pick.index);
-            let sent = self
-                .attempt(
-                    &endpoint.authority,
-                    &mut request,
-                    attempt + 1 == attempts as u32,
-                    body.take().unwrap_or_else(empty),
-                    interim,
-                    timeouts,
-                    deadline,
-                )
-                .await;
-            let error = match sent {
-                Ok(response) => {
-                    // Gateway errors count against the endpoint, though they are relayed.
-                    let status = response.status().as_u16();
-                    let failed = matches!(status, 502..=504);
-                    if balancer.record(pick.index, failed) {
-                        self.metrics.ejected();
-                    }
-                    let budget = (self.in_flight.load(Relaxed) / 5).max(3);
-                    let retry = replayable
-                        && self.retry_on_status.contains(&status)
-                        && status_retries < self.max_retries
-                        && attempt + 1 < attempts as u32
-                        && self.retrying.load(Relaxed) < budget;
-                    if retry {
-                        status_retries += 1;
-                        drop(response);
-                        drop(pick);
-                        let _retrying = Held::take(&self.retrying);
-                        // Jittered, so replicas retrying together do not arrive together.
-                        let pause = Duration::from_millis(25 + fastrand::u64(..25));
-                        tokio::time::sleep(pause.min(timeout.saturating_sub(start.elapsed())))
-                            .await;
-                        continue;
-                    }
-                    return Ok(UpstreamResponse {
-                        response,
-                        endpoint: endpoint.display.clone(),
-                        duration: start.elapsed(),
-                        retries: attempt,
-                    });
-                }
-                Err(e) if !e.error.is::<HeadTimedOut>() => {
-                    classify(&e, &endpoint.display, start, attempt)
-                }
-                Err(_) => UpstreamError {
-                    kind: UpstreamErrorKind::Timeout,
-                    endpoint: Some(endpoint.display.clone()),
-                    message: format!("no response headers within {timeout:?} (route {which})"),
-                    duration: start.elapsed(),
-                    client_fault: None,
-                    stale_connection: false,
-                    retries: attempt,
-                    nothing_sent: false,
-                    breaker: None,
-                },
-            };
-            // A request body too large is the client's doing, a full breaker the cluster's
-            // load: neither says anything of the endpoint.
-            let endpoints_fault =
-                error.client_fault.is_none() && error.kind != UpstreamErrorKind::Overflow;
-            if endpoints_fault && balancer.record(pick.index, true) {
-                self.metrics.ejected();
-            }
-            drop(pick);
-            // Safe to resend, for idempotent requests only: nothing reached an origin (connect
-            // failure), or the connection closed or was reset before any response byte came.
-            let retry = replayable && (error.nothing_sent || error.stale_connection);
-            last_error = Some(error);
-            if !retry {
-                break;
-            }
-        }
-        Err(last_error.unwrap_or_else(|| UpstreamError {
-            kind: UpstreamErrorKind::NoEndpoint,
-            endpoint: None,
-            message: format!("cluster {} has no endpoints", self.name),
-            duration: start.elapsed(),
-            client_fault: None,
-            stale_connection: false,
-            retries: 0,
-            nothing_sent: true,
-            breaker: None,
-        }))
     }
 }
 
@@ -444,7 +454,8 @@ impl Cluster {
     /// where they are), or hyper-util's for HTTP/2. `last`: no other attempt follows.
     /// `deadline`: when the response head is due (`HeadTimedOut` after it).
     #[allow(clippy::too_many_arguments)]
-    async fn attempt(
+    #[allow(clippy::manual_async_fn)] // its future stays small: see `Proxy::handle`
+    fn attempt(
         &self,
         endpoint: &Authority,
         request: &mut UpstreamRequest,
@@ -453,60 +464,62 @@ impl Cluster {
         interim: Option<&crate::interim::InterimSink>,
         timeouts: &Timeouts,
         deadline: tokio::time::Instant,
-    ) -> Result<Response<ResponseBody>, AttemptError> {
-        if let Some(pool) = &self.http1 {
-            return pool
-                .send(
-                    endpoint,
-                    &request.method,
-                    &request.path_and_query,
-                    &request.headers,
-                    request.hop.as_ref(),
-                    body,
-                    interim,
-                    timeouts.connect,
-                    deadline,
-                )
-                .await;
-        }
-        let mut req = Request::new(body);
-        *req.method_mut() = request.method.clone();
-        *req.version_mut() = Version::HTTP_11;
-        // hyper takes the fields: only an attempt that may be followed by another copies them.
-        *req.headers_mut() = if last {
-            std::mem::take(&mut request.headers)
-        } else {
-            request.headers.clone()
-        };
-        if let Some(hop) = &request.hop {
-            hop.insert_into(req.headers_mut());
-        }
-        if let Some(sink) = interim {
-            let sink = sink.clone();
-            hyper::ext::on_informational(&mut req, move |res| {
-                sink.send(res.status(), res.headers())
-            });
-        }
-        *req.uri_mut() = Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(endpoint.clone())
-            .path_and_query(request.path_and_query.clone())
-            .build()
-            .expect("authority and path are valid");
-        let sent = tokio::time::timeout_at(
-            deadline,
-            CONNECT_TIMEOUT.scope(timeouts.connect, self.client.request(req)),
-        );
-        match sent.await {
-            Ok(Ok(response)) => Ok(response.map(ResponseBody::detached)),
-            Ok(Err(e)) => Err(AttemptError {
-                connect: e.is_connect(),
-                error: Box::new(e),
-            }),
-            Err(_) => Err(AttemptError {
-                error: Box::new(HeadTimedOut),
-                connect: false,
-            }),
+    ) -> impl Future<Output = Result<Response<ResponseBody>, AttemptError>> {
+        async move {
+            if let Some(pool) = &self.http1 {
+                return pool
+                    .send(
+                        endpoint,
+                        &request.method,
+                        &request.path_and_query,
+                        &request.headers,
+                        request.hop.as_ref(),
+                        body,
+                        interim,
+                        timeouts.connect,
+                        deadline,
+                    )
+                    .await;
+            }
+            let mut req = Request::new(body);
+            *req.method_mut() = request.method.clone();
+            *req.version_mut() = Version::HTTP_11;
+            // hyper takes the fields: only an attempt that may be followed by another copies them.
+            *req.headers_mut() = if last {
+                std::mem::take(&mut request.headers)
+            } else {
+                request.headers.clone()
+            };
+            if let Some(hop) = &request.hop {
+                hop.insert_into(req.headers_mut());
+            }
+            if let Some(sink) = interim {
+                let sink = sink.clone();
+                hyper::ext::on_informational(&mut req, move |res| {
+                    sink.send(res.status(), res.headers())
+                });
+            }
+            *req.uri_mut() = Uri::builder()
+                .scheme(self.scheme.clone())
+                .authority(endpoint.clone())
+                .path_and_query(request.path_and_query.clone())
+                .build()
+                .expect("authority and path are valid");
+            let sent = tokio::time::timeout_at(
+                deadline,
+                CONNECT_TIMEOUT.scope(timeouts.connect, self.client.request(req)),
+            );
+            match sent.await {
+                Ok(Ok(response)) => Ok(response.map(ResponseBody::detached)),
+                Ok(Err(e)) => Err(AttemptError {
+                    connect: e.is_connect(),
+                    error: Box::new(e),
+                }),
+                Err(_) => Err(AttemptError {
+                    error: Box::new(HeadTimedOut),
+                    connect: false,
+                }),
+            }
         }
     }
 }

@@ -145,48 +145,60 @@ struct FillPlan {
     stale: Option<Hit>,
 }
 
+// The request's steps are plain fns returning `async move` blocks: an `async fn`'s future
+// keeps every argument twice (rust-lang/rust#62958), and these futures are built, moved and
+// boxed on every request.
+#[allow(clippy::manual_async_fn)]
 impl Proxy {
-    pub async fn handle(
+    pub fn handle(
         self: Arc<Self>,
         req: Request<ProxyBody>,
         client: Option<SocketAddr>,
         interim: Option<InterimSink>,
         scheme: &'static str,
         writer: ResponseWriter,
-    ) -> Answer {
-        // A guard, not a clone: cloning would count on the one reference count every request on
-        // every worker thread touches (the guard borrows it through a per-thread slot).
-        let runtime = self.runtime.load();
-        let mut ex = Exchange::new(&req, client);
-        ex.scheme = scheme;
-        ex.writer = writer;
-        if let Some(tracing) = &self.tracing {
-            let host = req
-                .uri()
-                .authority()
-                .map(|a| a.as_str())
-                .or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()))
-                .unwrap_or_default();
-            let span =
-                tracing.server_span(req.headers(), req.method().as_str(), req.uri().path(), host);
-            ex.trace_id = Some(span.trace_id());
-            ex.span = Some(span);
-        }
-        let response = match self.process(&runtime, &mut ex, req, interim.clone()).await {
-            Ok(response) => response,
-            Err(error) => {
-                // Lines belong to the response they came with, never to an error.
-                ex.stored_lines = None;
-                ex.added_lines.clear();
-                if let ProxyError::Upstream(e) = &error {
-                    ex.upstream_address = e.endpoint.clone();
-                    ex.reason.get_or_insert(NoCacheReason::UpstreamError);
-                    tracing::debug!(request_id = %ex.header_id(), error = %e, "upstream failed");
-                }
-                error.into_response()
+    ) -> impl Future<Output = Answer> {
+        async move {
+            // A guard, not a clone: cloning would count on the one reference count every request on
+            // every worker thread touches (the guard borrows it through a per-thread slot).
+            let runtime = self.runtime.load();
+            // Boxed: moved into the body's end-of-response closure and that into a box, it
+            // would be copied whole (half a kilobyte) at each step.
+            let mut ex = Box::new(Exchange::new(&req, client));
+            ex.scheme = scheme;
+            ex.writer = writer;
+            if let Some(tracing) = &self.tracing {
+                let host = req
+                    .uri()
+                    .authority()
+                    .map(|a| a.as_str())
+                    .or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()))
+                    .unwrap_or_default();
+                let span = tracing.server_span(
+                    req.headers(),
+                    req.method().as_str(),
+                    req.uri().path(),
+                    host,
+                );
+                ex.trace_id = Some(span.trace_id());
+                ex.span = Some(span);
             }
-        };
-        Proxy::finish(self, &runtime, ex, response, interim)
+            let response = match self.process(&runtime, &mut ex, req, interim.clone()).await {
+                Ok(response) => response,
+                Err(error) => {
+                    // Lines belong to the response they came with, never to an error.
+                    ex.stored_lines = None;
+                    ex.added_lines.clear();
+                    if let ProxyError::Upstream(e) = &error {
+                        ex.upstream_address = e.endpoint.clone();
+                        ex.reason.get_or_insert(NoCacheReason::UpstreamError);
+                        tracing::debug!(request_id = %ex.header_id(), error = %e, "upstream failed");
+                    }
+                    error.into_response()
+                }
+            };
+            Proxy::finish(self, &runtime, ex, response, interim)
+        }
     }
 
     /// Stamps the response with the request's identity and cache status, and arranges for the
@@ -195,7 +207,7 @@ impl Proxy {
     fn finish(
         self: Arc<Self>,
         rt: &Runtime,
-        mut ex: Exchange,
+        mut ex: Box<Exchange>,
         mut response: Response<ProxyBody>,
         interim: Option<InterimSink>,
     ) -> Answer {
@@ -283,151 +295,163 @@ impl Proxy {
         }
     }
 
-    async fn process(
+    fn process(
         &self,
         rt: &Arc<Runtime>,
         ex: &mut Exchange,
         req: Request<ProxyBody>,
         interim: Option<InterimSink>,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        if req.method() == Method::CONNECT {
-            // A reverse proxy routes to its own clusters; tunnelling to arbitrary hosts is not
-            // its job.
-            return Err(ProxyError::NotImplemented("CONNECT is not supported"));
-        }
-        let (parts, body) = req.into_parts();
-        let mut headers = parts.headers;
-        let upgrade = fields::has(&headers, &header::UPGRADE);
-        if !single_chunked_coding(&headers) {
-            return Err(ProxyError::BadRequest(
-                "Transfer-Encoding must be \"chunked\" alone",
-            ));
-        }
-        // Before anything is added: a client's `Connection` may only name its own hop's fields.
-        strip_hop_by_hop(&mut headers);
-        if fields::find_all(&headers, &HOST).nth(1).is_some() {
-            return Err(ProxyError::BadRequest("more than one Host header"));
-        }
-        // RFC 9113 §8.3.1: a Host that names another entity than :authority is malformed (one
-        // of them would key the cache, the other could pick the origin's virtual host).
-        if parts.version == http::Version::HTTP_2
-            && let (Some(authority), Some(host)) =
-                (parts.uri.authority(), fields::find(&headers, &HOST))
-            && !host
-                .as_bytes()
-                .eq_ignore_ascii_case(authority.as_str().as_bytes())
-        {
-            return Err(ProxyError::BadRequest(":authority and Host differ"));
-        }
-        // RFC 9113 §8.2.1: a field value may not start or end with whitespace (hyper's HTTP/1
-        // parser trims it; h2 passes it on, and an origin could read the value differently).
-        if parts.version == http::Version::HTTP_2
-            && headers.values().any(|v| {
-                let b = v.as_bytes();
-                matches!(b.first(), Some(b' ' | b'\t')) || matches!(b.last(), Some(b' ' | b'\t'))
-            })
-        {
-            return Err(ProxyError::BadRequest(
-                "a field value starts or ends with whitespace",
-            ));
-        }
-        // The target's authority wins over Host (RFC 9112 §3.2.2); HTTP/2 has only :authority.
-        match parts.uri.authority() {
-            Some(authority) => {
-                let host_value = HeaderValue::from_str(authority.as_str())
-                    .map_err(|_| ProxyError::BadRequest("invalid Host"))?;
-                headers.insert(HOST, host_value);
-                ex.host = normalize_host(authority.as_str(), ex.scheme);
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> {
+        async move {
+            if req.method() == Method::CONNECT {
+                // A reverse proxy routes to its own clusters; tunnelling to arbitrary hosts is not
+                // its job.
+                return Err(ProxyError::NotImplemented("CONNECT is not supported"));
             }
-            // Host stays as it came (most requests): only read, never copied or re-inserted.
-            None => {
-                let host = fields::find(&headers, &HOST)
-                    .ok_or(ProxyError::BadRequest("missing Host header"))?
-                    .to_str()
-                    .map_err(|_| ProxyError::BadRequest("invalid Host"))?;
-                if host.is_empty() {
-                    return Err(ProxyError::BadRequest("missing Host header"));
+            let (parts, body) = req.into_parts();
+            let mut headers = parts.headers;
+            let upgrade = fields::has(&headers, &header::UPGRADE);
+            if !single_chunked_coding(&headers) {
+                return Err(ProxyError::BadRequest(
+                    "Transfer-Encoding must be \"chunked\" alone",
+                ));
+            }
+            // Before anything is added: a client's `Connection` may only name its own hop's fields.
+            strip_hop_by_hop(&mut headers);
+            if fields::find_all(&headers, &HOST).nth(1).is_some() {
+                return Err(ProxyError::BadRequest("more than one Host header"));
+            }
+            // RFC 9113 §8.3.1: a Host that names another entity than :authority is malformed (one
+            // of them would key the cache, the other could pick the origin's virtual host).
+            if parts.version == http::Version::HTTP_2
+                && let (Some(authority), Some(host)) =
+                    (parts.uri.authority(), fields::find(&headers, &HOST))
+                && !host
+                    .as_bytes()
+                    .eq_ignore_ascii_case(authority.as_str().as_bytes())
+            {
+                return Err(ProxyError::BadRequest(":authority and Host differ"));
+            }
+            // RFC 9113 §8.2.1: a field value may not start or end with whitespace (hyper's HTTP/1
+            // parser trims it; h2 passes it on, and an origin could read the value differently).
+            if parts.version == http::Version::HTTP_2
+                && headers.values().any(|v| {
+                    let b = v.as_bytes();
+                    matches!(b.first(), Some(b' ' | b'\t'))
+                        || matches!(b.last(), Some(b' ' | b'\t'))
+                })
+            {
+                return Err(ProxyError::BadRequest(
+                    "a field value starts or ends with whitespace",
+                ));
+            }
+            // The target's authority wins over Host (RFC 9112 §3.2.2); HTTP/2 has only :authority.
+            match parts.uri.authority() {
+                Some(authority) => {
+                    let host_value = HeaderValue::from_str(authority.as_str())
+                        .map_err(|_| ProxyError::BadRequest("invalid Host"))?;
+                    headers.insert(HOST, host_value);
+                    ex.host = normalize_host(authority.as_str(), ex.scheme);
                 }
-                ex.host = normalize_host(host, ex.scheme);
+                // Host stays as it came (most requests): only read, never copied or re-inserted.
+                None => {
+                    let host = fields::find(&headers, &HOST)
+                        .ok_or(ProxyError::BadRequest("missing Host header"))?
+                        .to_str()
+                        .map_err(|_| ProxyError::BadRequest("invalid Host"))?;
+                    if host.is_empty() {
+                        return Err(ProxyError::BadRequest("missing Host header"));
+                    }
+                    ex.host = normalize_host(host, ex.scheme);
+                }
             }
-        }
-        if parts.method.as_str() == "PURGE" && rt.config.purge.purge_method.enabled {
-            return Box::pin(self.purge_method(rt, ex, &parts.uri)).await;
-        }
+            if parts.method.as_str() == "PURGE" && rt.config.purge.purge_method.enabled {
+                return Box::pin(self.purge_method(rt, ex, &parts.uri)).await;
+            }
 
-        let declared = fields::find(&headers, &CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > rt.limits.max_request_body_size) {
-            return Err(ProxyError::PayloadTooLarge);
-        }
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        if !path_and_query.path().starts_with('/') {
-            // `OPTIONS *` and similar have no resource to route.
-            return Err(ProxyError::BadRequest("request target must be a path"));
-        }
-        let route = rt
-            .router
-            .route(&ex.host, path_and_query.path())
-            .ok_or(ProxyError::NoRoute)?;
-        let cluster = &rt.clusters[route.cluster];
-        ex.route = Some(route.name.clone());
-        ex.cluster = Some(cluster.name.clone());
-        let first_byte = route.timeout.unwrap_or(cluster.request_timeout);
-        let upstream = Upstream {
-            cluster: route.cluster,
-            timeouts: Timeouts {
-                connect: route.connect_timeout.unwrap_or(cluster.connect_timeout),
-                first_byte,
-                idle: route.idle_timeout.unwrap_or(first_byte),
-                total: route.total_timeout,
-            },
-        };
+            let declared = fields::find(&headers, &CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|len| len > rt.limits.max_request_body_size) {
+                return Err(ProxyError::PayloadTooLarge);
+            }
+            let path_and_query = parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+            if !path_and_query.path().starts_with('/') {
+                // `OPTIONS *` and similar have no resource to route.
+                return Err(ProxyError::BadRequest("request target must be a path"));
+            }
+            let route = rt
+                .router
+                .route(&ex.host, path_and_query.path())
+                .ok_or(ProxyError::NoRoute)?;
+            let cluster = &rt.clusters[route.cluster];
+            ex.route = Some(route.name.clone());
+            ex.cluster = Some(cluster.name.clone());
+            let first_byte = route.timeout.unwrap_or(cluster.request_timeout);
+            let upstream = Upstream {
+                cluster: route.cluster,
+                timeouts: Timeouts {
+                    connect: route.connect_timeout.unwrap_or(cluster.connect_timeout),
+                    first_byte,
+                    idle: route.idle_timeout.unwrap_or(first_byte),
+                    total: route.total_timeout,
+                },
+            };
 
-        let directives = request_directives(&headers);
-        let request = ClientRequest {
-            method: parts.method,
-            path_and_query,
-            headers,
-            directives,
-            interim,
-            scheme: ex.scheme,
-        };
-        // A body still to come must keep coming (slow POST); most requests have none.
-        let body = if http_body::Body::is_end_stream(&body) {
-            body
-        } else {
-            boxed(IdleTimeoutBody::new(
-                body,
-                rt.limits.request_body_timeout,
-                None,
-            ))
-        };
-        let body = boxed(LimitedBody::new(body, rt.limits.max_request_body_size));
+            let directives = request_directives(&headers);
+            // Boxed: each step the request goes through holds it, and a pointer is what
+            // moves into each step's future (not a quarter kilobyte).
+            let request = Box::new(ClientRequest {
+                method: parts.method,
+                path_and_query,
+                headers,
+                directives,
+                interim,
+                scheme: ex.scheme,
+            });
+            // A body still to come must keep coming (slow POST); most requests have none.
+            let body = if http_body::Body::is_end_stream(&body) {
+                body
+            } else {
+                boxed(IdleTimeoutBody::new(
+                    body,
+                    rt.limits.request_body_timeout,
+                    None,
+                ))
+            };
+            let body = boxed(LimitedBody::new(body, rt.limits.max_request_body_size));
 
-        if !route.cache {
-            return Box::pin(self.pass(
-                rt,
-                ex,
-                upstream,
-                request,
-                body,
-                NoCacheReason::RouteDisabled,
-            ))
-            .await;
-        }
-        if upgrade {
-            return Box::pin(self.pass(rt, ex, upstream, request, body, NoCacheReason::Upgrade))
+            if !route.cache {
+                return Box::pin(self.pass(
+                    rt,
+                    ex,
+                    upstream,
+                    request,
+                    body,
+                    NoCacheReason::RouteDisabled,
+                ))
                 .await;
+            }
+            if upgrade {
+                return Box::pin(self.pass(
+                    rt,
+                    ex,
+                    upstream,
+                    request,
+                    body,
+                    NoCacheReason::Upgrade,
+                ))
+                .await;
+            }
+            if request.method != Method::GET && request.method != Method::HEAD {
+                return Box::pin(self.unsafe_or_uncacheable(rt, ex, upstream, request, body)).await;
+            }
+            self.cached(rt, ex, upstream, request, body).await
         }
-        if request.method != Method::GET && request.method != Method::HEAD {
-            return Box::pin(self.unsafe_or_uncacheable(rt, ex, upstream, request, body)).await;
-        }
-        self.cached(rt, ex, upstream, request, body).await
     }
 
     /// `PURGE <path>`: purges the URL (every variant; `/dir/*` purges a prefix) on every
@@ -510,161 +534,178 @@ impl Proxy {
 
     /// Forwards a request the cache does not answer; a successful unsafe one invalidates what
     /// is stored for its URI and for same-host Location / Content-Location (RFC 9111 §4.4).
-    async fn unsafe_or_uncacheable(
+    fn unsafe_or_uncacheable(
         &self,
         rt: &Arc<Runtime>,
         ex: &mut Exchange,
         upstream: Upstream,
-        request: ClientRequest,
+        request: Box<ClientRequest>,
         body: ProxyBody,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        let unsafe_method = !matches!(request.method.as_str(), "OPTIONS" | "TRACE");
-        let path = request.path().to_owned();
-        let query = request.query().map(str::to_owned);
-        let response = self
-            .pass(
-                rt,
-                ex,
-                upstream,
-                request,
-                body,
-                NoCacheReason::MethodNotCacheable,
-            )
-            .await?;
-        let status = response.status();
-        if unsafe_method && (status.is_success() || status.is_redirection()) {
-            rt.cache.purge(&ex.host, &path, query.as_deref());
-            for name in [header::LOCATION, header::CONTENT_LOCATION] {
-                let Some(target) = response.headers().get(&name).and_then(|v| v.to_str().ok())
-                else {
-                    continue;
-                };
-                if let Some((path, query)) = same_host_target(target, &ex.host) {
-                    rt.cache.purge(&ex.host, path, query);
-                }
-            }
-        }
-        Ok(response)
-    }
-
-    async fn cached(
-        &self,
-        rt: &Arc<Runtime>,
-        ex: &mut Exchange,
-        upstream: Upstream,
-        request: ClientRequest,
-        body: ProxyBody,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        // The request's arrival is now enough for freshness (and saves reading the clock).
-        let now = ex.start;
-        let head = request.method == Method::HEAD;
-        let lookup_span = ex.span.as_ref().map(|s| s.child("cache lookup"));
-        let mut lookup = rt.cache.lookup(&request.target(&ex.host));
-        if let Some(span) = lookup_span {
-            span.set(
-                "larder.cache.lookup",
-                match &lookup {
-                    Lookup::Found(_) => "found",
-                    Lookup::Miss { .. } => "miss",
-                    Lookup::NoResourceType => "no_resource_type",
-                },
-            );
-        }
-        if let Lookup::Found(hit) = &lookup
-            && hit.stored().freshness.beyond_keep(now)
-        {
-            // Kept past its keep time: dropped, and the request is a plain miss.
-            rt.cache.remove(hit);
-            lookup = Lookup::Miss {
-                fill_key: hit.primary.clone(),
-                resource_type: hit.resource_type,
-                vary_miss: false,
-            };
-        }
-        match lookup {
-            Lookup::NoResourceType => {
-                Box::pin(self.pass(
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> {
+        async move {
+            let unsafe_method = !matches!(request.method.as_str(), "OPTIONS" | "TRACE");
+            let path = request.path().to_owned();
+            let query = request.query().map(str::to_owned);
+            let response = self
+                .pass(
                     rt,
                     ex,
                     upstream,
                     request,
                     body,
-                    NoCacheReason::NoResourceType,
-                ))
-                .await
-            }
-            Lookup::Found(hit) => {
-                ex.resource_type = Some(rt.cache.resource_type_label(hit.resource_type));
-                self.note_key(rt, ex, &hit.key);
-                let freshness = &hit.stored().freshness;
-                if freshness.satisfies(&request.directives, now) {
-                    return Ok(self.serve_hit(ex, &request, &hit, CacheResult::Hit, now));
-                }
-                if request.directives.only_if_cached {
-                    return Err(ProxyError::OnlyIfCached);
-                }
-                if freshness.serve_while_revalidating(&request.directives, now) {
-                    ex.stale_reason = Some("stale-while-revalidate");
-                    let response = self.serve_hit(ex, &request, &hit, CacheResult::Stale, now);
-                    self.refresh_in_background(rt, ex, upstream, &request, hit);
-                    return Ok(response);
-                }
-                ex.fwd = Some(if freshness.lifetime > freshness.current_age(now) {
-                    Forward::Request
-                } else {
-                    Forward::Stale
-                });
-                // A HEAD revalidates the entry with a GET, like any other use of it, unless
-                // the answer would not be stored.
-                if head && let Some(reason) = partial_pass(rt, &request, &hit.primary) {
-                    return Box::pin(self.pass(rt, ex, upstream, request, body, reason)).await;
-                }
-                let plan = FillPlan {
-                    fill_key: hit.primary.clone(),
-                    stale: Some(hit),
-                };
-                Box::pin(self.fill(rt, ex, upstream, request, body, plan)).await
-            }
-            Lookup::Miss {
-                fill_key,
-                resource_type,
-                vary_miss,
-            } => {
-                ex.resource_type = Some(rt.cache.resource_type_label(resource_type));
-                self.note_key(rt, ex, &fill_key);
-                if request.directives.only_if_cached {
-                    return Err(ProxyError::OnlyIfCached);
-                }
-                ex.fwd = Some(if vary_miss {
-                    Forward::VaryMiss
-                } else {
-                    Forward::UriMiss
-                });
-                let reason = if let Some(reason) = partial_pass(rt, &request, &fill_key) {
-                    Some(reason)
-                } else if request.directives.no_store {
-                    Some(NoCacheReason::RequestNoStore)
-                } else if request.headers.contains_key(IF_MATCH)
-                    || request.headers.contains_key(IF_UNMODIFIED_SINCE)
-                {
-                    Some(NoCacheReason::Precondition)
-                } else {
-                    None
-                };
-                match reason {
-                    Some(reason) => {
-                        let fwd = ex.fwd;
-                        let response =
-                            Box::pin(self.pass(rt, ex, upstream, request, body, reason)).await;
-                        ex.fwd = fwd;
-                        response
+                    NoCacheReason::MethodNotCacheable,
+                )
+                .await?;
+            let status = response.status();
+            if unsafe_method && (status.is_success() || status.is_redirection()) {
+                rt.cache.purge(&ex.host, &path, query.as_deref());
+                for name in [header::LOCATION, header::CONTENT_LOCATION] {
+                    let Some(target) = response.headers().get(&name).and_then(|v| v.to_str().ok())
+                    else {
+                        continue;
+                    };
+                    if let Some((path, query)) = same_host_target(target, &ex.host) {
+                        rt.cache.purge(&ex.host, path, query);
                     }
-                    None => {
-                        let plan = FillPlan {
-                            fill_key,
-                            stale: None,
-                        };
-                        Box::pin(self.fill(rt, ex, upstream, request, body, plan)).await
+                }
+            }
+            Ok(response)
+        }
+    }
+
+    fn cached(
+        &self,
+        rt: &Arc<Runtime>,
+        ex: &mut Exchange,
+        upstream: Upstream,
+        request: Box<ClientRequest>,
+        body: ProxyBody,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> {
+        async move {
+            // The request's arrival is now enough for freshness (and saves reading the clock).
+            let now = ex.start;
+            let head = request.method == Method::HEAD;
+            let lookup_span = ex.span.as_ref().map(|s| s.child("cache lookup"));
+            let mut lookup = rt.cache.lookup(&request.target(&ex.host));
+            if let Some(span) = lookup_span {
+                span.set(
+                    "larder.cache.lookup",
+                    match &lookup {
+                        Lookup::Found(_) => "found",
+                        Lookup::Miss { .. } => "miss",
+                        Lookup::NoResourceType => "no_resource_type",
+                    },
+                );
+            }
+            if let Lookup::Found(hit) = &lookup
+                && hit.stored().freshness.beyond_keep(now)
+            {
+                // Kept past its keep time: dropped, and the request is a plain miss.
+                rt.cache.remove(hit);
+                lookup = Lookup::Miss {
+                    fill_key: hit.primary.clone(),
+                    resource_type: hit.resource_type,
+                    vary_miss: false,
+                };
+            }
+            match lookup {
+                Lookup::NoResourceType => {
+                    Box::pin(self.pass(
+                        rt,
+                        ex,
+                        upstream,
+                        request,
+                        body,
+                        NoCacheReason::NoResourceType,
+                    ))
+                    .await
+                }
+                Lookup::Found(hit) => {
+                    ex.resource_type = Some(rt.cache.resource_type_label(hit.resource_type));
+                    self.note_key(rt, ex, &hit.key);
+                    let freshness = &hit.stored().freshness;
+                    if freshness.satisfies(&request.directives, now) {
+                        return Ok(self.serve_hit(ex, &request, &hit, CacheResult::Hit, now));
+                    }
+                    if request.directives.only_if_cached {
+                        return Err(ProxyError::OnlyIfCached);
+                    }
+                    if freshness.serve_while_revalidating(&request.directives, now) {
+                        ex.stale_reason = Some("stale-while-revalidate");
+                        let response = self.serve_hit(ex, &request, &hit, CacheResult::Stale, now);
+                        self.refresh_in_background(rt, ex, upstream, &request, hit);
+                        return Ok(response);
+                    }
+                    ex.fwd = Some(if freshness.lifetime > freshness.current_age(now) {
+                        Forward::Request
+                    } else {
+                        Forward::Stale
+                    });
+                    // A HEAD revalidates the entry with a GET, like any other use of it, unless
+                    // the answer would not be stored.
+                    if head && let Some(reason) = partial_pass(rt, &request, &hit.primary) {
+                        return Box::pin(self.pass(rt, ex, upstream, request, body, reason)).await;
+                    }
+                    let plan = FillPlan {
+                        fill_key: hit.primary.clone(),
+                        stale: Some(hit),
+                    };
+                    Box::pin(self.fill(rt, ex, upstream, request, body, plan)).await
+                }
+                Lookup::Miss {
+                    fill_key,
+                    resource_type,
+                    vary_miss,
+                } => {
+                    ex.resource_type = Some(rt.cache.resource_type_label(resource_type));
+                    self.note_key(rt, ex, &fill_key);
+                    if request.directives.only_if_cached {
+                        return Err(ProxyError::OnlyIfCached);
+                    }
+                    ex.fwd = Some(if vary_miss {
+                        Forward::VaryMiss
+                    } else {
+                        Forward::UriMiss
+                    });
+                    let reason = if let Some(reason) = partial_pass(rt, &request, &fill_key) {
+                        Some(reason)
+                    } else if request.directives.no_store {
+                        Some(NoCacheReason::RequestNoStore)
+                    } else if request.headers.contains_key(IF_MATCH)
+                        || request.headers.contains_key(IF_UNMODIFIED_SINCE)
+                    {
+                        Some(NoCacheReason::Precondition)
+                    } else {
+                        None
+                    };
+                    match reason {
+                        Some(reason) => {
+                            let fwd = ex.fwd;
+                            let response =
+                                Box::pin(self.pass(rt, ex, upstream, request, body, reason)).await;
+                            ex.fwd = fwd;
+                            response
+                        }
+                        None => {
+                            let hit_for_pass = rt.cache.is_hit_for_pass(&fill_key, now);
+                            let plan = FillPlan {
+                                fill_key,
+                                stale: None,
+                            };
+                            if hit_for_pass {
+                                // Fetched alone (no coalescing) and stored should it now be
+                                // storable: what `fill` does for such a key, without its
+                                // future's size moved for every pass-through request. (A HEAD
+                                // or range of it was passed above, by `partial_pass`.)
+                                return Box::pin(
+                                    self.fetch_for_cache(
+                                        rt, ex, upstream, request, body, plan, None,
+                                    ),
+                                )
+                                .await;
+                            }
+                            Box::pin(self.fill(rt, ex, upstream, request, body, plan)).await
+                        }
                     }
                 }
             }
@@ -678,100 +719,105 @@ impl Proxy {
     }
 
     /// Fetches for the cache, coalescing with concurrent requests for the same key.
-    async fn fill(
+    fn fill(
         &self,
         rt: &Arc<Runtime>,
         ex: &mut Exchange,
         upstream: Upstream,
-        request: ClientRequest,
+        request: Box<ClientRequest>,
         body: ProxyBody,
         plan: FillPlan,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        // One deadline for all rounds of waiting, read from the clock only by a follower.
-        let mut deadline = None;
-        let mut rejoined = false;
-        let guard = loop {
-            if rt.cache.is_hit_for_pass(&plan.fill_key, SystemTime::now()) {
-                break None;
-            }
-            match rt.cache.coalescer().join(&plan.fill_key) {
-                Join::Leader(guard) => break Some(guard),
-                Join::Follower(mut waiter) => {
-                    let deadline = *deadline
-                        .get_or_insert_with(|| tokio::time::Instant::now() + rt.coalesce_timeout);
-                    let wait_span = ex.span.as_ref().map(|s| s.child("coalesced wait"));
-                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    let mut waited = waiter.wait_for_stream(left).await;
-                    if let Ok(Waited::Streaming(stream)) = &waited {
-                        let now = SystemTime::now();
-                        if reads_along(&request)
-                            && stream.head().freshness.satisfies(&request.directives, now)
-                            && rt.cache.may_read_along(stream, &request.target(&ex.host))
-                        {
-                            drop(wait_span);
-                            ex.collapsed = true;
-                            ex.fwd = None;
-                            // Counted under the type it was stored in, not the one it
-                            // coalesced under (the first its path might match).
-                            ex.resource_type =
-                                Some(rt.cache.resource_type_label(stream.resource_type()));
-                            return Ok(self.serve_stream(ex, &request, stream, waiter, now));
-                        }
-                        // This request cannot take the body as it comes: it waits for the end.
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> {
+        async move {
+            // One deadline for all rounds of waiting, read from the clock only by a follower.
+            let mut deadline = None;
+            let mut rejoined = false;
+            let guard = loop {
+                if rt.cache.is_hit_for_pass(&plan.fill_key, SystemTime::now()) {
+                    break None;
+                }
+                match rt.cache.coalescer().join(&plan.fill_key) {
+                    Join::Leader(guard) => break Some(guard),
+                    Join::Follower(mut waiter) => {
+                        let deadline = *deadline.get_or_insert_with(|| {
+                            tokio::time::Instant::now() + rt.coalesce_timeout
+                        });
+                        let wait_span = ex.span.as_ref().map(|s| s.child("coalesced wait"));
                         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                        waited = waiter.wait(left).await;
-                    }
-                    drop(wait_span);
-                    match waited {
-                        Ok(waited) => {
+                        let mut waited = waiter.wait_for_stream(left).await;
+                        if let Ok(Waited::Streaming(stream)) = &waited {
                             let now = SystemTime::now();
-                            if let Lookup::Found(hit) = rt.cache.lookup(&request.target(&ex.host))
-                                && hit.stored().freshness.satisfies(&request.directives, now)
+                            if reads_along(&request)
+                                && stream.head().freshness.satisfies(&request.directives, now)
+                                && rt.cache.may_read_along(stream, &request.target(&ex.host))
                             {
+                                drop(wait_span);
                                 ex.collapsed = true;
                                 ex.fwd = None;
+                                // Counted under the type it was stored in, not the one it
+                                // coalesced under (the first its path might match).
                                 ex.resource_type =
-                                    Some(rt.cache.resource_type_label(hit.resource_type));
-                                return Ok(self.serve_hit(
-                                    ex,
-                                    &request,
-                                    &hit,
-                                    CacheResult::Coalesced,
-                                    now,
-                                ));
+                                    Some(rt.cache.resource_type_label(stream.resource_type()));
+                                return Ok(self.serve_stream(ex, &request, stream, waiter, now));
                             }
-                            // Released before the origin answered (the leader's client
-                            // cancelled, its origin request failed): one more round, where one
-                            // waiter fetches for the rest, rather than all of them at once.
-                            if matches!(waited, Waited::Abandoned) && !rejoined {
-                                rejoined = true;
-                                continue;
-                            }
+                            // This request cannot take the body as it comes: it waits for the end.
+                            let left =
+                                deadline.saturating_duration_since(tokio::time::Instant::now());
+                            waited = waiter.wait(left).await;
                         }
-                        Err(_) => ex.reason = Some(NoCacheReason::CoalesceTimeout),
+                        drop(wait_span);
+                        match waited {
+                            Ok(waited) => {
+                                let now = SystemTime::now();
+                                if let Lookup::Found(hit) =
+                                    rt.cache.lookup(&request.target(&ex.host))
+                                    && hit.stored().freshness.satisfies(&request.directives, now)
+                                {
+                                    ex.collapsed = true;
+                                    ex.fwd = None;
+                                    ex.resource_type =
+                                        Some(rt.cache.resource_type_label(hit.resource_type));
+                                    return Ok(self.serve_hit(
+                                        ex,
+                                        &request,
+                                        &hit,
+                                        CacheResult::Coalesced,
+                                        now,
+                                    ));
+                                }
+                                // Released before the origin answered (the leader's client
+                                // cancelled, its origin request failed): one more round, where one
+                                // waiter fetches for the rest, rather than all of them at once.
+                                if matches!(waited, Waited::Abandoned) && !rejoined {
+                                    rejoined = true;
+                                    continue;
+                                }
+                            }
+                            Err(_) => ex.reason = Some(NoCacheReason::CoalesceTimeout),
+                        }
+                        break None;
                     }
-                    break None;
+                    Join::Overflow => {
+                        ex.reason = Some(NoCacheReason::CoalesceOverflow);
+                        break None;
+                    }
                 }
-                Join::Overflow => {
-                    ex.reason = Some(NoCacheReason::CoalesceOverflow);
-                    break None;
-                }
+            };
+            // Released by a fill that proved the key uncacheable: a HEAD or a range is the
+            // origin's to answer now, not a reason to fetch the whole object again. (A range of a
+            // stale entry still revalidates it: the range is cut from the stored response.)
+            if guard.is_none()
+                && (plan.stale.is_none() || request.method == Method::HEAD)
+                && let Some(reason) = partial_pass(rt, &request, &plan.fill_key)
+            {
+                // Still the miss (or stale) it was forwarded as, now bypassing the cache.
+                ex.result = CacheResult::Bypass;
+                ex.reason = Some(reason);
+                return Box::pin(self.relay(rt, ex, upstream, request, body)).await;
             }
-        };
-        // Released by a fill that proved the key uncacheable: a HEAD or a range is the
-        // origin's to answer now, not a reason to fetch the whole object again. (A range of a
-        // stale entry still revalidates it: the range is cut from the stored response.)
-        if guard.is_none()
-            && (plan.stale.is_none() || request.method == Method::HEAD)
-            && let Some(reason) = partial_pass(rt, &request, &plan.fill_key)
-        {
-            // Still the miss (or stale) it was forwarded as, now bypassing the cache.
-            ex.result = CacheResult::Bypass;
-            ex.reason = Some(reason);
-            return Box::pin(self.relay(rt, ex, upstream, request, body)).await;
+            self.fetch_for_cache(rt, ex, upstream, request, body, plan, guard)
+                .await
         }
-        self.fetch_for_cache(rt, ex, upstream, request, body, plan, guard)
-            .await
     }
 
     /// Serves the stale response now and refreshes it without a client, unless another
@@ -791,7 +837,7 @@ impl Proxy {
             return;
         };
         let rt = rt.clone();
-        let mut request = request.clone();
+        let mut request = Box::new(request.clone());
         request.directives = RequestDirectives::default();
         request.interim = None;
         // Not the client's fetch: its trace must not claim this origin request.
@@ -831,230 +877,233 @@ impl Proxy {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn fetch_for_cache(
+    fn fetch_for_cache(
         &self,
         rt: &Arc<Runtime>,
         ex: &mut Exchange,
         upstream: Upstream,
-        request: ClientRequest,
+        request: Box<ClientRequest>,
         body: ProxyBody,
         plan: FillPlan,
         mut guard: Option<FillGuard>,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        // The cache wants the full response; the client's own conditions are answered from it.
-        // Preconditions too: the answer to one (412) must not be stored for everyone. And a
-        // range (a stale hit's refresh): a 206 cannot be stored, and the stale object would be
-        // dropped for it; the range is cut from the stored response instead.
-        let mut headers = request.headers.clone();
-        static CONDITIONS: [HeaderName; 6] = [
-            IF_NONE_MATCH,
-            IF_MODIFIED_SINCE,
-            IF_MATCH,
-            IF_UNMODIFIED_SINCE,
-            IF_RANGE,
-            RANGE,
-        ];
-        // Usually none is there: one pass over the request's few fields, not a hashed lookup
-        // for each name.
-        if headers.keys().any(|name| CONDITIONS.contains(name)) {
-            for name in &CONDITIONS {
-                headers.remove(name);
-            }
-        }
-        let revalidating = plan
-            .stale
-            .as_ref()
-            .filter(|hit| has_validator(&hit.stored().headers));
-        if let Some(hit) = revalidating {
-            let stored = &hit.stored().headers;
-            if let Some(etag) = stored.get(&ETAG) {
-                headers.insert(IF_NONE_MATCH, etag.clone());
-            }
-            if let Some(lm) = stored.get(&LAST_MODIFIED) {
-                headers.insert(IF_MODIFIED_SINCE, lm.clone());
-            }
-        }
-        // A HEAD miss asks for the body too, to store it (as nginx and Varnish do); the client
-        // gets the head.
-        let head = request.method == Method::HEAD;
-        let method = if head {
-            Method::GET
-        } else {
-            request.method.clone()
-        };
-        // A request without a body can be sent again as the client asked (see below).
-        let bodiless = http_body::Body::is_end_stream(&body);
-        let request_time = SystemTime::now();
-        let generation = rt.cache.purge_generation();
-        let upstream_request = UpstreamRequest {
-            method: method.clone(),
-            path_and_query: request.path_and_query.clone(),
-            headers,
-            hop: None,
-        };
-        let fetched = match self
-            .forward(
-                rt,
-                ex,
-                upstream,
-                upstream_request,
-                body,
-                request.interim.as_ref(),
-            )
-            .await
-        {
-            Ok(response) => {
-                // Whatever comes of the answer now, those waiting will not try again.
-                if let Some(guard) = &mut guard {
-                    guard.answered();
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> {
+        async move {
+            // The cache wants the full response; the client's own conditions are answered from it.
+            // Preconditions too: the answer to one (412) must not be stored for everyone. And a
+            // range (a stale hit's refresh): a 206 cannot be stored, and the stale object would be
+            // dropped for it; the range is cut from the stored response instead.
+            let mut headers = request.headers.clone();
+            static CONDITIONS: [HeaderName; 6] = [
+                IF_NONE_MATCH,
+                IF_MODIFIED_SINCE,
+                IF_MATCH,
+                IF_UNMODIFIED_SINCE,
+                IF_RANGE,
+                RANGE,
+            ];
+            // Usually none is there: one pass over the request's few fields, not a hashed lookup
+            // for each name.
+            if headers.keys().any(|name| CONDITIONS.contains(name)) {
+                for name in &CONDITIONS {
+                    headers.remove(name);
                 }
-                response
             }
-            Err(error) => {
-                drop(guard);
-                if revalidating.is_some() {
-                    ex.revalidation = Some("failed");
+            let revalidating = plan
+                .stale
+                .as_ref()
+                .filter(|hit| has_validator(&hit.stored().headers));
+            if let Some(hit) = revalidating {
+                let stored = &hit.stored().headers;
+                if let Some(etag) = stored.get(&ETAG) {
+                    headers.insert(IF_NONE_MATCH, etag.clone());
                 }
-                return match &plan.stale {
-                    Some(stale) => self.stale_on_error(ex, &request, stale, error),
-                    None => Err(error),
-                };
+                if let Some(lm) = stored.get(&LAST_MODIFIED) {
+                    headers.insert(IF_MODIFIED_SINCE, lm.clone());
+                }
             }
-        };
-        let response_time = SystemTime::now();
-        let (mut parts, upstream_body) = fetched.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        if revalidating.is_some() {
-            ex.revalidation = Some(match parts.status {
-                StatusCode::NOT_MODIFIED => "not_modified",
-                s if s.is_server_error() => "failed",
-                _ => "modified",
-            });
-        }
-
-        if let Some(stale) = &plan.stale
-            && parts.status.is_server_error()
-            && stale
-                .stored()
-                .freshness
-                .serve_on_error(&request.directives, response_time, false)
-        {
-            drop(guard);
-            ex.stale_reason = Some("stale-if-error");
-            return Ok(self.serve_hit(ex, &request, stale, CacheResult::Stale, response_time));
-        }
-
-        if let Some(hit) = revalidating
-            && parts.status == StatusCode::NOT_MODIFIED
-        {
-            let target = request.target(&ex.host);
-            let refreshed = rt.cache.refresh(
-                hit,
-                &target,
-                &parts.headers,
-                request_time,
-                response_time,
-                generation,
-            );
-            drop(guard);
-            let served = match refreshed {
-                Ok(new_hit) => {
-                    ex.stored = true;
-                    new_hit
+            // A HEAD miss asks for the body too, to store it (as nginx and Varnish do); the client
+            // gets the head.
+            let head = request.method == Method::HEAD;
+            let method = if head {
+                Method::GET
+            } else {
+                request.method.clone()
+            };
+            // A request without a body can be sent again as the client asked (see below).
+            let bodiless = http_body::Body::is_end_stream(&body);
+            let request_time = SystemTime::now();
+            let generation = rt.cache.purge_generation();
+            let upstream_request = UpstreamRequest {
+                method: method.clone(),
+                path_and_query: request.path_and_query.clone(),
+                headers,
+                hop: None,
+            };
+            let fetched = match self
+                .forward(
+                    rt,
+                    ex,
+                    upstream,
+                    upstream_request,
+                    body,
+                    request.interim.as_ref(),
+                )
+                .await
+            {
+                Ok(response) => {
+                    // Whatever comes of the answer now, those waiting will not try again.
+                    if let Some(guard) = &mut guard {
+                        guard.answered();
+                    }
+                    response
                 }
-                Err(reason) => {
-                    ex.reason = Some(reason);
-                    hit.clone()
+                Err(error) => {
+                    drop(guard);
+                    if revalidating.is_some() {
+                        ex.revalidation = Some("failed");
+                    }
+                    return match &plan.stale {
+                        Some(stale) => self.stale_on_error(ex, &request, stale, error),
+                        None => Err(error),
+                    };
                 }
             };
-            return Ok(self.serve_hit(
-                ex,
-                &request,
-                &served,
-                CacheResult::Revalidated,
-                response_time,
-            ));
-        }
-
-        ex.result = if plan.stale.is_some() {
-            CacheResult::Expired
-        } else {
-            CacheResult::Miss
-        };
-        let admitted = if parts.extensions.get::<ConflictingFraming>().is_some() {
-            Err(NoCacheReason::MalformedResponse)
-        } else {
-            rt.cache.admit(
-                &method,
-                &request.target(&ex.host),
-                parts.status,
-                &parts.headers,
-                request_time,
-                response_time,
-                generation,
-            )
-        };
-        let admission = match admitted {
-            Ok(admission) => admission,
-            Err(reason) => {
-                ex.reason = Some(reason);
-                if reason.is_response_side() {
-                    // Requests for this key stop queueing behind each other for a while.
-                    rt.cache.mark_hit_for_pass(&plan.fill_key, response_time);
-                }
-                if let Some(stale) = &plan.stale {
-                    // The origin's new answer replaces the stale one, even if it can't be stored.
-                    rt.cache.remove(stale);
-                }
-                drop(guard);
-                if !head
-                    && bodiless
-                    && parts.status == StatusCode::OK
-                    && fields::has(&request.headers, &RANGE)
-                {
-                    // The origin cuts the range of what will not be stored: asked again as the
-                    // client asked, rather than read from the start for a range deep into a
-                    // large file.
-                    // The exchange keeps the miss and the reason it was not stored.
-                    drop(upstream_body);
-                    return Box::pin(self.relay(rt, ex, upstream, request, empty())).await;
-                }
-                ex.add_via(&mut parts.headers);
-                let body = if head {
-                    empty()
-                } else {
-                    cut_range(&request, &mut parts, boxed(upstream_body))
-                };
-                return Ok(Response::from_parts(parts, body));
+            let response_time = SystemTime::now();
+            let (mut parts, upstream_body) = fetched.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            if revalidating.is_some() {
+                ex.revalidation = Some(match parts.status {
+                    StatusCode::NOT_MODIFIED => "not_modified",
+                    s if s.is_server_error() => "failed",
+                    _ => "modified",
+                });
             }
-        };
-        ex.stored = true;
-        ex.resource_type = Some(rt.cache.resource_type_label(admission.resource_type()));
-        let exact_len = parts
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
-        let feed = Fill::new(rt.cache.clone(), plan.fill_key, guard, exact_len)
-            .start(upstream_body, admission);
-        if parts.status == StatusCode::OK && not_modified(&request.headers, &parts.headers) {
-            // The client already has it; the fill (if still reading) goes on without this
-            // client. (The 304 carries its own Via.)
-            drop(feed);
-            return Ok(not_modified_response(&parts.headers));
+
+            if let Some(stale) = &plan.stale
+                && parts.status.is_server_error()
+                && stale.stored().freshness.serve_on_error(
+                    &request.directives,
+                    response_time,
+                    false,
+                )
+            {
+                drop(guard);
+                ex.stale_reason = Some("stale-if-error");
+                return Ok(self.serve_hit(ex, &request, stale, CacheResult::Stale, response_time));
+            }
+
+            if let Some(hit) = revalidating
+                && parts.status == StatusCode::NOT_MODIFIED
+            {
+                let target = request.target(&ex.host);
+                let refreshed = rt.cache.refresh(
+                    hit,
+                    &target,
+                    &parts.headers,
+                    request_time,
+                    response_time,
+                    generation,
+                );
+                drop(guard);
+                let served = match refreshed {
+                    Ok(new_hit) => {
+                        ex.stored = true;
+                        new_hit
+                    }
+                    Err(reason) => {
+                        ex.reason = Some(reason);
+                        hit.clone()
+                    }
+                };
+                return Ok(self.serve_hit(
+                    ex,
+                    &request,
+                    &served,
+                    CacheResult::Revalidated,
+                    response_time,
+                ));
+            }
+
+            ex.result = if plan.stale.is_some() {
+                CacheResult::Expired
+            } else {
+                CacheResult::Miss
+            };
+            let admitted = if parts.extensions.get::<ConflictingFraming>().is_some() {
+                Err(NoCacheReason::MalformedResponse)
+            } else {
+                rt.cache.admit(
+                    &method,
+                    &request.target(&ex.host),
+                    parts.status,
+                    &parts.headers,
+                    request_time,
+                    response_time,
+                    generation,
+                )
+            };
+            let admission = match admitted {
+                Ok(admission) => admission,
+                Err(reason) => {
+                    ex.reason = Some(reason);
+                    if reason.is_response_side() {
+                        // Requests for this key stop queueing behind each other for a while.
+                        rt.cache.mark_hit_for_pass(&plan.fill_key, response_time);
+                    }
+                    if let Some(stale) = &plan.stale {
+                        // The origin's new answer replaces the stale one, even if it can't be stored.
+                        rt.cache.remove(stale);
+                    }
+                    drop(guard);
+                    if !head
+                        && bodiless
+                        && parts.status == StatusCode::OK
+                        && fields::has(&request.headers, &RANGE)
+                    {
+                        // The origin cuts the range of what will not be stored: asked again as the
+                        // client asked, rather than read from the start for a range deep into a
+                        // large file.
+                        // The exchange keeps the miss and the reason it was not stored.
+                        drop(upstream_body);
+                        return Box::pin(self.relay(rt, ex, upstream, request, empty())).await;
+                    }
+                    ex.add_via(&mut parts.headers);
+                    let body = if head {
+                        empty()
+                    } else {
+                        cut_range(&request, &mut parts, boxed(upstream_body))
+                    };
+                    return Ok(Response::from_parts(parts, body));
+                }
+            };
+            ex.stored = true;
+            ex.resource_type = Some(rt.cache.resource_type_label(admission.resource_type()));
+            let exact_len = parts
+                .headers
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            let feed = Fill::new(rt.cache.clone(), plan.fill_key, guard, exact_len)
+                .start(upstream_body, admission);
+            if parts.status == StatusCode::OK && not_modified(&request.headers, &parts.headers) {
+                // The client already has it; the fill (if still reading) goes on without this
+                // client. (The 304 carries its own Via.)
+                drop(feed);
+                return Ok(not_modified_response(&parts.headers));
+            }
+            ex.add_via(&mut parts.headers);
+            if head {
+                // The fill (if still reading) goes on without this client.
+                drop(feed);
+                return Ok(Response::from_parts(parts, empty()));
+            }
+            let body = match feed {
+                Feed::Whole(body) => full(body),
+                Feed::Streamed(body) => boxed(body),
+            };
+            let body = cut_range(&request, &mut parts, body);
+            Ok(Response::from_parts(parts, body))
         }
-        ex.add_via(&mut parts.headers);
-        if head {
-            // The fill (if still reading) goes on without this client.
-            drop(feed);
-            return Ok(Response::from_parts(parts, empty()));
-        }
-        let body = match feed {
-            Feed::Whole(body) => full(body),
-            Feed::Streamed(body) => boxed(body),
-        };
-        let body = cut_range(&request, &mut parts, body);
-        Ok(Response::from_parts(parts, body))
     }
 
     /// The origin failed while a stale response is stored: serve it if stale-if-error allows,
@@ -1082,155 +1131,160 @@ impl Proxy {
     }
 
     /// Forwards without storing, the cache bypassed for `reason`.
-    async fn pass(
+    fn pass(
         &self,
         rt: &Runtime,
         ex: &mut Exchange,
         upstream: Upstream,
-        request: ClientRequest,
+        request: Box<ClientRequest>,
         body: ProxyBody,
         reason: NoCacheReason,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        ex.bypass(reason);
-        self.relay(rt, ex, upstream, request, body).await
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> {
+        async move {
+            ex.bypass(reason);
+            self.relay(rt, ex, upstream, request, body).await
+        }
     }
 
     /// Forwards without storing, leaving the exchange's cache outcome as the caller set it.
-    async fn relay(
+    fn relay(
         &self,
         rt: &Runtime,
         ex: &mut Exchange,
         upstream: Upstream,
-        request: ClientRequest,
+        request: Box<ClientRequest>,
         body: ProxyBody,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        let interim = request.interim;
-        let upstream_request = UpstreamRequest {
-            method: request.method,
-            path_and_query: request.path_and_query,
-            headers: request.headers,
-            hop: None,
-        };
-        let response = self
-            .forward(rt, ex, upstream, upstream_request, body, interim.as_ref())
-            .await?;
-        let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        ex.add_via(&mut parts.headers);
-        Ok(Response::from_parts(parts, boxed(body)))
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> {
+        async move {
+            let interim = request.interim;
+            let upstream_request = UpstreamRequest {
+                method: request.method,
+                path_and_query: request.path_and_query,
+                headers: request.headers,
+                hop: None,
+            };
+            let response = self
+                .forward(rt, ex, upstream, upstream_request, body, interim.as_ref())
+                .await?;
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            ex.add_via(&mut parts.headers);
+            Ok(Response::from_parts(parts, boxed(body)))
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn forward(
+    fn forward(
         &self,
         rt: &Runtime,
         ex: &mut Exchange,
         upstream: Upstream,
-        request: UpstreamRequest,
+        mut request: UpstreamRequest,
         body: ProxyBody,
         interim: Option<&InterimSink>,
-    ) -> Result<Response<UpstreamBody>, ProxyError> {
-        let cluster = &rt.clusters[upstream.cluster];
-        // Here, not on arrival: a cache hit never pays for formatting them.
-        let mut request = request;
-        // Visible ASCII only, as the host routed on.
-        let host = request
-            .headers
-            .get(HOST)
-            .filter(|v| v.to_str().is_ok())
-            .cloned();
-        let trusted_peer = ex.client.is_some_and(|c| {
-            rt.limits
-                .trusted_proxies
-                .iter()
-                .any(|net| net.contains(&c.ip()))
-        });
-        // Usually none is there: one pass over the request's few fields, not a hash lookup for
-        // each name.
-        let strip = &rt.limits.strip_request_headers;
-        if request.headers.keys().any(|name| strip.contains(name)) {
-            for name in strip {
-                request.headers.remove(name);
-            }
-        }
-        request.hop = Some(add_forwarded(
-            &mut request.headers,
-            ex.client,
-            trusted_peer,
-            host,
-            ex.scheme,
-        ));
-        let upstream_span = match (&ex.span, &self.tracing) {
-            (Some(span), Some(tracing)) => Some(span.upstream(
-                tracing,
-                request.method.as_str(),
-                &cluster.name,
-                &mut request.headers,
-            )),
-            _ => None,
-        };
-        // Fixed before the send: retries and the body share the one total deadline.
-        let deadline = upstream
-            .timeouts
-            .total
-            .map(|total| tokio::time::Instant::now() + total);
-        let result = cluster
-            .send(request, body, &upstream.timeouts, interim)
-            .await;
-        if let Some(span) = &upstream_span {
-            match &result {
-                Ok(r) => {
-                    span.set(
-                        "http.response.status_code",
-                        i64::from(r.response.status().as_u16()),
-                    );
-                    span.set("server.address", r.endpoint.to_string());
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> {
+        async move {
+            let cluster = &rt.clusters[upstream.cluster];
+            // Here, not on arrival: a cache hit never pays for formatting them.
+            // Visible ASCII only, as the host routed on.
+            let host = request
+                .headers
+                .get(HOST)
+                .filter(|v| v.to_str().is_ok())
+                .cloned();
+            let trusted_peer = ex.client.is_some_and(|c| {
+                rt.limits
+                    .trusted_proxies
+                    .iter()
+                    .any(|net| net.contains(&c.ip()))
+            });
+            // Usually none is there: one pass over the request's few fields, not a hash lookup for
+            // each name.
+            let strip = &rt.limits.strip_request_headers;
+            if request.headers.keys().any(|name| strip.contains(name)) {
+                for name in strip {
+                    request.headers.remove(name);
                 }
-                Err(e) => span.fail(e.kind.as_str().to_owned()),
             }
-        }
-        drop(upstream_span);
-        if let Some(sink) = interim
-            && sink.has_pending()
-        {
-            // One turn for the connection to write the 1xx before this final response.
-            tokio::task::yield_now().await;
-        }
-        let (duration, error, retries) = match &result {
-            Ok(r) => (r.duration, None, r.retries),
-            Err(e) => (
-                e.duration,
-                e.client_fault.is_none().then_some(e.kind),
-                e.retries,
-            ),
-        };
-        UpstreamEvent {
-            cluster: &cluster.name,
-            duration,
-            error,
-            retries,
-        }
-        .emit(&self.metrics);
-        ex.upstream_duration = Some(duration);
-        let mut response = result?;
-        ex.upstream_address = Some(response.endpoint);
-        ex.fwd_status = Some(response.response.status().as_u16());
-        // hyper reads such a body as chunked; the length must go before anyone relays it (a
-        // client trusting it would be desynchronised), and the response is never stored.
-        let headers = response.response.headers_mut();
-        if headers.contains_key(header::TRANSFER_ENCODING)
-            && headers.remove(CONTENT_LENGTH).is_some()
-        {
-            response
+            request.hop = Some(add_forwarded(
+                &mut request.headers,
+                ex.client,
+                trusted_peer,
+                host,
+                ex.scheme,
+            ));
+            let upstream_span = match (&ex.span, &self.tracing) {
+                (Some(span), Some(tracing)) => Some(span.upstream(
+                    tracing,
+                    request.method.as_str(),
+                    &cluster.name,
+                    &mut request.headers,
+                )),
+                _ => None,
+            };
+            // Fixed before the send: retries and the body share the one total deadline.
+            let deadline = upstream
+                .timeouts
+                .total
+                .map(|total| tokio::time::Instant::now() + total);
+            let result = cluster
+                .send(&mut request, body, &upstream.timeouts, interim)
+                .await;
+            if let Some(span) = &upstream_span {
+                match &result {
+                    Ok(r) => {
+                        span.set(
+                            "http.response.status_code",
+                            i64::from(r.response.status().as_u16()),
+                        );
+                        span.set("server.address", r.endpoint.to_string());
+                    }
+                    Err(e) => span.fail(e.kind.as_str().to_owned()),
+                }
+            }
+            drop(upstream_span);
+            if let Some(sink) = interim
+                && sink.has_pending()
+            {
+                // One turn for the connection to write the 1xx before this final response.
+                tokio::task::yield_now().await;
+            }
+            let (duration, error, retries) = match &result {
+                Ok(r) => (r.duration, None, r.retries),
+                Err(e) => (
+                    e.duration,
+                    e.client_fault.is_none().then_some(e.kind),
+                    e.retries,
+                ),
+            };
+            UpstreamEvent {
+                cluster: &cluster.name,
+                duration,
+                error,
+                retries,
+            }
+            .emit(&self.metrics);
+            ex.upstream_duration = Some(duration);
+            let mut response = result?;
+            ex.upstream_address = Some(response.endpoint);
+            ex.fwd_status = Some(response.response.status().as_u16());
+            // hyper reads such a body as chunked; the length must go before anyone relays it (a
+            // client trusting it would be desynchronised), and the response is never stored.
+            let headers = response.response.headers_mut();
+            if headers.contains_key(header::TRANSFER_ENCODING)
+                && headers.remove(CONTENT_LENGTH).is_some()
+            {
+                response
+                    .response
+                    .extensions_mut()
+                    .insert(ConflictingFraming);
+            }
+            // Here, once for every use of the body (relayed or stored): a stalled or trickling
+            // origin is cut off, and a cut-off body is never stored.
+            Ok(response
                 .response
-                .extensions_mut()
-                .insert(ConflictingFraming);
+                .map(|body| IdleTimeoutBody::new(body, upstream.timeouts.idle, deadline)))
         }
-        // Here, once for every use of the body (relayed or stored): a stalled or trickling
-        // origin is cut off, and a cut-off body is never stored.
-        Ok(response
-            .response
-            .map(|body| IdleTimeoutBody::new(body, upstream.timeouts.idle, deadline)))
     }
 
     /// Answers a request coalesced on a fill with the fill's body as it arrives: the response

@@ -185,7 +185,8 @@ impl Conn {
     /// handing 1xx interims to `interim` on the way, failing with `HeadTimedOut` at
     /// `deadline`.
     #[allow(clippy::too_many_arguments)]
-    pub(super) async fn send(
+    #[allow(clippy::manual_async_fn)] // its future stays small: see `Proxy::handle`
+    pub(super) fn send(
         &mut self,
         method: &Method,
         target: &str,
@@ -194,104 +195,108 @@ impl Conn {
         body: ProxyBody,
         interim: Option<&InterimSink>,
         deadline: tokio::time::Instant,
-    ) -> Result<Head, SendError> {
-        let mut body = (!body.is_end_stream()).then_some(body);
-        let framing = self.write_head(method, target, headers, hop, body.as_ref());
-        let mut writing = RequestWriter {
-            written: 0,
-            wrote_any: false,
-            unflushed: false,
-            chunked: framing.is_none(),
-            remaining: framing.unwrap_or(0),
-            failed: None,
-            holding: body.is_some(),
-        };
-        let mut searched = 0;
-        let mut head = std::future::poll_fn(|cx| {
-            if let Err(error) = writing.poll(&mut self.io, &mut self.out, cx, &mut body) {
-                return Poll::Ready(Err(error));
-            }
-            loop {
-                match parse_head(&mut self.read, method, &mut searched) {
-                    Ok(Some(head)) => {
-                        if head.response.status().is_informational() {
-                            if head.response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                                return Poll::Ready(Err(SendError {
-                                    error: Http1Error::BadHead("101 to a request without Upgrade")
+    ) -> impl Future<Output = Result<Head, SendError>> {
+        async move {
+            let mut body = (!body.is_end_stream()).then_some(body);
+            let framing = self.write_head(method, target, headers, hop, body.as_ref());
+            let mut writing = RequestWriter {
+                written: 0,
+                wrote_any: false,
+                unflushed: false,
+                chunked: framing.is_none(),
+                remaining: framing.unwrap_or(0),
+                failed: None,
+                holding: body.is_some(),
+            };
+            let mut searched = 0;
+            let mut head = std::future::poll_fn(|cx| {
+                if let Err(error) = writing.poll(&mut self.io, &mut self.out, cx, &mut body) {
+                    return Poll::Ready(Err(error));
+                }
+                loop {
+                    match parse_head(&mut self.read, method, &mut searched) {
+                        Ok(Some(head)) => {
+                            if head.response.status().is_informational() {
+                                if head.response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                                    return Poll::Ready(Err(SendError {
+                                        error: Http1Error::BadHead(
+                                            "101 to a request without Upgrade",
+                                        )
                                         .into(),
-                                    unsent: false,
-                                }));
+                                        unsent: false,
+                                    }));
+                                }
+                                if let Some(sink) = interim {
+                                    sink.send(head.response.status(), head.response.headers());
+                                }
+                                continue;
                             }
-                            if let Some(sink) = interim {
-                                sink.send(head.response.status(), head.response.headers());
-                            }
-                            continue;
+                            return Poll::Ready(Ok(head));
                         }
-                        return Poll::Ready(Ok(head));
-                    }
-                    Ok(None) => {}
-                    Err(error) => {
-                        return Poll::Ready(Err(SendError {
-                            error: error.into(),
-                            unsent: false,
-                        }));
-                    }
-                }
-                if self.read.len() > MAX_HEAD {
-                    return Poll::Ready(Err(SendError {
-                        error: Http1Error::HeadTooLarge.into(),
-                        unsent: false,
-                    }));
-                }
-                let filled = match self.poll_fill(cx, READ_MIN) {
-                    Poll::Ready(filled) => filled,
-                    Poll::Pending => {
-                        if self.poll_deadline(deadline, cx).is_ready() {
-                            // Sent, or partly: never replayed, as with any timeout.
+                        Ok(None) => {}
+                        Err(error) => {
                             return Poll::Ready(Err(SendError {
-                                error: Box::new(super::HeadTimedOut),
+                                error: error.into(),
                                 unsent: false,
                             }));
                         }
-                        return Poll::Pending;
                     }
-                };
-                match filled {
-                    Ok(n) if n > 0 => {}
-                    // Closed before a whole head: a write that failed meanwhile says why.
-                    Ok(_) => {
-                        let error = match writing.failed.take() {
-                            Some(e) => Http1Error::Io(e),
-                            None => Http1Error::IncompleteHead,
-                        };
+                    if self.read.len() > MAX_HEAD {
                         return Poll::Ready(Err(SendError {
-                            error: error.into(),
-                            unsent: !writing.wrote_any,
+                            error: Http1Error::HeadTooLarge.into(),
+                            unsent: false,
                         }));
                     }
-                    Err(e) => {
-                        return Poll::Ready(Err(SendError {
-                            error: Http1Error::Io(e).into(),
-                            unsent: !writing.wrote_any,
-                        }));
+                    let filled = match self.poll_fill(cx, READ_MIN) {
+                        Poll::Ready(filled) => filled,
+                        Poll::Pending => {
+                            if self.poll_deadline(deadline, cx).is_ready() {
+                                // Sent, or partly: never replayed, as with any timeout.
+                                return Poll::Ready(Err(SendError {
+                                    error: Box::new(super::HeadTimedOut),
+                                    unsent: false,
+                                }));
+                            }
+                            return Poll::Pending;
+                        }
+                    };
+                    match filled {
+                        Ok(n) if n > 0 => {}
+                        // Closed before a whole head: a write that failed meanwhile says why.
+                        Ok(_) => {
+                            let error = match writing.failed.take() {
+                                Some(e) => Http1Error::Io(e),
+                                None => Http1Error::IncompleteHead,
+                            };
+                            return Poll::Ready(Err(SendError {
+                                error: error.into(),
+                                unsent: !writing.wrote_any,
+                            }));
+                        }
+                        Err(e) => {
+                            return Poll::Ready(Err(SendError {
+                                error: Http1Error::Io(e).into(),
+                                unsent: !writing.wrote_any,
+                            }));
+                        }
                     }
                 }
+            })
+            .await?;
+            self.extensions = 0;
+            if !writing.sent_all(&body, &self.out) {
+                // A body not all sent leaves the connection mid-message: it goes on being sent
+                // (as the body is read), and the connection closes after.
+                head.reusable = false;
+                if writing.failed.is_none() {
+                    self.upload = Some(Upload {
+                        writer: writing,
+                        body,
+                    });
+                }
             }
-        })
-        .await?;
-        self.extensions = 0;
-        if !writing.sent_all(&body, &self.out) {
-            // A body not all sent leaves the connection mid-message: it goes on being sent
-            // (as the body is read), and the connection closes after.
-            head.reusable = false;
-            if writing.failed.is_none() {
-                self.upload = Some(Upload {
-                    writer: writing,
-                    body,
-                });
-            }
+            Ok(head)
         }
-        Ok(head)
     }
 
     /// Encodes the request head into `out`; returns the body's length when it is declared

@@ -84,7 +84,8 @@ impl Pool {
     /// Sends the request (`headers` with Host) to `endpoint`, on a parked connection or a
     /// new one, the request's own task polling it.
     #[allow(clippy::too_many_arguments)]
-    pub(super) async fn send(
+    #[allow(clippy::manual_async_fn)] // its future stays small: see `Proxy::handle`
+    pub(super) fn send(
         self: &Arc<Self>,
         endpoint: &Authority,
         method: &Method,
@@ -95,80 +96,82 @@ impl Pool {
         interim: Option<&InterimSink>,
         connect_timeout: Duration,
         deadline: tokio::time::Instant,
-    ) -> Result<Response<ResponseBody>, AttemptError> {
-        // Read only when a connection must be opened: a reused one needs no clock.
-        let mut connect_clock = None;
-        // A request that never left (its connection closed just before) goes on another one;
-        // on a fresh connection that happens once at most.
-        let mut unsent_on_fresh = 0;
-        let mut anywhere = false;
-        // Only a request without a body can go again: a body is read as it is sent.
-        let mut body = Some(body);
-        let replayable = body.as_ref().is_some_and(Body::is_end_stream);
-        loop {
-            let (mut conn, reused) = match self.checkout(endpoint, anywhere) {
-                Some(conn) => (conn, true),
-                // The response-head deadline bounds the wait for a connection too.
-                None => match tokio::time::timeout_at(
-                    deadline,
-                    self.connect(endpoint, &mut connect_clock, connect_timeout),
-                )
-                .await
-                .map_err(|_| AttemptError {
-                    error: Box::new(super::HeadTimedOut),
-                    connect: false,
-                })?? {
-                    Some(conn) => (conn, false),
-                    // Parked by another request while this one waited for a slot, maybe on
-                    // another thread: better than none.
-                    None => {
-                        anywhere = true;
-                        continue;
-                    }
-                },
-            };
-            let this_body = body.take().unwrap_or_else(crate::body::empty);
-            match conn
-                .send(
-                    method,
-                    target.as_str(),
-                    headers,
-                    hop,
-                    this_body,
-                    interim,
-                    deadline,
-                )
-                .await
-            {
-                Ok(head) => {
-                    let (parts, ()) = head.response.into_parts();
-                    let lease = Lease {
-                        conn,
-                        pool: self.clone(),
-                        endpoint: endpoint.clone(),
-                        reusable: head.reusable,
-                    };
-                    let mut body = ResponseBody {
-                        inner: Inner::Pooled {
-                            framing: head.framing,
-                            lease: Some(lease),
-                        },
-                    };
-                    if body.is_end_stream() {
-                        // Nothing to read (HEAD, 204, 304, empty): the connection is free now.
-                        body.release();
-                    }
-                    return Ok(Response::from_parts(parts, body));
-                }
-                Err(SendError { error, unsent }) => {
-                    if unsent && replayable && (reused || unsent_on_fresh == 0) {
-                        unsent_on_fresh += usize::from(!reused);
-                        continue;
-                    }
-                    return Err(AttemptError {
-                        error,
+    ) -> impl Future<Output = Result<Response<ResponseBody>, AttemptError>> {
+        async move {
+            // Read only when a connection must be opened: a reused one needs no clock.
+            let mut connect_clock = None;
+            // A request that never left (its connection closed just before) goes on another one;
+            // on a fresh connection that happens once at most.
+            let mut unsent_on_fresh = 0;
+            let mut anywhere = false;
+            // Only a request without a body can go again: a body is read as it is sent.
+            let mut body = Some(body);
+            let replayable = body.as_ref().is_some_and(Body::is_end_stream);
+            loop {
+                let (mut conn, reused) = match self.checkout(endpoint, anywhere) {
+                    Some(conn) => (conn, true),
+                    // The response-head deadline bounds the wait for a connection too.
+                    None => match tokio::time::timeout_at(
+                        deadline,
+                        self.connect(endpoint, &mut connect_clock, connect_timeout),
+                    )
+                    .await
+                    .map_err(|_| AttemptError {
+                        error: Box::new(super::HeadTimedOut),
                         connect: false,
-                    });
+                    })?? {
+                        Some(conn) => (conn, false),
+                        // Parked by another request while this one waited for a slot, maybe on
+                        // another thread: better than none.
+                        None => {
+                            anywhere = true;
+                            continue;
+                        }
+                    },
+                };
+                let this_body = body.take().unwrap_or_else(crate::body::empty);
+                match conn
+                    .send(
+                        method,
+                        target.as_str(),
+                        headers,
+                        hop,
+                        this_body,
+                        interim,
+                        deadline,
+                    )
+                    .await
+                {
+                    Ok(head) => {
+                        let (parts, ()) = head.response.into_parts();
+                        let lease = Lease {
+                            conn,
+                            pool: self.clone(),
+                            endpoint: endpoint.clone(),
+                            reusable: head.reusable,
+                        };
+                        let mut body = ResponseBody {
+                            inner: Inner::Pooled {
+                                framing: head.framing,
+                                lease: Some(lease),
+                            },
+                        };
+                        if body.is_end_stream() {
+                            // Nothing to read (HEAD, 204, 304, empty): the connection is free now.
+                            body.release();
+                        }
+                        return Ok(Response::from_parts(parts, body));
+                    }
+                    Err(SendError { error, unsent }) => {
+                        if unsent && replayable && (reused || unsent_on_fresh == 0) {
+                            unsent_on_fresh += usize::from(!reused);
+                            continue;
+                        }
+                        return Err(AttemptError {
+                            error,
+                            connect: false,
+                        });
+                    }
                 }
             }
         }
