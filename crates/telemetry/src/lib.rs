@@ -38,7 +38,7 @@ pub struct RequestEvent {
     pub response_body_bytes: Option<u64>,
     pub route: Option<Arc<str>>,
     pub cluster: Option<Arc<str>>,
-    pub upstream_address: Option<String>,
+    pub upstream_address: Option<std::sync::Arc<str>>,
     pub upstream_duration: Option<Duration>,
     pub cache_result: &'static str,
     pub cache_reason: Option<&'static str>,

@@ -268,7 +268,7 @@ impl Exchange {
             response_body_bytes: Some(body_bytes),
             route: self.route,
             cluster: self.cluster,
-            upstream_address: self.upstream_address.map(|a| a.to_string()),
+            upstream_address: self.upstream_address,
             upstream_duration: self.upstream_duration,
             cache_result: self.result.as_str(),
             cache_reason: self.reason.map(NoCacheReason::as_str),
