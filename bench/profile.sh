@@ -17,6 +17,8 @@
 # PROFILE_CONNECTIONS (default 50) sets wrk's connections (hit, hit16k, hit256k, pass);
 # PROFILE_CALLGRAPH=1 makes perf record call chains (read them with perf report -g from PROFILE_OUT);
 # PROFILE_CALLGRIND_OPTS adds callgrind options ("--cache-sim=yes --branch-sim=yes": cache misses).
+# PROFILE_PROXY=haproxy profiles HAProxy instead (bench/run.sh's cache config): the peer's counts
+# taken the same way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
