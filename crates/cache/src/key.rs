@@ -49,32 +49,49 @@ impl std::borrow::Borrow<str> for Key {
     }
 }
 
+/// Writes a key in the thread's scratch string, then copies it into its shared string: one
+/// allocation per key (every request builds one), not a `String` and then the `Arc` too.
+fn build_key(write: impl FnOnce(&mut String)) -> Key {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+    /// A scratch string grown past this by a huge URL is dropped rather than kept per thread.
+    const KEEP_AT_MOST: usize = 16 * 1024;
+    SCRATCH.with_borrow_mut(|s| {
+        s.clear();
+        write(s);
+        let key = Key(Arc::from(s.as_str()));
+        if s.capacity() > KEEP_AT_MOST {
+            *s = String::new();
+        }
+        key
+    })
+}
+
 impl Key {
     pub fn primary(target: &RequestTarget<'_>, rules: &KeyRules) -> Key {
         let query = normalize_query(target.query, rules.query);
-        let mut s = String::with_capacity(
-            target.scheme.len() + target.host.len() + target.path.len() + query.len() + 8,
-        );
-        s.push_str(target.scheme);
-        s.push(SEP);
-        s.push_str(target.host);
-        s.push(SEP);
-        s.push_str(target.path);
-        s.push(SEP);
-        s.push_str(&query);
-        s.push(SEP);
-        push_header_values(&mut s, target.headers, &rules.headers);
-        Key(s.into())
+        build_key(|s| {
+            s.push_str(target.scheme);
+            s.push(SEP);
+            s.push_str(target.host);
+            s.push(SEP);
+            s.push_str(target.path);
+            s.push(SEP);
+            s.push_str(&query);
+            s.push(SEP);
+            push_header_values(s, target.headers, &rules.headers);
+        })
     }
 
     /// The key of one `Vary` variant under this primary key.
     pub fn variant(&self, vary: &[HeaderName], headers: &HeaderMap) -> Key {
-        let mut s = String::with_capacity(self.0.len() + 32);
-        s.push_str(&self.0);
-        s.push(SEP);
-        s.push('v');
-        push_header_values(&mut s, headers, vary);
-        Key(s.into())
+        build_key(|s| {
+            s.push_str(&self.0);
+            s.push(SEP);
+            s.push('v');
+            push_header_values(s, headers, vary);
+        })
     }
 
     pub fn as_str(&self) -> &str {

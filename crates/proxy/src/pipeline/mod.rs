@@ -413,17 +413,18 @@ impl Proxy {
                 interim,
                 scheme: ex.scheme,
             });
-            // A body still to come must keep coming (slow POST); most requests have none.
+            // A body still to come must keep coming (slow POST) and stay under the limit; most
+            // requests have none, and need neither wrapper (nor its allocation).
             let body = if http_body::Body::is_end_stream(&body) {
                 body
             } else {
-                boxed(IdleTimeoutBody::new(
+                let body = boxed(IdleTimeoutBody::new(
                     body,
                     rt.limits.request_body_timeout,
                     None,
-                ))
+                ));
+                boxed(LimitedBody::new(body, rt.limits.max_request_body_size))
             };
-            let body = boxed(LimitedBody::new(body, rt.limits.max_request_body_size));
 
             if !route.cache {
                 return Box::pin(self.pass(
