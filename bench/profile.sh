@@ -21,6 +21,8 @@
 # taken the same way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/haproxy_cfg.sh
+source bench/haproxy_cfg.sh
 
 tool=${1:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit-browser|hit16k|hit256k|h2c|pass|fill|fill1k|budget}
 scenario=${2:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit-browser|hit16k|hit256k|h2c|pass|fill|fill1k|budget}
@@ -135,27 +137,7 @@ wait_for "http://127.0.0.1:$ORIGIN_PORT/obj/1k"
 proxy_cmd=("$LARDER_BIN" --config "$WORK/larder.yaml")
 if [[ ${PROFILE_PROXY:-larder} == haproxy ]]; then
   command -v haproxy >/dev/null || { echo "needs haproxy" >&2; exit 1; }
-  cat >"$WORK/haproxy.cfg" <<EOF
-global
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  timeout http-keep-alive 60s
-cache bench
-  total-max-size $cache_mib
-  max-object-size 8388608
-  max-age 3600
-frontend fe
-  bind 127.0.0.1:$PROXY_PORT
-  default_backend origin
-backend origin
-  http-request cache-use bench
-  http-response cache-store bench
-  server origin 127.0.0.1:$ORIGIN_PORT
-EOF
+  write_haproxy_cfg "$WORK/haproxy.cfg" "$PROXY_PORT" "$ORIGIN_PORT" "$cache_mib"
   proxy_cmd=(haproxy -db -f "$WORK/haproxy.cfg")
 elif [[ ${PROFILE_PROXY:-larder} != larder ]]; then
   echo "PROFILE_PROXY is larder or haproxy" >&2; exit 1

@@ -12,6 +12,8 @@ set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(dirname "$BENCH_DIR")
+# shellcheck source=bench/haproxy_cfg.sh
+source "$BENCH_DIR/haproxy_cfg.sh"
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 # Short runs, many rounds: the machine's speed swings within seconds, and pairs of runs close in
@@ -521,27 +523,7 @@ start_varnish() {
 
 start_haproxy() {
   local d=$1 mib=$2
-  cat >"$d/haproxy.cfg" <<EOF
-global
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  timeout http-keep-alive 60s
-cache bench
-  total-max-size $mib
-  max-object-size 8388608
-  max-age 3600
-frontend fe
-  bind 127.0.0.1:$HAPROXY_PORT
-  default_backend origin
-backend origin
-  http-request cache-use bench
-  http-response cache-store bench
-  server origin 127.0.0.1:$ORIGIN_PORT
-EOF
+  write_haproxy_cfg "$d/haproxy.cfg" "$HAPROXY_PORT" "$ORIGIN_PORT" "$mib"
   haproxy -c -q -f "$d/haproxy.cfg" >"$d/check.log" 2>&1 ||
     die "haproxy config rejected: $(cat "$d/check.log")"
   "${PROXY_PIN[@]}" haproxy -db -f "$d/haproxy.cfg" >"$d/stdout.log" 2>"$d/stderr.log" &

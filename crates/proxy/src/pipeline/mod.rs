@@ -426,27 +426,15 @@ impl Proxy {
                 boxed(LimitedBody::new(body, rt.limits.max_request_body_size))
             };
 
-            if !route.cache {
-                return Box::pin(self.pass(
-                    rt,
-                    ex,
-                    upstream,
-                    request,
-                    body,
-                    NoCacheReason::RouteDisabled,
-                ))
-                .await;
-            }
-            if upgrade {
-                return Box::pin(self.pass(
-                    rt,
-                    ex,
-                    upstream,
-                    request,
-                    body,
-                    NoCacheReason::Upgrade,
-                ))
-                .await;
+            let bypass = if !route.cache {
+                Some(NoCacheReason::RouteDisabled)
+            } else if upgrade {
+                Some(NoCacheReason::Upgrade)
+            } else {
+                None
+            };
+            if let Some(reason) = bypass {
+                return Box::pin(self.pass(rt, ex, upstream, request, body, reason)).await;
             }
             if request.method != Method::GET && request.method != Method::HEAD {
                 return Box::pin(self.unsafe_or_uncacheable(rt, ex, upstream, request, body)).await;
