@@ -1,7 +1,8 @@
 # Sourced by bench/run.sh and bench/profile.sh: HAProxy's cache configuration, the one both
 # measure it with.
 #
-# write_haproxy_cfg FILE PORT ORIGIN_PORT CACHE_MIB
+# write_haproxy_cfg FILE PORT ORIGIN_PORT CACHE_MIB [MAX_OBJECT_BYTES]  (8 MiB by default; HAProxy
+# refuses an object size above half the cache)
 write_haproxy_cfg() {
   cat >"$1" <<EOF
 global
@@ -14,7 +15,7 @@ defaults
   timeout http-keep-alive 60s
 cache bench
   total-max-size $4
-  max-object-size 8388608
+  max-object-size ${5:-8388608}
   max-age 3600
 frontend fe
   bind 127.0.0.1:$2

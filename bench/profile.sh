@@ -29,7 +29,8 @@ scenario=${2:?usage: bench/profile.sh perf|callgrind|syscalls|stat hit|hit-brows
 seconds=${PROFILE_SECONDS:-5}
 connections=${PROFILE_CONNECTIONS:-50}
 LARDER_BIN=${LARDER_BIN:-target/release/larder}
-[[ -x $LARDER_BIN ]] || { echo "no $LARDER_BIN: run cargo build --release first" >&2; exit 1; }
+[[ ${PROFILE_PROXY:-larder} != larder || -x $LARDER_BIN ]] ||
+  { echo "no $LARDER_BIN: run cargo build --release first" >&2; exit 1; }
 for tool_bin in nginx wrk curl; do
   command -v "$tool_bin" >/dev/null || { echo "needs $tool_bin" >&2; exit 1; }
 done
@@ -101,10 +102,10 @@ PIDS+=($!)
 # load fills (16 MiB; 2 MiB under callgrind, which runs ~50 times slower), so every measured
 # fill also evicts.
 cache_mib=1024
-max_object_size=8MiB
+max_object_size=8MiB max_object_bytes=8388608
 if [[ $scenario == budget ]]; then
-  cache_mib=16 max_object_size=1MiB
-  [[ $tool == callgrind ]] && cache_mib=2 max_object_size=256KiB
+  cache_mib=16 max_object_size=1MiB max_object_bytes=1048576
+  [[ $tool == callgrind ]] && cache_mib=2 max_object_size=256KiB max_object_bytes=262144
 fi
 cat >"$WORK/larder.yaml" <<EOF
 listeners:
@@ -137,7 +138,7 @@ wait_for "http://127.0.0.1:$ORIGIN_PORT/obj/1k"
 proxy_cmd=("$LARDER_BIN" --config "$WORK/larder.yaml")
 if [[ ${PROFILE_PROXY:-larder} == haproxy ]]; then
   command -v haproxy >/dev/null || { echo "needs haproxy" >&2; exit 1; }
-  write_haproxy_cfg "$WORK/haproxy.cfg" "$PROXY_PORT" "$ORIGIN_PORT" "$cache_mib"
+  write_haproxy_cfg "$WORK/haproxy.cfg" "$PROXY_PORT" "$ORIGIN_PORT" "$cache_mib" "$max_object_bytes"
   proxy_cmd=(haproxy -db -f "$WORK/haproxy.cfg")
 elif [[ ${PROFILE_PROXY:-larder} != larder ]]; then
   echo "PROFILE_PROXY is larder or haproxy" >&2; exit 1

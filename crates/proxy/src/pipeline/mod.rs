@@ -676,7 +676,10 @@ impl Proxy {
                             response
                         }
                         None => {
-                            let hit_for_pass = rt.cache.is_hit_for_pass(&fill_key, now);
+                            // Read now, as `partial_pass` above did: an entry lapsing since arrival
+                            // sends the request to `fill`, never here with a HEAD or range.
+                            let hit_for_pass =
+                                rt.cache.is_hit_for_pass(&fill_key, SystemTime::now());
                             let plan = FillPlan {
                                 fill_key,
                                 stale: None,
