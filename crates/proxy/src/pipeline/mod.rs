@@ -639,7 +639,7 @@ impl Proxy {
                         fill_key: hit.primary.clone(),
                         stale: Some(hit),
                     };
-                    Box::pin(self.fill(rt, ex, upstream, request, body, plan)).await
+                    self.fill(rt, ex, upstream, request, body, plan).await
                 }
                 Lookup::Miss {
                     fill_key,
@@ -676,27 +676,11 @@ impl Proxy {
                             response
                         }
                         None => {
-                            // Read now, as `partial_pass` above did: an entry lapsing since arrival
-                            // sends the request to `fill`, never here with a HEAD or range.
-                            let hit_for_pass =
-                                rt.cache.is_hit_for_pass(&fill_key, SystemTime::now());
                             let plan = FillPlan {
                                 fill_key,
                                 stale: None,
                             };
-                            if hit_for_pass {
-                                // Fetched alone (no coalescing) and stored should it now be
-                                // storable: what `fill` does for such a key, without its
-                                // future's size moved for every pass-through request. (A HEAD
-                                // or range of it was passed above, by `partial_pass`.)
-                                return Box::pin(
-                                    self.fetch_for_cache(
-                                        rt, ex, upstream, request, body, plan, None,
-                                    ),
-                                )
-                                .await;
-                            }
-                            Box::pin(self.fill(rt, ex, upstream, request, body, plan)).await
+                            self.fill(rt, ex, upstream, request, body, plan).await
                         }
                     }
                 }
@@ -710,8 +694,36 @@ impl Proxy {
         }
     }
 
-    /// Fetches for the cache, coalescing with concurrent requests for the same key.
+    /// Fetches for the cache. A key recently proven uncacheable is fetched alone (no
+    /// coalescing), and still stored should its answer now be storable (hit-for-miss); any
+    /// other coalesces with concurrent requests for it. Each future is boxed here, once: they
+    /// are the largest a request builds, and a pass-through request never builds the
+    /// coalescing one. (A HEAD or range of such a key never gets here: `partial_pass` sent it
+    /// to the origin as it came.)
     fn fill(
+        &self,
+        rt: &Arc<Runtime>,
+        ex: &mut Exchange,
+        upstream: Upstream,
+        request: Box<ClientRequest>,
+        body: ProxyBody,
+        plan: FillPlan,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> {
+        use futures_util::future::Either;
+        if rt.cache.is_hit_for_pass(&plan.fill_key, SystemTime::now()) {
+            Either::Left(Box::pin(
+                self.fetch_for_cache(rt, ex, upstream, request, body, plan, None),
+            ))
+        } else {
+            Either::Right(Box::pin(
+                self.coalesce_and_fetch(rt, ex, upstream, request, body, plan),
+            ))
+        }
+    }
+
+    /// `fill` for a key not known to be uncacheable: one request (the leader) fetches, the
+    /// rest wait for its answer or read along as it arrives.
+    fn coalesce_and_fetch(
         &self,
         rt: &Arc<Runtime>,
         ex: &mut Exchange,
@@ -725,7 +737,9 @@ impl Proxy {
             let mut deadline = None;
             let mut rejoined = false;
             let guard = loop {
-                if rt.cache.is_hit_for_pass(&plan.fill_key, SystemTime::now()) {
+                // `fill` checked before the first round; a later one follows a fill that may
+                // have proved the key uncacheable meanwhile.
+                if rejoined && rt.cache.is_hit_for_pass(&plan.fill_key, SystemTime::now()) {
                     break None;
                 }
                 match rt.cache.coalescer().join(&plan.fill_key) {
